@@ -1,0 +1,135 @@
+"""All checkpoint I/O: atomic saves, safe loads, and the key surgery that makes old files fit.
+
+Known formats it reads:
+- train.py / train_semi.py / pretrain_rot.py checkpoints, ours and the original's:
+  {'epoch', 'arch', 'state_dict', 'best_acc1' (float or tensor), 'optimizer'}; keys may carry
+  `module.` (saved from DataParallel) and LDAM-DRW's head may be named `linear.` instead of `fc.`.
+- MoCo checkpoints: {'epoch', 'arch', 'state_dict': {'module.encoder_q.*', 'module.encoder_k.*',
+  'module.queue', ...}, 'optimizer'}.
+- a bare state dict.
+Loading never runs code: `torch.load(weights_only=True)` admits tensors and plain containers only.
+"""
+import os
+import pickle
+
+import torch
+
+from errors import UserError
+from fileio import atomic_path
+
+HEAD_PREFIXES = ('fc.', 'linear.')
+
+
+def save_checkpoint(state, path):
+    """torch.save to a temporary file, fsync, rename: a kill leaves the old or the new file."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path, flag='--resume'):
+    """Read a checkpoint onto the CPU without executing anything inside it."""
+    if not path or not os.path.isfile(path):
+        raise UserError(f"{flag} file not found: {path}")
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0]
+        if 'Weights only load failed' in reason or 'Unsupported global' in str(e):
+            raise UserError(f"{flag} file {path} holds objects other than tensors and plain containers "
+                            f"(possibly code); refusing to load it") from None
+        raise UserError(f"{flag} file {path} is corrupt or not a PyTorch checkpoint ({reason})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{flag} file {path} is corrupt or not a PyTorch checkpoint ({reason})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{flag} file {path} is not a checkpoint (it holds a {type(obj).__name__}, not a dict)")
+    return obj
+
+
+def state_dict_of(ckpt):
+    """The model weights of a loaded checkpoint, whichever of the known formats it is."""
+    sd = ckpt.get('state_dict', ckpt)
+    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        raise UserError("the file holds no model weights (expected a 'state_dict' of tensors)")
+    return sd
+
+
+def strip_prefix(sd, prefix):
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+
+
+def canonical_state_dict(sd):
+    """Drop DataParallel/DDP's `module.` and rename LDAM-DRW's `linear.` head to our `fc.`."""
+    sd = strip_prefix(sd, 'module.')
+    return {('fc.' + k[len('linear.'):]) if k.startswith('linear.') else k: v for k, v in sd.items()}
+
+
+def unwrap(model):
+    """The bare model inside DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        if hasattr(model, 'module'):
+            model = model.module
+        elif hasattr(model, '_orig_mod'):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def load_weights(model, sd, source, allow_missing=()):
+    """Load `sd` into `model`; refuse with one sentence naming exactly what does not fit.
+
+    `allow_missing` lists key prefixes that may stay freshly initialised (the classifier head when
+    loading a pre-trained backbone). Nothing else may be missing, unexpected or of another shape.
+    """
+    model = unwrap(model)
+    own = model.state_dict()
+    shape_errors = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
+                    if k in own and v.shape != own[k].shape]
+    if shape_errors:
+        head = [e for e in shape_errors if e.startswith(HEAD_PREFIXES)]
+        if head and len(head) == len(shape_errors):
+            raise UserError(f"{source} was trained for another number of classes "
+                            f"({'; '.join(head)} in file vs model)")
+        raise UserError(f"{source} does not fit the architecture: shapes differ for "
+                        f"{', '.join(shape_errors[:3])}{' ...' if len(shape_errors) > 3 else ''}")
+    missing = [k for k in own if k not in sd and not k.startswith(tuple(allow_missing))]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise UserError(f"{source} does not fit the architecture: {'; '.join(detail)} tensors")
+    model.load_state_dict(sd, strict=False)
+    fresh = [k for k in own if k not in sd]
+    return len(sd), fresh
+
+
+def backbone_weights(ckpt):
+    """Pick the backbone tensors out of a self-supervised (or supervised) checkpoint.
+
+    Recognised by content, not file name: any `encoder_q.` key means MoCo (keep the query encoder),
+    otherwise a rotation / supervised checkpoint or a bare state dict. The head is dropped either way,
+    since its classes (4 rotations, 128-d MoCo projections, other labels) are not ours.
+    """
+    sd = strip_prefix(state_dict_of(ckpt), 'module.')
+    if any(k.startswith('encoder_q.') for k in sd):
+        kind = 'MoCo'
+        sd = {k[len('encoder_q.'):]: v for k, v in sd.items() if k.startswith('encoder_q.')}
+    else:
+        kind = 'rotation/supervised' if 'state_dict' in ckpt else 'bare state dict'
+    sd = canonical_state_dict(sd)
+    return kind, {k: v for k, v in sd.items() if not k.startswith(HEAD_PREFIXES)}
+
+
+def load_pretrained(model, path, log=print):
+    """`--pretrained_model`: every backbone tensor must load; only the head stays fresh."""
+    ckpt = load_checkpoint(path, flag='--pretrained_model')
+    try:
+        kind, sd = backbone_weights(ckpt)
+    except UserError as e:
+        raise UserError(f"--pretrained_model {path}: {e}") from None
+    n, fresh = load_weights(model, sd, f"--pretrained_model {path}", allow_missing=HEAD_PREFIXES)
+    log(f"=> loaded {n} backbone tensors from {kind} checkpoint {path}; fresh: {', '.join(fresh)}")
+    return kind

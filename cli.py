@@ -1,0 +1,87 @@
+"""Command-line plumbing shared by the entry scripts: argument groups, checked types, error exit.
+
+Flags and defaults follow the original repository so that the paper's commands run unchanged;
+flags added here never change the meaning of an original one.
+"""
+import argparse
+import sys
+
+from errors import UserError
+
+
+def _typed(cast, check, what):
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {cast.__name__}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _typed(int, lambda v: v > 0, 'a positive integer')
+nonneg_int = _typed(int, lambda v: v >= 0, 'a non-negative integer')
+positive_float = _typed(float, lambda v: v > 0, 'a positive number')
+nonneg_float = _typed(float, lambda v: v >= 0, 'a non-negative number')
+imb_factor = _typed(float, lambda v: 0 < v <= 1, 'in (0, 1] (the ratio of the smallest to the largest class)')
+probability = _typed(float, lambda v: 0 <= v <= 1, 'in [0, 1]')
+
+
+def add_data_args(parser, datasets, default_exp_str):
+    from dataset import DATASETS
+    parser.add_argument('--dataset', default='cifar10', choices=[d for d in DATASETS if d in datasets])
+    parser.add_argument('--data_path', default='./data', type=str, help='folder holding the data set files')
+    parser.add_argument('--imb_type', default='exp', type=str, help="'exp' or 'step'; anything else is balanced")
+    parser.add_argument('--imb_factor', default=0.01, type=imb_factor, help='smallest / largest class size')
+    parser.add_argument('--rand_number', default=0, type=int, help='seed of the long-tailed subset selection')
+    parser.add_argument('--exp_str', default=default_exp_str, type=str, help='number to indicate which experiment it is')
+
+
+def add_training_args(parser, batch_size=128):
+    from losses import LOSSES
+    from models import MODELS
+    from trainer import TRAIN_RULES
+    parser.add_argument('-a', '--arch', metavar='ARCH', default='resnet32', choices=list(MODELS),
+                        help='model architecture: ' + ' | '.join(MODELS) + ' (default: resnet32)')
+    parser.add_argument('--loss_type', default='CE', type=str, choices=list(LOSSES))
+    parser.add_argument('--train_rule', default='None', type=str, choices=list(TRAIN_RULES))
+    parser.add_argument('--gpu', default=None, type=nonneg_int, help='GPU id to use (default: first GPU, else CPU)')
+    parser.add_argument('--pretrained_model', type=str, default='', help='self-supervised weights to start from')
+    parser.add_argument('-j', '--workers', default=4, type=nonneg_int, metavar='N', help='data loading workers')
+    parser.add_argument('--epochs', default=200, type=positive_int, metavar='N')
+    parser.add_argument('--start-epoch', default=0, type=nonneg_int, metavar='N',
+                        help='manual epoch number (useful on restarts)')
+    parser.add_argument('-b', '--batch-size', default=batch_size, type=positive_int, metavar='N')
+    parser.add_argument('--lr', '--learning-rate', default=0.1, type=positive_float, metavar='LR', dest='lr')
+    parser.add_argument('--momentum', default=0.9, type=nonneg_float, metavar='M')
+    parser.add_argument('--wd', '--weight-decay', default=2e-4, type=nonneg_float, metavar='W', dest='weight_decay')
+    parser.add_argument('--lr_steps', default=[160, 180], type=positive_int, nargs=2, metavar=('E1', 'E2'),
+                        help='lr x0.01 after epoch E1, x0.0001 after E2; DRW switches on at E1 (default: 160 180)')
+    parser.add_argument('-p', '--print-freq', default=10, type=positive_int, metavar='N')
+    parser.add_argument('--resume', default='', type=str, metavar='PATH', help='checkpoint to resume from')
+    parser.add_argument('-e', '--evaluate', dest='evaluate', action='store_true',
+                        help='evaluate the --resume checkpoint on the test set and exit')
+    parser.add_argument('--seed', default=None, type=int, help='seed for initializing training')
+    parser.add_argument('--root_log', type=str, default='log')
+    parser.add_argument('--root_model', type=str, default='./checkpoint')
+
+
+def store_name(*parts):
+    # The original joins with '_' and prints imb_factor as Python prints the float (0.01, 0.02).
+    return '_'.join(str(p) for p in parts)
+
+
+def run_main(main, argv=None):
+    """Call `main(argv)`; a UserError becomes one line on stderr and exit status 2."""
+    try:
+        code = main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,182 @@
+"""Every file this project writes or unpickles goes through here.
+
+Two promises (see the README, "Reliability"):
+- a write is atomic: a kill at any moment leaves the old file or the new one, never half of one;
+- loading a pickle never runs code: only numpy arrays, dtypes and plain containers are admitted.
+"""
+import contextlib
+import errno
+import io
+import os
+import pickle
+import socket
+import tempfile
+
+from errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to `path`; on success fsync it and rename it over `path`.
+
+    The temporary file lives in the same folder so that `os.replace` is a rename on one file
+    system (atomic on POSIX), not a copy.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    except OSError as e:
+        raise UserError(f"cannot write into folder {folder}: {e.strerror}") from None
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, 'rb+') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _fsync_dir(folder):
+    # Makes the rename itself durable; not every file system allows opening a folder.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path, data):
+    with atomic_path(path) as tmp:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+
+
+def atomic_write_text(path, text):
+    atomic_write_bytes(path, text.encode('utf-8'))
+
+
+def atomic_pickle_dump(obj, path):
+    # Protocol 4 keeps the files readable by the original code's Python 3 environments.
+    atomic_write_bytes(path, pickle.dumps(obj, protocol=4))
+
+
+# Globals a pickle of numpy arrays and plain containers needs, under numpy 1.x and 2.x names.
+_SAFE_GLOBALS = {
+    ('collections', 'OrderedDict'),
+    ('builtins', 'set'), ('builtins', 'frozenset'), ('builtins', 'slice'), ('builtins', 'complex'),
+    ('numpy', 'ndarray'), ('numpy', 'dtype'),
+}
+for _core in ('numpy.core', 'numpy._core'):
+    _SAFE_GLOBALS |= {(_core + '.multiarray', '_reconstruct'), (_core + '.multiarray', 'scalar'),
+                      (_core + '.numeric', '_frombuffer')}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module == 'numpy' and name.endswith('DType') or module == 'numpy.dtypes':
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def safe_pickle_loads(data, encoding='ASCII'):
+    return _RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
+
+
+def safe_pickle_load(path, what='pickle file', hint=''):
+    """Load a pickle that may only hold numpy arrays and plain containers.
+
+    `what` and `hint` make the one-line error useful, e.g. what='TinyImages selection',
+    hint='pass --unlabeled_data to point elsewhere'.
+    """
+    hint = f" ({hint})" if hint else ''
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}{hint}")
+    with open(path, 'rb') as f:
+        data = f.read()
+    try:
+        try:
+            return safe_pickle_loads(data)
+        except UnicodeDecodeError:
+            # Python 2 pickles (CIFAR batches, old TinyImages selections) hold byte strings.
+            return safe_pickle_loads(data, encoding='latin1')
+    except pickle.UnpicklingError as e:
+        if 'refusing to load' in str(e):
+            raise UserError(f"{what} {path} contains code or objects other than arrays "
+                            f"({str(e).replace('refusing to load ', '')}); refusing to load it") from None
+        raise UserError(f"{what} {path} is corrupt or not a pickle: {e}") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise UserError(f"{what} {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+
+
+class RunLock:
+    """An exclusive lock on a run folder, so two runs never write the same checkpoints.
+
+    The lock file holds `host pid`. A lock left by a process that no longer exists on this host
+    (a crash, SIGKILL) is taken over; a live one makes the second run refuse.
+    """
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, '.lock')
+        self.held = False
+
+    def acquire(self):
+        me = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and self._alive(owner):
+                    raise UserError(f"another run (process {owner[1]} on {owner[0]}) is writing "
+                                    f"{os.path.dirname(self.path)}; wait for it or use another --exp_str")
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+                continue
+            except OSError as e:
+                raise UserError(f"cannot write into folder {os.path.dirname(self.path)}: {e.strerror}") from None
+            with os.fdopen(fd, 'w') as f:
+                f.write(me)
+            self.held = True
+            return self
+        raise UserError(f"could not lock {self.path}; remove it if no run is using that folder")
+
+    def _owner(self):
+        try:
+            with open(self.path) as f:
+                host, pid = f.read().split()
+            return host, int(pid)
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _alive(owner):
+        host, pid = owner
+        if host != socket.gethostname():
+            return True  # cannot check another host's processes: assume it is alive
+        try:
+            os.kill(pid, 0)
+        except OSError as e:
+            return e.errno == errno.EPERM
+        return True
+
+    def release(self):
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            self.held = False
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()

@@ -1,0 +1,107 @@
+"""Losses for class-imbalanced training: CE, Focal, LDAM, and class-balanced re-weighting.
+
+All state (class weights, margins) lives in registered buffers, so `criterion.to(device)` moves
+it together with the model. Shapes: logits (N, C), target (N,) int64 class ids.
+"""
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from errors import UserError
+
+
+def effective_num_weights(cls_num_list, beta=0.9999):
+    """Class-balanced weights (Cui et al. 2019, "Class-Balanced Loss Based on Effective Number
+    of Samples"): w_j = (1 - beta) / (1 - beta^n_j), rescaled so the C weights sum to C.
+
+    beta = 0 gives all ones (no re-weighting; DRW uses it before its switch epoch); beta -> 1
+    approaches inverse class frequency. A class with n_j = 0 gets weight 0 (its formula would
+    divide by zero, and it never appears as a target anyway). Returns a float32 tensor (C,).
+    """
+    if not 0 <= beta < 1:
+        raise UserError(f"class-balancing beta must be in [0, 1), got {beta}")
+    counts = np.asarray(cls_num_list, dtype=np.float64)
+    present = counts > 0
+    weights = np.zeros_like(counts)
+    weights[present] = (1.0 - beta) / (1.0 - np.power(beta, counts[present]))
+    weights = weights / weights.sum() * len(counts)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al. 2017): mean over the batch of -w[y] * (1 - p_y)^gamma * log p_y.
+
+    gamma = 0 and weight = None is plain cross-entropy. Note: the original code applied the
+    class weight inside the cross-entropy before computing p_y (p_y = exp(-w * ce)); here the
+    weight multiplies the finished per-sample focal term, which is the textbook definition.
+    The batch mean is unweighted, as in the original.
+    """
+
+    def __init__(self, weight=None, gamma=0.):
+        super().__init__()
+        if gamma < 0:
+            raise UserError(f"focal loss gamma must be >= 0, got {gamma}")
+        self.gamma = gamma
+        self.register_buffer('weight', weight)
+
+    def forward(self, logits, target):
+        logp_t = F.log_softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)  # (N,)
+        # 1 - p_t = -expm1(log p_t) is accurate when p_t is close to 1; clamping away from 0
+        # keeps pow's gradient gamma * (1 - p_t)^(gamma - 1) finite for 0 < gamma < 1.
+        one_minus_p = (-torch.expm1(logp_t)).clamp_min(torch.finfo(logp_t.dtype).tiny)
+        loss = -one_minus_p.pow(self.gamma) * logp_t
+        if self.weight is not None:
+            loss = loss * self.weight[target]
+        return loss.mean()
+
+
+class LDAMLoss(nn.Module):
+    """Label-Distribution-Aware Margin loss (Cao et al. 2019, "Learning Imbalanced Datasets with
+    Label-Distribution-Aware Margin Loss").
+
+    Class j gets margin m_j proportional to n_j^(-1/4), scaled so the largest (rarest class) is
+    max_m. The margin is subtracted from the true-class logit only, then cross-entropy is taken
+    on s * logits. Meant for cosine logits in [-1, 1] (NormedLinear head), hence the scale s.
+    """
+
+    def __init__(self, cls_num_list, max_m=0.5, weight=None, s=30):
+        super().__init__()
+        counts = np.asarray(cls_num_list, dtype=np.float64)
+        if (counts <= 0).any():
+            raise UserError("LDAM needs at least one training sample in every class")
+        if s <= 0:
+            raise UserError(f"LDAM scale s must be positive, got {s}")
+        m_list = counts ** -0.25
+        m_list = m_list * (max_m / m_list.max())
+        self.register_buffer('m_list', torch.tensor(m_list, dtype=torch.float32))  # (C,)
+        self.register_buffer('weight', weight)
+        self.s = s
+
+    def forward(self, logits, target):
+        is_target = F.one_hot(target, logits.shape[1]).to(logits.dtype)  # (N, C)
+        margins = self.m_list[target][:, None] * is_target  # m_y in the true-class column only
+        return F.cross_entropy(self.s * (logits - margins), target, weight=self.weight)
+
+
+# name -> builder(cls_num_list, weight); `weight` is a per-class tensor (C,) or None.
+LOSSES = {
+    'CE': lambda cls_num_list, weight: nn.CrossEntropyLoss(weight=weight),
+    'Focal': lambda cls_num_list, weight: FocalLoss(weight=weight, gamma=1),
+    'LDAM': lambda cls_num_list, weight: LDAMLoss(cls_num_list, max_m=0.5, s=30, weight=weight),
+}
+
+# LDAM's margins are calibrated for cosine logits, so the model needs NormedLinear (use_norm=True).
+USES_NORMED_HEAD = frozenset({'LDAM'})
+
+
+def uses_norm(loss_type):
+    """Whether the model for `loss_type` should be built with use_norm=True (cosine head)."""
+    return loss_type in USES_NORMED_HEAD
+
+
+def build_criterion(loss_type, cls_num_list, weight=None):
+    """Build the training loss by name ('CE', 'Focal' or 'LDAM') as an nn.Module."""
+    if loss_type not in LOSSES:
+        raise UserError(f"unknown loss type {loss_type!r}; choose one of: {', '.join(LOSSES)}")
+    return LOSSES[loss_type](cls_num_list, weight)

@@ -1,0 +1,175 @@
+"""Model zoo: parameter counts, checkpoint-compatible names, output shapes, registry errors."""
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from errors import UserError
+from models import MODELS, NormedLinear, build_model, resnet32, resnet50, resnet1202
+
+BN_KEYS = ['weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked']
+
+
+def original_cifar_keys(blocks_per_stage, use_norm=False):
+    """state_dict keys of LDAM-DRW / imbalanced-semi-self's ResNet_s, in their order."""
+    keys = ['conv1.weight'] + [f'bn1.{k}' for k in BN_KEYS]
+    for stage in (1, 2, 3):
+        for i in range(blocks_per_stage):
+            prefix = f'layer{stage}.{i}'
+            keys += [f'{prefix}.conv1.weight'] + [f'{prefix}.bn1.{k}' for k in BN_KEYS]
+            keys += [f'{prefix}.conv2.weight'] + [f'{prefix}.bn2.{k}' for k in BN_KEYS]
+    keys += ['fc.weight'] if use_norm else ['fc.weight', 'fc.bias']
+    return keys
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_resnet32_parameter_count_matches_paper():
+    assert n_params(resnet32(num_classes=10)) == 464_154
+
+
+def test_resnet1202_builds_with_about_19_4m_params():
+    # He et al. report 19.4M; its forward pass is too slow for a unit test.
+    assert round(n_params(resnet1202(num_classes=10)) / 1e6, 1) == 19.4
+
+
+@pytest.mark.parametrize('use_norm', [False, True])
+def test_resnet32_state_dict_keys_match_original_in_order(use_norm):
+    model = resnet32(num_classes=10, use_norm=use_norm)
+    assert list(model.state_dict()) == original_cifar_keys(5, use_norm)
+
+
+def original_cifar_checkpoint(blocks_per_stage, num_classes):
+    """A random checkpoint built by hand from the original layout (names *and* shapes)."""
+    def conv(cin, cout):
+        return torch.randn(cout, cin, 3, 3)
+
+    def bn(prefix, c):
+        return {f'{prefix}.weight': torch.rand(c), f'{prefix}.bias': torch.randn(c),
+                f'{prefix}.running_mean': torch.randn(c), f'{prefix}.running_var': torch.rand(c) + 0.5,
+                f'{prefix}.num_batches_tracked': torch.tensor(123)}
+
+    state = {'conv1.weight': conv(3, 16), **bn('bn1', 16)}
+    in_planes = 16
+    for stage, planes in zip((1, 2, 3), (16, 32, 64)):
+        for i in range(blocks_per_stage):
+            prefix = f'layer{stage}.{i}'
+            state[f'{prefix}.conv1.weight'] = conv(in_planes, planes)
+            state.update(bn(f'{prefix}.bn1', planes))
+            state[f'{prefix}.conv2.weight'] = conv(planes, planes)
+            state.update(bn(f'{prefix}.bn2', planes))
+            in_planes = planes
+    state['fc.weight'] = torch.randn(num_classes, 64)
+    state['fc.bias'] = torch.randn(num_classes)
+    return state
+
+
+def test_checkpoint_with_original_layout_loads_strict():
+    checkpoint = original_cifar_checkpoint(5, num_classes=100)
+    assert list(checkpoint) == original_cifar_keys(5)
+    model = resnet32(num_classes=100)
+    model.load_state_dict(checkpoint, strict=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, checkpoint[k]), k
+
+
+@pytest.mark.parametrize('use_norm', [False, True])
+def test_cifar_output_shapes(use_norm):
+    x = torch.randn(4, 3, 32, 32)
+    logits = resnet32(num_classes=7, use_norm=use_norm)(x)
+    assert logits.shape == (4, 7)
+
+    logits, features = resnet32(num_classes=7, use_norm=use_norm, return_features=True)(x)
+    assert logits.shape == (4, 7) and features.shape == (4, 64)
+    if use_norm:
+        assert logits.abs().max() <= 1 + 1e-5
+
+
+def test_features_feed_the_head():
+    model = resnet32(num_classes=5, return_features=True).eval()
+    logits, features = model(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(logits, model.fc(features))
+
+
+def test_normed_linear_shape_and_cosine_range():
+    head = NormedLinear(64, 10)
+    assert head.weight.shape == (64, 10)
+    assert (head.in_features, head.out_features) == (64, 10)
+    out = head(torch.randn(8, 64) * 100)
+    assert out.shape == (8, 10)
+    assert out.abs().max() <= 1 + 1e-5
+    # Identical direction -> cosine exactly 1.
+    torch.testing.assert_close(head(head.weight[:, 3:4].T * 7)[0, 3], torch.tensor(1.0))
+
+
+@pytest.mark.parametrize('arch,blocks', [
+    ('resnet20', 3), ('resnet32', 5), ('resnet44', 7), ('resnet56', 9), ('resnet110', 18),
+])
+def test_all_cifar_depths_build_and_run(arch, blocks):
+    model = build_model(arch, num_classes=10)
+    assert list(model.state_dict()) == original_cifar_keys(blocks)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_cifar_model_pickles():
+    # The option-A shortcut is a module, not a lambda, so the whole model pickles (DDP, workers).
+    model = resnet32(num_classes=10)
+    clone = pickle.loads(pickle.dumps(model))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.eval()(x), clone.eval()(x))
+
+
+def test_option_a_shortcut_has_no_parameters():
+    block = resnet32().layer2[0]
+    assert list(block.shortcut.parameters()) == []
+    assert block.shortcut(torch.randn(1, 16, 32, 32)).shape == (1, 32, 16, 16)
+
+
+def test_resnet50_keys_equal_torchvision():
+    ours = resnet50(num_classes=1000).state_dict()
+    theirs = torchvision.models.resnet50().state_dict()
+    assert list(ours) == list(theirs)
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
+
+
+def test_resnet50_loads_torchvision_weights_and_matches():
+    reference = torchvision.models.resnet50().eval()
+    model = resnet50(num_classes=1000).eval()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+
+
+@pytest.mark.parametrize('use_norm', [False, True])
+def test_resnet50_heads_and_features(use_norm):
+    model = resnet50(num_classes=12, use_norm=use_norm, return_features=True).eval()
+    assert model.fc.in_features == 2048
+    assert isinstance(model.fc, NormedLinear if use_norm else nn.Linear)
+    with torch.no_grad():
+        logits, features = model(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 12) and features.shape == (2, 2048)
+
+
+def test_every_model_exposes_replaceable_fc():
+    for arch in ('resnet32', 'resnet18'):
+        model = build_model(arch, num_classes=10)
+        model.fc = nn.Linear(model.fc.in_features, 4)  # e.g. the rotation-prediction head
+        x = torch.randn(2, 3, 32, 32)
+        assert model(x).shape == (2, 4)
+
+
+def test_registry_covers_cifar_and_imagenet_models():
+    assert {'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'resnet1202',
+            'resnet50'} <= set(MODELS)
+
+
+def test_unknown_arch_raises_user_error_listing_choices():
+    with pytest.raises(UserError, match="unknown architecture 'resnet33'") as info:
+        build_model('resnet33', num_classes=10)
+    for name in MODELS:
+        assert name in str(info.value)

@@ -1,0 +1,43 @@
+"""Supervised long-tailed training: CE / Focal / LDAM with Resample / Reweight / DRW.
+
+    python train.py --dataset cifar10 --imb_factor 0.01 --loss_type CE --train_rule None
+    python train.py --dataset cifar10 --imb_factor 0.01 --pretrained_model <ssp.pth.tar>   # SSP
+    python train.py --dataset cifar10 --resume <ckpt.pth.tar> -e                            # evaluate
+    python train.py --dataset digits --imb_factor 0.01 --epochs 30 --lr_steps 20 25 -j 0   # offline
+"""
+import argparse
+
+import cli
+import trainer
+from dataset import DATASETS, build_transform
+from losses import uses_norm
+from models import build_model
+
+
+def build_parser(description=__doc__, datasets=('cifar10', 'cifar100', 'svhn', 'digits'),
+                 exp_str='ss_pretrained', batch_size=128):
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_data_args(parser, datasets, exp_str)
+    cli.add_training_args(parser, batch_size=batch_size)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.store_name = cli.store_name(args.dataset, args.arch, args.loss_type, args.train_rule,
+                                     args.imb_type, args.imb_factor, args.exp_str)
+    info = DATASETS[args.dataset]
+    train_set = info.build_train(args.data_path, args.imb_type, args.imb_factor, args.rand_number,
+                                 build_transform(args.dataset, train=True))
+    val_set = info.build_val(args.data_path, build_transform(args.dataset, train=False))
+    model = build_model(args.arch, info.num_classes, use_norm=uses_norm(args.loss_type))
+    experiment = trainer.Experiment(script='train', task='classification', model=model, train_set=train_set,
+                                    val_set=val_set, num_classes=info.num_classes,
+                                    cls_num_list=train_set.get_cls_num_list())
+    print(f"cls num list: {experiment.cls_num_list}")
+    result = trainer.run(args, experiment)
+    return 128 + result['stopped_by'] if 'stopped_by' in result else 0
+
+
+if __name__ == '__main__':
+    cli.run_main(main)

@@ -1,0 +1,394 @@
+"""The run loop behind train.py, train_semi.py and pretrain_rot.py.
+
+A script builds an `Experiment` (model, data, class counts) and calls `run(args, experiment)`.
+Everything else is here, once: device, optimizer, LR schedule, train rules (Resample / Reweight /
+DRW), resume and pre-trained weights, the run folder with its logs and checkpoints, evaluation
+reports, SIGTERM handling and exact resume.
+
+Exact resume: checkpoints hold the RNG states and the sampler seed; the data order of an epoch is
+a function of (seed, epoch) only, so a run resumed from the end of epoch k replays epoch k+1 the
+way the uninterrupted run did.
+"""
+import dataclasses
+import io
+import os
+import random
+import signal
+import sys
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Subset
+
+import dist
+from checkpoint import (canonical_state_dict, load_checkpoint, load_pretrained, load_weights,
+                        save_checkpoint, state_dict_of, unwrap)
+from dataset.samplers import ImbalancedDatasetSampler, ShuffleSampler
+from engine import evaluate, train_one_epoch
+from errors import UserError
+from fileio import RunLock, atomic_path, atomic_write_bytes
+from losses import build_criterion, effective_num_weights
+from utils import rng_state, seed_everything, set_rng_state, shot_accuracy
+
+WARMUP_EPOCHS = 5
+BETA = 0.9999  # effective-number beta of Cui et al. 2019, as in LDAM-DRW
+
+
+@dataclasses.dataclass
+class Experiment:
+    script: str                  # 'train', 'train_semi', 'pretrain_rot': recorded in checkpoints
+    task: str                    # 'classification' or 'rotation': a resume must match it
+    model: nn.Module
+    train_set: object
+    val_set: object
+    num_classes: int
+    cls_num_list: list           # training images per class: losses, samplers, shot groups
+    batch_fn: Optional[Callable] = None   # (images, targets) -> (images, targets) on the device
+
+
+def lr_at(epoch, base_lr, lr_steps=(160, 180)):
+    """LDAM-DRW's schedule for 0-based `epoch`: 5 warm-up epochs, then x0.01 and x0.0001 steps."""
+    e = epoch + 1
+    if e <= WARMUP_EPOCHS:
+        return base_lr * e / WARMUP_EPOCHS
+    if e > lr_steps[1]:
+        return base_lr * 1e-4
+    if e > lr_steps[0]:
+        return base_lr * 1e-2
+    return base_lr
+
+
+@dataclasses.dataclass
+class TrainRule:
+    resample: bool
+    weights: Callable            # (epoch, cls_num_list, drw_epoch) -> per-class weights or None
+
+
+TRAIN_RULES = {
+    'None': TrainRule(False, lambda epoch, cls, drw: None),
+    'Resample': TrainRule(True, lambda epoch, cls, drw: None),
+    'Reweight': TrainRule(False, lambda epoch, cls, drw: effective_num_weights(cls, BETA)),
+    # Deferred re-weighting (Cao et al. 2019): plain (beta=0 -> all ones) until the first LR step.
+    'DRW': TrainRule(False, lambda epoch, cls, drw: effective_num_weights(cls, BETA if epoch >= drw else 0.0)),
+}
+
+
+class GracefulStop:
+    """First SIGTERM/SIGINT: finish the step, save, exit. Second: stop at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, log):
+        self.log = log
+        self.signum = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        self.log(f"=> received {signal.Signals(signum).name}: finishing this step, then saving a resumable "
+                 f"checkpoint (send it again to stop at once)")
+
+    def __call__(self):
+        return self.signum is not None
+
+    def __enter__(self):
+        if hasattr(signal, 'SIGTERM') and _in_main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _in_main_thread():
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+class RunFolder:
+    """root_log/store_name (logs, tensorboard, plot) and root_model/store_name (checkpoints)."""
+
+    LOGS = ('log_train.csv', 'log_test.csv')
+
+    def __init__(self, args):
+        self.log_dir = os.path.join(args.root_log, args.store_name)
+        self.model_dir = os.path.join(args.root_model, args.store_name)
+        self.ckpt_path = os.path.join(self.model_dir, 'ckpt.pth.tar')
+        self.best_path = os.path.join(self.model_dir, 'ckpt.best.pth.tar')
+        self.main = dist.is_main_process()
+        self.lock = RunLock(self.model_dir)
+        self.files = {}
+        self.writer = None
+
+    def open(self, args, truncate_to=None):
+        if not self.main:
+            return self
+        for d in (self.log_dir, self.model_dir):
+            try:
+                os.makedirs(d, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"cannot create folder {d}: {e.strerror}") from None
+        self.lock.acquire()
+        for name in self.LOGS:
+            path = os.path.join(self.log_dir, name)
+            # A resumed run drops what the killed run logged after its last checkpoint, so the
+            # logs read as if it had never stopped.
+            if truncate_to and name in truncate_to and os.path.exists(path):
+                with open(path, 'r+b') as f:
+                    f.truncate(min(truncate_to[name], os.path.getsize(path)))
+            self.files[name] = open(path, 'a')
+        with open(os.path.join(self.log_dir, 'args.txt'), 'a') as f:
+            f.write(str(args) + '\n')
+        from tensorboardX import SummaryWriter
+        self.writer = SummaryWriter(log_dir=self.log_dir)
+        return self
+
+    def write(self, name, line):
+        if name in self.files:
+            self.files[name].write(line + '\n')
+            self.files[name].flush()
+
+    def log_sizes(self):
+        return {name: f.tell() for name, f in self.files.items()}
+
+    def scalar(self, tag, value, step):
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def save(self, state, is_best):
+        if not self.main:
+            return
+        save_checkpoint(state, self.ckpt_path)
+        if is_best:
+            with atomic_path(self.best_path) as tmp:
+                with open(self.ckpt_path, 'rb') as src, open(tmp, 'wb') as dst:
+                    dst.write(src.read())
+
+    def close(self):
+        for f in self.files.values():
+            f.close()
+        self.files = {}
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        self.lock.release()
+
+
+def report_lines(metrics, cls_num_list=None, flag='Test', task='classification'):
+    """The original's two log lines (results, per-class accuracy) plus shot-group accuracy."""
+    name = 'Rotation Prec' if task == 'rotation' else 'Prec'
+    lines = [f"{flag} Results: {name}@1 {metrics['top1']:.3f} {name}@5 {metrics['top5']:.3f} "
+             f"Loss {metrics['loss']:.5f}",
+             f"{flag} Class Accuracy: " + np.array2string(
+                 metrics['per_class'], separator=',', formatter={'float_kind': lambda x: '%.3f' % x})]
+    if cls_num_list is not None and task == 'classification':
+        shots = shot_accuracy(metrics['per_class'], cls_num_list)
+        metrics.update({f'{k}_shot': v for k, v in shots.items()})
+        lines.append(f"{flag} Shot Accuracy: Many {100 * shots['many']:.3f} Medium {100 * shots['medium']:.3f} "
+                     f"Few {100 * shots['few']:.3f}")
+    return lines
+
+
+def per_class_plot(per_class, cls_num_list, title):
+    """PNG bytes: per-class accuracy (bars) against training images per class (line)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(max(6, len(per_class) * 0.12), 3.5))
+    x = np.arange(len(per_class))
+    ax.bar(x, 100 * np.nan_to_num(per_class), color='tab:blue')
+    ax.set_xlabel('class (sorted by training images)' if len(per_class) > 20 else 'class')
+    ax.set_ylabel('test accuracy (%)', color='tab:blue')
+    ax.set_ylim(0, 100)
+    ax2 = ax.twinx()
+    ax2.plot(x, cls_num_list, color='tab:red', marker='.')
+    ax2.set_ylabel('training images', color='tab:red')
+    ax.set_title(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=80)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _seed_for_run(args, ckpt):
+    if ckpt is not None and 'seed' in ckpt:
+        return int(ckpt['seed'])
+    if args.seed is not None:
+        return args.seed
+    return int.from_bytes(os.urandom(4), 'little') & 0x7fffffff
+
+
+def _resume(args, exp, model, optimizer, log):
+    """Load --resume into model (and optimizer unless evaluating). Returns the checkpoint dict."""
+    ckpt = load_checkpoint(args.resume, flag='--resume')
+    if ckpt.get('task', exp.task) != exp.task:
+        raise UserError(f"--resume {args.resume} was written by {ckpt.get('script', 'another script')}.py "
+                        f"({ckpt['task']}), not by {exp.script}.py; use --pretrained_model to start from it")
+    try:
+        sd = canonical_state_dict(state_dict_of(ckpt))
+    except UserError as e:
+        raise UserError(f"--resume {args.resume}: {e}") from None
+    load_weights(model, sd, f"--resume {args.resume}")
+    if not args.evaluate and 'optimizer' in ckpt:
+        try:
+            optimizer.load_state_dict(ckpt['optimizer'])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"--resume {args.resume}: its optimizer state does not fit this model ({e})") from None
+    log(f"=> loaded checkpoint '{args.resume}' (epoch {ckpt.get('epoch', '?')})")
+    return ckpt
+
+
+def _loaders(args, exp, seed, rank, world):
+    per_rank_batch = max(1, args.batch_size // world)
+    if TRAIN_RULES[args.train_rule].resample:
+        sampler = ImbalancedDatasetSampler(exp.train_set, seed=seed, num_replicas=world, rank=rank)
+    else:
+        sampler = ShuffleSampler(len(exp.train_set), shuffle=True, seed=seed, num_replicas=world, rank=rank)
+    pin = torch.cuda.is_available()
+    train_loader = DataLoader(exp.train_set, batch_size=per_rank_batch, sampler=sampler,
+                              num_workers=args.workers, pin_memory=pin, drop_last=False)
+    # Every rank evaluates a disjoint slice, without padding, so summed counts are exact.
+    val_set = exp.val_set if world == 1 else Subset(exp.val_set, range(rank, len(exp.val_set), world))
+    val_loader = DataLoader(val_set, batch_size=100, shuffle=False, num_workers=args.workers, pin_memory=pin)
+    return train_loader, sampler, val_loader
+
+
+def run(args, exp, log=None):
+    """Train (or with -e only evaluate) `exp` as configured by `args`. Returns the last metrics dict."""
+    rank, world, local_rank = dist.init()
+    try:
+        return _run(args, exp, rank, world, local_rank)
+    finally:
+        dist.cleanup()
+
+
+def _run(args, exp, rank, world, local_rank):
+    main = rank == 0
+    folder = RunFolder(args)
+
+    def log(line, console_extra=''):
+        if main:
+            print(line + console_extra, flush=True)
+            folder.write('log_train.csv', line)
+
+    device = dist.select_device(args.gpu, local_rank)
+    if args.seed is not None:
+        seed_everything(args.seed)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    model = exp.model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+    ckpt = None
+    start_epoch, start_step, best_acc1 = args.start_epoch, 0, 0.0
+    if args.resume:
+        ckpt = _resume(args, exp, model, optimizer, log)
+        start_epoch = int(ckpt.get('epoch', 0))
+        start_step = int(ckpt.get('step', 0))
+        best_acc1 = float(ckpt.get('best_acc1', 0.0))  # the original saved a tensor
+        if args.pretrained_model:
+            log(f"=> --resume wins: not loading --pretrained_model {args.pretrained_model}")
+    elif args.pretrained_model:
+        load_pretrained(model, args.pretrained_model, log=log)
+    elif args.evaluate:
+        raise UserError("-e/--evaluate needs a checkpoint: pass --resume PATH")
+
+    seed = _seed_for_run(args, ckpt)
+    train_loader, sampler, val_loader = _loaders(args, exp, seed, rank, world)
+    eval_criterion = nn.CrossEntropyLoss().to(device)
+    if args.evaluate:
+        metrics = evaluate(model, eval_criterion, val_loader, device, exp.num_classes, batch_fn=exp.batch_fn)
+        if main:
+            for line in report_lines(metrics, exp.cls_num_list, 'Test', exp.task):
+                print(line)
+            print('Confusion matrix (rows: true class, columns: prediction):')
+            print(np.array2string(metrics['confusion'], max_line_width=200, threshold=10 ** 6))
+        return metrics
+
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    same_run = ckpt is not None and ckpt.get('store_name') == args.store_name
+    folder.open(args, truncate_to=ckpt.get('log_sizes') if same_run else None)
+    if ckpt is not None and 'rng' in ckpt:
+        set_rng_state(ckpt['rng'])
+    metrics = {}
+    try:
+        with GracefulStop(log) as stop:
+            for epoch in range(start_epoch, args.epochs):
+                lr = lr_at(epoch, args.lr, args.lr_steps)
+                for group in optimizer.param_groups:
+                    group['lr'] = lr
+                weights = TRAIN_RULES[args.train_rule].weights(epoch, exp.cls_num_list, args.lr_steps[0])
+                criterion = build_criterion(args.loss_type, exp.cls_num_list,
+                                            None if weights is None else weights.to(device)).to(device)
+                sampler.set_epoch(epoch)
+                step0 = start_step if epoch == start_epoch else 0
+                sampler.skip(step0 * train_loader.batch_size)
+                stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch,
+                                        batch_fn=exp.batch_fn, print_freq=args.print_freq, log=log,
+                                        should_stop=stop, start_step=step0,
+                                        num_steps=step0 + len(train_loader))
+                folder.scalar('loss/train', stats['loss'], epoch)
+                folder.scalar('acc/train_top1', stats['top1'], epoch)
+                folder.scalar('lr', lr, epoch)
+                if stats['stopped']:
+                    folder.save(_state(args, exp, model, optimizer, epoch, stats['steps'], best_acc1, seed, folder),
+                                is_best=False)
+                    log(f"=> stopped by {signal.Signals(stop.signum).name} during epoch {epoch + 1} after step "
+                        f"{stats['steps']}; resume with --resume {folder.ckpt_path}")
+                    return {'stopped_by': stop.signum, **stats}
+                metrics = evaluate(model, eval_criterion, val_loader, device, exp.num_classes, batch_fn=exp.batch_fn)
+                is_best = metrics['top1'] > best_acc1
+                best_acc1 = max(best_acc1, metrics['top1'])
+                _log_eval(folder, metrics, exp, epoch, best_acc1, main)
+                if stop():
+                    log(f"=> stopped by {signal.Signals(stop.signum).name} at the end of epoch {epoch + 1}; "
+                        f"resume with --resume {folder.ckpt_path}")
+                folder.save(_state(args, exp, model, optimizer, epoch + 1, 0, best_acc1, seed, folder), is_best)
+                if stop():
+                    return {'stopped_by': stop.signum, **metrics}
+    finally:
+        folder.close()
+    metrics['best_acc1'] = best_acc1
+    return metrics
+
+
+def _log_eval(folder, metrics, exp, epoch, best_acc1, main):
+    lines = report_lines(metrics, exp.cls_num_list, 'Test', exp.task)
+    lines.append(f"Best Prec@1: {best_acc1:.3f}" if exp.task == 'classification'
+                 else f"Best Rotation Prec@1: {best_acc1:.3f}")
+    if not main:
+        return
+    for line in lines:
+        print(line, flush=True)
+        folder.write('log_test.csv', line)
+    tag = 'rot_acc' if exp.task == 'rotation' else 'acc'
+    folder.scalar(f'loss/test', metrics['loss'], epoch)
+    folder.scalar(f'{tag}/test_top1', metrics['top1'], epoch)
+    folder.scalar(f'{tag}/test_top5', metrics['top5'], epoch)
+    folder.scalar(f'{tag}/test_top1_best', best_acc1, epoch)
+    for group in ('many', 'medium', 'few'):
+        if f'{group}_shot' in metrics and np.isfinite(metrics[f'{group}_shot']):
+            folder.scalar(f'{tag}/test_{group}_shot', 100 * metrics[f'{group}_shot'], epoch)
+    counts = exp.cls_num_list if exp.task == 'classification' else [0] * exp.num_classes
+    png = per_class_plot(metrics['per_class'], counts, f'epoch {epoch + 1}: top-1 {metrics["top1"]:.2f}%')
+    atomic_write_bytes(os.path.join(folder.log_dir, 'per_class_acc.png'), png)
+
+
+def _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder):
+    """The checkpoint: the original's keys first, then what exact resume needs."""
+    return {
+        'epoch': epoch, 'arch': args.arch, 'state_dict': unwrap(model).state_dict(),
+        'best_acc1': best_acc1, 'optimizer': optimizer.state_dict(),
+        'step': step, 'seed': seed, 'rng': rng_state(), 'script': exp.script, 'task': exp.task,
+        'num_classes': exp.num_classes, 'store_name': args.store_name, 'log_sizes': folder.log_sizes(),
+    }
