@@ -22,21 +22,35 @@ def build_parser(description=__doc__, datasets=('cifar10', 'cifar100', 'svhn', '
     return parser
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    args.store_name = cli.store_name(args.dataset, args.arch, args.loss_type, args.train_rule,
-                                     args.imb_type, args.imb_factor, args.exp_str)
+def supervised_store_name(args):
+    return cli.store_name(args.dataset, args.arch, args.loss_type, args.train_rule,
+                          args.imb_type, args.imb_factor, args.exp_str)
+
+
+def load_data(args):
+    """The long-tailed training set and the balanced test set (errors before any file is written)."""
     info = DATASETS[args.dataset]
     train_set = info.build_train(args.data_path, args.imb_type, args.imb_factor, args.rand_number,
                                  build_transform(args.dataset, train=True))
     val_set = info.build_val(args.data_path, build_transform(args.dataset, train=False))
+    return info, train_set, val_set
+
+
+def exit_code(result):
+    """128 + signal number after a SIGTERM/SIGINT stop (the shell's convention), else 0."""
+    return 128 + result['stopped_by'] if 'stopped_by' in result else 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.store_name = supervised_store_name(args)
+    info, train_set, val_set = load_data(args)
     model = build_model(args.arch, info.num_classes, use_norm=uses_norm(args.loss_type))
     experiment = trainer.Experiment(script='train', task='classification', model=model, train_set=train_set,
                                     val_set=val_set, num_classes=info.num_classes,
                                     cls_num_list=train_set.get_cls_num_list())
     print(f"cls num list: {experiment.cls_num_list}")
-    result = trainer.run(args, experiment)
-    return 128 + result['stopped_by'] if 'stopped_by' in result else 0
+    return exit_code(trainer.run(args, experiment))
 
 
 if __name__ == '__main__':

@@ -45,7 +45,11 @@ class Experiment:
     val_set: object
     num_classes: int
     cls_num_list: list           # training images per class: losses, samplers, shot groups
-    batch_fn: Optional[Callable] = None   # (images, targets) -> (images, targets) on the device
+    batch_fn: Optional[Callable] = None        # (images, targets) -> (images, targets), training
+    eval_batch_fn: Optional[Callable] = None   # the same for evaluation (defaults to batch_fn)
+
+    def __post_init__(self):
+        self.eval_batch_fn = self.eval_batch_fn or self.batch_fn
 
 
 def lr_at(epoch, base_lr, lr_steps=(160, 180)):
@@ -306,7 +310,7 @@ def _run(args, exp, rank, world, local_rank):
     train_loader, sampler, val_loader = _loaders(args, exp, seed, rank, world)
     eval_criterion = nn.CrossEntropyLoss().to(device)
     if args.evaluate:
-        metrics = evaluate(model, eval_criterion, val_loader, device, exp.num_classes, batch_fn=exp.batch_fn)
+        metrics = evaluate(model, eval_criterion, val_loader, device, exp.num_classes, batch_fn=exp.eval_batch_fn)
         if main:
             for line in report_lines(metrics, exp.cls_num_list, 'Test', exp.task):
                 print(line)
@@ -346,7 +350,7 @@ def _run(args, exp, rank, world, local_rank):
                     log(f"=> stopped by {signal.Signals(stop.signum).name} during epoch {epoch + 1} after step "
                         f"{stats['steps']}; resume with --resume {folder.ckpt_path}")
                     return {'stopped_by': stop.signum, **stats}
-                metrics = evaluate(model, eval_criterion, val_loader, device, exp.num_classes, batch_fn=exp.batch_fn)
+                metrics = evaluate(model, eval_criterion, val_loader, device, exp.num_classes, batch_fn=exp.eval_batch_fn)
                 is_best = metrics['top1'] > best_acc1
                 best_acc1 = max(best_acc1, metrics['top1'])
                 _log_eval(folder, metrics, exp, epoch, best_acc1, main)

@@ -154,7 +154,8 @@ class ImbalanceCIFAR10(CIFAR10):
         if train:
             np.random.seed(rand_number)
             self.img_num_list = self.get_img_num_per_cls(self.cls_num, imb_type, imb_factor)
-            keep = select_per_class(self.targets, np.unique(self.targets), self.img_num_list)
+            self.class_order = np.unique(self.targets)
+            keep = select_per_class(self.targets, self.class_order, self.img_num_list)
             self.data = self.data[keep]
             self.targets = [self.targets[i] for i in keep]
 
@@ -209,7 +210,7 @@ class SemiSupervisedImbalanceCIFAR10(ImbalanceCIFAR10):
         pool, sourcing = load_tinyimages(self.unlabeled_data)
         counts = img_num_per_cls_unlabeled(self.img_num_list, unlabel_imb_factor, unlabel_size_factor)
         # numpy's stream continues from the labeled draw above, as in the original.
-        picked, pseudo = select_pseudo_labeled(sourcing, np.unique(self.targets), counts,
+        picked, pseudo = select_pseudo_labeled(sourcing, self.class_order, counts,
                                                self.unlabeled_pseudo, pseudo_threshold, self.cls_num)
         self.data = np.concatenate([self.data, pool[picked]])
         self.targets = self.targets + pseudo.tolist()

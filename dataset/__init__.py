@@ -1,0 +1,127 @@
+"""The data sets by name: `DATASETS[name]` says how to build each split and how to normalise it.
+
+Every builder returns a torch Dataset of 32x32 RGB images whose labels are in `.targets` (CIFAR,
+digits) or `.labels` (SVHN); `dataset.samplers.get_targets` reads either.
+"""
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from torchvision import transforms
+
+from dataset.digits import ImbalanceDigits, SemiSupervisedImbalanceDigits
+from dataset.imbalance_cifar import (ImbalanceCIFAR10, ImbalanceCIFAR100, SemiSupervisedImbalanceCIFAR10,
+                                     load_tinyimages)
+from dataset.imbalance_svhn import ImbalanceSVHN, SemiSupervisedImbalanceSVHN, load_svhn_mat
+from errors import UserError
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+HALF = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    mean: tuple
+    std: tuple
+    flip: bool  # whether a mirrored image is still an image of its class
+    # (root, imb_type, imb_factor, rand_number, transform, download=False) -> long-tailed train split
+    build_train: Callable
+    # (root, transform, download=False) -> the whole, balanced test split
+    build_val: Callable
+    # (root, imb_type, imb_factor, unlabel_imb_factor, rand_number, transform, unlabeled_data=None,
+    #  pseudo_labels=None, unlabel_size_factor=5, pseudo_threshold=None, download=False); None: no semi setting
+    build_semi: Optional[Callable]
+    # (root, path, imb_type=..., imb_factor=..., rand_number=...) -> see load_unlabeled_pool
+    load_pool: Optional[Callable]
+
+
+def _split_builders(cls, test_split):
+    """build_train and build_val for a class whose constructor starts (root, imb_type, imb_factor,
+    rand_number) and whose defaults pick the training split; `test_split` picks the test split."""
+    def build_train(root, imb_type, imb_factor, rand_number, transform, download=False):
+        return cls(root, imb_type, imb_factor, rand_number, transform=transform, download=download)
+
+    def build_val(root, transform, download=False):
+        return cls(root, transform=transform, download=download, **test_split)
+
+    return build_train, build_val
+
+
+def _semi_builder(cls, has_pool_file=True):
+    def build_semi(root, imb_type, imb_factor, unlabel_imb_factor, rand_number, transform, unlabeled_data=None,
+                   pseudo_labels=None, unlabel_size_factor=5, pseudo_threshold=None, download=False):
+        pool = {'unlabeled_data': unlabeled_data} if has_pool_file else _no_pool_file(unlabeled_data)
+        return cls(root, imb_type, imb_factor, unlabel_imb_factor, rand_number, transform=transform,
+                   download=download, pseudo_labels=pseudo_labels, unlabel_size_factor=unlabel_size_factor,
+                   pseudo_threshold=pseudo_threshold, **pool)
+    return build_semi
+
+
+def _no_pool_file(path):
+    if path is not None:
+        raise UserError("--unlabeled_data does not apply to digits: its unlabeled pool is the training "
+                        "images left out of the long-tailed subset")
+    return {}
+
+
+# Pool loaders for gen_pseudolabels.py: (images N x 32 x 32 x 3 uint8, sourcing labels, ground truth).
+# The imbalance arguments only matter for digits, whose pool is what the long-tailed draw leaves out.
+
+def _tinyimages_pool(root, path, **_imbalance):
+    data, sourcing = load_tinyimages(path or os.path.join(root, 'ti_80M_selected.pickle'))
+    return data, sourcing, None  # TinyImages has no ground truth, only the authors' sourcing labels
+
+
+def _svhn_extra_pool(root, path, **_imbalance):
+    data, truth = load_svhn_mat(path or os.path.join(root, 'extra_32x32.mat'), "SVHN extra split (the unlabeled pool)",
+                                'download extra_32x32.mat from http://ufldl.stanford.edu/housenumbers/ '
+                                'or pass --unlabeled_data')
+    return data.transpose(0, 2, 3, 1), truth, truth  # the semi set picks extra images by their true labels
+
+
+def _digits_pool(root, path, imb_type='exp', imb_factor=0.01, rand_number=0):
+    _no_pool_file(path)
+    pool = ImbalanceDigits(root, imb_type, imb_factor, rand_number)
+    return pool.unused_data, pool.unused_targets, pool.unused_targets
+
+
+DATASETS = {
+    'cifar10': DatasetInfo(10, CIFAR_MEAN, CIFAR_STD, True, *_split_builders(ImbalanceCIFAR10, {'train': False}),
+                           _semi_builder(SemiSupervisedImbalanceCIFAR10), _tinyimages_pool),
+    'cifar100': DatasetInfo(100, CIFAR_MEAN, CIFAR_STD, True, *_split_builders(ImbalanceCIFAR100, {'train': False}),
+                            None, None),
+    'svhn': DatasetInfo(10, HALF, HALF, True, *_split_builders(ImbalanceSVHN, {'split': 'test'}),
+                        _semi_builder(SemiSupervisedImbalanceSVHN), _svhn_extra_pool),
+    # Digits are not mirror-symmetric (a flipped 2 is no 2), so no flip.
+    'digits': DatasetInfo(10, HALF, HALF, False, *_split_builders(ImbalanceDigits, {'train': False}),
+                          _semi_builder(SemiSupervisedImbalanceDigits, has_pool_file=False), _digits_pool),
+}
+
+
+def dataset_info(name):
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def build_transform(name, train):
+    """Training: random crop with 4 px padding and (where it keeps the class) a horizontal flip."""
+    info = dataset_info(name)
+    normalize = [transforms.ToTensor(), transforms.Normalize(info.mean, info.std)]
+    if not train:
+        return transforms.Compose(normalize)
+    flip = [transforms.RandomHorizontalFlip()] if info.flip else []
+    return transforms.Compose([transforms.RandomCrop(32, padding=4)] + flip + normalize)
+
+
+def load_unlabeled_pool(name, root, path=None, **digits_kwargs):
+    """(images N x 32 x 32 x 3 uint8, sourcing labels or None, ground truth or None) of the pool the
+    semi-supervised set draws from, in the order pseudo-label files must follow. `path` overrides
+    the pool file (cifar10, svhn); `digits_kwargs` (imb_type, imb_factor, rand_number) fix the
+    digits pool."""
+    info = dataset_info(name)
+    if info.load_pool is None:
+        raise UserError(f"{name} has no unlabeled pool in the paper; choose one of "
+                        f"{', '.join(n for n, i in DATASETS.items() if i.load_pool)}")
+    return info.load_pool(root, path, **digits_kwargs)

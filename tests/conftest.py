@@ -1,0 +1,51 @@
+"""Shared pytest fixtures. Tiny data in the real file formats comes from tests/fixtures.py.
+
+no_checksum        torchvision's md5 check of CIFAR-10/100 and SVHN passes (fixture files
+                   cannot match the real checksums); nothing else is bypassed.
+cifar10_root       a folder with cifar-10-batches-py/: 20 training and 10 test images per class.
+cifar10_semi_root  cifar10_root plus ti_80M_selected.pickle (100 images per class); no
+                   pseudo-label file: write one with fixtures.write_pseudo_labels.
+cifar100_root      a folder with cifar-100-python/: 5 training and 2 test images per class.
+svhn_root          a folder with train_32x32.mat (SVHN_TRAIN_PER_CLASS images of digits 0..9),
+                   test_32x32.mat (10 per class) and extra_32x32.mat (60 per class).
+The *_root fixtures return the folder as a str and include no_checksum.
+"""
+import pytest
+from torchvision.datasets import CIFAR10, CIFAR100, SVHN
+
+import fixtures
+
+# Like SVHN itself, digit 1 is the most frequent and 0 is not the rarest.
+SVHN_TRAIN_PER_CLASS = [40, 60, 50, 45, 40, 35, 30, 30, 25, 25]
+
+
+@pytest.fixture
+def no_checksum(monkeypatch):
+    for cls in (CIFAR10, CIFAR100, SVHN):
+        monkeypatch.setattr(cls, '_check_integrity', lambda self: True)
+
+
+@pytest.fixture
+def cifar10_root(tmp_path, no_checksum):
+    fixtures.write_cifar10(tmp_path, per_class=20, test_per_class=10)
+    return str(tmp_path)
+
+
+@pytest.fixture
+def cifar10_semi_root(cifar10_root):
+    fixtures.write_tinyimages(f'{cifar10_root}/ti_80M_selected.pickle', n_per_class=100)
+    return cifar10_root
+
+
+@pytest.fixture
+def cifar100_root(tmp_path, no_checksum):
+    fixtures.write_cifar100(tmp_path, per_class=5, test_per_class=2)
+    return str(tmp_path)
+
+
+@pytest.fixture
+def svhn_root(tmp_path, no_checksum):
+    fixtures.write_svhn(tmp_path, 'train', per_class=SVHN_TRAIN_PER_CLASS, seed=0)
+    fixtures.write_svhn(tmp_path, 'test', per_class=10, seed=1)
+    fixtures.write_svhn(tmp_path, 'extra', per_class=60, seed=2)
+    return str(tmp_path)

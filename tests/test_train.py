@@ -1,0 +1,122 @@
+"""train.py end to end on tiny CIFAR-10-LT / digits fixtures (in-process, one or two epochs)."""
+import collections
+import os
+
+import pytest
+import torch
+
+import train
+from checkpoint import load_checkpoint
+from errors import UserError
+from models import build_model
+
+
+def _args(root, tmp_path, *extra):
+    return ['--dataset', 'cifar10', '--data_path', str(root), '--imb_factor', '0.1', '--epochs', '1',
+            '-b', '16', '-j', '0', '--seed', '0', '--root_log', str(tmp_path / 'log'),
+            '--root_model', str(tmp_path / 'ckpt'), '-p', '2', *extra]
+
+
+def _run_dir(tmp_path, loss='CE', rule='None', exp_str='ss_pretrained', dataset='cifar10', factor='0.1'):
+    name = f'{dataset}_resnet32_{loss}_{rule}_exp_{factor}_{exp_str}'
+    return tmp_path / 'log' / name, tmp_path / 'ckpt' / name
+
+
+@pytest.mark.parametrize('loss,rule', [('CE', 'None'), ('Focal', 'None'), ('LDAM', 'None'),
+                                       ('CE', 'Resample'), ('CE', 'Reweight'), ('LDAM', 'DRW')])
+def test_one_epoch_writes_run_folder(cifar10_root, tmp_path, loss, rule):
+    assert train.main(_args(cifar10_root, tmp_path, '--loss_type', loss, '--train_rule', rule)) == 0
+    log_dir, model_dir = _run_dir(tmp_path, loss, rule)
+    for name in ('log_train.csv', 'log_test.csv', 'args.txt', 'per_class_acc.png'):
+        assert (log_dir / name).stat().st_size > 0, name
+    assert any(f.startswith('events.out.tfevents') for f in os.listdir(log_dir))
+    assert 'Test Results: Prec@1' in (log_dir / 'log_test.csv').read_text()
+    assert 'Shot Accuracy: Many' in (log_dir / 'log_test.csv').read_text()
+    for name in ('ckpt.pth.tar', 'ckpt.best.pth.tar'):
+        ckpt = load_checkpoint(str(model_dir / name))
+        assert ckpt['epoch'] == 1 and ckpt['arch'] == 'resnet32'
+        assert not any(k.startswith('module.') for k in ckpt['state_dict'])
+        assert {'optimizer', 'best_acc1'} <= set(ckpt)
+    assert not (model_dir / '.lock').exists()
+
+
+def test_drw_switches_weights_inside_a_run(cifar10_root, tmp_path, monkeypatch):
+    import trainer
+    seen = []
+    real = trainer.build_criterion
+    monkeypatch.setattr(trainer, 'build_criterion', lambda t, c, w: seen.append(w) or real(t, c, w))
+    train.main(_args(cifar10_root, tmp_path, '--train_rule', 'DRW', '--epochs', '2', '--lr_steps', '1', '2'))
+    assert torch.allclose(seen[0], torch.ones(10))
+    assert seen[1][-1] > seen[1][0]
+
+
+def test_resume_continues_and_evaluate(cifar10_root, tmp_path, capsys):
+    train.main(_args(cifar10_root, tmp_path))
+    _, model_dir = _run_dir(tmp_path)
+    ckpt_path = str(model_dir / 'ckpt.pth.tar')
+    train.main(_args(cifar10_root, tmp_path, '--epochs', '2', '--resume', ckpt_path))
+    assert load_checkpoint(ckpt_path)['epoch'] == 2
+    capsys.readouterr()
+    train.main(_args(cifar10_root, tmp_path, '--resume', ckpt_path, '-e'))
+    out = capsys.readouterr().out
+    assert 'Test Results: Prec@1' in out and 'Class Accuracy' in out and 'Confusion matrix' in out
+    assert 'Shot Accuracy' in out
+
+
+def test_evaluate_original_format_checkpoint(cifar10_root, tmp_path, capsys):
+    model = build_model('resnet32', 10)
+    sd = collections.OrderedDict(('module.' + k, v) for k, v in model.state_dict().items())
+    path = tmp_path / 'orig.pth.tar'
+    torch.save({'epoch': 200, 'arch': 'resnet32', 'state_dict': sd, 'best_acc1': torch.tensor(50.0),
+                'optimizer': torch.optim.SGD(model.parameters(), 0.1).state_dict()}, path)
+    train.main(_args(cifar10_root, tmp_path, '--resume', str(path), '-e'))
+    out = capsys.readouterr().out
+    assert 'Test Results: Prec@1' in out
+    assert not (tmp_path / 'ckpt').exists(), '-e must not create a run folder'
+
+
+def test_bad_resume_files_are_refused_and_nothing_is_destroyed(cifar10_root, tmp_path):
+    train.main(_args(cifar10_root, tmp_path))
+    log_dir, model_dir = _run_dir(tmp_path)
+    before = {p: p.read_bytes() for p in list(log_dir.iterdir()) + list(model_dir.iterdir())}
+    corrupt = tmp_path / 'corrupt.pth.tar'
+    corrupt.write_bytes(b'garbage')
+    with pytest.raises(UserError, match='corrupt'):
+        train.main(_args(cifar10_root, tmp_path, '--resume', str(corrupt)))
+    with pytest.raises(UserError, match='not found'):
+        train.main(_args(cifar10_root, tmp_path, '--resume', str(tmp_path / 'missing.pth.tar')))
+    other = tmp_path / 'c100.pth.tar'
+    torch.save({'epoch': 1, 'state_dict': build_model('resnet32', 100).state_dict()}, other)
+    with pytest.raises(UserError, match='another number of classes'):
+        train.main(_args(cifar10_root, tmp_path, '--resume', str(other)))
+    with pytest.raises(UserError, match='not found'):
+        train.main(_args(tmp_path / 'empty', tmp_path))
+    after = {p: p.read_bytes() for p in list(log_dir.iterdir()) + list(model_dir.iterdir())}
+    assert before == after
+
+
+def test_pretrain_rot_then_train_with_pretrained_model(cifar10_root, tmp_path, capsys):
+    import pretrain_rot
+    assert pretrain_rot.main(_args(cifar10_root, tmp_path)) == 0
+    log_dir, model_dir = _run_dir(tmp_path, exp_str='pretrain_rot')
+    assert 'Rotation Prec@1' in (log_dir / 'log_test.csv').read_text()
+    rot_ckpt = model_dir / 'ckpt.pth.tar'
+    capsys.readouterr()
+    train.main(_args(cifar10_root, tmp_path, '--pretrained_model', str(rot_ckpt)))
+    out = capsys.readouterr().out
+    n_backbone = len([k for k in build_model('resnet32', 10).state_dict() if not k.startswith('fc.')])
+    assert f'loaded {n_backbone} backbone tensors from rotation/supervised checkpoint' in out
+    with pytest.raises(UserError, match='does not fit the architecture'):
+        train.main(_args(cifar10_root, tmp_path, '-a', 'resnet20', '--pretrained_model', str(rot_ckpt)))
+    with pytest.raises(UserError, match='pretrain_rot.py'):
+        train.main(_args(cifar10_root, tmp_path, '--resume', str(rot_ckpt)))
+
+
+@pytest.mark.parametrize('flag,value', [('--dataset', 'mnist'), ('-a', 'vgg'), ('--loss_type', 'Hinge'),
+                                        ('--train_rule', 'Oversample'), ('--imb_factor', '0'),
+                                        ('--imb_factor', '1.5'), ('--epochs', '0'), ('-b', '-3')])
+def test_bad_flags_exit_with_argparse_error(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main([flag, value])
+    assert e.value.code == 2
+    assert 'error' in capsys.readouterr().err
