@@ -50,6 +50,7 @@ def main(argv=None):
     parser = build_parser(__doc__, datasets=('cifar10', 'cifar100', 'digits'), exp_str='pretrain_rot')
     args = parser.parse_args(argv)
     args.store_name = supervised_store_name(args)
+    trainer.seed(args)
     _, train_set, val_set = load_data(args)
     print(f"cls num list (labels unused): {train_set.get_cls_num_list()}")
     experiment = trainer.Experiment(

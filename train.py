@@ -44,6 +44,7 @@ def exit_code(result):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.store_name = supervised_store_name(args)
+    trainer.seed(args)
     info, train_set, val_set = load_data(args)
     model = build_model(args.arch, info.num_classes, use_norm=uses_norm(args.loss_type))
     experiment = trainer.Experiment(script='train', task='classification', model=model, train_set=train_set,

@@ -12,9 +12,7 @@ way the uninterrupted run did.
 import dataclasses
 import io
 import os
-import random
 import signal
-import sys
 from typing import Callable, Optional
 
 import numpy as np
@@ -223,6 +221,14 @@ def per_class_plot(per_class, cls_num_list, title):
     return buf.getvalue()
 
 
+def seed(args):
+    """Call first thing after parsing: model initialisation must already be reproducible."""
+    if args.seed is not None:
+        seed_everything(args.seed)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
 def _seed_for_run(args, ckpt):
     if ckpt is not None and 'seed' in ckpt:
         return int(ckpt['seed'])
@@ -258,15 +264,20 @@ def _loaders(args, exp, seed, rank, world):
     else:
         sampler = ShuffleSampler(len(exp.train_set), shuffle=True, seed=seed, num_replicas=world, rank=rank)
     pin = torch.cuda.is_available()
+    # Own generators: the loaders draw their worker seeds from these, not from the global RNG,
+    # so the global stream (augmentations with -j 0, rotations) is the same whether or not a run
+    # was resumed mid-epoch. `run` re-seeds the training one per epoch.
     train_loader = DataLoader(exp.train_set, batch_size=per_rank_batch, sampler=sampler,
-                              num_workers=args.workers, pin_memory=pin, drop_last=False)
+                              num_workers=args.workers, pin_memory=pin, drop_last=False,
+                              generator=torch.Generator())
     # Every rank evaluates a disjoint slice, without padding, so summed counts are exact.
     val_set = exp.val_set if world == 1 else Subset(exp.val_set, range(rank, len(exp.val_set), world))
-    val_loader = DataLoader(val_set, batch_size=100, shuffle=False, num_workers=args.workers, pin_memory=pin)
+    val_loader = DataLoader(val_set, batch_size=100, shuffle=False, num_workers=args.workers, pin_memory=pin,
+                            generator=torch.Generator().manual_seed(seed))
     return train_loader, sampler, val_loader
 
 
-def run(args, exp, log=None):
+def run(args, exp):
     """Train (or with -e only evaluate) `exp` as configured by `args`. Returns the last metrics dict."""
     rank, world, local_rank = dist.init()
     try:
@@ -285,10 +296,6 @@ def _run(args, exp, rank, world, local_rank):
             folder.write('log_train.csv', line)
 
     device = dist.select_device(args.gpu, local_rank)
-    if args.seed is not None:
-        seed_everything(args.seed)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
     model = exp.model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
@@ -335,6 +342,7 @@ def _run(args, exp, rank, world, local_rank):
                 criterion = build_criterion(args.loss_type, exp.cls_num_list,
                                             None if weights is None else weights.to(device)).to(device)
                 sampler.set_epoch(epoch)
+                train_loader.generator.manual_seed(seed * 1_000_003 + epoch)
                 step0 = start_step if epoch == start_epoch else 0
                 sampler.skip(step0 * train_loader.batch_size)
                 stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch,
@@ -376,7 +384,7 @@ def _log_eval(folder, metrics, exp, epoch, best_acc1, main):
         print(line, flush=True)
         folder.write('log_test.csv', line)
     tag = 'rot_acc' if exp.task == 'rotation' else 'acc'
-    folder.scalar(f'loss/test', metrics['loss'], epoch)
+    folder.scalar('loss/test', metrics['loss'], epoch)
     folder.scalar(f'{tag}/test_top1', metrics['top1'], epoch)
     folder.scalar(f'{tag}/test_top5', metrics['top5'], epoch)
     folder.scalar(f'{tag}/test_top1_best', best_acc1, epoch)

@@ -1,0 +1,367 @@
+"""Self-supervised pre-training with MoCo (He et al. 2020; MoCo v2 defaults of Chen et al. 2020).
+
+    python pretrain_moco.py --dataset imagenet --data <ImageNet root>               # the paper's command
+    torchrun --nproc_per_node 8 pretrain_moco.py --dataset inat --data <iNat root>  # one process per GPU
+    python pretrain_moco.py --dataset imagenet --data <root> --multiprocessing-distributed \
+        --world-size 1 --rank 0 --dist-url tcp://localhost:10001                      # MoCo's own launcher
+    python pretrain_moco.py --dataset cifar10 --data ./data --imb_factor 0.01 --moco-k 4096
+    python pretrain_moco.py --dataset digits --epochs 20 --moco-k 1024 -b 64 -j 0     # offline, CPU
+
+Writes <root_path>/<dataset>/checkpoint/moco_ckpt_XXXX.pth.tar (XXXX = epochs done) every
+--save-freq epochs and after the last one; fine-tune from it with
+`python train.py --dataset cifar10 --pretrained_model data/cifar10/checkpoint/moco_ckpt_0200.pth.tar`.
+-b is the total batch over all processes, as in MoCo. --mlp, --aug-plus and --cos default to on
+(the original script's defaults; MoCo v2); `--mlp false` etc. turn them off.
+"""
+import os
+
+# c10d logs every failed connection attempt with a C++ stack trace; a failure reaches the user as
+# one sentence anyway. Must be set before torch is imported; TORCH_CPP_LOG_LEVEL=INFO shows them.
+os.environ.setdefault('TORCH_CPP_LOG_LEVEL', 'FATAL')
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import functools  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import torch  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+import cli  # noqa: E402
+import dist  # noqa: E402
+from checkpoint import load_checkpoint, load_weights, save_checkpoint, state_dict_of, strip_prefix, unwrap  # noqa: E402
+from dataset import DATASETS  # noqa: E402
+from dataset.samplers import ShuffleSampler  # noqa: E402
+from engine import DivergenceError  # noqa: E402
+from errors import UserError  # noqa: E402
+from models import MODELS, build_model  # noqa: E402
+from moco.builder import MoCo  # noqa: E402
+from moco.loader import (AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD,  # noqa: E402
+                         SplitFileDataset, TwoCropsTransform)
+from utils import AverageMeter, accuracy, seed_everything  # noqa: E402
+
+
+@dataclass(frozen=True)
+class PretrainData:
+    arch: str            # default -a
+    crop_size: int       # default --crop-size
+    split_file: str      # default --split_file ('' where the data set has none)
+    build: Callable      # (args) -> training set yielding ([query view, key view], label)
+
+
+def _split_file_data(split_file, mean, std):
+    """ImageNet-LT / iNaturalist 2018: images listed in a split file, MoCo v1 or v2 augmentation."""
+    def build(args):
+        augmentation = AUGMENTATIONS['v2' if args.aug_plus else 'v1'](args.crop_size, mean, std)
+        return SplitFileDataset(args.data, args.split_file, TwoCropsTransform(augmentation))
+    return PretrainData('resnet50', 224, split_file, build)
+
+
+def _long_tailed_data(name):
+    """CIFAR-10/100-LT, digits-LT: the long-tailed training split of dataset.DATASETS (labels unused)."""
+    def build(args):
+        info = DATASETS[name]
+        augmentation = AUGMENTATIONS['cifar'](args.crop_size, info.mean, info.std, flip=info.flip)
+        return info.build_train(args.data, args.imb_type, args.imb_factor, args.rand_number,
+                                TwoCropsTransform(augmentation))
+    return PretrainData('resnet32', 32, '', build)
+
+
+# Split files where the original pretrain_moco.py reads them (relative to the working directory).
+PRETRAIN_DATA = {
+    'imagenet': _split_file_data('imagenet_inat/data/ImageNet_LT/ImageNet_LT_train.txt', IMAGENET_MEAN, IMAGENET_STD),
+    'inat': _split_file_data('imagenet_inat/data/iNaturalist18/iNaturalist18_train.txt', INAT_MEAN, INAT_STD),
+    'cifar10': _long_tailed_data('cifar10'),
+    'cifar100': _long_tailed_data('cifar100'),
+    'digits': _long_tailed_data('digits'),
+}
+
+
+def str2bool(text):
+    """'true'/'false' (also 1/0, yes/no): the original took `--mlp True`, MoCo takes a bare `--mlp`."""
+    value = text.strip().lower()
+    if value in ('true', '1', 'yes', 'y', 'on'):
+        return True
+    if value in ('false', '0', 'no', 'n', 'off'):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
+def add_switch(parser, flag, default, help):
+    parser.add_argument(flag, nargs='?', const=True, default=default, type=str2bool, metavar='BOOL',
+                        help=f"{help} (bare flag: on; default: {'on' if default else 'off'})")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--dataset', default='imagenet', choices=list(PRETRAIN_DATA))
+    parser.add_argument('--data', '--data_path', dest='data', metavar='DIR', default='./data',
+                        help='image root of the split file (imagenet, inat) or folder of the CIFAR files')
+    parser.add_argument('--split_file', default=None, metavar='TXT',
+                        help="'<path relative to --data> <label>' per line (default: the original's "
+                             "imagenet_inat/data/ImageNet_LT/ImageNet_LT_train.txt or "
+                             "imagenet_inat/data/iNaturalist18/iNaturalist18_train.txt)")
+    parser.add_argument('--root_path', type=str, default='./data',
+                        help='checkpoints go to <root_path>/<dataset>/checkpoint/')
+    parser.add_argument('--imb_type', default='exp', type=str, help="cifar*/digits: 'exp' or 'step'")
+    parser.add_argument('--imb_factor', default=0.01, type=cli.imb_factor, help='cifar*/digits: smallest / largest class')
+    parser.add_argument('--rand_number', default=0, type=int, help='cifar*/digits: seed of the long-tailed subset')
+    parser.add_argument('-a', '--arch', metavar='ARCH', default=None, choices=list(MODELS),
+                        help='model architecture: ' + ' | '.join(MODELS) +
+                             ' (default: resnet50 for imagenet/inat, resnet32 for cifar*/digits)')
+    parser.add_argument('--crop-size', default=None, type=cli.positive_int, metavar='PX',
+                        help='side of the random crops (default: 224 for imagenet/inat, 32 for cifar*/digits)')
+    parser.add_argument('-j', '--workers', default=32, type=cli.nonneg_int, metavar='N',
+                        help='data loading workers per node, shared by its processes (default: 32)')
+    parser.add_argument('--epochs', default=200, type=cli.positive_int, metavar='N', help='number of total epochs to run')
+    parser.add_argument('--start-epoch', default=0, type=cli.nonneg_int, metavar='N',
+                        help='manual epoch number (useful on restarts; --resume sets it)')
+    parser.add_argument('-b', '--batch-size', default=128, type=cli.positive_int, metavar='N',
+                        help='total batch size over all processes (default: 128)')
+    parser.add_argument('--lr', '--learning-rate', default=0.015, type=cli.positive_float, metavar='LR', dest='lr')
+    parser.add_argument('--schedule', default=[120, 160], nargs='*', type=cli.positive_int, metavar='EPOCH',
+                        help='without --cos: lr x0.1 from each of these epochs on (default: 120 160)')
+    parser.add_argument('--momentum', default=0.9, type=cli.nonneg_float, metavar='M', help='momentum of SGD solver')
+    parser.add_argument('--wd', '--weight-decay', default=1e-4, type=cli.nonneg_float, metavar='W', dest='weight_decay')
+    parser.add_argument('-p', '--print-freq', default=10, type=cli.positive_int, metavar='N',
+                        help='print every N steps (default: 10)')
+    parser.add_argument('--save-freq', default=10, type=cli.positive_int, metavar='N',
+                        help='save a checkpoint every N epochs, and after the last one (default: 10)')
+    parser.add_argument('--resume', default='', type=str, metavar='PATH', help='moco_ckpt_XXXX.pth.tar to continue')
+    parser.add_argument('--seed', default=None, type=int, help='seed for initializing training')
+
+    group = parser.add_argument_group('distributed (torchrun sets RANK / WORLD_SIZE itself; these are MoCo\'s own)')
+    group.add_argument('--world-size', default=-1, type=int,
+                       help='number of nodes with --multiprocessing-distributed, else number of processes')
+    group.add_argument('--rank', default=-1, type=int,
+                       help='node rank with --multiprocessing-distributed, else process rank')
+    group.add_argument('--dist-url', default='tcp://224.66.41.62:23456', type=str,
+                       help='url used to set up distributed training')
+    group.add_argument('--dist-backend', default='nccl', type=str, help='distributed backend (gloo on CPU-only machines)')
+    group.add_argument('--dist-timeout', default=dist.DEFAULT_TIMEOUT.total_seconds(), type=cli.positive_float,
+                       metavar='SEC', help='give up joining the group, or waiting for a peer, after this long '
+                                           f'(default: {dist.DEFAULT_TIMEOUT.total_seconds():.0f})')
+    group.add_argument('--gpu', default=None, type=cli.nonneg_int, help='GPU id of a single-process run')
+    add_switch(group, '--multiprocessing-distributed', False,
+               'spawn one process per GPU of this node; with --world-size nodes and this node\'s --rank')
+
+    group = parser.add_argument_group('MoCo')
+    group.add_argument('--moco-dim', default=128, type=cli.positive_int, help='feature dimension (default: 128)')
+    group.add_argument('--moco-k', default=65536, type=cli.positive_int,
+                       help='queue size; number of negative keys (default: 65536)')
+    group.add_argument('--moco-m', default=0.999, type=cli.probability,
+                       help='moco momentum of updating key encoder (default: 0.999)')
+    group.add_argument('--moco-t', default=0.2, type=cli.positive_float,
+                       help='softmax temperature (default: 0.2, MoCo v2; MoCo v1 used 0.07)')
+    add_switch(group, '--mlp', True, 'MoCo v2 MLP projection head')
+    add_switch(group, '--aug-plus', True, 'MoCo v2 data augmentation (imagenet/inat)')
+    add_switch(group, '--cos', True, 'cosine lr schedule instead of --schedule')
+    return parser
+
+
+def resolve_args(args):
+    """Fill the per-data-set defaults and refuse what cannot run, before any process starts."""
+    data = PRETRAIN_DATA[args.dataset]
+    args.arch = args.arch or data.arch
+    args.crop_size = args.crop_size or data.crop_size
+    if args.split_file is not None and not data.split_file:
+        raise UserError(f"--split_file does not apply to --dataset {args.dataset}, which is read from --data")
+    args.split_file = args.split_file or data.split_file
+    if args.moco_k % args.batch_size:
+        raise UserError(f"--moco-k {args.moco_k} must be a multiple of the total batch size -b {args.batch_size}, "
+                        f"so that every step replaces whole blocks of the queue")
+    return args
+
+
+def lr_at(epoch, args):
+    """Learning rate of 0-based `epoch`: half-cosine from --lr to 0 (--cos), else x0.1 per milestone."""
+    if args.cos:
+        return args.lr * 0.5 * (1. + math.cos(math.pi * epoch / args.epochs))
+    return args.lr * 0.1 ** sum(epoch >= milestone for milestone in args.schedule)
+
+
+def checkpoint_path(args, epoch):
+    return os.path.join(args.root_path, args.dataset, 'checkpoint', f'moco_ckpt_{epoch:04d}.pth.tar')
+
+
+def main(argv=None):
+    args = resolve_args(build_parser().parse_args(argv))
+    if args.multiprocessing_distributed:
+        return spawn_per_gpu(args)
+    if dist.launched_by_torchrun():
+        rank, world_size, init_method = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), 'env://'
+    elif args.world_size > 1:
+        if not 0 <= args.rank < args.world_size:
+            raise UserError(f"--world-size {args.world_size} needs this process's --rank, "
+                            f"0 to {args.world_size - 1} (got {args.rank})")
+        rank, world_size, init_method = args.rank, args.world_size, args.dist_url
+    else:
+        rank, world_size, init_method = 0, 1, None
+    return worker(args, rank, world_size, init_method)
+
+
+def spawn_per_gpu(args):
+    """MoCo's launcher: one process per GPU of this node; --world-size nodes, this is node --rank."""
+    if dist.launched_by_torchrun():
+        raise UserError("--multiprocessing-distributed starts its own processes; leave it out under torchrun")
+    ngpus = torch.cuda.device_count()
+    if ngpus == 0:
+        raise UserError("--multiprocessing-distributed starts one process per GPU and this machine has none; "
+                        "for CPU processes use torchrun --nproc_per_node N pretrain_moco.py ...")
+    nodes, node_rank = max(args.world_size, 1), max(args.rank, 0)
+    if node_rank >= nodes:
+        raise UserError(f"--rank {args.rank} is not a node of --world-size {args.world_size}")
+    if nodes * ngpus == 1:
+        return worker(args, 0, 1, None)
+    try:
+        mp.spawn(_spawned_worker, nprocs=ngpus, args=(ngpus, node_rank, nodes, args))
+    except mp.ProcessExitedException as e:
+        return e.exit_code  # the worker printed its own `error:` line
+    return 0
+
+
+def _spawned_worker(gpu, ngpus, node_rank, nodes, args):
+    os.environ['LOCAL_RANK'], os.environ['LOCAL_WORLD_SIZE'] = str(gpu), str(ngpus)
+    cli.run_main(lambda _: worker(args, node_rank * ngpus + gpu, nodes * ngpus, args.dist_url))
+
+
+def worker(args, rank, world_size, init_method):
+    """One training process; world size 1 runs without torch.distributed."""
+    if args.batch_size % world_size:
+        raise UserError(f"-b {args.batch_size} is the total batch and must divide evenly over "
+                        f"{world_size} processes")
+    if world_size > 1 and args.gpu is not None:
+        raise UserError("--gpu picks the GPU of a single-process run; in a distributed run process i "
+                        "uses GPU LOCAL_RANK (torchrun) or i (--multiprocessing-distributed)")
+    main_process = rank == 0
+
+    def log(line):
+        if main_process:
+            print(line, flush=True)
+
+    if args.seed is not None:
+        seed_everything(args.seed)
+    torch.backends.cudnn.deterministic = args.seed is not None
+    torch.backends.cudnn.benchmark = args.seed is None
+
+    # Data first: a wrong path ends the run before it waits for any peer.
+    train_set = PRETRAIN_DATA[args.dataset].build(args)
+    log(f"===> Training data length {len(train_set)}")
+    if main_process:
+        folder = os.path.dirname(checkpoint_path(args, 0))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create folder {folder}: {e.strerror}") from None
+
+    local_rank = int(os.environ.get('LOCAL_RANK', rank))
+    device = dist.select_device(args.gpu, local_rank)
+    backend = args.dist_backend if device.type == 'cuda' else 'gloo'
+    dist.init(rank, world_size, init_method, backend, datetime.timedelta(seconds=args.dist_timeout))
+    try:
+        return _train(args, train_set, device, rank, world_size, log)
+    finally:
+        dist.cleanup()
+
+
+def _train(args, train_set, device, rank, world_size, log):
+    log(f"=> creating model '{args.arch}'")
+    model = MoCo(functools.partial(build_model, args.arch), args.moco_dim, args.moco_k, args.moco_m,
+                 args.moco_t, args.mlp).to(device)
+    criterion = nn.CrossEntropyLoss().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+    start_epoch = args.start_epoch
+    if args.resume:
+        start_epoch = resume(args, model, optimizer)
+        log(f"=> loaded checkpoint '{args.resume}' (epoch {start_epoch})")
+    if world_size > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+
+    sampler = ShuffleSampler(len(train_set), shuffle=True, seed=args.seed or 0, num_replicas=world_size, rank=rank)
+    procs_per_node = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    workers = -(-args.workers // procs_per_node)
+    loader = DataLoader(train_set, batch_size=args.batch_size // world_size, sampler=sampler, num_workers=workers,
+                        pin_memory=device.type == 'cuda', drop_last=True, persistent_workers=workers > 0)
+    if len(loader) == 0:
+        raise UserError(f"the training set has {len(train_set)} images, fewer than one batch of -b {args.batch_size}")
+
+    if start_epoch >= args.epochs:
+        log(f"=> nothing to do: {start_epoch} of --epochs {args.epochs} are done")
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        lr = lr_at(epoch, args)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        train_one_epoch(loader, model, criterion, optimizer, epoch, device, args, log)
+        done = epoch + 1
+        if rank == 0 and (done % args.save_freq == 0 or done == args.epochs):
+            path = checkpoint_path(args, done)
+            save_checkpoint({
+                'epoch': done,
+                'arch': args.arch,
+                # `module.` as in the DDP-saved files of the original, whatever the world size
+                'state_dict': {'module.' + k: v for k, v in unwrap(model).state_dict().items()},
+                'optimizer': optimizer.state_dict(),
+            }, path)
+            log(f"=> saved {path}")
+    return 0
+
+
+def resume(args, model, optimizer):
+    """Load --resume (ours or the original's) into the bare MoCo module; returns the epochs done."""
+    ckpt = load_checkpoint(args.resume, flag='--resume')
+    if ckpt.get('arch', args.arch) != args.arch:
+        raise UserError(f"--resume {args.resume} holds a {ckpt['arch']} MoCo model, not -a {args.arch}")
+    try:
+        sd = strip_prefix(state_dict_of(ckpt), 'module.')
+    except UserError as e:
+        raise UserError(f"--resume {args.resume}: {e}") from None
+    load_weights(model, sd, f"--resume {args.resume}")
+    if 'optimizer' in ckpt:
+        try:
+            optimizer.load_state_dict(ckpt['optimizer'])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"--resume {args.resume}: its optimizer state does not fit this model ({e})") from None
+    return int(ckpt.get('epoch', 0))
+
+
+def train_one_epoch(loader, model, criterion, optimizer, epoch, device, args, log):
+    """One pass; acc1/acc5 are the (1+K)-way contrastive accuracies of finding the positive key."""
+    batch_time, data_time = AverageMeter('Time', ':6.3f'), AverageMeter('Data', ':6.3f')
+    losses, top1, top5 = AverageMeter('Loss', ':.4e'), AverageMeter('Acc@1', ':6.2f'), AverageMeter('Acc@5', ':6.2f')
+    model.train()
+    end = time.time()
+    for i, (images, _) in enumerate(loader):
+        data_time.update(time.time() - end)
+        im_q, im_k = images[0].to(device, non_blocking=True), images[1].to(device, non_blocking=True)
+
+        output, target = model(im_q=im_q, im_k=im_k)  # (N, 1 + K), (N,) zeros
+        loss = criterion(output, target)
+        if not torch.isfinite(loss):
+            raise DivergenceError(f"the MoCo loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; "
+                                  f"try a lower --lr (the last saved checkpoint is intact)")
+        acc1, acc5 = accuracy(output, target, topk=(1, 5))
+        n = im_q.size(0)
+        losses.update(loss.item(), n)
+        top1.update(acc1.item(), n)
+        top5.update(acc5.item(), n)
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        batch_time.update(time.time() - end)
+        end = time.time()
+        if i % args.print_freq == 0 or i + 1 == len(loader):
+            log('\t'.join([f"Epoch: [{epoch}][{i + 1}/{len(loader)}]", f"lr {optimizer.param_groups[0]['lr']:.5f}",
+                           str(batch_time), str(data_time), str(losses), str(top1), str(top5)]))
+
+
+if __name__ == '__main__':
+    cli.run_main(main)

@@ -1,0 +1,300 @@
+"""MoCo: queue ring buffer, momentum encoder, shuffle-BN, pretrain_moco.py end to end (1 and 2
+processes, resume), the hand-off to train.py's --pretrained_model, and one-sentence errors."""
+import datetime
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+from PIL import Image
+
+import dist
+import pretrain_moco
+from checkpoint import load_pretrained
+from errors import UserError
+from models import build_model
+from moco.builder import MoCo
+from moco.loader import SplitFileDataset, TwoCropsTransform, cifar_augmentation
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class TinyEncoder(nn.Module):
+    """The smallest encoder with the models' interface: num_classes -> model with `.fc`."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+def tiny_moco(**kwargs):
+    return MoCo(TinyEncoder, **{'dim': 4, 'K': 8, 'm': 0.5, 'T': 0.2, **kwargs})
+
+
+# ---------------------------------------------------------------- the module
+
+def test_queue_advances_by_the_batch_size_and_wraps():
+    model = tiny_moco()
+    assert model.queue.shape == (4, 8)
+    assert torch.allclose(model.queue.norm(dim=0), torch.ones(8))
+    batches = [torch.randn(4, 4) for _ in range(3)]
+    expected_ptr = [4, 0, 4]
+    for keys, ptr in zip(batches, expected_ptr):
+        model._dequeue_and_enqueue(keys)
+        assert int(model.queue_ptr) == ptr
+    # step 3 overwrote the oldest block (step 1's), step 2's block is still there
+    assert torch.equal(model.queue[:, :4], batches[2].T)
+    assert torch.equal(model.queue[:, 4:], batches[1].T)
+
+
+def test_queue_write_wraps_around_the_end():
+    model = tiny_moco(K=6)
+    first, second = torch.randn(4, 4), torch.randn(4, 4)
+    model._dequeue_and_enqueue(first)
+    model._dequeue_and_enqueue(second)  # columns 4, 5, then 0, 1
+    assert int(model.queue_ptr) == 2
+    assert torch.equal(model.queue[:, 4:], second[:2].T)
+    assert torch.equal(model.queue[:, :2], second[2:].T)
+    assert torch.equal(model.queue[:, 2:4], first[2:].T)
+
+
+def test_key_encoder_starts_as_the_query_encoder_and_follows_its_ema():
+    model = tiny_moco(m=0.5)
+    for q, k in zip(model.encoder_q.parameters(), model.encoder_k.parameters()):
+        assert torch.equal(q, k) and not k.requires_grad
+    with torch.no_grad():
+        for q in model.encoder_q.parameters():
+            q.add_(torch.randn_like(q))
+    before_k = [k.clone() for k in model.encoder_k.parameters()]
+    model._momentum_update_key_encoder()
+    for q, k0, k in zip(model.encoder_q.parameters(), before_k, model.encoder_k.parameters()):
+        assert torch.equal(k, 0.5 * k0 + 0.5 * q)
+
+
+def test_forward_gives_one_positive_and_k_negatives_per_query():
+    model = tiny_moco(mlp=True)
+    assert isinstance(model.encoder_q.fc, nn.Sequential) and model.encoder_q.fc[2].out_features == 4
+    logits, labels = model(torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8))
+    assert logits.shape == (4, 1 + 8)
+    assert labels.dtype == torch.long and torch.equal(labels, torch.zeros(4, dtype=torch.long))
+    assert logits.abs().max() <= 1 / 0.2 + 1e-5  # cosine similarities over T
+    nn.CrossEntropyLoss()(logits, labels).backward()
+    assert all(p.grad is None for p in model.encoder_k.parameters())
+    assert int(model.queue_ptr) == 4
+
+
+def test_batch_shuffle_round_trips_with_one_process():
+    model = tiny_moco()
+    x = torch.arange(16.).view(8, 2)
+    shuffled, idx_unshuffle = model._batch_shuffle_ddp(x)
+    assert sorted(shuffled[:, 0].tolist()) == x[:, 0].tolist()
+    assert torch.equal(model._batch_unshuffle_ddp(shuffled, idx_unshuffle), x)
+
+
+def _two_rank_worker(rank, init_file, results):
+    dist.init(rank, 2, f'file://{init_file}', 'gloo', datetime.timedelta(seconds=30))
+    try:
+        torch.manual_seed(rank)  # different permutations drawn: the module must use rank 0's
+        model = tiny_moco(K=12)
+        x = rank * 100 + torch.arange(3.).view(3, 1)
+        shuffled, idx_unshuffle = model._batch_shuffle_ddp(x)
+        back = model._batch_unshuffle_ddp(shuffled, idx_unshuffle)
+        model._dequeue_and_enqueue(torch.full((3, 4), float(rank)))
+        results[rank] = (shuffled.flatten().tolist(), torch.equal(back, x), int(model.queue_ptr),
+                         model.queue[:, :6].tolist())
+    finally:
+        dist.cleanup()
+
+
+def test_shuffle_bn_and_queue_across_two_processes(tmp_path):
+    results = mp.Manager().dict()
+    # fork: the children inherit this interpreter instead of importing torch again (seconds each)
+    mp.start_processes(_two_rank_worker, nprocs=2, args=(str(tmp_path / 'init'), results), start_method='fork')
+    shuffled = results[0][0] + results[1][0]
+    assert sorted(shuffled) == [0., 1., 2., 100., 101., 102.]  # one permutation of the global batch
+    assert results[0][1] and results[1][1]  # each rank gets its own keys back
+    assert results[0][2] == results[1][2] == 6  # the queue advances by the global batch
+    assert results[0][3] == results[1][3] == [[0.] * 3 + [1.] * 3] * 4
+
+
+# ---------------------------------------------------------------- data
+
+@pytest.fixture
+def jpeg_split(tmp_path):
+    """16 small JPEGs over 4 classes under tmp/images/, listed in tmp/split.txt."""
+    root = tmp_path / 'images'
+    rng = np.random.RandomState(0)
+    lines = []
+    for i in range(16):
+        label = i % 4
+        rel = f'train/class{label}/img {i}.jpg'  # a space in the name: the label is the last field
+        os.makedirs(root / os.path.dirname(rel), exist_ok=True)
+        Image.fromarray(rng.randint(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / rel)
+        lines.append(f'{rel} {label}')
+    split = tmp_path / 'split.txt'
+    split.write_text('\n'.join(lines) + '\n')
+    return root, split
+
+
+def test_split_file_dataset_reads_images_and_labels(jpeg_split):
+    root, split = jpeg_split
+    data = SplitFileDataset(str(root), str(split), TwoCropsTransform(cifar_augmentation(32, (.5,) * 3, (.5,) * 3)))
+    assert len(data) == 16 and data.targets == [i % 4 for i in range(16)]
+    (q, k), label = data[5]
+    assert q.shape == k.shape == (3, 32, 32) and label == 1
+
+
+def test_split_file_errors_name_the_file(jpeg_split, tmp_path):
+    root, split = jpeg_split
+    with pytest.raises(UserError, match='split file not found: .*nope.txt'):
+        SplitFileDataset(str(root), str(tmp_path / 'nope.txt'))
+    bad = tmp_path / 'bad.txt'
+    bad.write_text(split.read_text() + 'train/x.jpg cat\n')
+    with pytest.raises(UserError, match=r'bad.txt line 17: expected'):
+        SplitFileDataset(str(root), str(bad))
+    os.remove(root / 'train/class3/img 7.jpg')
+    with pytest.raises(UserError, match=r'1 of the 16 images listed in .*split.txt are missing .*img 7.jpg'):
+        SplitFileDataset(str(root), str(split))
+
+
+# ---------------------------------------------------------------- pretrain_moco.py
+
+def moco_args(jpeg_split, out, *extra):
+    root, split = jpeg_split
+    return ['--dataset', 'imagenet', '--data', str(root), '--split_file', str(split), '--root_path', str(out),
+            '--crop-size', '32', '-a', 'resnet32', '--moco-k', '16', '-b', '4', '-j', '0', '--epochs', '1',
+            '--save-freq', '1', '--seed', '0', *extra]
+
+
+def ckpt_path(out, epoch, dataset='imagenet'):
+    return out / dataset / 'checkpoint' / f'moco_ckpt_{epoch:04d}.pth.tar'
+
+
+def check_moco_checkpoint(path, epoch):
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    assert set(ckpt) == {'epoch', 'arch', 'state_dict', 'optimizer'}
+    assert ckpt['epoch'] == epoch and ckpt['arch'] == 'resnet32'
+    keys = list(ckpt['state_dict'])
+    assert all(k.startswith('module.') for k in keys)
+    assert {'module.queue', 'module.queue_ptr', 'module.encoder_q.conv1.weight', 'module.encoder_k.conv1.weight',
+            'module.encoder_q.fc.2.weight'} <= set(keys)
+    assert ckpt['state_dict']['module.queue'].shape == (128, 16)
+    return ckpt
+
+
+def test_one_process_epoch_writes_the_documented_checkpoint(jpeg_split, tmp_path, capsys):
+    assert pretrain_moco.main(moco_args(jpeg_split, tmp_path / 'out')) == 0
+    ckpt = check_moco_checkpoint(ckpt_path(tmp_path / 'out', 1), 1)
+    assert int(ckpt['state_dict']['module.queue_ptr']) == 0  # 4 steps x 4 keys, K = 16
+    assert 'Epoch: [0][4/4]' in capsys.readouterr().out
+
+
+def test_two_process_torchrun_epoch_then_resume(jpeg_split, tmp_path, capsys):
+    out = tmp_path / 'out'
+    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                           'pretrain_moco.py', *moco_args(jpeg_split, out, '--dist-timeout', '60')],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'Epoch: [0][4/4]' in proc.stdout  # 16 images / 2 ranks / 2 per rank, printed by rank 0 only
+    assert proc.stdout.count('=> saved') == 1
+    check_moco_checkpoint(ckpt_path(out, 1), 1)
+
+    # resumed with one process: the 2-process file loads as is and training goes on from epoch 2
+    argv = moco_args(jpeg_split, out, '--epochs', '2', '--resume', str(ckpt_path(out, 1)))
+    assert pretrain_moco.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert '(epoch 1)' in printed and 'Epoch: [0]' not in printed and 'Epoch: [1][4/4]' in printed
+    check_moco_checkpoint(ckpt_path(out, 2), 2)
+
+
+def test_digits_checkpoint_initialises_the_classifier_backbone(tmp_path):
+    out = tmp_path / 'out'
+    # 16 px crops and 3 steps over the 365 images of digits-LT keep this a few seconds on a CPU
+    argv = ['--dataset', 'digits', '-a', 'resnet32', '--root_path', str(out), '--moco-k', '120', '-b', '120',
+            '--crop-size', '16', '-j', '0', '--epochs', '1', '--seed', '0']
+    assert pretrain_moco.main(argv) == 0
+    path = ckpt_path(out, 1, 'digits')
+    messages = []
+    classifier = build_model('resnet32', 10)
+    head_before = classifier.fc.weight.clone()
+    assert load_pretrained(classifier, str(path), log=messages.append) == 'MoCo'
+    assert messages[0].endswith('fresh: fc.weight, fc.bias')
+    moco_sd = torch.load(path, map_location='cpu', weights_only=True)['state_dict']
+    for name, tensor in classifier.state_dict().items():
+        if name.startswith('fc.'):
+            continue
+        assert torch.equal(tensor, moco_sd['module.encoder_q.' + name]), name
+    assert torch.equal(classifier.fc.weight, head_before)
+
+
+def test_learning_rate_schedules():
+    args = pretrain_moco.build_parser().parse_args(['--lr', '0.1', '--epochs', '10', '--schedule', '3', '6',
+                                                    '--cos', 'false'])
+    assert [round(pretrain_moco.lr_at(e, args), 6) for e in (0, 2, 3, 6, 9)] == [0.1, 0.1, 0.01, 0.001, 0.001]
+    args.cos = True
+    assert pretrain_moco.lr_at(0, args) == 0.1 and abs(pretrain_moco.lr_at(5, args) - 0.05) < 1e-12
+
+
+def test_defaults_follow_the_original_script():
+    args = pretrain_moco.resolve_args(pretrain_moco.build_parser().parse_args([]))
+    assert (args.arch, args.crop_size, args.moco_t, args.mlp, args.aug_plus, args.cos) == \
+        ('resnet50', 224, 0.2, True, True, True)
+    assert args.split_file == 'imagenet_inat/data/ImageNet_LT/ImageNet_LT_train.txt'
+    args = pretrain_moco.resolve_args(pretrain_moco.build_parser().parse_args(['--dataset', 'cifar10', '--mlp']))
+    assert (args.arch, args.crop_size, args.mlp) == ('resnet32', 32, True)
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_queue_size_must_be_a_multiple_of_the_batch(jpeg_split, tmp_path):
+    with pytest.raises(UserError, match='--moco-k 16 must be a multiple of the total batch size -b 5'):
+        pretrain_moco.main(moco_args(jpeg_split, tmp_path, '-b', '5'))
+
+
+def test_missing_split_file_or_image_stop_before_training(jpeg_split, tmp_path):
+    root, split = jpeg_split
+    with pytest.raises(UserError, match='split file not found'):
+        pretrain_moco.main(moco_args((root, tmp_path / 'missing.txt'), tmp_path))
+    os.remove(root / 'train/class0/img 0.jpg')
+    with pytest.raises(UserError, match='missing under'):
+        pretrain_moco.main(moco_args(jpeg_split, tmp_path))
+    with pytest.raises(UserError, match='--split_file does not apply to --dataset digits'):
+        pretrain_moco.main(['--dataset', 'digits', '--split_file', str(split)])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU-only refusal')
+def test_multiprocessing_distributed_needs_gpus(jpeg_split, tmp_path):
+    with pytest.raises(UserError, match='one process per GPU and this machine has none'):
+        pretrain_moco.main(moco_args(jpeg_split, tmp_path, '--multiprocessing-distributed'))
+
+
+def closed_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_dist_url_ends_with_one_sentence_in_bounded_time(jpeg_split, tmp_path):
+    argv = moco_args(jpeg_split, tmp_path, '--world-size', '2', '--rank', '1',
+                     '--dist-url', f'tcp://127.0.0.1:{closed_port()}', '--dist-timeout', '2')
+    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'OMP_NUM_THREADS': '1'}
+    start = time.time()
+    proc = subprocess.run([sys.executable, 'pretrain_moco.py', *argv], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert time.time() - start < 90
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: could not join the process group at tcp://127.0.0.1:')
+    assert 'Traceback' not in proc.stderr

@@ -1,0 +1,279 @@
+"""gen_pseudolabels.py and train_semi.py on tiny fixtures (in-process, CPU, resnet20, one epoch).
+
+Pools and splits are kept to a few hundred images so that every forward pass is cheap; the
+code paths are the real ones.
+"""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torchvision.datasets import CIFAR10
+
+import cli
+import fixtures
+import gen_pseudolabels
+import train
+import train_semi
+import trainer
+from checkpoint import load_checkpoint
+from dataset import digits
+from dataset.imbalance_cifar import img_num_per_cls, img_num_per_cls_unlabeled
+from errors import UserError
+from models import build_model
+
+ARCH = ['-a', 'resnet20']
+POOL_PER_CLASS = 20  # TinyImages fixture images per class
+
+
+def _train_args(root, tmp_path, *extra):
+    return ['--data_path', str(root), '--epochs', '1', '-b', '256', '-j', '0', '--seed', '0',
+            '--root_log', str(tmp_path / 'log'), '--root_model', str(tmp_path / 'ckpt'), *ARCH, *extra]
+
+
+def _gen(resume, data_dir, out_dir, *extra):
+    return gen_pseudolabels.main(['--resume', str(resume), '--data_dir', str(data_dir),
+                                  '--output_dir', str(out_dir), '-j', '0', *ARCH, *extra])
+
+
+def _load(path):
+    with open(path, 'rb') as f:
+        return pickle.load(f)
+
+
+@pytest.fixture(scope='module')
+def base_ckpt(tmp_path_factory):
+    """A one-epoch train.py checkpoint on the CIFAR-10 fixture (10 classes, linear head)."""
+    tmp = tmp_path_factory.mktemp('base')
+    fixtures.write_cifar10(tmp, per_class=20, test_per_class=10)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CIFAR10, '_check_integrity', lambda self: True)
+        assert train.main(_train_args(tmp, tmp, '--dataset', 'cifar10', '--imb_factor', '0.1')) == 0
+    return tmp / 'ckpt' / 'cifar10_resnet20_CE_None_exp_0.1_ss_pretrained' / 'ckpt.pth.tar'
+
+
+@pytest.fixture
+def semi_root(cifar10_root):
+    """cifar10_root plus a small TinyImages selection; returns (root, its sourcing labels)."""
+    sourcing = fixtures.write_tinyimages(os.path.join(cifar10_root, 'ti_80M_selected.pickle'),
+                                         n_per_class=POOL_PER_CLASS)
+    return cifar10_root, sourcing
+
+
+@pytest.fixture
+def small_svhn_root(svhn_root):
+    """svhn_root with its train split cut to 8 and its extra split to 10 images per digit."""
+    fixtures.write_svhn(svhn_root, 'train', per_class=8, seed=0)
+    fixtures.write_svhn(svhn_root, 'extra', per_class=10, seed=2)
+    return svhn_root
+
+
+# ---------------------------------------------------------------- gen_pseudolabels.py
+
+def test_gen_cifar10_writes_one_label_per_pool_image(semi_root, base_ckpt, tmp_path, capsys):
+    root, sourcing = semi_root
+    out = tmp_path / 'out'
+    assert _gen(base_ckpt, root, out) == 0
+    path = out / 'pseudo_labeled_cifar.pickle'
+    entry = _load(path)
+    assert {'extrapolated_targets', 'prediction_model', 'confidence'} <= set(entry)
+    assert 'ground_truth' not in entry  # TinyImages has sourcing labels only
+    labels, conf = entry['extrapolated_targets'], entry['confidence']
+    assert labels.dtype == np.int64 and labels.shape == (len(sourcing),)
+    assert conf.dtype == np.float32 and conf.shape == labels.shape
+    assert labels.min() >= 0 and labels.max() < 10 and ((conf > 0) & (conf <= 1)).all()
+    assert entry['prediction_model'] == str(base_ckpt)
+    log = (out / 'prediction.log').read_text()
+    assert 'Pseudo-labels per class' in log and 'Agreement with the sourcing labels' in log
+    assert 'Pseudo-labels per class' in capsys.readouterr().out
+
+    before = path.read_bytes()
+    with pytest.raises(UserError, match='already exists.*--overwrite'):
+        _gen(base_ckpt, root, out)
+    assert path.read_bytes() == before
+    with pytest.raises(SystemExit) as e:  # the shell sees one line and status 2
+        cli.run_main(lambda argv: _gen(base_ckpt, root, out))
+    assert e.value.code == 2 and capsys.readouterr().err.startswith('error: ')
+    assert _gen(base_ckpt, root, out, '--overwrite') == 0
+    np.testing.assert_array_equal(_load(path)['extrapolated_targets'], labels)
+
+
+def test_gen_reads_original_format_checkpoint(semi_root, base_ckpt, tmp_path):
+    """`module.` keys (DataParallel) and a `linear.` head (LDAM-DRW naming) give the same labels."""
+    root, _ = semi_root
+    sd = load_checkpoint(str(base_ckpt))['state_dict']
+    original = {'module.' + ('linear.' + k[3:] if k.startswith('fc.') else k): v for k, v in sd.items()}
+    orig_path = tmp_path / 'orig.pth.tar'
+    torch.save({'epoch': 200, 'arch': 'resnet20', 'state_dict': original, 'best_acc1': torch.tensor(50.0)},
+               orig_path)
+    _gen(base_ckpt, root, tmp_path, '--output_filename', 'ours.pickle')
+    _gen(orig_path, root, tmp_path, '--output_filename', 'orig.pickle')
+    np.testing.assert_array_equal(_load(tmp_path / 'ours.pickle')['extrapolated_targets'],
+                                  _load(tmp_path / 'orig.pickle')['extrapolated_targets'])
+
+
+def test_gen_refuses_wrong_checkpoints_and_writes_nothing(semi_root, base_ckpt, tmp_path):
+    root, _ = semi_root
+    out = tmp_path / 'out'
+    c100 = tmp_path / 'c100.pth.tar'
+    torch.save({'epoch': 1, 'state_dict': build_model('resnet20', 100).state_dict()}, c100)
+    with pytest.raises(UserError, match='another number of classes'):
+        _gen(c100, root, out)
+    with pytest.raises(UserError, match='does not fit the architecture'):
+        gen_pseudolabels.main(['--resume', str(base_ckpt), '--data_dir', root, '--output_dir', str(out),
+                               '-a', 'resnet32'])
+    with pytest.raises(UserError, match='linear classifier head'):
+        _gen(base_ckpt, root, out, '--loss_type', 'LDAM')
+    ldam = tmp_path / 'ldam.pth.tar'
+    torch.save({'state_dict': build_model('resnet20', 10, use_norm=True).state_dict()}, ldam)
+    with pytest.raises(UserError, match=r'cosine \(LDAM\) classifier head \(pass --loss_type LDAM\)'):
+        _gen(ldam, root, out)
+    with pytest.raises(UserError, match='not found'):
+        _gen(tmp_path / 'missing.pth.tar', root, out)
+    with pytest.raises(UserError, match='ti_80M_selected.pickle'):
+        _gen(base_ckpt, tmp_path / 'empty', out)
+    with pytest.raises(UserError, match='would overwrite the input'):
+        _gen(base_ckpt, root, root, '--output_filename', 'ti_80M_selected.pickle', '--overwrite')
+    assert not out.exists()
+
+
+def test_confidence_uses_the_scale_the_loss_trained_with():
+    # LDAM trains softmax(30 * cosine); CE and Focal train softmax(logits).
+    assert [gen_pseudolabels.logit_scale(t, 10) for t in ('CE', 'Focal', 'LDAM')] == [1.0, 1.0, 30.0]
+
+
+def test_gen_svhn_extra_records_ground_truth(small_svhn_root, base_ckpt, tmp_path):
+    # The CIFAR base model has the right head (10 classes); the labels' quality does not matter here.
+    assert _gen(base_ckpt, small_svhn_root, tmp_path, '--dataset', 'svhn') == 0
+    entry = _load(tmp_path / 'pseudo_labeled_svhn.pickle')
+    truth = _load_svhn_labels(os.path.join(small_svhn_root, 'extra_32x32.mat'))
+    assert entry['extrapolated_targets'].shape == (len(truth),) == (100,)
+    np.testing.assert_array_equal(entry['ground_truth'], truth)
+    assert 'Agreement with the ground truth' in (tmp_path / 'prediction.log').read_text()
+    with pytest.raises(UserError, match='extra_32x32.mat'):
+        _gen(base_ckpt, tmp_path / 'empty', tmp_path / 'o', '--dataset', 'svhn')
+
+
+def _load_svhn_labels(path):
+    import scipy.io
+    y = scipy.io.loadmat(path)['y'].reshape(-1).astype(np.int64)
+    return np.where(y == 10, 0, y)
+
+
+# ---------------------------------------------------------------- train_semi.py
+
+@pytest.fixture
+def captured(monkeypatch):
+    """The Experiment train_semi.py hands to trainer.run."""
+    seen = {}
+    real = trainer.run
+    monkeypatch.setattr(trainer, 'run', lambda args, exp: seen.update(exp=exp, args=args) or real(args, exp))
+    return seen
+
+
+def _unlabeled_counts(labeled_requested, imb_u, size_factor, available):
+    return np.minimum(img_num_per_cls_unlabeled(labeled_requested, imb_u, size_factor), available)
+
+
+def test_train_semi_cifar10_one_epoch(semi_root, tmp_path, captured, capsys):
+    root, sourcing = semi_root
+    # Every pseudo-label says "class 9", so the class counts show exactly where they went.
+    fixtures.write_pseudo_labels(os.path.join(root, 'pseudo_labeled_cifar.pickle'), np.full(len(sourcing), 9))
+    assert train_semi.main(_train_args(root, tmp_path, '--dataset', 'cifar10', '--imb_factor', '0.1',
+                                       '--imb_factor_unlabel', '0.1', '--unlabel_size_factor', '1')) == 0
+    labeled = img_num_per_cls(20, 10, 'exp', 0.1)
+    unlabeled = _unlabeled_counts(labeled, 0.1, 1, POOL_PER_CLASS)
+    exp = captured['exp']
+    assert len(exp.train_set) == sum(labeled) + unlabeled.sum()
+    assert exp.cls_num_list == labeled[:9] + [labeled[9] + int(unlabeled.sum())]
+    assert exp.script == 'train_semi'
+    name = 'cifar10_resnet20_CE_None_exp_0.1_0.1_semi'
+    assert 'Test Results: Prec@1' in (tmp_path / 'log' / name / 'log_test.csv').read_text()
+    ckpt_path = tmp_path / 'ckpt' / name / 'ckpt.pth.tar'
+    ckpt = load_checkpoint(str(ckpt_path))
+    assert ckpt['epoch'] == 1 and ckpt['script'] == 'train_semi'
+    capsys.readouterr()
+    assert train_semi.main(_train_args(root, tmp_path, '--imb_factor', '0.1', '--resume', str(ckpt_path), '-e')) == 0
+    assert 'Test Results: Prec@1' in capsys.readouterr().out
+
+
+def test_train_semi_svhn_one_epoch(small_svhn_root, tmp_path, captured):
+    fixtures.write_pseudo_labels(os.path.join(small_svhn_root, 'pseudo_labeled_svhn.pickle'), np.zeros(100))
+    assert train_semi.main(_train_args(small_svhn_root, tmp_path, '--dataset', 'svhn', '--imb_factor', '0.01')) == 0
+    # SVHN asks for up to 1000 per class: the fixture's 8 labeled and 10 extra images per digit are all taken.
+    exp = captured['exp']
+    assert len(exp.train_set) == 80 + 100
+    assert exp.cls_num_list == [8 + 100] + [8] * 9
+    assert (tmp_path / 'ckpt' / 'svhn_resnet20_CE_None_exp_0.01_0.01_semi' / 'ckpt.pth.tar').is_file()
+
+
+def test_pseudo_threshold_drops_unconfident_images(semi_root, tmp_path):
+    root, sourcing = semi_root
+    pseudo = os.path.join(root, 'pseudo_labeled_cifar.pickle')
+    # Confident on even source classes only, so the kept count is known without replaying the draw.
+    fixtures.write_pseudo_labels(pseudo, sourcing, confidence=np.where(sourcing % 2 == 0, 0.9, 0.2))
+
+    def train_size(*extra):
+        args = train_semi.build_parser().parse_args(_train_args(root, tmp_path, '--imb_factor', '0.1', *extra))
+        return len(train_semi.load_data(args)[1])
+
+    labeled = img_num_per_cls(20, 10, 'exp', 0.1)
+    unlabeled = _unlabeled_counts(labeled, 0.01, 5, POOL_PER_CLASS)
+    assert train_size() == train_size('--pseudo_threshold', '0') == sum(labeled) + unlabeled.sum()
+    assert train_size('--pseudo_threshold', '0.5') == sum(labeled) + unlabeled[::2].sum()
+    assert not (tmp_path / 'log').exists()
+
+
+def test_train_semi_bad_inputs_name_the_file(semi_root, small_svhn_root, tmp_path):
+    root, sourcing = semi_root
+    args = _train_args(root, tmp_path, '--imb_factor', '0.1')
+    with pytest.raises(UserError, match='pseudo_labeled_cifar.pickle.*gen_pseudolabels.py'):
+        train_semi.main(args)
+    fixtures.write_pseudo_labels(os.path.join(root, 'pseudo_labeled_cifar.pickle'), sourcing[:-1])
+    with pytest.raises(UserError, match=f'pseudo_labeled_cifar.pickle has {len(sourcing) - 1} labels but the '
+                                        f'unlabeled pool has {len(sourcing)}'):
+        train_semi.main(args)
+    os.remove(os.path.join(root, 'ti_80M_selected.pickle'))
+    with pytest.raises(UserError, match='ti_80M_selected.pickle'):
+        train_semi.main(args)
+    with pytest.raises(UserError, match='extra_32x32.mat'):
+        os.remove(os.path.join(small_svhn_root, 'extra_32x32.mat'))
+        train_semi.main(_train_args(small_svhn_root, tmp_path, '--dataset', 'svhn'))
+    with pytest.raises(UserError, match='--unlabeled_data does not apply to digits'):
+        train_semi.main(_train_args(root, tmp_path, '--dataset', 'digits', '--unlabeled_data', 'x.pickle'))
+    assert not (tmp_path / 'log').exists() and not (tmp_path / 'ckpt').exists()
+
+
+@pytest.mark.parametrize('flag,value', [('--imb_factor_unlabel', '0'), ('--unlabel_size_factor', '0'),
+                                        ('--pseudo_threshold', '1.5'), ('--dataset', 'cifar100')])
+def test_train_semi_bad_flags(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_semi.main([flag, value])
+    assert e.value.code == 2 and 'error' in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the offline digits pipeline
+
+def test_digits_pipeline_end_to_end(tmp_path, monkeypatch, captured):
+    """train.py -> gen_pseudolabels.py -> train_semi.py, on a 40-per-class subset of the digits."""
+    images, labels = digits.load_digit_images()
+    keep = np.concatenate([np.where(labels == c)[0][:40] for c in range(10)])
+    monkeypatch.setattr(digits, 'load_digit_images', lambda: (images[keep], labels[keep]))
+    monkeypatch.setattr(digits, 'TEST_PER_CLASS', 10)
+    data = tmp_path / 'data'
+    lt = ['--dataset', 'digits', '--imb_factor', '0.1']
+    assert train.main(_train_args(data, tmp_path, *lt)) == 0
+    base = tmp_path / 'ckpt' / 'digits_resnet20_CE_None_exp_0.1_ss_pretrained' / 'ckpt.pth.tar'
+    assert _gen(base, data, data, *lt) == 0
+    entry = _load(data / 'pseudo_labeled_digits.pickle')
+    pool = digits.ImbalanceDigits(None, 'exp', 0.1, 0)
+    assert len(entry['extrapolated_targets']) == len(pool.unused_targets) > 0
+    np.testing.assert_array_equal(entry['ground_truth'], pool.unused_targets)
+    assert train_semi.main(_train_args(data, tmp_path, *lt, '--imb_factor_unlabel', '0.1',
+                                       '--unlabel_size_factor', '1')) == 0
+    assert len(captured['exp'].train_set) > len(pool)
+    assert (tmp_path / 'ckpt' / 'digits_resnet20_CE_None_exp_0.1_0.1_semi' / 'ckpt.pth.tar').is_file()
+    # Labels made for another long-tailed draw would land on other images: refused.
+    with pytest.raises(UserError, match='another unlabeled pool.*--rand_number 0'):
+        train_semi.main(_train_args(data, tmp_path, *lt, '--rand_number', '1'))
