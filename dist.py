@@ -5,8 +5,11 @@ or by the original MoCo flags (`--multiprocessing-distributed --dist-url --world
 spawn one process per GPU and call `init_process_group` themselves through `init`). A plain
 `python script.py` is world size 1 and never touches torch.distributed.
 """
+import contextlib
 import datetime
 import os
+import sys
+import tempfile
 
 import torch
 import torch.distributed as torch_dist
@@ -36,13 +39,36 @@ def init(rank=None, world_size=None, init_method='env://', backend=None, timeout
     if backend == 'nccl':
         torch.cuda.set_device(local_rank)
     try:
-        torch_dist.init_process_group(backend, init_method=init_method, rank=rank,
-                                      world_size=world_size, timeout=timeout)
+        with _c10d_logs_held_back():
+            torch_dist.init_process_group(backend, init_method=init_method, rank=rank,
+                                          world_size=world_size, timeout=timeout)
     except (RuntimeError, ValueError, OSError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not join the process group at {init_method} "
                         f"(rank {rank} of {world_size}): {first_line}") from None
     return rank, world_size, local_rank
+
+
+@contextlib.contextmanager
+def _c10d_logs_held_back():
+    """c10d writes every failed connection attempt, with a C++ stack, straight to file descriptor 2.
+    Hold that back while joining the group: written out if the join succeeds, replaced by
+    `init`'s one-sentence UserError if it fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        joined = False
+        try:
+            yield
+            joined = True
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if joined:
+                held.seek(0)
+                os.write(2, held.read())
 
 
 def is_dist():

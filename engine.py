@@ -23,14 +23,28 @@ def _identity(images, targets):
     return images, targets
 
 
+def classify(model, images, targets):
+    """The default step: logits of `images`, trained against `targets`."""
+    return model(images), targets
+
+
+def to_device(x, device):
+    """A tensor or a list of tensors (MoCo's two views) onto `device`."""
+    if isinstance(x, (list, tuple)):
+        return [to_device(t, device) for t in x]
+    return x.to(device, non_blocking=True)
+
+
 def _print(line, console_extra=''):
     print(line + console_extra, flush=True)
 
 
-def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch_fn=None,
+def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch_fn=None, forward=classify,
                     print_freq=10, log=_print, should_stop=None, start_step=0, num_steps=None):
     """Train for one pass over `loader`. Returns {'loss', 'top1', 'top5', 'steps', 'stopped'}.
 
+    `forward(model, images, targets) -> (logits, targets)` is one step's prediction: the default
+    classifies; MoCo returns its (1+K)-way contrastive logits with the positive key as target.
     `start_step` is where a mid-epoch resume picks up (the loader already skips those batches);
     `should_stop()` is polled after every step so SIGTERM ends the epoch at a step boundary.
     """
@@ -42,8 +56,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
     step, stopped = start_step, False
     end = time.time()
     for images, targets in loader:
-        images, targets = batch_fn(images.to(device, non_blocking=True), targets.to(device, non_blocking=True))
-        output = model(images)
+        images, targets = batch_fn(to_device(images, device), to_device(targets, device))
+        output, targets = forward(model, images, targets)
         loss = criterion(output, targets)
         if not torch.isfinite(loss):
             raise DivergenceError(f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "

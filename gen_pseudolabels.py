@@ -117,12 +117,13 @@ class PoolImages(Dataset):
 
 
 @torch.no_grad()
-def predict(model, loader, device, logit_scale=1.0):
-    """(labels int64, confidence float32): argmax and max softmax probability of every image, in order."""
+def predict(model, loader, device, scale=1.0):
+    """(labels int64, confidence float32): argmax and max softmax probability (of scale * logits) of
+    every image, in order."""
     model.eval()
     labels, confidence = [], []
     for images in tqdm(loader, desc='pseudo-labeling', unit='batch', file=sys.stderr):
-        prob = torch.softmax(logit_scale * model(images.to(device, non_blocking=True)).float(), dim=1)
+        prob = torch.softmax(scale * model(images.to(device, non_blocking=True)).float(), dim=1)
         conf, pred = prob.max(dim=1)
         labels.append(pred.cpu())
         confidence.append(conf.cpu())
@@ -153,7 +154,8 @@ def report(pred, confidence, reference, reference_name, num_classes):
                  f"of {len(ref)} images")
     lines.append(f"{'class':>5} {'reference':>9} {'predicted':>9} {'precision':>9} {'recall':>7}")
     for c in range(num_classes):
-        lines.append(f"{c:>5} {cm[c].sum():>9} {cm[:, c].sum():>9} {_percent(precision[c]):>9} {_percent(recall[c]):>7}")
+        lines.append(f"{c:>5} {cm[c].sum():>9} {cm[:, c].sum():>9} "
+                     f"{_percent(precision[c]):>9} {_percent(recall[c]):>7}")
     return lines
 
 
@@ -180,10 +182,8 @@ def prediction_log(output_dir):
             h.close()
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    pool = POOLS[args.dataset]
-    info = DATASETS[args.dataset]
+def resolve_paths(args, pool):
+    """(output path, pool file or None), refusing before any work what would overwrite a file."""
     out_path = os.path.join(args.output_dir, args.output_filename or pool.output_filename)
     if os.path.exists(out_path) and not args.overwrite:
         raise UserError(f"{out_path} already exists; pass --overwrite to replace it or choose another "
@@ -196,7 +196,14 @@ def main(argv=None):
         if source and os.path.realpath(out_path) == os.path.realpath(source):
             raise UserError(f"the output {out_path} would overwrite the input {source}; choose another "
                             f"--output_filename")
+    return out_path, pool_path
 
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    pool = POOLS[args.dataset]
+    info = DATASETS[args.dataset]
+    out_path, pool_path = resolve_paths(args, pool)
     device = dist.select_device(args.gpu)
     model, ckpt = load_classifier(args, info.num_classes)
     pool_args = {flag: getattr(args, flag) for flag in pool.pool_flags}

@@ -5,7 +5,7 @@
     python pretrain_moco.py --dataset imagenet --data <root> --multiprocessing-distributed \
         --world-size 1 --rank 0 --dist-url tcp://localhost:10001                      # MoCo's own launcher
     python pretrain_moco.py --dataset cifar10 --data ./data --imb_factor 0.01 --moco-k 4096
-    python pretrain_moco.py --dataset digits --epochs 20 --moco-k 1024 -b 64 -j 0     # offline, CPU
+    python pretrain_moco.py --dataset digits --epochs 20 --moco-k 256 -b 64 -j 0      # offline, CPU
 
 Writes <root_path>/<dataset>/checkpoint/moco_ckpt_XXXX.pth.tar (XXXX = epochs done) every
 --save-freq epochs and after the last one; fine-tune from it with
@@ -13,37 +13,31 @@ Writes <root_path>/<dataset>/checkpoint/moco_ckpt_XXXX.pth.tar (XXXX = epochs do
 -b is the total batch over all processes, as in MoCo. --mlp, --aug-plus and --cos default to on
 (the original script's defaults; MoCo v2); `--mlp false` etc. turn them off.
 """
+import argparse
+import datetime
+import functools
+import math
 import os
+from dataclasses import dataclass
+from typing import Callable
 
-# c10d logs every failed connection attempt with a C++ stack trace; a failure reaches the user as
-# one sentence anyway. Must be set before torch is imported; TORCH_CPP_LOG_LEVEL=INFO shows them.
-os.environ.setdefault('TORCH_CPP_LOG_LEVEL', 'FATAL')
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+from torch.utils.data import DataLoader
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import functools  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Callable  # noqa: E402
-
-import torch  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-import torch.nn as nn  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-import cli  # noqa: E402
-import dist  # noqa: E402
-from checkpoint import load_checkpoint, load_weights, save_checkpoint, state_dict_of, strip_prefix, unwrap  # noqa: E402
-from dataset import DATASETS  # noqa: E402
-from dataset.samplers import ShuffleSampler  # noqa: E402
-from engine import DivergenceError  # noqa: E402
-from errors import UserError  # noqa: E402
-from models import MODELS, build_model  # noqa: E402
-from moco.builder import MoCo  # noqa: E402
-from moco.loader import (AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD,  # noqa: E402
-                         SplitFileDataset, TwoCropsTransform)
-from utils import AverageMeter, accuracy, seed_everything  # noqa: E402
+import cli
+import dist
+from checkpoint import load_checkpoint, load_weights, save_checkpoint, state_dict_of, strip_prefix, unwrap
+from dataset import DATASETS
+from dataset.samplers import ShuffleSampler
+from engine import train_one_epoch
+from errors import UserError
+from models import MODELS, build_model
+from moco.builder import MoCo
+from moco.loader import (AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD, SplitFileDataset,
+                         TwoCropsTransform)
+from utils import seed_everything
 
 
 @dataclass(frozen=True)
@@ -240,9 +234,9 @@ def worker(args, rank, world_size, init_method):
                         "uses GPU LOCAL_RANK (torchrun) or i (--multiprocessing-distributed)")
     main_process = rank == 0
 
-    def log(line):
+    def log(line, console_extra=''):
         if main_process:
-            print(line, flush=True)
+            print(line + console_extra, flush=True)
 
     if args.seed is not None:
         seed_everything(args.seed)
@@ -298,7 +292,8 @@ def _train(args, train_set, device, rank, world_size, log):
         lr = lr_at(epoch, args)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        train_one_epoch(loader, model, criterion, optimizer, epoch, device, args, log)
+        train_one_epoch(model, criterion, loader, optimizer, device, epoch, forward=moco_forward,
+                        print_freq=args.print_freq, log=log)
         done = epoch + 1
         if rank == 0 and (done % args.save_freq == 0 or done == args.epochs):
             path = checkpoint_path(args, done)
@@ -331,36 +326,9 @@ def resume(args, model, optimizer):
     return int(ckpt.get('epoch', 0))
 
 
-def train_one_epoch(loader, model, criterion, optimizer, epoch, device, args, log):
-    """One pass; acc1/acc5 are the (1+K)-way contrastive accuracies of finding the positive key."""
-    batch_time, data_time = AverageMeter('Time', ':6.3f'), AverageMeter('Data', ':6.3f')
-    losses, top1, top5 = AverageMeter('Loss', ':.4e'), AverageMeter('Acc@1', ':6.2f'), AverageMeter('Acc@5', ':6.2f')
-    model.train()
-    end = time.time()
-    for i, (images, _) in enumerate(loader):
-        data_time.update(time.time() - end)
-        im_q, im_k = images[0].to(device, non_blocking=True), images[1].to(device, non_blocking=True)
-
-        output, target = model(im_q=im_q, im_k=im_k)  # (N, 1 + K), (N,) zeros
-        loss = criterion(output, target)
-        if not torch.isfinite(loss):
-            raise DivergenceError(f"the MoCo loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; "
-                                  f"try a lower --lr (the last saved checkpoint is intact)")
-        acc1, acc5 = accuracy(output, target, topk=(1, 5))
-        n = im_q.size(0)
-        losses.update(loss.item(), n)
-        top1.update(acc1.item(), n)
-        top5.update(acc5.item(), n)
-
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-        batch_time.update(time.time() - end)
-        end = time.time()
-        if i % args.print_freq == 0 or i + 1 == len(loader):
-            log('\t'.join([f"Epoch: [{epoch}][{i + 1}/{len(loader)}]", f"lr {optimizer.param_groups[0]['lr']:.5f}",
-                           str(batch_time), str(data_time), str(losses), str(top1), str(top5)]))
+def moco_forward(model, views, _labels):
+    """engine.train_one_epoch's step for MoCo: (1+K)-way logits, the positive key at index 0."""
+    return model(im_q=views[0], im_k=views[1])
 
 
 if __name__ == '__main__':

@@ -184,7 +184,7 @@ class RunFolder:
         self.lock.release()
 
 
-def report_lines(metrics, cls_num_list=None, flag='Test', task='classification'):
+def report_lines(metrics, cls_num_list=None, flag='val', task='classification'):
     """The original's two log lines (results, per-class accuracy) plus shot-group accuracy."""
     name = 'Rotation Prec' if task == 'rotation' else 'Prec'
     lines = [f"{flag} Results: {name}@1 {metrics['top1']:.3f} {name}@5 {metrics['top5']:.3f} "
@@ -319,7 +319,7 @@ def _run(args, exp, rank, world, local_rank):
     if args.evaluate:
         metrics = evaluate(model, eval_criterion, val_loader, device, exp.num_classes, batch_fn=exp.eval_batch_fn)
         if main:
-            for line in report_lines(metrics, exp.cls_num_list, 'Test', exp.task):
+            for line in report_lines(metrics, exp.cls_num_list, 'val', exp.task):
                 print(line)
             print('Confusion matrix (rows: true class, columns: prediction):')
             print(np.array2string(metrics['confusion'], max_line_width=200, threshold=10 ** 6))
@@ -375,7 +375,7 @@ def _run(args, exp, rank, world, local_rank):
 
 
 def _log_eval(folder, metrics, exp, epoch, best_acc1, main):
-    lines = report_lines(metrics, exp.cls_num_list, 'Test', exp.task)
+    lines = report_lines(metrics, exp.cls_num_list, 'val', exp.task)
     lines.append(f"Best Prec@1: {best_acc1:.3f}" if exp.task == 'classification'
                  else f"Best Rotation Prec@1: {best_acc1:.3f}")
     if not main:

@@ -77,7 +77,7 @@ def moco_v1_augmentation(crop_size, mean, std, flip=True):
 
 
 def cifar_augmentation(crop_size, mean, std, flip=True):
-    """SimCLR's CIFAR recipe (Chen et al. 2020, Appendix B.9) with MoCo's crop scale and jitter."""
+    """SimCLR's CIFAR-10 recipe (Chen et al. 2020) with MoCo's crop scale (0.2-1) and jitter strengths."""
     return transforms.Compose([
         transforms.RandomResizedCrop(crop_size, scale=(0.2, 1.)),
         *_flip(flip),

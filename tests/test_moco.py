@@ -25,6 +25,16 @@ from moco.loader import SplitFileDataset, TwoCropsTransform, cifar_augmentation
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convolutions gain nothing from threads, and on a busy machine OpenMP's spinning makes
+    them ~10x slower; the subprocesses get OMP_NUM_THREADS=1 for the same reason."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class TinyEncoder(nn.Module):
     """The smallest encoder with the models' interface: num_classes -> model with `.fc`."""
 
@@ -221,9 +231,9 @@ def test_two_process_torchrun_epoch_then_resume(jpeg_split, tmp_path, capsys):
 
 def test_digits_checkpoint_initialises_the_classifier_backbone(tmp_path):
     out = tmp_path / 'out'
-    # 16 px crops and 3 steps over the 365 images of digits-LT keep this a few seconds on a CPU
+    # 8 px crops and 3 steps over the 365 images of digits-LT keep this a few seconds on a CPU
     argv = ['--dataset', 'digits', '-a', 'resnet32', '--root_path', str(out), '--moco-k', '120', '-b', '120',
-            '--crop-size', '16', '-j', '0', '--epochs', '1', '--seed', '0']
+            '--crop-size', '8', '-j', '0', '--epochs', '1', '--seed', '0']
     assert pretrain_moco.main(argv) == 0
     path = ckpt_path(out, 1, 'digits')
     messages = []

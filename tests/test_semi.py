@@ -47,7 +47,7 @@ def base_ckpt(tmp_path_factory):
     """A one-epoch train.py checkpoint on the CIFAR-10 fixture (10 classes, linear head)."""
     tmp = tmp_path_factory.mktemp('base')
     fixtures.write_cifar10(tmp, per_class=20, test_per_class=10)
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp:  # conftest's no_checksum is per test; this is per module
         mp.setattr(CIFAR10, '_check_integrity', lambda self: True)
         assert train.main(_train_args(tmp, tmp, '--dataset', 'cifar10', '--imb_factor', '0.1')) == 0
     return tmp / 'ckpt' / 'cifar10_resnet20_CE_None_exp_0.1_ss_pretrained' / 'ckpt.pth.tar'
@@ -189,13 +189,13 @@ def test_train_semi_cifar10_one_epoch(semi_root, tmp_path, captured, capsys):
     assert exp.cls_num_list == labeled[:9] + [labeled[9] + int(unlabeled.sum())]
     assert exp.script == 'train_semi'
     name = 'cifar10_resnet20_CE_None_exp_0.1_0.1_semi'
-    assert 'Test Results: Prec@1' in (tmp_path / 'log' / name / 'log_test.csv').read_text()
+    assert 'Results: Prec@1' in (tmp_path / 'log' / name / 'log_test.csv').read_text()
     ckpt_path = tmp_path / 'ckpt' / name / 'ckpt.pth.tar'
     ckpt = load_checkpoint(str(ckpt_path))
     assert ckpt['epoch'] == 1 and ckpt['script'] == 'train_semi'
     capsys.readouterr()
     assert train_semi.main(_train_args(root, tmp_path, '--imb_factor', '0.1', '--resume', str(ckpt_path), '-e')) == 0
-    assert 'Test Results: Prec@1' in capsys.readouterr().out
+    assert 'Results: Prec@1' in capsys.readouterr().out
 
 
 def test_train_semi_svhn_one_epoch(small_svhn_root, tmp_path, captured):

@@ -30,8 +30,8 @@ def test_one_epoch_writes_run_folder(cifar10_root, tmp_path, loss, rule):
     for name in ('log_train.csv', 'log_test.csv', 'args.txt', 'per_class_acc.png'):
         assert (log_dir / name).stat().st_size > 0, name
     assert any(f.startswith('events.out.tfevents') for f in os.listdir(log_dir))
-    assert 'Test Results: Prec@1' in (log_dir / 'log_test.csv').read_text()
-    assert 'Shot Accuracy: Many' in (log_dir / 'log_test.csv').read_text()
+    assert 'val Results: Prec@1' in (log_dir / 'log_test.csv').read_text()
+    assert 'val Shot Accuracy: Many' in (log_dir / 'log_test.csv').read_text()
     for name in ('ckpt.pth.tar', 'ckpt.best.pth.tar'):
         ckpt = load_checkpoint(str(model_dir / name))
         assert ckpt['epoch'] == 1 and ckpt['arch'] == 'resnet32'
@@ -59,7 +59,7 @@ def test_resume_continues_and_evaluate(cifar10_root, tmp_path, capsys):
     capsys.readouterr()
     train.main(_args(cifar10_root, tmp_path, '--resume', ckpt_path, '-e'))
     out = capsys.readouterr().out
-    assert 'Test Results: Prec@1' in out and 'Class Accuracy' in out and 'Confusion matrix' in out
+    assert 'val Results: Prec@1' in out and 'Class Accuracy' in out and 'Confusion matrix' in out
     assert 'Shot Accuracy' in out
 
 
@@ -71,7 +71,7 @@ def test_evaluate_original_format_checkpoint(cifar10_root, tmp_path, capsys):
                 'optimizer': torch.optim.SGD(model.parameters(), 0.1).state_dict()}, path)
     train.main(_args(cifar10_root, tmp_path, '--resume', str(path), '-e'))
     out = capsys.readouterr().out
-    assert 'Test Results: Prec@1' in out
+    assert 'val Results: Prec@1' in out
     assert not (tmp_path / 'ckpt').exists(), '-e must not create a run folder'
 
 
