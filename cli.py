@@ -37,7 +37,7 @@ def add_data_args(parser, datasets, default_exp_str):
     parser.add_argument('--imb_type', default='exp', type=str, help="'exp' or 'step'; anything else is balanced")
     parser.add_argument('--imb_factor', default=0.01, type=imb_factor, help='smallest / largest class size')
     parser.add_argument('--rand_number', default=0, type=int, help='seed of the long-tailed subset selection')
-    parser.add_argument('--exp_str', default=default_exp_str, type=str, help='number to indicate which experiment it is')
+    parser.add_argument('--exp_str', default=default_exp_str, type=str, help='(additional) name to indicate the experiment')
 
 
 def add_training_args(parser, batch_size=128):
