@@ -79,6 +79,7 @@ def load_data(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.store_name = semi_store_name(args)
+    trainer.seed(args)
     info, train_set, val_set = load_data(args)
     model = build_model(args.arch, info.num_classes, use_norm=uses_norm(args.loss_type))
     # Class counts include the pseudo-labeled images: they are what the loss and sampler see.

@@ -12,7 +12,7 @@ from torchvision import transforms
 from dataset.digits import ImbalanceDigits, SemiSupervisedImbalanceDigits
 from dataset.imbalance_cifar import (ImbalanceCIFAR10, ImbalanceCIFAR100, SemiSupervisedImbalanceCIFAR10,
                                      load_tinyimages)
-from dataset.imbalance_svhn import ImbalanceSVHN, SemiSupervisedImbalanceSVHN, load_svhn_mat
+from dataset.imbalance_svhn import ImbalanceSVHN, SemiSupervisedImbalanceSVHN, load_svhn_extra
 from errors import UserError
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -74,9 +74,7 @@ def _tinyimages_pool(root, path, **_imbalance):
 
 
 def _svhn_extra_pool(root, path, **_imbalance):
-    data, truth = load_svhn_mat(path or os.path.join(root, 'extra_32x32.mat'), "SVHN extra split (the unlabeled pool)",
-                                'download extra_32x32.mat from http://ufldl.stanford.edu/housenumbers/ '
-                                'or pass --unlabeled_data')
+    data, truth = load_svhn_extra(path or os.path.join(root, 'extra_32x32.mat'))
     return data.transpose(0, 2, 3, 1), truth, truth  # the semi set picks extra images by their true labels
 
 

@@ -93,7 +93,7 @@ class SemiSupervisedImbalanceDigits(ImbalanceDigits):
         if not train:
             raise ValueError("the semi-supervised set is a training set; use ImbalanceDigits(train=False) "
                              "for the test split")
-        check_fraction(unlabel_imb_factor, '--unlabel_imb_factor')
+        check_fraction(unlabel_imb_factor, '--imb_factor_unlabel')
         super().__init__(root, imb_type, imb_factor, rand_number, True, transform, target_transform, download)
         self.unlabeled_pseudo = pseudo_labels or os.path.join(root or '.', 'pseudo_labeled_digits.pickle')
         counts = img_num_per_cls_unlabeled(self.img_num_list, unlabel_imb_factor, unlabel_size_factor)

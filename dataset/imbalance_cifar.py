@@ -114,7 +114,7 @@ def load_tinyimages(path):
     """(images N x 32 x 32 x 3 uint8, sourcing labels) of the authors' TinyImages selection."""
     what = "unlabeled pool (the original authors' prepared selection from 80M TinyImages, ti_80M_selected.pickle)"
     hint = ('80M TinyImages itself was withdrawn, so get this prepared file from the imbalanced-semi-self '
-            'repository and pass --unlabeled_data to point to it')
+            'repository and point to it with --unlabeled_data (train_semi.py) or --data_filename (gen_pseudolabels.py)')
     entry = safe_pickle_load(path, what=what, hint=hint)
     try:
         data = np.asarray(entry['data'], dtype=np.uint8)
@@ -203,7 +203,7 @@ class SemiSupervisedImbalanceCIFAR10(ImbalanceCIFAR10):
         if not train:
             raise ValueError("the semi-supervised set is a training set; use ImbalanceCIFAR10(train=False) "
                              "for the test split")
-        check_fraction(unlabel_imb_factor, '--unlabel_imb_factor')
+        check_fraction(unlabel_imb_factor, '--imb_factor_unlabel')
         super().__init__(root, imb_type, imb_factor, rand_number, True, transform, target_transform, download)
         self.unlabeled_data = unlabeled_data or os.path.join(root, 'ti_80M_selected.pickle')
         self.unlabeled_pseudo = pseudo_labels or os.path.join(root, 'pseudo_labeled_cifar.pickle')

@@ -37,6 +37,13 @@ def load_svhn_mat(path, what, hint):
     return images.transpose(3, 2, 0, 1), labels
 
 
+def load_svhn_extra(path):
+    """SVHN's extra split, the unlabeled pool: (images N x 3 x 32 x 32 uint8, true labels)."""
+    return load_svhn_mat(path, "SVHN extra split (the unlabeled pool)",
+                         f'download extra_32x32.mat from {SVHN_URL}, or point to it with --unlabeled_data '
+                         f'(train_semi.py) or --data_filename (gen_pseudolabels.py)')
+
+
 def svhn_class_order(labels):
     classes = np.unique(labels)
     return np.concatenate([classes[1:], classes[:1]])
@@ -82,12 +89,11 @@ class SemiSupervisedImbalanceSVHN(ImbalanceSVHN):
         if split != 'train':
             raise ValueError("the semi-supervised set is a training set; use ImbalanceSVHN(split='test') "
                              "for the test split")
-        check_fraction(unlabel_imb_factor, '--unlabel_imb_factor')
+        check_fraction(unlabel_imb_factor, '--imb_factor_unlabel')
         super().__init__(root, imb_type, imb_factor, rand_number, split, transform, target_transform, download)
         self.unlabeled_data = unlabeled_data or os.path.join(root, 'extra_32x32.mat')
         self.unlabeled_pseudo = pseudo_labels or os.path.join(root, 'pseudo_labeled_svhn.pickle')
-        pool, truth = load_svhn_mat(self.unlabeled_data, "SVHN extra split (the unlabeled pool)",
-                                    f'download extra_32x32.mat from {SVHN_URL} or pass --unlabeled_data')
+        pool, truth = load_svhn_extra(self.unlabeled_data)
         counts = img_num_per_cls_unlabeled(self.img_num_list, unlabel_imb_factor, unlabel_size_factor)
         # numpy's stream continues from the labeled draw above, as in the original.
         picked, pseudo = select_pseudo_labeled(truth, self.class_order, counts,

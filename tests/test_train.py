@@ -120,3 +120,20 @@ def test_bad_flags_exit_with_argparse_error(flag, value, capsys):
         train.main([flag, value])
     assert e.value.code == 2
     assert 'error' in capsys.readouterr().err
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    """The trainer's process-group path: 2 gloo processes, rank 0 alone writes the run folder."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                           os.path.join(repo, 'train.py'), '--dataset', 'digits', '-a', 'resnet20', '--epochs', '1',
+                           '-b', '64', '-j', '0', '--seed', '0', '--root_log', str(tmp_path / 'log'),
+                           '--root_model', str(tmp_path / 'ckpt')],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count('val Results: Prec@1') == 1  # only rank 0 reports
+    ckpt = load_checkpoint(str(tmp_path / 'ckpt' / 'digits_resnet20_CE_None_exp_0.01_ss_pretrained' / 'ckpt.pth.tar'))
+    assert ckpt['epoch'] == 1 and not any(k.startswith('module.') for k in ckpt['state_dict'])
