@@ -106,6 +106,22 @@ def load_weights(model, sd, source, allow_missing=()):
     return len(sd), fresh
 
 
+def read_weights(path, task, use_hint, flag='--resume'):
+    """A checkpoint of `task` ('classification', 'rotation') and its canonical state dict.
+
+    A checkpoint recorded for another task (ours carry `task` and `script`) is refused before its
+    weights are looked at; `use_hint` tells the user what to do instead.
+    """
+    ckpt = load_checkpoint(path, flag=flag)
+    if ckpt.get('task', task) != task:
+        raise UserError(f"{flag} {path} was written by {ckpt.get('script', 'another script')}.py "
+                        f"({ckpt['task']}), not for {task}; {use_hint}")
+    try:
+        return ckpt, canonical_state_dict(state_dict_of(ckpt))
+    except UserError as e:
+        raise UserError(f"{flag} {path}: {e}") from None
+
+
 def backbone_weights(ckpt):
     """Pick the backbone tensors out of a self-supervised (or supervised) checkpoint.
 

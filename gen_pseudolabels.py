@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import cli
 import dist
-from checkpoint import canonical_state_dict, load_checkpoint, load_weights, state_dict_of
+from checkpoint import load_weights, read_weights
 from dataset import DATASETS, build_transform, load_unlabeled_pool
 from errors import UserError
 from fileio import atomic_pickle_dump
@@ -83,14 +83,7 @@ def build_parser():
 
 def load_classifier(args, num_classes):
     """The base classifier with the weights of --resume (any format checkpoint.py knows)."""
-    ckpt = load_checkpoint(args.resume, flag='--resume')
-    if ckpt.get('task', 'classification') != 'classification':
-        raise UserError(f"--resume {args.resume} is a {ckpt['task']} checkpoint from {ckpt.get('script', '?')}.py, "
-                        f"not a classifier; pass a checkpoint from train.py")
-    try:
-        sd = canonical_state_dict(state_dict_of(ckpt))
-    except UserError as e:
-        raise UserError(f"--resume {args.resume}: {e}") from None
+    ckpt, sd = read_weights(args.resume, 'classification', 'pass a classifier checkpoint from train.py')
     # A cosine head stores its weight transposed and has no bias; without this check the
     # transposed shape would read as "another number of classes".
     cosine_head = 'fc.weight' in sd and 'fc.bias' not in sd

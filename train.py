@@ -41,17 +41,22 @@ def exit_code(result):
     return 128 + result['stopped_by'] if 'stopped_by' in result else 0
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    args.store_name = supervised_store_name(args)
-    trainer.seed(args)
-    info, train_set, val_set = load_data(args)
+def train_classifier(args, script, info, train_set, val_set):
+    """Build the classifier for `args` and run it through the trainer (train.py, train_semi.py)."""
     model = build_model(args.arch, info.num_classes, use_norm=uses_norm(args.loss_type))
-    experiment = trainer.Experiment(script='train', task='classification', model=model, train_set=train_set,
+    # The class counts of the training set (pseudo-labels included) drive losses, samplers, shot groups.
+    experiment = trainer.Experiment(script=script, task='classification', model=model, train_set=train_set,
                                     val_set=val_set, num_classes=info.num_classes,
                                     cls_num_list=train_set.get_cls_num_list())
     print(f"cls num list: {experiment.cls_num_list}")
     return exit_code(trainer.run(args, experiment))
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.store_name = supervised_store_name(args)
+    trainer.seed(args)
+    return train_classifier(args, 'train', *load_data(args))
 
 
 if __name__ == '__main__':

@@ -20,8 +20,6 @@ from dataset import DATASETS, build_transform
 from errors import UserError
 from fileio import safe_pickle_load
 from gen_pseudolabels import POOLS
-from losses import uses_norm
-from models import build_model
 
 
 def build_parser():
@@ -81,14 +79,8 @@ def main(argv=None):
     args.store_name = semi_store_name(args)
     trainer.seed(args)
     info, train_set, val_set = load_data(args)
-    model = build_model(args.arch, info.num_classes, use_norm=uses_norm(args.loss_type))
-    # Class counts include the pseudo-labeled images: they are what the loss and sampler see.
-    experiment = trainer.Experiment(script='train_semi', task='classification', model=model, train_set=train_set,
-                                    val_set=val_set, num_classes=info.num_classes,
-                                    cls_num_list=train_set.get_cls_num_list())
     print(f"training set: {len(train_set)} images (labeled + pseudo-labeled)")
-    print(f"cls num list: {experiment.cls_num_list}")
-    return train.exit_code(trainer.run(args, experiment))
+    return train.train_classifier(args, 'train_semi', info, train_set, val_set)
 
 
 if __name__ == '__main__':

@@ -21,8 +21,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
 import dist
-from checkpoint import (canonical_state_dict, load_checkpoint, load_pretrained, load_weights,
-                        save_checkpoint, state_dict_of, unwrap)
+from checkpoint import load_pretrained, load_weights, read_weights, save_checkpoint, unwrap
 from dataset.samplers import ImbalancedDatasetSampler, ShuffleSampler
 from engine import evaluate, train_one_epoch
 from errors import UserError
@@ -239,14 +238,7 @@ def _seed_for_run(args, ckpt):
 
 def _resume(args, exp, model, optimizer, log):
     """Load --resume into model (and optimizer unless evaluating). Returns the checkpoint dict."""
-    ckpt = load_checkpoint(args.resume, flag='--resume')
-    if ckpt.get('task', exp.task) != exp.task:
-        raise UserError(f"--resume {args.resume} was written by {ckpt.get('script', 'another script')}.py "
-                        f"({ckpt['task']}), not by {exp.script}.py; use --pretrained_model to start from it")
-    try:
-        sd = canonical_state_dict(state_dict_of(ckpt))
-    except UserError as e:
-        raise UserError(f"--resume {args.resume}: {e}") from None
+    ckpt, sd = read_weights(args.resume, exp.task, 'use --pretrained_model to start from it')
     load_weights(model, sd, f"--resume {args.resume}")
     if not args.evaluate and 'optimizer' in ckpt:
         try:
