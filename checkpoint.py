@@ -122,6 +122,16 @@ def read_weights(path, task, use_hint, flag='--resume'):
         raise UserError(f"{flag} {path}: {e}") from None
 
 
+def load_optimizer(optimizer, ckpt, path):
+    """Restore the optimizer state of a resumed run, if the checkpoint has one."""
+    if 'optimizer' not in ckpt:
+        return
+    try:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    except (ValueError, KeyError) as e:
+        raise UserError(f"--resume {path}: its optimizer state does not fit this model ({e})") from None
+
+
 def backbone_weights(ckpt):
     """Pick the backbone tensors out of a self-supervised (or supervised) checkpoint.
 

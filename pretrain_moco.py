@@ -18,6 +18,7 @@ import datetime
 import functools
 import math
 import os
+import signal
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,7 +29,9 @@ from torch.utils.data import DataLoader
 
 import cli
 import dist
-from checkpoint import load_checkpoint, load_weights, save_checkpoint, state_dict_of, strip_prefix, unwrap
+import trainer
+from checkpoint import (load_checkpoint, load_optimizer, load_weights, save_checkpoint, state_dict_of,
+                        strip_prefix, unwrap)
 from dataset import DATASETS
 from dataset.samplers import ShuffleSampler
 from engine import train_one_epoch
@@ -37,7 +40,7 @@ from models import MODELS, build_model
 from moco.builder import MoCo
 from moco.loader import (AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD, SplitFileDataset,
                          TwoCropsTransform)
-from utils import seed_everything
+from utils import rng_state, seed_everything, set_rng_state
 
 
 @dataclass(frozen=True)
@@ -270,46 +273,70 @@ def _train(args, train_set, device, rank, world_size, log):
     criterion = nn.CrossEntropyLoss().to(device)
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
-    start_epoch = args.start_epoch
+    ckpt, start_epoch, start_step = None, args.start_epoch, 0
     if args.resume:
-        start_epoch = resume(args, model, optimizer)
-        log(f"=> loaded checkpoint '{args.resume}' (epoch {start_epoch})")
+        ckpt = resume(args, model, optimizer)
+        start_epoch, start_step = int(ckpt.get('epoch', 0)), int(ckpt.get('step', 0))
+        log(f"=> loaded checkpoint '{args.resume}' (epoch {start_epoch}, step {start_step})")
     if world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
 
-    sampler = ShuffleSampler(len(train_set), shuffle=True, seed=args.seed or 0, num_replicas=world_size, rank=rank)
+    # As in trainer.py: the data order is a function of (seed, epoch) and the loader draws its worker
+    # seeds from its own generator, so a run resumed from a checkpoint replays what it would have done.
+    seed = trainer.seed_for_run(args, ckpt)
+    sampler = ShuffleSampler(len(train_set), shuffle=True, seed=seed, num_replicas=world_size, rank=rank)
     procs_per_node = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
     workers = -(-args.workers // procs_per_node)
     loader = DataLoader(train_set, batch_size=args.batch_size // world_size, sampler=sampler, num_workers=workers,
-                        pin_memory=device.type == 'cuda', drop_last=True, persistent_workers=workers > 0)
+                        pin_memory=device.type == 'cuda', drop_last=True, generator=torch.Generator())
     if len(loader) == 0:
         raise UserError(f"the training set has {len(train_set)} images, fewer than one batch of -b {args.batch_size}")
+    if ckpt is not None and 'rng' in ckpt:
+        set_rng_state(ckpt['rng'])
+
+    def save(path, epoch, step):
+        save_checkpoint({
+            'epoch': epoch, 'arch': args.arch,
+            # `module.` as in the DDP-saved files of the original, whatever the world size
+            'state_dict': {'module.' + k: v for k, v in unwrap(model).state_dict().items()},
+            'optimizer': optimizer.state_dict(),
+            'step': step, 'seed': seed, 'rng': rng_state(), 'script': 'pretrain_moco', 'task': 'moco',
+        }, path)
+        log(f"=> saved {path}")
 
     if start_epoch >= args.epochs:
         log(f"=> nothing to do: {start_epoch} of --epochs {args.epochs} are done")
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        lr = lr_at(epoch, args)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        train_one_epoch(model, criterion, loader, optimizer, device, epoch, forward=moco_forward,
-                        print_freq=args.print_freq, log=log)
-        done = epoch + 1
-        if rank == 0 and (done % args.save_freq == 0 or done == args.epochs):
-            path = checkpoint_path(args, done)
-            save_checkpoint({
-                'epoch': done,
-                'arch': args.arch,
-                # `module.` as in the DDP-saved files of the original, whatever the world size
-                'state_dict': {'module.' + k: v for k, v in unwrap(model).state_dict().items()},
-                'optimizer': optimizer.state_dict(),
-            }, path)
-            log(f"=> saved {path}")
+    with trainer.GracefulStop(log) as stop:
+        for epoch in range(start_epoch, args.epochs):
+            sampler.set_epoch(epoch)
+            loader.generator.manual_seed(seed * 1_000_003 + epoch)
+            step0 = start_step if epoch == start_epoch else 0
+            sampler.skip(step0 * loader.batch_size)
+            lr = lr_at(epoch, args)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            stats = train_one_epoch(model, criterion, loader, optimizer, device, epoch, forward=moco_forward,
+                                    print_freq=args.print_freq, log=log, should_stop=stop, start_step=step0,
+                                    num_steps=step0 + len(loader))
+            done = epoch + 1
+            if stats['stopped']:
+                path = os.path.join(os.path.dirname(checkpoint_path(args, 0)), 'moco_ckpt_interrupted.pth.tar')
+                if rank == 0:
+                    save(path, epoch, stats['steps'])
+                log(f"=> stopped by {signal.Signals(stop.signum).name} during epoch {done} after step "
+                    f"{stats['steps']}; resume with --resume {path}")
+                return 128 + stop.signum
+            if rank == 0 and (done % args.save_freq == 0 or done == args.epochs or stop()):
+                save(checkpoint_path(args, done), done, 0)
+            if stop():
+                log(f"=> stopped by {signal.Signals(stop.signum).name} after epoch {done}; resume with "
+                    f"--resume {checkpoint_path(args, done)}")
+                return 128 + stop.signum
     return 0
 
 
 def resume(args, model, optimizer):
-    """Load --resume (ours or the original's) into the bare MoCo module; returns the epochs done."""
+    """Load --resume (ours or the original's) into the bare MoCo module; returns the checkpoint."""
     ckpt = load_checkpoint(args.resume, flag='--resume')
     if ckpt.get('arch', args.arch) != args.arch:
         raise UserError(f"--resume {args.resume} holds a {ckpt['arch']} MoCo model, not -a {args.arch}")
@@ -318,12 +345,8 @@ def resume(args, model, optimizer):
     except UserError as e:
         raise UserError(f"--resume {args.resume}: {e}") from None
     load_weights(model, sd, f"--resume {args.resume}")
-    if 'optimizer' in ckpt:
-        try:
-            optimizer.load_state_dict(ckpt['optimizer'])
-        except (ValueError, KeyError) as e:
-            raise UserError(f"--resume {args.resume}: its optimizer state does not fit this model ({e})") from None
-    return int(ckpt.get('epoch', 0))
+    load_optimizer(optimizer, ckpt, args.resume)
+    return ckpt
 
 
 def moco_forward(model, views, _labels):

@@ -11,6 +11,7 @@ way the uninterrupted run did.
 """
 import dataclasses
 import io
+import json
 import os
 import signal
 from typing import Callable, Optional
@@ -21,7 +22,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
 import dist
-from checkpoint import load_pretrained, load_weights, read_weights, save_checkpoint, unwrap
+from checkpoint import load_optimizer, load_pretrained, load_weights, read_weights, save_checkpoint, unwrap
 from dataset.samplers import ImbalancedDatasetSampler, ShuffleSampler
 from engine import evaluate, train_one_epoch
 from errors import UserError
@@ -164,6 +165,15 @@ class RunFolder:
         if self.writer is not None:
             self.writer.add_scalar(tag, value, step)
 
+    def scalars(self, tag, values, step):
+        if self.writer is not None:
+            self.writer.add_scalars(tag, values, step)
+
+    def image(self, tag, matrix, step):
+        """A matrix with values in [0, 1] as a grayscale image (e.g. the row-normalised confusion matrix)."""
+        if self.writer is not None:
+            self.writer.add_image(tag, np.asarray(matrix, dtype=np.float32)[None], step)
+
     def save(self, state, is_best):
         if not self.main:
             return
@@ -228,7 +238,7 @@ def seed(args):
         torch.backends.cudnn.benchmark = False
 
 
-def _seed_for_run(args, ckpt):
+def seed_for_run(args, ckpt):
     if ckpt is not None and 'seed' in ckpt:
         return int(ckpt['seed'])
     if args.seed is not None:
@@ -240,11 +250,8 @@ def _resume(args, exp, model, optimizer, log):
     """Load --resume into model (and optimizer unless evaluating). Returns the checkpoint dict."""
     ckpt, sd = read_weights(args.resume, exp.task, 'use --pretrained_model to start from it')
     load_weights(model, sd, f"--resume {args.resume}")
-    if not args.evaluate and 'optimizer' in ckpt:
-        try:
-            optimizer.load_state_dict(ckpt['optimizer'])
-        except (ValueError, KeyError) as e:
-            raise UserError(f"--resume {args.resume}: its optimizer state does not fit this model ({e})") from None
+    if not args.evaluate:
+        load_optimizer(optimizer, ckpt, args.resume)
     log(f"=> loaded checkpoint '{args.resume}' (epoch {ckpt.get('epoch', '?')})")
     return ckpt
 
@@ -305,7 +312,7 @@ def _run(args, exp, rank, world, local_rank):
     elif args.evaluate:
         raise UserError("-e/--evaluate needs a checkpoint: pass --resume PATH")
 
-    seed = _seed_for_run(args, ckpt)
+    seed = seed_for_run(args, ckpt)
     train_loader, sampler, val_loader = _loaders(args, exp, seed, rank, world)
     eval_criterion = nn.CrossEntropyLoss().to(device)
     if args.evaluate:
@@ -375,7 +382,15 @@ def _log_eval(folder, metrics, exp, epoch, best_acc1, main):
     for line in lines:
         print(line, flush=True)
         folder.write('log_test.csv', line)
+    cm = metrics['confusion']
+    # One line in the log (rows: true class), however many classes; on the console only when small.
+    folder.write('log_test.csv', 'val Confusion Matrix: ' + json.dumps(cm.tolist(), separators=(',', ':')))
+    if exp.num_classes <= 20:
+        print('val Confusion Matrix (rows: true class, columns: prediction):\n' + np.array2string(cm), flush=True)
+    folder.image('confusion_matrix', cm / np.maximum(cm.sum(axis=1, keepdims=True), 1), epoch)
     tag = 'rot_acc' if exp.task == 'rotation' else 'acc'
+    per_class = np.nan_to_num(metrics['per_class'])
+    folder.scalars(f'{tag}/test_val_cls_acc', {str(i): float(a) for i, a in enumerate(per_class)}, epoch)
     folder.scalar('loss/test', metrics['loss'], epoch)
     folder.scalar(f'{tag}/test_top1', metrics['top1'], epoch)
     folder.scalar(f'{tag}/test_top5', metrics['top5'], epoch)

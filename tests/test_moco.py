@@ -193,7 +193,8 @@ def ckpt_path(out, epoch, dataset='imagenet'):
 
 def check_moco_checkpoint(path, epoch):
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    assert set(ckpt) == {'epoch', 'arch', 'state_dict', 'optimizer'}
+    # the original's keys, plus what an exact resume needs
+    assert set(ckpt) == {'epoch', 'arch', 'state_dict', 'optimizer', 'step', 'seed', 'rng', 'script', 'task'}
     assert ckpt['epoch'] == epoch and ckpt['arch'] == 'resnet32'
     keys = list(ckpt['state_dict'])
     assert all(k.startswith('module.') for k in keys)
@@ -225,8 +226,47 @@ def test_two_process_torchrun_epoch_then_resume(jpeg_split, tmp_path, capsys):
     argv = moco_args(jpeg_split, out, '--epochs', '2', '--resume', str(ckpt_path(out, 1)))
     assert pretrain_moco.main(argv) == 0
     printed = capsys.readouterr().out
-    assert '(epoch 1)' in printed and 'Epoch: [0]' not in printed and 'Epoch: [1][4/4]' in printed
+    assert '(epoch 1, step 0)' in printed and 'Epoch: [0]' not in printed and 'Epoch: [1][4/4]' in printed
     check_moco_checkpoint(ckpt_path(out, 2), 2)
+
+
+def _same_weights(a, b):
+    sa = torch.load(a, map_location='cpu', weights_only=True)['state_dict']
+    sb = torch.load(b, map_location='cpu', weights_only=True)['state_dict']
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resume_at_an_epoch_boundary_is_exact(jpeg_split, tmp_path):
+    whole, split = tmp_path / 'whole', tmp_path / 'split'
+    assert pretrain_moco.main(moco_args(jpeg_split, whole, '--epochs', '2')) == 0
+    assert pretrain_moco.main(moco_args(jpeg_split, split, '--epochs', '1')) == 0
+    assert pretrain_moco.main(moco_args(jpeg_split, split, '--epochs', '2',
+                                        '--resume', str(ckpt_path(split, 1)))) == 0
+    assert _same_weights(ckpt_path(whole, 2), ckpt_path(split, 2))
+
+
+def test_sigterm_saves_a_mid_epoch_checkpoint_that_resumes_exactly(jpeg_split, tmp_path, monkeypatch, capsys):
+    import signal
+    whole, stopped = tmp_path / 'whole', tmp_path / 'stopped'
+    assert pretrain_moco.main(moco_args(jpeg_split, whole, '--epochs', '2')) == 0
+    calls = []
+    real_forward = pretrain_moco.moco_forward
+
+    def forward_then_sigterm(model, views, labels):
+        calls.append(1)
+        if len(calls) == 6:  # epoch 2, step 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_forward(model, views, labels)
+
+    monkeypatch.setattr(pretrain_moco, 'moco_forward', forward_then_sigterm)
+    assert pretrain_moco.main(moco_args(jpeg_split, stopped, '--epochs', '2')) == 128 + signal.SIGTERM
+    interrupted = stopped / 'imagenet' / 'checkpoint' / 'moco_ckpt_interrupted.pth.tar'
+    ckpt = torch.load(interrupted, map_location='cpu', weights_only=True)
+    assert (ckpt['epoch'], ckpt['step']) == (1, 2)
+    assert 'stopped by SIGTERM during epoch 2 after step 2' in capsys.readouterr().out
+    monkeypatch.setattr(pretrain_moco, 'moco_forward', real_forward)
+    assert pretrain_moco.main(moco_args(jpeg_split, stopped, '--epochs', '2', '--resume', str(interrupted))) == 0
+    assert _same_weights(ckpt_path(whole, 2), ckpt_path(stopped, 2))
 
 
 def test_digits_checkpoint_initialises_the_classifier_backbone(tmp_path):

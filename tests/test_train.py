@@ -137,3 +137,31 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert proc.stdout.count('val Results: Prec@1') == 1  # only rank 0 reports
     ckpt = load_checkpoint(str(tmp_path / 'ckpt' / 'digits_resnet20_CE_None_exp_0.01_ss_pretrained' / 'ckpt.pth.tar'))
     assert ckpt['epoch'] == 1 and not any(k.startswith('module.') for k in ckpt['state_dict'])
+
+
+def test_confusion_matrix_logged_every_epoch(cifar10_root, tmp_path):
+    import json
+    train.main(_args(cifar10_root, tmp_path, '--epochs', '2'))
+    log_dir, _ = _run_dir(tmp_path)
+    rows = [line for line in (log_dir / 'log_test.csv').read_text().splitlines()
+            if line.startswith('val Confusion Matrix: ')]
+    assert len(rows) == 2
+    cm = json.loads(rows[-1][len('val Confusion Matrix: '):])
+    assert len(cm) == 10 and all(len(r) == 10 for r in cm) and sum(map(sum, cm)) == 100  # 10 test images/class
+
+
+def test_resume_training_from_original_format_checkpoint(cifar10_root, tmp_path, capsys):
+    """The original's files resume too (no RNG state in them, so without the exactness guarantee)."""
+    model = build_model('resnet32', 10)
+    optimizer = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9, weight_decay=2e-4)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()  # a real momentum buffer in the optimizer state
+    sd = collections.OrderedDict(('module.' + k, v) for k, v in model.state_dict().items())
+    path = tmp_path / 'orig.pth.tar'
+    torch.save({'epoch': 1, 'arch': 'resnet32', 'state_dict': sd, 'best_acc1': torch.tensor(12.5),
+                'optimizer': optimizer.state_dict()}, path)
+    assert train.main(_args(cifar10_root, tmp_path, '--epochs', '2', '--resume', str(path))) == 0
+    _, model_dir = _run_dir(tmp_path)
+    ckpt = load_checkpoint(str(model_dir / 'ckpt.pth.tar'))
+    assert ckpt['epoch'] == 2 and ckpt['best_acc1'] >= 12.5
+    assert "(epoch 1)" in capsys.readouterr().out
