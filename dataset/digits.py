@@ -14,8 +14,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torchvision.datasets.vision import VisionDataset
 
-from dataset.imbalance_cifar import (check_fraction, img_num_per_cls, img_num_per_cls_unlabeled,
-                                     select_per_class, select_pseudo_labeled)
+from dataset.imbalance_cifar import check_fraction, draw_pseudo_labeled, img_num_per_cls, select_per_class
 
 TEST_PER_CLASS = 30
 TEST_SPLIT_SEED = 0
@@ -96,9 +95,7 @@ class SemiSupervisedImbalanceDigits(ImbalanceDigits):
         check_fraction(unlabel_imb_factor, '--imb_factor_unlabel')
         super().__init__(root, imb_type, imb_factor, rand_number, True, transform, target_transform, download)
         self.unlabeled_pseudo = pseudo_labels or os.path.join(root or '.', 'pseudo_labeled_digits.pickle')
-        counts = img_num_per_cls_unlabeled(self.img_num_list, unlabel_imb_factor, unlabel_size_factor)
-        # numpy's stream continues from the labeled draw above, as for CIFAR.
-        picked, pseudo = select_pseudo_labeled(self.unused_targets, self.class_order, counts,
-                                               self.unlabeled_pseudo, pseudo_threshold, self.cls_num)
-        self.data = np.concatenate([self.data, self.unused_data[picked]])
+        images, pseudo = draw_pseudo_labeled(self, self.unused_data, self.unused_targets, unlabel_imb_factor,
+                                             unlabel_size_factor, pseudo_threshold)
+        self.data = np.concatenate([self.data, images])
         self.targets = self.targets + pseudo.tolist()

@@ -110,6 +110,18 @@ def select_pseudo_labeled(sourcing, classes, counts, pseudo_path, pseudo_thresho
     return picked, pseudo[picked]
 
 
+def draw_pseudo_labeled(dataset, pool, sourcing, unlabel_imb_factor, unlabel_size_factor, pseudo_threshold):
+    """(pool images, pseudo-labels) a semi-supervised `dataset` adds to its labeled subset.
+
+    `dataset` has just drawn that subset (its `img_num_list`, `class_order`, `cls_num` and
+    `unlabeled_pseudo` are set); numpy's stream continues from that draw, as in the original.
+    """
+    counts = img_num_per_cls_unlabeled(dataset.img_num_list, unlabel_imb_factor, unlabel_size_factor)
+    picked, pseudo = select_pseudo_labeled(sourcing, dataset.class_order, counts, dataset.unlabeled_pseudo,
+                                           pseudo_threshold, dataset.cls_num)
+    return pool[picked], pseudo
+
+
 def load_tinyimages(path):
     """(images N x 32 x 32 x 3 uint8, sourcing labels) of the authors' TinyImages selection."""
     what = "unlabeled pool (the original authors' prepared selection from 80M TinyImages, ti_80M_selected.pickle)"
@@ -207,11 +219,8 @@ class SemiSupervisedImbalanceCIFAR10(ImbalanceCIFAR10):
         super().__init__(root, imb_type, imb_factor, rand_number, True, transform, target_transform, download)
         self.unlabeled_data = unlabeled_data or os.path.join(root, 'ti_80M_selected.pickle')
         self.unlabeled_pseudo = pseudo_labels or os.path.join(root, 'pseudo_labeled_cifar.pickle')
-        pool, sourcing = load_tinyimages(self.unlabeled_data)
-        counts = img_num_per_cls_unlabeled(self.img_num_list, unlabel_imb_factor, unlabel_size_factor)
-        # numpy's stream continues from the labeled draw above, as in the original.
-        picked, pseudo = select_pseudo_labeled(sourcing, self.class_order, counts,
-                                               self.unlabeled_pseudo, pseudo_threshold, self.cls_num)
-        self.data = np.concatenate([self.data, pool[picked]])
+        images, pseudo = draw_pseudo_labeled(self, *load_tinyimages(self.unlabeled_data), unlabel_imb_factor,
+                                             unlabel_size_factor, pseudo_threshold)
+        self.data = np.concatenate([self.data, images])
         self.targets = self.targets + pseudo.tolist()
 

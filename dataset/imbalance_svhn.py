@@ -12,9 +12,8 @@ from torchvision.datasets import SVHN
 from torchvision.datasets.utils import verify_str_arg
 from torchvision.datasets.vision import VisionDataset
 
-from dataset.imbalance_cifar import (check_fraction, download_or_explain, img_num_per_cls,
-                                     img_num_per_cls_unlabeled, require_intact, select_per_class,
-                                     select_pseudo_labeled)
+from dataset.imbalance_cifar import (check_fraction, download_or_explain, draw_pseudo_labeled, img_num_per_cls,
+                                     require_intact, select_per_class)
 from errors import UserError
 
 SVHN_URL = 'http://ufldl.stanford.edu/housenumbers/'
@@ -93,10 +92,8 @@ class SemiSupervisedImbalanceSVHN(ImbalanceSVHN):
         super().__init__(root, imb_type, imb_factor, rand_number, split, transform, target_transform, download)
         self.unlabeled_data = unlabeled_data or os.path.join(root, 'extra_32x32.mat')
         self.unlabeled_pseudo = pseudo_labels or os.path.join(root, 'pseudo_labeled_svhn.pickle')
-        pool, truth = load_svhn_extra(self.unlabeled_data)
-        counts = img_num_per_cls_unlabeled(self.img_num_list, unlabel_imb_factor, unlabel_size_factor)
-        # numpy's stream continues from the labeled draw above, as in the original.
-        picked, pseudo = select_pseudo_labeled(truth, self.class_order, counts,
-                                               self.unlabeled_pseudo, pseudo_threshold, self.cls_num)
-        self.data = np.concatenate([self.data, pool[picked]])
+        # the extra images are drawn per class by their true labels, then trained with pseudo-labels
+        images, pseudo = draw_pseudo_labeled(self, *load_svhn_extra(self.unlabeled_data), unlabel_imb_factor,
+                                             unlabel_size_factor, pseudo_threshold)
+        self.data = np.concatenate([self.data, images])
         self.labels = np.concatenate([self.labels, pseudo])
