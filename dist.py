@@ -99,6 +99,16 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def max_over_ranks(value):
+    """The largest of an int over all ranks; every rank must call it at the same point."""
+    if not is_dist():
+        return value
+    nccl = torch_dist.get_backend() == 'nccl'
+    t = torch.tensor([value], device=torch.device('cuda', torch.cuda.current_device()) if nccl else 'cpu')
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def all_gather_cat(tensor):
     """Concatenate equally shaped tensors from every rank along dim 0 (MoCo's shuffle-BN)."""
     if not is_dist():

@@ -79,7 +79,8 @@ def main(argv=None):
     args.store_name = semi_store_name(args)
     trainer.seed(args)
     info, train_set, val_set = load_data(args)
-    print(f"training set: {len(train_set)} images (labeled + pseudo-labeled)")
+    print(f"training set: {train_set.num_labeled} labeled + {len(train_set) - train_set.num_labeled} "
+          f"pseudo-labeled images")
     return train.train_classifier(args, 'train_semi', info, train_set, val_set)
 
 

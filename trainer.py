@@ -97,6 +97,9 @@ class GracefulStop:
                  f"checkpoint (send it again to stop at once)")
 
     def __call__(self):
+        # Under DDP every rank must stop after the same step, or the others wait forever in the
+        # next all-reduce: a signal seen by any rank counts for all.
+        self.signum = dist.max_over_ranks(self.signum or 0) or None
         return self.signum is not None
 
     def __enter__(self):

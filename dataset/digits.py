@@ -95,6 +95,7 @@ class SemiSupervisedImbalanceDigits(ImbalanceDigits):
         check_fraction(unlabel_imb_factor, '--imb_factor_unlabel')
         super().__init__(root, imb_type, imb_factor, rand_number, True, transform, target_transform, download)
         self.unlabeled_pseudo = pseudo_labels or os.path.join(root or '.', 'pseudo_labeled_digits.pickle')
+        self.num_labeled = len(self.data)  # the labeled images come first
         images, pseudo = draw_pseudo_labeled(self, self.unused_data, self.unused_targets, unlabel_imb_factor,
                                              unlabel_size_factor, pseudo_threshold)
         self.data = np.concatenate([self.data, images])

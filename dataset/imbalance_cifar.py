@@ -219,6 +219,7 @@ class SemiSupervisedImbalanceCIFAR10(ImbalanceCIFAR10):
         super().__init__(root, imb_type, imb_factor, rand_number, True, transform, target_transform, download)
         self.unlabeled_data = unlabeled_data or os.path.join(root, 'ti_80M_selected.pickle')
         self.unlabeled_pseudo = pseudo_labels or os.path.join(root, 'pseudo_labeled_cifar.pickle')
+        self.num_labeled = len(self.data)  # the labeled images come first
         images, pseudo = draw_pseudo_labeled(self, *load_tinyimages(self.unlabeled_data), unlabel_imb_factor,
                                              unlabel_size_factor, pseudo_threshold)
         self.data = np.concatenate([self.data, images])

@@ -93,6 +93,7 @@ class SemiSupervisedImbalanceSVHN(ImbalanceSVHN):
         self.unlabeled_data = unlabeled_data or os.path.join(root, 'extra_32x32.mat')
         self.unlabeled_pseudo = pseudo_labels or os.path.join(root, 'pseudo_labeled_svhn.pickle')
         # the extra images are drawn per class by their true labels, then trained with pseudo-labels
+        self.num_labeled = len(self.data)  # the labeled images come first
         images, pseudo = draw_pseudo_labeled(self, *load_svhn_extra(self.unlabeled_data), unlabel_imb_factor,
                                              unlabel_size_factor, pseudo_threshold)
         self.data = np.concatenate([self.data, images])

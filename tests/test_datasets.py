@@ -213,6 +213,7 @@ def test_semi_cifar_appends_pseudo_labels_drawn_like_the_original(cifar10_semi_r
     picked_pool = original_draw(sourcing, range(10), unlabeled)  # the same stream, continued
     assert np.array_equal(ds.data, np.concatenate([data[picked], pool[picked_pool]]))
     assert ds.targets == labels[picked].tolist() + pseudo[picked_pool].tolist()
+    assert ds.num_labeled == len(picked)
 
 
 def test_pseudo_threshold_drops_after_the_draw(cifar10_semi_root, capsys):
