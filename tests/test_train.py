@@ -78,7 +78,10 @@ def test_evaluate_original_format_checkpoint(cifar10_root, tmp_path, capsys):
 def test_bad_resume_files_are_refused_and_nothing_is_destroyed(cifar10_root, tmp_path):
     train.main(_args(cifar10_root, tmp_path))
     log_dir, model_dir = _run_dir(tmp_path)
-    before = {p: p.read_bytes() for p in list(log_dir.iterdir()) + list(model_dir.iterdir())}
+    def snapshot():
+        return {p: p.read_bytes() for d in (log_dir, model_dir) for p in d.rglob('*') if p.is_file()}
+
+    before = snapshot()
     corrupt = tmp_path / 'corrupt.pth.tar'
     corrupt.write_bytes(b'garbage')
     with pytest.raises(UserError, match='corrupt'):
@@ -91,8 +94,7 @@ def test_bad_resume_files_are_refused_and_nothing_is_destroyed(cifar10_root, tmp
         train.main(_args(cifar10_root, tmp_path, '--resume', str(other)))
     with pytest.raises(UserError, match='not found'):
         train.main(_args(tmp_path / 'empty', tmp_path))
-    after = {p: p.read_bytes() for p in list(log_dir.iterdir()) + list(model_dir.iterdir())}
-    assert before == after
+    assert snapshot() == before
 
 
 def test_pretrain_rot_then_train_with_pretrained_model(cifar10_root, tmp_path, capsys):
