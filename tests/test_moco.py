@@ -288,6 +288,13 @@ def test_digits_checkpoint_initialises_the_classifier_backbone(tmp_path):
         assert torch.equal(tensor, moco_sd['module.encoder_q.' + name]), name
     assert torch.equal(classifier.fc.weight, head_before)
 
+    # and through the user's command: train.py --pretrained_model, with the LDAM cosine head too
+    import train
+    for loss in ('CE', 'LDAM'):
+        assert train.main(['--dataset', 'digits', '--loss_type', loss, '--epochs', '1', '-b', '128', '-j', '0',
+                           '--pretrained_model', str(path), '--root_log', str(tmp_path / 'log'),
+                           '--root_model', str(tmp_path / 'ckpt')]) == 0
+
 
 def test_learning_rate_schedules():
     args = pretrain_moco.build_parser().parse_args(['--lr', '0.1', '--epochs', '10', '--schedule', '3', '6',
