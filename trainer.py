@@ -364,11 +364,10 @@ def _run(args, exp, rank, world, local_rank):
                 is_best = metrics['top1'] > best_acc1
                 best_acc1 = max(best_acc1, metrics['top1'])
                 _log_eval(folder, metrics, exp, epoch, best_acc1, main)
-                if stop():
+                folder.save(_state(args, exp, model, optimizer, epoch + 1, 0, best_acc1, seed, folder), is_best)
+                if stop():  # after the save, so a resumed run's logs hold no trace of the stop
                     log(f"=> stopped by {signal.Signals(stop.signum).name} at the end of epoch {epoch + 1}; "
                         f"resume with --resume {folder.ckpt_path}")
-                folder.save(_state(args, exp, model, optimizer, epoch + 1, 0, best_acc1, seed, folder), is_best)
-                if stop():
                     return {'stopped_by': stop.signum, **metrics}
     finally:
         folder.close()
