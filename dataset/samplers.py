@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler, Subset
 
+from losses import effective_num_weights
+
 
 def get_targets(dataset):
     """Class labels of a data set (its `.targets` or `.labels`) as an int64 array; through Subsets."""
@@ -84,8 +86,8 @@ class ImbalancedDatasetSampler(EpochSampler):
         self.indices = list(range(len(dataset))) if indices is None else list(indices)
         self.num_samples = len(self.indices) if num_samples is None else num_samples
         labels = get_targets(dataset)[np.asarray(self.indices, dtype=np.int64)]
-        n_c = np.bincount(labels)[labels]  # the size of each sample's class
-        self.weights = torch.as_tensor((1.0 - self.beta) / (1.0 - np.power(self.beta, n_c)), dtype=torch.float64)
+        # The class weights Reweight/DRW use, per sample; multinomial ignores their normalisation.
+        self.weights = effective_num_weights(np.bincount(labels), self.beta).double()[labels]
 
     def _order(self, generator):
         drawn = torch.multinomial(self.weights, self.num_samples, True, generator=generator).tolist()
