@@ -32,12 +32,21 @@ probability = _typed(float, lambda v: 0 <= v <= 1, 'in [0, 1]')
 
 def add_data_args(parser, datasets, default_exp_str):
     from dataset import DATASETS
-    parser.add_argument('--dataset', default='cifar10', choices=[d for d in DATASETS if d in datasets])
+    # Names outside DATASETS (pretrain_rot.py's imagenet / inat, read from split files) come last.
+    parser.add_argument('--dataset', default='cifar10',
+                        choices=[d for d in DATASETS if d in datasets] + [d for d in datasets if d not in DATASETS])
     parser.add_argument('--data_path', default='./data', type=str, help='folder holding the data set files')
+    add_download_arg(parser)
     parser.add_argument('--imb_type', default='exp', type=str, help="'exp' or 'step'; anything else is balanced")
     parser.add_argument('--imb_factor', default=0.01, type=imb_factor, help='smallest / largest class size')
     parser.add_argument('--rand_number', default=0, type=int, help='seed of the long-tailed subset selection')
     parser.add_argument('--exp_str', default=default_exp_str, type=str, help='(additional) name to indicate the experiment')
+
+
+def add_download_arg(parser):
+    parser.add_argument('--no-download', dest='download', action='store_false',
+                        help='never download CIFAR-10/100 or SVHN files that are missing (default: download them '
+                             'into the data folder, md5-checked, as the original did)')
 
 
 def add_training_args(parser, batch_size=128):

@@ -2,14 +2,19 @@
 
 A run is distributed when launched by `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK in the environment)
 or by the original MoCo flags (`--multiprocessing-distributed --dist-url --world-size --rank`, which
-spawn one process per GPU and call `init_process_group` themselves through `init`). A plain
-`python script.py` is world size 1 and never touches torch.distributed.
+spawn one process per GPU and join through `setup`). A plain `python script.py` is world size 1
+and never touches torch.distributed.
+
+Every collective here must be called by every rank at the same point of the program, or the ranks
+that called it wait for the others until the timeout: call sites say why each one is collective.
 """
 import contextlib
+import dataclasses
 import datetime
 import os
 import sys
 import tempfile
+from typing import Optional
 
 import torch
 import torch.distributed as torch_dist
@@ -24,20 +29,71 @@ def launched_by_torchrun():
     return 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
 
 
-def init(rank=None, world_size=None, init_method='env://', backend=None, timeout=DEFAULT_TIMEOUT):
-    """Join the process group (no-op for world size 1). Returns (rank, world_size, local_rank)."""
+@dataclasses.dataclass(frozen=True)
+class DevicePlan:
+    device: str              # 'cpu' or 'cuda:N'
+    backend: Optional[str]   # process-group backend; None for a single process
+
+
+def plan_device(gpu, local_rank, world_size, num_gpus):
+    """Which device this process trains on, and the group's backend: a pure function of what it is given.
+
+    One decision per process, the same rule on every rank: NCCL if and only if CUDA is used. Under a
+    launcher, process `local_rank` of a node takes visible GPU `local_rank`; with one GPU visible per
+    process (SLURM --gpus-per-task=1) that is GPU 0 of each. `--gpu` only picks the GPU of a
+    single-process run.
+    """
+    if world_size > 1 and gpu is not None:
+        raise UserError("--gpu picks the GPU of a single-process run; in a distributed run process i uses "
+                        "GPU LOCAL_RANK (choose the GPUs with CUDA_VISIBLE_DEVICES instead)")
+    if gpu is not None:
+        if num_gpus == 0:
+            raise UserError(f"--gpu {gpu} was given but no CUDA GPU is available; leave --gpu out to run on the CPU")
+        if gpu >= num_gpus:
+            raise UserError(f"--gpu {gpu} does not exist; this machine has {num_gpus} GPU(s)")
+        return DevicePlan(f'cuda:{gpu}', None)
+    backend = 'gloo' if world_size > 1 else None
+    if num_gpus == 0:
+        return DevicePlan('cpu', backend)
+    if num_gpus > 1 and local_rank >= num_gpus:
+        raise UserError(f"process LOCAL_RANK {local_rank} has no GPU of its own: this node shows {num_gpus} GPUs; "
+                        f"start at most {num_gpus} processes per node")
+    return DevicePlan(f'cuda:{local_rank % num_gpus}', 'nccl' if world_size > 1 else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def setup(gpu=None, rank=None, world_size=None, init_method='env://', timeout=DEFAULT_TIMEOUT, backend=None):
+    """Pick this process's device and join the process group. Returns a ProcessContext.
+
+    Without `rank`, the layout comes from torchrun's RANK / WORLD_SIZE / LOCAL_RANK (none: one
+    process, no torch.distributed at all). `backend` overrides NCCL on GPUs (MoCo's --dist-backend);
+    CPU processes always use gloo.
+    """
     if rank is None:
-        if not launched_by_torchrun():
-            return 0, 1, 0
-        rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-    local_rank = int(os.environ.get('LOCAL_RANK', rank))
-    if world_size <= 1:
-        return 0, 1, 0
-    if backend is None:
-        # NCCL needs one GPU per process; gloo runs anywhere, including CPU-only test machines.
-        backend = 'nccl' if torch.cuda.is_available() and torch.cuda.device_count() > local_rank else 'gloo'
-    if backend == 'nccl':
-        torch.cuda.set_device(local_rank)
+        rank, world_size = ((int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if launched_by_torchrun()
+                            else (0, 1))
+    # Not the global rank: on node 2 of a multi-node run, global rank 8 is local rank 0.
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    plan = plan_device(gpu, local_rank, world_size, num_gpus)
+    device = torch.device(plan.device)
+    if device.type == 'cuda':
+        # Before any CUDA work, so no context opens on GPU 0 for a process that uses another GPU.
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        _join(plan.backend if device.type == 'cpu' or backend is None else backend,
+              init_method, rank, world_size, timeout)
+    return ProcessContext(rank, world_size, local_rank, device)
+
+
+def _join(backend, init_method, rank, world_size, timeout):
     try:
         with _c10d_logs_held_back():
             torch_dist.init_process_group(backend, init_method=init_method, rank=rank,
@@ -46,7 +102,6 @@ def init(rank=None, world_size=None, init_method='env://', backend=None, timeout
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not join the process group at {init_method} "
                         f"(rank {rank} of {world_size}): {first_line}") from None
-    return rank, world_size, local_rank
 
 
 @contextlib.contextmanager
@@ -99,14 +154,75 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def _reduce_int(value, op):
+    t = torch.tensor([int(value)], dtype=torch.int64, device=_collective_device())
+    torch_dist.all_reduce(t, op=op)
+    return int(t.item())
+
+
+def _collective_device():
+    # NCCL only moves CUDA tensors; gloo only CPU ones.
+    return torch.device('cuda', torch.cuda.current_device()) if torch_dist.get_backend() == 'nccl' else 'cpu'
+
+
 def max_over_ranks(value):
     """The largest of an int over all ranks; every rank must call it at the same point."""
+    return _reduce_int(value, torch_dist.ReduceOp.MAX) if is_dist() else int(value)
+
+
+def min_over_ranks(value):
+    """The smallest of an int over all ranks; every rank must call it at the same point."""
+    return _reduce_int(value, torch_dist.ReduceOp.MIN) if is_dist() else int(value)
+
+
+def broadcast_int(value):
+    """Rank 0's int on every rank (e.g. the run seed, which ranks must share)."""
     if not is_dist():
-        return value
-    nccl = torch_dist.get_backend() == 'nccl'
-    t = torch.tensor([value], device=torch.device('cuda', torch.cuda.current_device()) if nccl else 'cpu')
-    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=_collective_device())
+    torch_dist.broadcast(t, src=0)
     return int(t.item())
+
+
+def broadcast_buffers(module):
+    """Overwrite `module`'s buffers (BatchNorm statistics) with rank 0's, in place (collective).
+    DDP broadcasts them only before a training forward, so after an epoch each rank holds what its
+    own last batch left; evaluating or saving without this would mix ranks' statistics."""
+    if is_dist():
+        for buffer in module.buffers():
+            torch_dist.broadcast(buffer, src=0)
+
+
+def all_gather_object(obj):
+    """[obj of rank 0, obj of rank 1, ...] (picklable objects; e.g. every rank's RNG state)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * get_world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_buffers(module):
+    """Give every rank rank 0's buffers (BatchNorm running statistics). DDP syncs them only at the start
+    of a training forward, so after the last step each rank holds statistics of its own shard; call
+    before evaluating or saving, so every rank evaluates the model rank 0 saves. Collective."""
+    if is_dist():
+        for buf in module.buffers():
+            torch_dist.broadcast(buf, src=0)
+
+
+def raise_if_any(error):
+    """Every rank calls this at the same point with its own UserError (or None). If any rank failed,
+    every rank raises it, so no rank goes on into a collective that the failed one never joins."""
+    if not is_dist():
+        if error is not None:
+            raise error
+        return
+    failed = [m for m in all_gather_object(None if error is None else str(error)) if m is not None]
+    if error is not None:
+        raise error
+    if failed:
+        raise UserError(failed[0])
 
 
 def all_gather_cat(tensor):
@@ -121,16 +237,3 @@ def all_gather_cat(tensor):
 def cleanup():
     if is_dist():
         torch_dist.destroy_process_group()
-
-
-def select_device(gpu=None, local_rank=0):
-    """`--gpu N` -> cuda:N; otherwise this process's GPU if there is one, else the CPU."""
-    if gpu is not None:
-        if not torch.cuda.is_available():
-            raise UserError(f"--gpu {gpu} was given but no CUDA GPU is available; leave --gpu out to run on the CPU")
-        if gpu >= torch.cuda.device_count():
-            raise UserError(f"--gpu {gpu} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
-        return torch.device('cuda', gpu)
-    if torch.cuda.is_available():
-        return torch.device('cuda', local_rank % torch.cuda.device_count())
-    return torch.device('cpu')

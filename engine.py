@@ -12,7 +12,7 @@ import torch
 
 import dist
 from errors import UserError
-from utils import AverageMeter, accuracy
+from utils import accuracy
 
 
 class DivergenceError(UserError):
@@ -39,18 +39,63 @@ def _print(line, console_extra=''):
     print(line + console_extra, flush=True)
 
 
+class _StepMeters:
+    """Loss and top-1/top-5 of the latest step and their sample-weighted means, kept on the device:
+    reading them (`line`, `averages`) is the only host synchronisation, done at print points."""
+
+    def __init__(self, device):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, top-1 hits, top-5 hits
+        self.last = torch.zeros(3, dtype=torch.float64, device=device)  # the same, per sample, latest step
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, loss, output, targets):
+        n = targets.size(0)
+        acc1, acc5 = accuracy(output, targets, topk=(1, 5))
+        self.last = torch.cat([loss.detach().reshape(1), acc1, acc5]).double()
+        self.sums += self.last * torch.tensor([n, n / 100.0, n / 100.0], dtype=torch.float64, device=self.sums.device)
+        self.count += n
+
+    def averages(self):
+        loss, hits1, hits5 = (self.sums / max(self.count, 1)).tolist()
+        return loss, 100.0 * hits1, 100.0 * hits5
+
+    def line(self):
+        (loss, top1, top5), (avg_loss, avg1, avg5) = self.last.tolist(), self.averages()
+        return f"Loss {loss:.4f} ({avg_loss:.4f})\tPrec@1 {top1:.3f} ({avg1:.3f})\tPrec@5 {top5:.3f} ({avg5:.3f})"
+
+
+NO_BAD_STEP = 2 ** 62
+
+
+def _check_finite(first_bad, epoch):
+    """Raise DivergenceError on every rank if any rank saw a non-finite loss (collective under DDP:
+    called by all ranks at the same print points, so one rank's NaN stops them all together)."""
+    bad = dist.min_over_ranks(int(first_bad))
+    if bad != NO_BAD_STEP:
+        raise DivergenceError(f"the training loss became non-finite at epoch {epoch + 1}, step {bad}; "
+                              f"stopped without saving (the last good checkpoint is intact); try a lower --lr")
+
+
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch_fn=None, forward=classify,
                     print_freq=10, log=_print, should_stop=None, start_step=0, num_steps=None):
-    """Train for one pass over `loader`. Returns {'loss', 'top1', 'top5', 'steps', 'stopped'}.
+    """Train for one pass over `loader`. Returns {'loss', 'top1', 'top5', 'lr', 'steps', 'stopped'}.
 
     `forward(model, images, targets) -> (logits, targets)` is one step's prediction: the default
     classifies; MoCo returns its (1+K)-way contrastive logits with the positive key as target.
-    `start_step` is where a mid-epoch resume picks up (the loader already skips those batches);
-    `should_stop()` is polled after every step so SIGTERM ends the epoch at a step boundary.
+    `start_step` is where a mid-epoch resume picks up (the loader already skips those batches).
+    Print points (every `print_freq` steps and the last step) are the only places that wait for the
+    device or talk to other ranks: there the loss is checked for NaN/inf (DivergenceError) and the
+    stop request polled; `should_stop(sync)` is also asked after every other step with sync=False
+    (a single process may stop there; under DDP the stop is only agreed on at print points).
+    Every rank must run the same number of steps (the samplers pad shards to equal length).
     """
     batch_fn = batch_fn or _identity
     num_steps = num_steps if num_steps is not None else start_step + len(loader)
-    losses, top1, top5 = AverageMeter('Loss', ':.4f'), AverageMeter('Prec@1', ':.3f'), AverageMeter('Prec@5', ':.3f')
+    meters = _StepMeters(device)
+    # First step (1-based) whose loss was not finite, on the device: testing it every step would be
+    # a host synchronisation per step.
+    first_bad = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=device)
     lr = optimizer.param_groups[-1]['lr']
     model.train()
     step, stopped = start_step, False
@@ -59,28 +104,27 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
         images, targets = batch_fn(to_device(images, device), to_device(targets, device))
         output, targets = forward(model, images, targets)
         loss = criterion(output, targets)
-        if not torch.isfinite(loss):
-            raise DivergenceError(f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                                  f"stopped without saving (the last good checkpoint is intact); "
-                                  f"try a lower --lr")
+        step += 1
+        first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad < NO_BAD_STEP), first_bad,
+                                torch.full_like(first_bad, step))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        meters.update(loss, output, targets)
 
-        n = targets.size(0)
-        acc1, acc5 = accuracy(output.detach(), targets, topk=(1, 5))
-        losses.update(loss.item(), n)
-        top1.update(acc1.item(), n)
-        top5.update(acc5.item(), n)
-        step += 1
-        if step % print_freq == 0 or step == num_steps:
-            log(f"Epoch: [{epoch}][{step}/{num_steps}], lr: {lr:.5f}\t{losses}\t{top1}\t{top5}",
+        sync = step % print_freq == 0 or step == num_steps
+        if sync:
+            _check_finite(first_bad, epoch)
+            log(f"Epoch: [{epoch}][{step}/{num_steps}], lr: {lr:.5f}\t{meters.line()}",
                 console_extra=f"\tTime {time.time() - end:.3f}")
             end = time.time()
-        if should_stop is not None and should_stop():
+        if should_stop is not None and should_stop(sync):
+            if not sync:
+                _check_finite(first_bad, epoch)  # nothing non-finite may be saved by the stop
             stopped = step < num_steps
             break
-    return {'loss': losses.avg, 'top1': top1.avg, 'top5': top5.avg, 'lr': lr, 'steps': step, 'stopped': stopped}
+    loss_avg, top1, top5 = meters.averages()
+    return {'loss': loss_avg, 'top1': top1, 'top5': top5, 'lr': lr, 'steps': step, 'stopped': stopped}
 
 
 @torch.no_grad()

@@ -67,6 +67,7 @@ def build_parser():
     parser.add_argument('--data_filename', default=None,
                         help='pool file in --data_dir (default: ti_80M_selected.pickle for cifar10, '
                              'extra_32x32.mat for svhn; digits have no pool file)')
+    cli.add_download_arg(parser)  # svhn: extra_32x32.mat is downloaded when missing
     parser.add_argument('--output_dir', default='./data', help='folder for the pseudo-labels and prediction.log')
     parser.add_argument('--output_filename', default=None,
                         help='default: pseudo_labeled_cifar.pickle, pseudo_labeled_svhn.pickle or '
@@ -197,10 +198,10 @@ def main(argv=None):
     pool = POOLS[args.dataset]
     info = DATASETS[args.dataset]
     out_path, pool_path = resolve_paths(args, pool)
-    device = dist.select_device(args.gpu)
+    device = dist.setup(args.gpu).device
     model, ckpt = load_classifier(args, info.num_classes)
     pool_args = {flag: getattr(args, flag) for flag in pool.pool_flags}
-    images, sourcing, truth = load_unlabeled_pool(args.dataset, args.data_dir, pool_path, **pool_args)
+    images, sourcing, truth = load_unlabeled_pool(args.dataset, args.data_dir, pool_path, args.download, **pool_args)
     if len(images) == 0:
         raise UserError(f"the unlabeled pool of {args.dataset} is empty; nothing to pseudo-label")
     try:

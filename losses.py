@@ -30,12 +30,15 @@ def effective_num_weights(cls_num_list, beta=0.9999):
 
 
 class FocalLoss(nn.Module):
-    """Focal loss (Lin et al. 2017): mean over the batch of -w[y] * (1 - p_y)^gamma * log p_y.
+    """Focal loss (Lin et al. 2017) exactly as the original code computes it, class weights included:
 
-    gamma = 0 and weight = None is plain cross-entropy. Note: the original code applied the
-    class weight inside the cross-entropy before computing p_y (p_y = exp(-w * ce)); here the
-    weight multiplies the finished per-sample focal term, which is the textbook definition.
-    The batch mean is unweighted, as in the original.
+        ce_i = w[y_i] * (-log p_{y_i})          (F.cross_entropy(..., weight=w, reduction='none'))
+        loss = mean_i (1 - exp(-ce_i))^gamma * ce_i
+
+    With weights, the weight enters the modulating factor too (exp(-ce_i) = p_y^w[y], not p_y); this
+    is the loss behind the paper's CB-Focal numbers, so it is kept. Without weights it is the
+    textbook -(1 - p_y)^gamma log p_y. gamma = 0 is (weighted) cross-entropy with an unweighted batch
+    mean. Computed from log-softmax, so extreme logits give no NaN.
     """
 
     def __init__(self, weight=None, gamma=0.):
@@ -46,14 +49,13 @@ class FocalLoss(nn.Module):
         self.register_buffer('weight', weight)
 
     def forward(self, logits, target):
-        logp_t = F.log_softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)  # (N,)
-        # 1 - p_t = -expm1(log p_t) is accurate when p_t is close to 1; clamping away from 0
-        # keeps pow's gradient gamma * (1 - p_t)^(gamma - 1) finite for 0 < gamma < 1.
-        one_minus_p = (-torch.expm1(logp_t)).clamp_min(torch.finfo(logp_t.dtype).tiny)
-        loss = -one_minus_p.pow(self.gamma) * logp_t
+        ce = -F.log_softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)  # (N,) -log p_y >= 0
         if self.weight is not None:
-            loss = loss * self.weight[target]
-        return loss.mean()
+            ce = ce * self.weight[target]
+        # 1 - exp(-ce) = -expm1(-ce) stays accurate when ce is tiny; clamping away from 0 keeps pow's
+        # gradient gamma * (1 - exp(-ce))^(gamma - 1) finite for 0 < gamma < 1.
+        modulator = (-torch.expm1(-ce)).clamp_min(torch.finfo(ce.dtype).tiny)
+        return (modulator.pow(self.gamma) * ce).mean()
 
 
 class LDAMLoss(nn.Module):

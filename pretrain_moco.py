@@ -40,7 +40,7 @@ from models import MODELS, build_model
 from moco.builder import MoCo
 from moco.loader import (AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD, SplitFileDataset,
                          TwoCropsTransform)
-from utils import rng_state, seed_everything, set_rng_state
+from utils import seed_everything
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def _long_tailed_data(name):
         info = DATASETS[name]
         augmentation = AUGMENTATIONS['cifar'](args.crop_size, info.mean, info.std, flip=info.flip)
         return info.build_train(args.data, args.imb_type, args.imb_factor, args.rand_number,
-                                TwoCropsTransform(augmentation))
+                                TwoCropsTransform(augmentation), download=args.download)
     return PretrainData('resnet32', 32, '', build)
 
 
@@ -99,6 +99,7 @@ def build_parser():
     parser.add_argument('--dataset', default='imagenet', choices=list(PRETRAIN_DATA))
     parser.add_argument('--data', '--data_path', dest='data', metavar='DIR', default='./data',
                         help='image root of the split file (imagenet, inat) or folder of the CIFAR files')
+    cli.add_download_arg(parser)  # cifar10/cifar100 only: ImageNet-LT and iNaturalist are never downloaded
     parser.add_argument('--split_file', default=None, metavar='TXT',
                         help="'<path relative to --data> <label>' per line (default: the original's "
                              "imagenet_inat/data/ImageNet_LT/ImageNet_LT_train.txt or "
@@ -133,19 +134,21 @@ def build_parser():
     parser.add_argument('--seed', default=None, type=int, help='seed for initializing training')
 
     group = parser.add_argument_group('distributed (torchrun sets RANK / WORLD_SIZE itself; these are MoCo\'s own)')
-    group.add_argument('--world-size', default=-1, type=int,
-                       help='number of nodes with --multiprocessing-distributed, else number of processes')
-    group.add_argument('--rank', default=-1, type=int,
-                       help='node rank with --multiprocessing-distributed, else process rank')
-    group.add_argument('--dist-url', default='tcp://224.66.41.62:23456', type=str,
-                       help='url used to set up distributed training')
+    group.add_argument('--world-size', default=1, type=cli.positive_int,
+                       help='number of nodes with --multiprocessing-distributed, else number of processes '
+                            '(default: 1)')
+    group.add_argument('--rank', default=0, type=cli.nonneg_int,
+                       help='node rank with --multiprocessing-distributed, else process rank (default: 0)')
+    group.add_argument('--dist-url', default='tcp://localhost:10001', type=str,
+                       help='url used to set up distributed training (default: tcp://localhost:10001)')
     group.add_argument('--dist-backend', default='nccl', type=str, help='distributed backend (gloo on CPU-only machines)')
     group.add_argument('--dist-timeout', default=dist.DEFAULT_TIMEOUT.total_seconds(), type=cli.positive_float,
                        metavar='SEC', help='give up joining the group, or waiting for a peer, after this long '
                                            f'(default: {dist.DEFAULT_TIMEOUT.total_seconds():.0f})')
     group.add_argument('--gpu', default=None, type=cli.nonneg_int, help='GPU id of a single-process run')
-    add_switch(group, '--multiprocessing-distributed', False,
-               'spawn one process per GPU of this node; with --world-size nodes and this node\'s --rank')
+    add_switch(group, '--multiprocessing-distributed', True,
+               "spawn one process per visible GPU of this node, with --world-size nodes and this node's --rank, "
+               "as the original; no effect without GPUs or under torchrun; 'False' turns it off")
 
     group = parser.add_argument_group('MoCo')
     group.add_argument('--moco-dim', default=128, type=cli.positive_int, help='feature dimension (default: 128)')
@@ -169,9 +172,6 @@ def resolve_args(args):
     if args.split_file is not None and not data.split_file:
         raise UserError(f"--split_file does not apply to --dataset {args.dataset}, which is read from --data")
     args.split_file = args.split_file or data.split_file
-    if args.moco_k % args.batch_size:
-        raise UserError(f"--moco-k {args.moco_k} must be a multiple of the total batch size -b {args.batch_size}, "
-                        f"so that every step replaces whole blocks of the queue")
     return args
 
 
@@ -186,55 +186,88 @@ def checkpoint_path(args, epoch):
     return os.path.join(args.root_path, args.dataset, 'checkpoint', f'moco_ckpt_{epoch:04d}.pth.tar')
 
 
+@dataclass(frozen=True)
+class Layout:
+    spawn: int           # processes main() starts on this node (0: run in this process)
+    world_size: int      # processes over all nodes
+    per_process_batch: int
+    how: str             # one line for the log
+
+
+def launch_layout(num_gpus, torchrun_env, multiprocessing_distributed, nodes, batch_size):
+    """How the original's launch maps onto this machine (a pure function, so it can be tested).
+
+    The original always spawned one process per visible GPU (`--multiprocessing-distributed`, on by
+    default), with world size GPUs x --world-size nodes, and split -b over the GPUs of a node. Here
+    too; torchrun's processes are taken as they come (-b split over the processes of a node,
+    LOCAL_WORLD_SIZE); without GPUs, or with the flag off, this process trains alone, or as process
+    --rank of --world-size started by hand.
+    """
+    if torchrun_env is not None:
+        world_size, per_node = torchrun_env
+        return Layout(0, world_size, batch_size // per_node,
+                      f"{world_size} processes started by torchrun, {per_node} per node")
+    if multiprocessing_distributed and num_gpus > 0:
+        return Layout(num_gpus if num_gpus * nodes > 1 else 0, num_gpus * nodes, batch_size // num_gpus,
+                      f"one process per GPU: {num_gpus} on each of {nodes} node(s)")
+    return Layout(0, nodes, batch_size, f"{nodes} process(es) started by hand (--world-size)" if nodes > 1
+                  else "one process")
+
+
 def main(argv=None):
     args = resolve_args(build_parser().parse_args(argv))
-    if args.multiprocessing_distributed:
-        return spawn_per_gpu(args)
-    if dist.launched_by_torchrun():
-        rank, world_size, init_method = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), 'env://'
-    elif args.world_size > 1:
-        if not 0 <= args.rank < args.world_size:
-            raise UserError(f"--world-size {args.world_size} needs this process's --rank, "
-                            f"0 to {args.world_size - 1} (got {args.rank})")
-        rank, world_size, init_method = args.rank, args.world_size, args.dist_url
-    else:
-        rank, world_size, init_method = 0, 1, None
-    return worker(args, rank, world_size, init_method)
+    torchrun_env = ((int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE'])))
+                    if dist.launched_by_torchrun() else None)
+    num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    layout = launch_layout(num_gpus, torchrun_env, args.multiprocessing_distributed, args.world_size,
+                           args.batch_size)
+    check_layout(args, layout)
+    print(f"=> {layout.how}; {layout.per_process_batch} images per process and step, "
+          f"{layout.per_process_batch * layout.world_size} in all", flush=True)
+    if layout.spawn:
+        return spawn_per_gpu(args, layout)
+    if torchrun_env is not None:
+        return worker(args, layout, int(os.environ['RANK']), 'env://')
+    return worker(args, layout, args.rank if layout.world_size > 1 else 0, args.dist_url)
 
 
-def spawn_per_gpu(args):
+def check_layout(args, layout):
+    """Refuse, before any process starts, what the layout cannot run."""
+    procs_per_node = max(layout.spawn, 1) if layout.world_size > 1 else 1
+    if args.batch_size % procs_per_node or layout.per_process_batch == 0:
+        raise UserError(f"-b {args.batch_size} is the batch of one node and must divide evenly over its "
+                        f"{procs_per_node} processes")
+    total = layout.per_process_batch * layout.world_size
+    if args.moco_k % total:
+        raise UserError(f"--moco-k {args.moco_k} must be a multiple of the batch of one step over all processes "
+                        f"({total}), so that every step replaces whole blocks of the queue")
+    if not layout.spawn and layout.world_size > 1 and not dist.launched_by_torchrun() \
+            and not args.rank < layout.world_size:
+        raise UserError(f"--world-size {args.world_size} needs this process's --rank, "
+                        f"0 to {args.world_size - 1} (got {args.rank})")
+    if layout.world_size > 1 and args.gpu is not None:
+        raise UserError("--gpu picks the GPU of a single-process run; in a distributed run process i "
+                        "uses GPU LOCAL_RANK (torchrun) or i (--multiprocessing-distributed)")
+
+
+def spawn_per_gpu(args, layout):
     """MoCo's launcher: one process per GPU of this node; --world-size nodes, this is node --rank."""
-    if dist.launched_by_torchrun():
-        raise UserError("--multiprocessing-distributed starts its own processes; leave it out under torchrun")
-    ngpus = torch.cuda.device_count()
-    if ngpus == 0:
-        raise UserError("--multiprocessing-distributed starts one process per GPU and this machine has none; "
-                        "for CPU processes use torchrun --nproc_per_node N pretrain_moco.py ...")
-    nodes, node_rank = max(args.world_size, 1), max(args.rank, 0)
-    if node_rank >= nodes:
+    if args.rank >= args.world_size:
         raise UserError(f"--rank {args.rank} is not a node of --world-size {args.world_size}")
-    if nodes * ngpus == 1:
-        return worker(args, 0, 1, None)
     try:
-        mp.spawn(_spawned_worker, nprocs=ngpus, args=(ngpus, node_rank, nodes, args))
+        mp.spawn(_spawned_worker, nprocs=layout.spawn, args=(layout, args))
     except mp.ProcessExitedException as e:
         return e.exit_code  # the worker printed its own `error:` line
     return 0
 
 
-def _spawned_worker(gpu, ngpus, node_rank, nodes, args):
-    os.environ['LOCAL_RANK'], os.environ['LOCAL_WORLD_SIZE'] = str(gpu), str(ngpus)
-    cli.run_main(lambda _: worker(args, node_rank * ngpus + gpu, nodes * ngpus, args.dist_url))
+def _spawned_worker(gpu, layout, args):
+    os.environ['LOCAL_RANK'], os.environ['LOCAL_WORLD_SIZE'] = str(gpu), str(layout.spawn)
+    cli.run_main(lambda _: worker(args, layout, args.rank * layout.spawn + gpu, args.dist_url))
 
 
-def worker(args, rank, world_size, init_method):
+def worker(args, layout, rank, init_method):
     """One training process; world size 1 runs without torch.distributed."""
-    if args.batch_size % world_size:
-        raise UserError(f"-b {args.batch_size} is the total batch and must divide evenly over "
-                        f"{world_size} processes")
-    if world_size > 1 and args.gpu is not None:
-        raise UserError("--gpu picks the GPU of a single-process run; in a distributed run process i "
-                        "uses GPU LOCAL_RANK (torchrun) or i (--multiprocessing-distributed)")
     main_process = rank == 0
 
     def log(line, console_extra=''):
@@ -256,17 +289,16 @@ def worker(args, rank, world_size, init_method):
         except OSError as e:
             raise UserError(f"cannot create folder {folder}: {e.strerror}") from None
 
-    local_rank = int(os.environ.get('LOCAL_RANK', rank))
-    device = dist.select_device(args.gpu, local_rank)
-    backend = args.dist_backend if device.type == 'cuda' else 'gloo'
-    dist.init(rank, world_size, init_method, backend, datetime.timedelta(seconds=args.dist_timeout))
+    ctx = dist.setup(args.gpu, rank, layout.world_size, init_method,
+                     datetime.timedelta(seconds=args.dist_timeout), backend=args.dist_backend)
     try:
-        return _train(args, train_set, device, rank, world_size, log)
+        return _train(args, train_set, ctx, layout.per_process_batch, log)
     finally:
         dist.cleanup()
 
 
-def _train(args, train_set, device, rank, world_size, log):
+def _train(args, train_set, ctx, per_process_batch, log):
+    device, rank, world_size = ctx.device, ctx.rank, ctx.world_size
     log(f"=> creating model '{args.arch}'")
     model = MoCo(functools.partial(build_model, args.arch), args.moco_dim, args.moco_k, args.moco_m,
                  args.moco_t, args.mlp).to(device)
@@ -277,39 +309,47 @@ def _train(args, train_set, device, rank, world_size, log):
     if args.resume:
         ckpt = resume(args, model, optimizer)
         start_epoch, start_step = int(ckpt.get('epoch', 0)), int(ckpt.get('step', 0))
+        trainer.check_resume_layout(ckpt, args.resume, world_size)
         log(f"=> loaded checkpoint '{args.resume}' (epoch {start_epoch}, step {start_step})")
     if world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
 
     # As in trainer.py: the data order is a function of (seed, epoch) and the loader draws its worker
     # seeds from its own generator, so a run resumed from a checkpoint replays what it would have done.
-    seed = trainer.seed_for_run(args, ckpt)
+    seed = trainer.run_seed(args, ckpt)
     sampler = ShuffleSampler(len(train_set), shuffle=True, seed=seed, num_replicas=world_size, rank=rank)
     procs_per_node = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
     workers = -(-args.workers // procs_per_node)
-    loader = DataLoader(train_set, batch_size=args.batch_size // world_size, sampler=sampler, num_workers=workers,
+    loader = DataLoader(train_set, batch_size=per_process_batch, sampler=sampler, num_workers=workers,
                         pin_memory=device.type == 'cuda', drop_last=True, generator=torch.Generator())
     if len(loader) == 0:
-        raise UserError(f"the training set has {len(train_set)} images, fewer than one batch of -b {args.batch_size}")
-    if ckpt is not None and 'rng' in ckpt:
-        set_rng_state(ckpt['rng'])
+        raise UserError(f"the training set has {len(train_set)} images, fewer than one step's "
+                        f"{per_process_batch * world_size}")
+    trainer.restore_rng(ckpt, seed, rank, world_size)
 
     def save(path, epoch, step):
-        save_checkpoint({
+        """Collective (the RNG states of all ranks are gathered): every rank calls it, rank 0 writes."""
+        rng, rng_ranks = trainer.rng_states(world_size)
+        state = {
             'epoch': epoch, 'arch': args.arch,
             # `module.` as in the DDP-saved files of the original, whatever the world size
             'state_dict': {'module.' + k: v for k, v in unwrap(model).state_dict().items()},
             'optimizer': optimizer.state_dict(),
-            'step': step, 'seed': seed, 'rng': rng_state(), 'script': 'pretrain_moco', 'task': 'moco',
-        }, path)
-        log(f"=> saved {path}")
+            'step': step, 'seed': seed, 'rng': rng, 'world_size': world_size, 'script': 'pretrain_moco',
+            'task': 'moco',
+        }
+        if rng_ranks is not None:
+            state['rng_ranks'] = rng_ranks
+        if rank == 0:
+            save_checkpoint(state, path)
+            log(f"=> saved {path}")
 
     if start_epoch >= args.epochs:
         log(f"=> nothing to do: {start_epoch} of --epochs {args.epochs} are done")
     with trainer.GracefulStop(log) as stop:
         for epoch in range(start_epoch, args.epochs):
             sampler.set_epoch(epoch)
-            loader.generator.manual_seed(seed * 1_000_003 + epoch)
+            loader.generator.manual_seed(trainer.loader_seed(seed, epoch, rank))
             step0 = start_step if epoch == start_epoch else 0
             sampler.skip(step0 * loader.batch_size)
             lr = lr_at(epoch, args)
@@ -321,14 +361,15 @@ def _train(args, train_set, device, rank, world_size, log):
             done = epoch + 1
             if stats['stopped']:
                 path = os.path.join(os.path.dirname(checkpoint_path(args, 0)), 'moco_ckpt_interrupted.pth.tar')
-                if rank == 0:
-                    save(path, epoch, stats['steps'])
+                save(path, epoch, stats['steps'])
                 log(f"=> stopped by {signal.Signals(stop.signum).name} during epoch {done} after step "
                     f"{stats['steps']}; resume with --resume {path}")
                 return 128 + stop.signum
-            if rank == 0 and (done % args.save_freq == 0 or done == args.epochs or stop()):
+            # stop() is collective: every rank asks it once per epoch end, before deciding to save.
+            stopping = stop()
+            if done % args.save_freq == 0 or done == args.epochs or stopping:
                 save(checkpoint_path(args, done), done, 0)
-            if stop():
+            if stopping:
                 log(f"=> stopped by {signal.Signals(stop.signum).name} after epoch {done}; resume with "
                     f"--resume {checkpoint_path(args, done)}")
                 return 128 + stop.signum

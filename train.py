@@ -31,8 +31,8 @@ def load_data(args):
     """The long-tailed training set and the balanced test set (errors before any file is written)."""
     info = DATASETS[args.dataset]
     train_set = info.build_train(args.data_path, args.imb_type, args.imb_factor, args.rand_number,
-                                 build_transform(args.dataset, train=True))
-    val_set = info.build_val(args.data_path, build_transform(args.dataset, train=False))
+                                 build_transform(args.dataset, train=True), download=args.download)
+    val_set = info.build_val(args.data_path, build_transform(args.dataset, train=False), download=args.download)
     return info, train_set, val_set
 
 

@@ -69,8 +69,9 @@ def load_data(args):
     train_set = info.build_semi(args.data_path, args.imb_type, args.imb_factor, args.imb_factor_unlabel,
                                 args.rand_number, build_transform(args.dataset, train=True),
                                 unlabeled_data=args.unlabeled_data, pseudo_labels=pseudo_labels,
-                                unlabel_size_factor=args.unlabel_size_factor, pseudo_threshold=args.pseudo_threshold)
-    val_set = info.build_val(args.data_path, build_transform(args.dataset, train=False))
+                                unlabel_size_factor=args.unlabel_size_factor, pseudo_threshold=args.pseudo_threshold,
+                                download=args.download)
+    val_set = info.build_val(args.data_path, build_transform(args.dataset, train=False), download=args.download)
     return info, train_set, val_set
 
 

@@ -28,7 +28,7 @@ from engine import evaluate, train_one_epoch
 from errors import UserError
 from fileio import RunLock, atomic_path, atomic_write_bytes
 from losses import build_criterion, effective_num_weights
-from utils import rng_state, seed_everything, set_rng_state, shot_accuracy
+from utils import derive_seed, rng_state, seed_everything, set_rng_state, shot_accuracy
 
 WARMUP_EPOCHS = 5
 BETA = 0.9999  # effective-number beta of Cui et al. 2019, as in LDAM-DRW
@@ -96,9 +96,14 @@ class GracefulStop:
         self.log(f"=> received {signal.Signals(signum).name}: finishing this step, then saving a resumable "
                  f"checkpoint (send it again to stop at once)")
 
-    def __call__(self):
-        # Under DDP every rank must stop after the same step, or the others wait forever in the
-        # next all-reduce: a signal seen by any rank counts for all.
+    def __call__(self, sync=True):
+        """Whether to stop now. `sync` marks a point every rank reaches together (a print point, an
+        epoch end): only there does a distributed run agree, with one collective, whether a signal
+        reached any rank, so all ranks stop after the same step. A single process checks every time."""
+        if not dist.is_dist():
+            return self.signum is not None
+        if not sync:
+            return False
         self.signum = dist.max_over_ranks(self.signum or 0) or None
         return self.signum is not None
 
@@ -181,7 +186,8 @@ class RunFolder:
         if not self.main:
             return
         save_checkpoint(state, self.ckpt_path)
-        if is_best:
+        # Also when the first epoch scores 0 % (the original then wrote no best file at all).
+        if is_best or (not os.path.exists(self.best_path) and state.get('step', 0) == 0):
             with atomic_path(self.best_path) as tmp:
                 with open(self.ckpt_path, 'rb') as src, open(tmp, 'wb') as dst:
                     dst.write(src.read())
@@ -241,12 +247,53 @@ def seed(args):
         torch.backends.cudnn.benchmark = False
 
 
-def seed_for_run(args, ckpt):
+def run_seed(args, ckpt):
+    """The seed of the run's data order and augmentation streams: the checkpoint's, else --seed,
+    else drawn once. Broadcast from rank 0 (collective: every rank calls it once, at the start),
+    because ranks that drew their own would shard different permutations of the data."""
     if ckpt is not None and 'seed' in ckpt:
-        return int(ckpt['seed'])
-    if args.seed is not None:
-        return args.seed
-    return int.from_bytes(os.urandom(4), 'little') & 0x7fffffff
+        seed = int(ckpt['seed'])
+    elif args.seed is not None:
+        seed = args.seed
+    else:
+        seed = int.from_bytes(os.urandom(4), 'little') & 0x7fffffff
+    return dist.broadcast_int(seed)
+
+
+def loader_seed(seed, epoch, rank):
+    """Seed of an epoch's loader generator (worker seeds, hence augmentations): a function of
+    (seed, epoch) for exact resume, and of the rank, so ranks do not crop and flip their shards alike."""
+    return derive_seed(seed, epoch, rank)
+
+
+def restore_rng(ckpt, seed, rank, world):
+    """Set this rank's global RNG streams (augmentations with -j 0, rotations, MoCo's shuffle) for a
+    run that starts now. A checkpoint restores each rank's own saved state when the number of
+    processes matches; otherwise rank 0 takes the saved one (the single-process and original case)
+    and the other ranks derive theirs from (seed, rank)."""
+    states = (ckpt or {}).get('rng_ranks')
+    if states is not None and len(states) == world:
+        set_rng_state(states[rank])
+    elif rank == 0 and ckpt is not None and 'rng' in ckpt:
+        set_rng_state(ckpt['rng'])
+    elif rank > 0:
+        seed_everything(derive_seed(seed, rank) % 2 ** 32)
+
+
+def check_resume_layout(ckpt, path, world):
+    """A mid-epoch checkpoint counts its step in this rank's batches, which depend on the number of
+    processes; resuming it with another number would skip the wrong samples, so refuse."""
+    saved = int(ckpt.get('world_size', 1))
+    if int(ckpt.get('step', 0)) and saved != world:
+        raise UserError(f"--resume {path} was saved in the middle of an epoch by {saved} process(es); resume "
+                        f"it with {saved} (this run has {world}), or from a checkpoint saved at an epoch end")
+
+
+def rng_states(world):
+    """(rank 0's RNG state, every rank's or None): collective under DDP, so every rank must build the
+    checkpoint state, even though only rank 0 writes it."""
+    states = dist.all_gather_object(rng_state())
+    return states[0], (states if world > 1 else None)
 
 
 def _resume(args, exp, model, optimizer, log):
@@ -281,14 +328,15 @@ def _loaders(args, exp, seed, rank, world):
 
 def run(args, exp):
     """Train (or with -e only evaluate) `exp` as configured by `args`. Returns the last metrics dict."""
-    rank, world, local_rank = dist.init()
+    ctx = dist.setup(args.gpu)
     try:
-        return _run(args, exp, rank, world, local_rank)
+        return _run(args, exp, ctx)
     finally:
         dist.cleanup()
 
 
-def _run(args, exp, rank, world, local_rank):
+def _run(args, exp, ctx):
+    rank, world, device = ctx.rank, ctx.world_size, ctx.device
     main = rank == 0
     folder = RunFolder(args)
 
@@ -297,7 +345,6 @@ def _run(args, exp, rank, world, local_rank):
             print(line + console_extra, flush=True)
             folder.write('log_train.csv', line)
 
-    device = dist.select_device(args.gpu, local_rank)
     model = exp.model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
@@ -307,7 +354,9 @@ def _run(args, exp, rank, world, local_rank):
         ckpt = _resume(args, exp, model, optimizer, log)
         start_epoch = int(ckpt.get('epoch', 0))
         start_step = int(ckpt.get('step', 0))
-        best_acc1 = float(ckpt.get('best_acc1', 0.0))  # the original saved a tensor
+        best_acc1 = float(ckpt.get('best_acc1', 0.0))  # a 0-d tensor (the original's and ours) or a float
+        if not args.evaluate:
+            check_resume_layout(ckpt, args.resume, world)
         if args.pretrained_model:
             log(f"=> --resume wins: not loading --pretrained_model {args.pretrained_model}")
     elif args.pretrained_model:
@@ -315,7 +364,7 @@ def _run(args, exp, rank, world, local_rank):
     elif args.evaluate:
         raise UserError("-e/--evaluate needs a checkpoint: pass --resume PATH")
 
-    seed = seed_for_run(args, ckpt)
+    seed = run_seed(args, ckpt)
     train_loader, sampler, val_loader = _loaders(args, exp, seed, rank, world)
     eval_criterion = nn.CrossEntropyLoss().to(device)
     if args.evaluate:
@@ -330,9 +379,17 @@ def _run(args, exp, rank, world, local_rank):
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     same_run = ckpt is not None and ckpt.get('store_name') == args.store_name
-    folder.open(args, truncate_to=ckpt.get('log_sizes') if same_run else None)
-    if ckpt is not None and 'rng' in ckpt:
-        set_rng_state(ckpt['rng'])
+    error = None
+    try:
+        folder.open(args, truncate_to=ckpt.get('log_sizes') if same_run else None)
+    except UserError as e:
+        error = e
+    dist.raise_if_any(error)  # collective: rank 0 alone opens the folder, every rank must stop if it fails
+    restore_rng(ckpt, seed, rank, world)
+
+    def snapshot(epoch, step):
+        return _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, world)
+
     metrics = {}
     try:
         with GracefulStop(log) as stop:
@@ -344,7 +401,7 @@ def _run(args, exp, rank, world, local_rank):
                 criterion = build_criterion(args.loss_type, exp.cls_num_list,
                                             None if weights is None else weights.to(device)).to(device)
                 sampler.set_epoch(epoch)
-                train_loader.generator.manual_seed(seed * 1_000_003 + epoch)
+                train_loader.generator.manual_seed(loader_seed(seed, epoch, rank))
                 step0 = start_step if epoch == start_epoch else 0
                 sampler.skip(step0 * train_loader.batch_size)
                 stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch,
@@ -355,17 +412,19 @@ def _run(args, exp, rank, world, local_rank):
                 folder.scalar('acc/train_top1', stats['top1'], epoch)
                 folder.scalar('lr', lr, epoch)
                 if stats['stopped']:
-                    folder.save(_state(args, exp, model, optimizer, epoch, stats['steps'], best_acc1, seed, folder),
-                                is_best=False)
+                    folder.save(snapshot(epoch, stats['steps']), is_best=False)
                     log(f"=> stopped by {signal.Signals(stop.signum).name} during epoch {epoch + 1} after step "
                         f"{stats['steps']}; resume with --resume {folder.ckpt_path}")
                     return {'stopped_by': stop.signum, **stats}
-                metrics = evaluate(model, eval_criterion, val_loader, device, exp.num_classes, batch_fn=exp.eval_batch_fn)
+                dist.broadcast_buffers(unwrap(model))  # collective, every epoch: evaluate what rank 0 saves
+                metrics = evaluate(unwrap(model), eval_criterion, val_loader, device, exp.num_classes,
+                                   batch_fn=exp.eval_batch_fn)
                 is_best = metrics['top1'] > best_acc1
                 best_acc1 = max(best_acc1, metrics['top1'])
                 _log_eval(folder, metrics, exp, epoch, best_acc1, main)
-                folder.save(_state(args, exp, model, optimizer, epoch + 1, 0, best_acc1, seed, folder), is_best)
-                if stop():  # after the save, so a resumed run's logs hold no trace of the stop
+                folder.save(snapshot(epoch + 1, 0), is_best)
+                # Collective, at every epoch end; after the save, so a resumed run's logs hold no trace of the stop.
+                if stop():
                     log(f"=> stopped by {signal.Signals(stop.signum).name} at the end of epoch {epoch + 1}; "
                         f"resume with --resume {folder.ckpt_path}")
                     return {'stopped_by': stop.signum, **metrics}
@@ -405,11 +464,16 @@ def _log_eval(folder, metrics, exp, epoch, best_acc1, main):
     atomic_write_bytes(os.path.join(folder.log_dir, 'per_class_acc.png'), png)
 
 
-def _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder):
-    """The checkpoint: the original's keys first, then what exact resume needs."""
-    return {
+def _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, world):
+    """The checkpoint: the original's keys first (best_acc1 as a 0-d tensor, which the original's
+    `best_acc1.to(gpu)` needs), then what exact resume needs. Every rank must call it (RNG gather)."""
+    rng, rng_ranks = rng_states(world)
+    state = {
         'epoch': epoch, 'arch': args.arch, 'state_dict': unwrap(model).state_dict(),
-        'best_acc1': best_acc1, 'optimizer': optimizer.state_dict(),
-        'step': step, 'seed': seed, 'rng': rng_state(), 'script': exp.script, 'task': exp.task,
+        'best_acc1': torch.tensor(best_acc1), 'optimizer': optimizer.state_dict(),
+        'step': step, 'seed': seed, 'rng': rng, 'world_size': world, 'script': exp.script, 'task': exp.task,
         'num_classes': exp.num_classes, 'store_name': args.store_name, 'log_sizes': folder.log_sizes(),
     }
+    if rng_ranks is not None:
+        state['rng_ranks'] = rng_ranks
+    return state

@@ -63,6 +63,13 @@ def shot_accuracy(per_class_acc, train_cls_num_list, many_thr=MANY_SHOT_THR, few
     return {name: float(acc[mask].mean()) if mask.any() else float('nan') for name, mask in groups.items()}
 
 
+def derive_seed(*numbers):
+    """A 63-bit seed mixed from integers, e.g. (run seed, epoch, rank): distinct tuples give
+    unrelated streams (SeedSequence hashes them), unlike seed + epoch, where (s, e + 1) == (s + 1, e)."""
+    entropy = [int(n) % 2 ** 64 for n in numbers]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)

@@ -32,7 +32,7 @@ class DatasetInfo:
     # (root, imb_type, imb_factor, unlabel_imb_factor, rand_number, transform, unlabeled_data=None,
     #  pseudo_labels=None, unlabel_size_factor=5, pseudo_threshold=None, download=False); None: no semi setting
     build_semi: Optional[Callable]
-    # (root, path, imb_type=..., imb_factor=..., rand_number=...) -> see load_unlabeled_pool
+    # (root, path, download=False, imb_type=..., imb_factor=..., rand_number=...) -> see load_unlabeled_pool
     load_pool: Optional[Callable]
 
 
@@ -66,19 +66,20 @@ def _no_pool_file(path):
 
 
 # Pool loaders for gen_pseudolabels.py: (images N x 32 x 32 x 3 uint8, sourcing labels, ground truth).
-# The imbalance arguments only matter for digits, whose pool is what the long-tailed draw leaves out.
+# The imbalance arguments only matter for digits, whose pool is what the long-tailed draw leaves out;
+# `download` only for SVHN (TinyImages is never downloaded, digits need nothing).
 
-def _tinyimages_pool(root, path, **_imbalance):
+def _tinyimages_pool(root, path, download=False, **_imbalance):
     data, sourcing = load_tinyimages(path or os.path.join(root, 'ti_80M_selected.pickle'))
     return data, sourcing, None  # TinyImages has no ground truth, only the authors' sourcing labels
 
 
-def _svhn_extra_pool(root, path, **_imbalance):
-    data, truth = load_svhn_extra(path or os.path.join(root, 'extra_32x32.mat'))
+def _svhn_extra_pool(root, path, download=False, **_imbalance):
+    data, truth = load_svhn_extra(path or os.path.join(root, 'extra_32x32.mat'), download)
     return data.transpose(0, 2, 3, 1), truth, truth  # the semi set picks extra images by their true labels
 
 
-def _digits_pool(root, path, imb_type='exp', imb_factor=0.01, rand_number=0):
+def _digits_pool(root, path, download=False, imb_type='exp', imb_factor=0.01, rand_number=0):
     _no_pool_file(path)
     pool = ImbalanceDigits(root, imb_type, imb_factor, rand_number)
     return pool.unused_data, pool.unused_targets, pool.unused_targets
@@ -113,13 +114,13 @@ def build_transform(name, train):
     return transforms.Compose([transforms.RandomCrop(32, padding=4)] + flip + normalize)
 
 
-def load_unlabeled_pool(name, root, path=None, **digits_kwargs):
+def load_unlabeled_pool(name, root, path=None, download=False, **digits_kwargs):
     """(images N x 32 x 32 x 3 uint8, sourcing labels or None, ground truth or None) of the pool the
     semi-supervised set draws from, in the order pseudo-label files must follow. `path` overrides
-    the pool file (cifar10, svhn); `digits_kwargs` (imb_type, imb_factor, rand_number) fix the
-    digits pool."""
+    the pool file (cifar10, svhn); `download` fetches SVHN's extra split when missing;
+    `digits_kwargs` (imb_type, imb_factor, rand_number) fix the digits pool."""
     info = dataset_info(name)
     if info.load_pool is None:
         raise UserError(f"{name} has no unlabeled pool in the paper; choose one of "
                         f"{', '.join(n for n, i in DATASETS.items() if i.load_pool)}")
-    return info.load_pool(root, path, **digits_kwargs)
+    return info.load_pool(root, path, download, **digits_kwargs)

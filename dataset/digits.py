@@ -14,7 +14,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torchvision.datasets.vision import VisionDataset
 
-from dataset.imbalance_cifar import check_fraction, draw_pseudo_labeled, img_num_per_cls, select_per_class
+from dataset.imbalance_cifar import add_pseudo_labeled, check_fraction, img_num_per_cls, select_per_class
 
 TEST_PER_CLASS = 30
 TEST_SPLIT_SEED = 0
@@ -90,13 +90,9 @@ class SemiSupervisedImbalanceDigits(ImbalanceDigits):
                  train=True, transform=None, target_transform=None, download=False,
                  pseudo_labels=None, unlabel_size_factor=5, pseudo_threshold=None):
         if not train:
-            raise ValueError("the semi-supervised set is a training set; use ImbalanceDigits(train=False) "
-                             "for the test split")
-        check_fraction(unlabel_imb_factor, '--imb_factor_unlabel')
+            raise ValueError("a training set only; the test split is ImbalanceDigits(train=False)")
         super().__init__(root, imb_type, imb_factor, rand_number, True, transform, target_transform, download)
-        self.unlabeled_pseudo = pseudo_labels or os.path.join(root or '.', 'pseudo_labeled_digits.pickle')
-        self.num_labeled = len(self.data)  # the labeled images come first
-        images, pseudo = draw_pseudo_labeled(self, self.unused_data, self.unused_targets, unlabel_imb_factor,
-                                             unlabel_size_factor, pseudo_threshold)
-        self.data = np.concatenate([self.data, images])
+        pseudo = add_pseudo_labeled(self, self.unused_data, self.unused_targets,
+                                    pseudo_labels or os.path.join(root or '.', 'pseudo_labeled_digits.pickle'),
+                                    unlabel_imb_factor, unlabel_size_factor, pseudo_threshold)
         self.targets = self.targets + pseudo.tolist()

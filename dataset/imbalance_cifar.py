@@ -6,11 +6,13 @@ class's indices and keep the first n_i. The semi-supervised set continues the *s
 pick the unlabeled images. The helpers are shared by SVHN and digits, which use the same rule.
 """
 import os
+from functools import partial
 
 import numpy as np
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.vision import VisionDataset
 
+from dataset.download import fetch_and_extract
 from errors import UserError
 from fileio import safe_pickle_load
 
@@ -59,24 +61,21 @@ def select_per_class(labels, classes, counts):
     return np.concatenate(picked)
 
 
-def require_intact(dataset, name, paths, url):
-    """Turn torchvision's md5 check into a one-line UserError that says what is wrong."""
+def require_intact(dataset, name, paths, url, download=None):
+    """Turn torchvision's md5 check into a one-line UserError that says what is wrong.
+    `download()`, if given, is tried first when the files are missing or fail the check."""
     if dataset._check_integrity():
         return
+    if download is not None:
+        download()
+        if dataset._check_integrity():
+            return
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise UserError(f"{name} not found in {dataset.root} (expected {missing[0]} ...; "
                         f"download it from {url} or pass --data_path)")
     raise UserError(f"{name} in {dataset.root} fails its md5 check (a corrupt or partial download); "
                     f"delete it and download it again from {url}")
-
-
-def download_or_explain(dataset, name):
-    try:
-        dataset.download()
-    except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad md5 is a RuntimeError
-        raise UserError(f"could not download {name} from {dataset.url} ({e}); put it into "
-                        f"{dataset.root} by hand or pass --data_path") from None
 
 
 def load_pseudo_labels(path, pool_size, num_classes):
@@ -110,16 +109,23 @@ def select_pseudo_labeled(sourcing, classes, counts, pseudo_path, pseudo_thresho
     return picked, pseudo[picked]
 
 
-def draw_pseudo_labeled(dataset, pool, sourcing, unlabel_imb_factor, unlabel_size_factor, pseudo_threshold):
-    """(pool images, pseudo-labels) a semi-supervised `dataset` adds to its labeled subset.
+def add_pseudo_labeled(dataset, pool, sourcing, pseudo_labels, unlabel_imb_factor, unlabel_size_factor,
+                       pseudo_threshold):
+    """Append to a semi-supervised `dataset` the `pool` images it draws; return their pseudo-labels
+    (the caller appends them to its labels).
 
-    `dataset` has just drawn that subset (its `img_num_list`, `class_order`, `cls_num` and
-    `unlabeled_pseudo` are set); numpy's stream continues from that draw, as in the original.
+    `dataset` has just drawn its labeled subset (its `img_num_list`, `class_order` and `cls_num` are
+    set); numpy's stream continues from that draw, as in the original. The labeled images stay
+    first (`num_labeled` of them); `pseudo_labels` is the file gen_pseudolabels.py wrote.
     """
+    check_fraction(unlabel_imb_factor, '--imb_factor_unlabel')
+    dataset.unlabeled_pseudo = pseudo_labels
+    dataset.num_labeled = len(dataset.data)
     counts = img_num_per_cls_unlabeled(dataset.img_num_list, unlabel_imb_factor, unlabel_size_factor)
-    picked, pseudo = select_pseudo_labeled(sourcing, dataset.class_order, counts, dataset.unlabeled_pseudo,
+    picked, pseudo = select_pseudo_labeled(sourcing, dataset.class_order, counts, pseudo_labels,
                                            pseudo_threshold, dataset.cls_num)
-    return pool[picked], pseudo
+    dataset.data = np.concatenate([dataset.data, pool[picked]])
+    return pseudo
 
 
 def load_tinyimages(path):
@@ -153,11 +159,10 @@ class ImbalanceCIFAR10(CIFAR10):
         check_fraction(imb_factor, '--imb_factor')
         VisionDataset.__init__(self, root, transform=transform, target_transform=target_transform)
         self.train = train
-        if download:
-            download_or_explain(self, self.name)
         folder = os.path.join(self.root, self.base_folder)
+        fetch = partial(fetch_and_extract, self.url, self.root, self.filename, self.tgz_md5) if download else None
         require_intact(self, self.name, [os.path.join(folder, f) for f, _ in self.train_list + self.test_list],
-                       CIFAR_URL)
+                       CIFAR_URL, fetch)
         batches = [self._load_batch(os.path.join(folder, f))
                    for f, _ in (self.train_list if train else self.test_list)]
         self.data = np.concatenate([d for d, _ in batches])
@@ -213,15 +218,11 @@ class SemiSupervisedImbalanceCIFAR10(ImbalanceCIFAR10):
                  train=True, transform=None, target_transform=None, download=False,
                  unlabeled_data=None, pseudo_labels=None, unlabel_size_factor=5, pseudo_threshold=None):
         if not train:
-            raise ValueError("the semi-supervised set is a training set; use ImbalanceCIFAR10(train=False) "
-                             "for the test split")
-        check_fraction(unlabel_imb_factor, '--imb_factor_unlabel')
+            raise ValueError("a training set only; the test split is ImbalanceCIFAR10(train=False)")
         super().__init__(root, imb_type, imb_factor, rand_number, True, transform, target_transform, download)
         self.unlabeled_data = unlabeled_data or os.path.join(root, 'ti_80M_selected.pickle')
-        self.unlabeled_pseudo = pseudo_labels or os.path.join(root, 'pseudo_labeled_cifar.pickle')
-        self.num_labeled = len(self.data)  # the labeled images come first
-        images, pseudo = draw_pseudo_labeled(self, *load_tinyimages(self.unlabeled_data), unlabel_imb_factor,
-                                             unlabel_size_factor, pseudo_threshold)
-        self.data = np.concatenate([self.data, images])
+        pseudo = add_pseudo_labeled(self, *load_tinyimages(self.unlabeled_data),
+                                    pseudo_labels or os.path.join(root, 'pseudo_labeled_cifar.pickle'),
+                                    unlabel_imb_factor, unlabel_size_factor, pseudo_threshold)
         self.targets = self.targets + pseudo.tolist()
 

@@ -5,6 +5,7 @@ at most 1000 images per class, and classes visited as 1, 2, ..., 9, 0 (SVHN's ow
 where 0 is 10) so that digit 0, not the most frequent in SVHN, gets the smallest count.
 """
 import os
+from functools import partial
 
 import numpy as np
 import scipy.io
@@ -12,8 +13,9 @@ from torchvision.datasets import SVHN
 from torchvision.datasets.utils import verify_str_arg
 from torchvision.datasets.vision import VisionDataset
 
-from dataset.imbalance_cifar import (check_fraction, download_or_explain, draw_pseudo_labeled, img_num_per_cls,
-                                     require_intact, select_per_class)
+from dataset.download import fetch
+from dataset.imbalance_cifar import (add_pseudo_labeled, check_fraction, img_num_per_cls, require_intact,
+                                     select_per_class)
 from errors import UserError
 
 SVHN_URL = 'http://ufldl.stanford.edu/housenumbers/'
@@ -36,8 +38,15 @@ def load_svhn_mat(path, what, hint):
     return images.transpose(3, 2, 0, 1), labels
 
 
-def load_svhn_extra(path):
-    """SVHN's extra split, the unlabeled pool: (images N x 3 x 32 x 32 uint8, true labels)."""
+def load_svhn_extra(path, download=False):
+    """SVHN's extra split, the unlabeled pool: (images N x 3 x 32 x 32 uint8, true labels).
+
+    With `download`, a `path` named extra_32x32.mat is downloaded there when missing or corrupt,
+    as the original's SVHN(split='extra', download=True); a file by any other name is the user's own.
+    """
+    url, filename, md5 = SVHN.split_list['extra']
+    if download and os.path.basename(path) == filename:
+        fetch(url, os.path.dirname(path) or '.', filename, md5)
     return load_svhn_mat(path, "SVHN extra split (the unlabeled pool)",
                          f'download extra_32x32.mat from {SVHN_URL}, or point to it with --unlabeled_data '
                          f'(train_semi.py) or --data_filename (gen_pseudolabels.py)')
@@ -59,10 +68,9 @@ class ImbalanceSVHN(SVHN):
         self.split = verify_str_arg(split, 'split', tuple(self.split_list))
         self.url, self.filename, self.file_md5 = self.split_list[split]
         name = f"SVHN {split} split"
-        if download:
-            download_or_explain(self, name)
         path = os.path.join(self.root, self.filename)
-        require_intact(self, name, [path], SVHN_URL)
+        require_intact(self, name, [path], SVHN_URL,
+                       partial(fetch, self.url, self.root, self.filename, self.file_md5) if download else None)
         self.data, self.labels = load_svhn_mat(path, name, f'download it again from {SVHN_URL}')
         if split == 'train':
             np.random.seed(rand_number)
@@ -86,15 +94,11 @@ class SemiSupervisedImbalanceSVHN(ImbalanceSVHN):
                  split='train', transform=None, target_transform=None, download=False,
                  unlabeled_data=None, pseudo_labels=None, unlabel_size_factor=5, pseudo_threshold=None):
         if split != 'train':
-            raise ValueError("the semi-supervised set is a training set; use ImbalanceSVHN(split='test') "
-                             "for the test split")
-        check_fraction(unlabel_imb_factor, '--imb_factor_unlabel')
+            raise ValueError("a training set only; the test split is ImbalanceSVHN(split='test')")
         super().__init__(root, imb_type, imb_factor, rand_number, split, transform, target_transform, download)
         self.unlabeled_data = unlabeled_data or os.path.join(root, 'extra_32x32.mat')
-        self.unlabeled_pseudo = pseudo_labels or os.path.join(root, 'pseudo_labeled_svhn.pickle')
         # the extra images are drawn per class by their true labels, then trained with pseudo-labels
-        self.num_labeled = len(self.data)  # the labeled images come first
-        images, pseudo = draw_pseudo_labeled(self, *load_svhn_extra(self.unlabeled_data), unlabel_imb_factor,
-                                             unlabel_size_factor, pseudo_threshold)
-        self.data = np.concatenate([self.data, images])
+        pseudo = add_pseudo_labeled(self, *load_svhn_extra(self.unlabeled_data, download),
+                                    pseudo_labels or os.path.join(root, 'pseudo_labeled_svhn.pickle'),
+                                    unlabel_imb_factor, unlabel_size_factor, pseudo_threshold)
         self.labels = np.concatenate([self.labels, pseudo])

@@ -111,25 +111,12 @@ class ResNetCifar(nn.Module):
         return logits
 
 
-def resnet20(num_classes=10, use_norm=False, return_features=False):
-    return ResNetCifar(3, num_classes, use_norm, return_features)
+def _builder(depth):
+    """The builder of the CIFAR ResNet with `depth` = 6n + 2 layers: fn(num_classes, use_norm, return_features)."""
+    def build(num_classes=10, use_norm=False, return_features=False):
+        return ResNetCifar((depth - 2) // 6, num_classes, use_norm, return_features)
+    build.__name__ = build.__qualname__ = f'resnet{depth}'
+    return build
 
 
-def resnet32(num_classes=10, use_norm=False, return_features=False):
-    return ResNetCifar(5, num_classes, use_norm, return_features)
-
-
-def resnet44(num_classes=10, use_norm=False, return_features=False):
-    return ResNetCifar(7, num_classes, use_norm, return_features)
-
-
-def resnet56(num_classes=10, use_norm=False, return_features=False):
-    return ResNetCifar(9, num_classes, use_norm, return_features)
-
-
-def resnet110(num_classes=10, use_norm=False, return_features=False):
-    return ResNetCifar(18, num_classes, use_norm, return_features)
-
-
-def resnet1202(num_classes=10, use_norm=False, return_features=False):
-    return ResNetCifar(200, num_classes, use_norm, return_features)
+resnet20, resnet32, resnet44, resnet56, resnet110, resnet1202 = map(_builder, (20, 32, 44, 56, 110, 1202))

@@ -1,7 +1,8 @@
 """Shared pytest fixtures. Tiny data in the real file formats comes from tests/fixtures.py.
 
 no_checksum        torchvision's md5 check of CIFAR-10/100 and SVHN passes (fixture files
-                   cannot match the real checksums); nothing else is bypassed.
+                   cannot match the real checksums), and so does dataset.download's for a file
+                   that exists (SVHN's extra split): nothing is downloaded; nothing else is bypassed.
 cifar10_root       a folder with cifar-10-batches-py/: 20 training and 10 test images per class.
 cifar10_semi_root  cifar10_root plus ti_80M_selected.pickle (100 images per class); no
                    pseudo-label file: write one with fixtures.write_pseudo_labels.
@@ -10,9 +11,12 @@ svhn_root          a folder with train_32x32.mat (SVHN_TRAIN_PER_CLASS images of
                    test_32x32.mat (10 per class) and extra_32x32.mat (60 per class).
 The *_root fixtures return the folder as a str and include no_checksum.
 """
+import os
+
 import pytest
 from torchvision.datasets import CIFAR10, CIFAR100, SVHN
 
+import dataset.download
 import fixtures
 
 # Like SVHN itself, digit 1 is the most frequent and 0 is not the rarest.
@@ -23,6 +27,7 @@ SVHN_TRAIN_PER_CLASS = [40, 60, 50, 45, 40, 35, 30, 30, 25, 25]
 def no_checksum(monkeypatch):
     for cls in (CIFAR10, CIFAR100, SVHN):
         monkeypatch.setattr(cls, '_check_integrity', lambda self: True)
+    monkeypatch.setattr(dataset.download, 'check_integrity', lambda path, md5=None: os.path.isfile(path))
 
 
 @pytest.fixture
@@ -49,3 +54,8 @@ def svhn_root(tmp_path, no_checksum):
     fixtures.write_svhn(tmp_path, 'test', per_class=10, seed=1)
     fixtures.write_svhn(tmp_path, 'extra', per_class=60, seed=2)
     return str(tmp_path)
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: multi-process (torchrun) tests; `make test` runs them, '
+                                       '`pytest -m "not slow"` leaves them out')

@@ -2,14 +2,15 @@
 tiny files in the real formats, and one-line errors for everything a user can get wrong."""
 import os
 import pickle
+import re
 import urllib.error
 
 import numpy as np
 import pytest
 import torch
-import torchvision.datasets.cifar
 from torchvision import transforms
 
+import dataset.download
 import fixtures
 from conftest import SVHN_TRAIN_PER_CLASS
 from dataset import DATASETS, build_transform, dataset_info, load_unlabeled_pool
@@ -159,9 +160,11 @@ def test_wrong_checksum_is_reported_as_corrupt(tmp_path):
 def test_failed_download_is_a_user_error(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError('no network')
-    monkeypatch.setattr(torchvision.datasets.cifar, 'download_and_extract_archive', offline)
-    with pytest.raises(UserError, match='could not download CIFAR-10 .*--data_path'):
+    monkeypatch.setattr(dataset.download.urllib.request, 'urlopen', offline)
+    with pytest.raises(UserError, match=r'could not download cifar-10-python\.tar\.gz from https://\S+ '
+                                        r'\(no network\); .* put it into ' + re.escape(str(tmp_path))):
         ImbalanceCIFAR10(str(tmp_path), download=True)
+    assert os.listdir(tmp_path) == []
 
 
 def test_truncated_batch_is_a_user_error(cifar10_root):

@@ -49,13 +49,33 @@ def test_focal_finite_value_and_grad_when_confident(gamma):
     assert logits.grad[0].abs().max() < 1e-6  # a perfectly classified sample gives no signal
 
 
-def test_focal_with_weight_scales_each_sample_by_its_class_weight():
-    logits, target = batch()
-    weight = torch.tensor([0.5, 1., 2., 3., 0.])
-    per_sample = torch.stack([FocalLoss(gamma=1.)(logits[i:i + 1], target[i:i + 1])
-                              for i in range(len(target))])
-    expected = (per_sample * weight[target]).mean()
-    torch.testing.assert_close(FocalLoss(weight=weight, gamma=1.)(logits, target), expected)
+def _original_weighted_focal(logits, target, weight, gamma):
+    """The original code's formula, written out: the weighted per-sample cross-entropy enters p too."""
+    ce_w = weight[target] * -torch.log_softmax(logits.double(), dim=1)[torch.arange(len(target)), target]
+    return ((1 - torch.exp(-ce_w)) ** gamma * ce_w).mean()
+
+
+@pytest.mark.parametrize('gamma', [0., 0.5, 1., 2.])
+def test_weighted_focal_is_the_original_formula(gamma):
+    torch.manual_seed(int(gamma * 10))
+    logits, target = 3 * torch.randn(64, 7), torch.randint(0, 7, (64,))
+    weight = torch.rand(7) * 3
+    expected = _original_weighted_focal(logits, target, weight, gamma).float()
+    torch.testing.assert_close(FocalLoss(weight=weight, gamma=gamma)(logits, target), expected)
+    # Not the textbook weighting w[y] * (1 - p_y)^gamma * CE (what this project computed before).
+    textbook = (weight[target] * F.cross_entropy(logits, target, reduction='none')
+                * (1 - torch.softmax(logits, 1)[torch.arange(64), target]) ** gamma).mean()
+    if gamma > 0:
+        assert not torch.allclose(FocalLoss(weight=weight, gamma=gamma)(logits, target), textbook)
+
+
+@pytest.mark.parametrize('gamma', [0., 0.5, 1., 2.])
+def test_weighted_focal_finite_for_extreme_logits(gamma):
+    logits = torch.tensor([[1e4, 0., -3.], [0., 1e4, 2.], [-1e4, 1e4, 0.]], requires_grad=True)
+    target = torch.tensor([0, 2, 0])
+    loss = FocalLoss(weight=torch.tensor([0.3, 1., 5.]), gamma=gamma)(logits, target)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
 
 
 def test_focal_rejects_negative_gamma():

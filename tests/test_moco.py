@@ -113,7 +113,7 @@ def test_batch_shuffle_round_trips_with_one_process():
 
 
 def _two_rank_worker(rank, init_file, results):
-    dist.init(rank, 2, f'file://{init_file}', 'gloo', datetime.timedelta(seconds=30))
+    dist.setup(None, rank, 2, f'file://{init_file}', datetime.timedelta(seconds=30))
     try:
         torch.manual_seed(rank)  # different permutations drawn: the module must use rank 0's
         model = tiny_moco(K=12)
@@ -194,7 +194,10 @@ def ckpt_path(out, epoch, dataset='imagenet'):
 def check_moco_checkpoint(path, epoch):
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
     # the original's keys, plus what an exact resume needs
-    assert set(ckpt) == {'epoch', 'arch', 'state_dict', 'optimizer', 'step', 'seed', 'rng', 'script', 'task'}
+    # (and, from several processes, every rank's RNG state)
+    assert set(ckpt) - {'rng_ranks'} == {'epoch', 'arch', 'state_dict', 'optimizer', 'step', 'seed', 'rng',
+                                         'world_size', 'script', 'task'}
+    assert ('rng_ranks' in ckpt) == (ckpt['world_size'] > 1)
     assert ckpt['epoch'] == epoch and ckpt['arch'] == 'resnet32'
     keys = list(ckpt['state_dict'])
     assert all(k.startswith('module.') for k in keys)
@@ -316,7 +319,7 @@ def test_defaults_follow_the_original_script():
 # ---------------------------------------------------------------- bad input
 
 def test_queue_size_must_be_a_multiple_of_the_batch(jpeg_split, tmp_path):
-    with pytest.raises(UserError, match='--moco-k 16 must be a multiple of the total batch size -b 5'):
+    with pytest.raises(UserError, match=r'--moco-k 16 must be a multiple of the batch of one step over all processes \(5\)'):
         pretrain_moco.main(moco_args(jpeg_split, tmp_path, '-b', '5'))
 
 
@@ -331,10 +334,35 @@ def test_missing_split_file_or_image_stop_before_training(jpeg_split, tmp_path):
         pretrain_moco.main(['--dataset', 'digits', '--split_file', str(split)])
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU-only refusal')
-def test_multiprocessing_distributed_needs_gpus(jpeg_split, tmp_path):
-    with pytest.raises(UserError, match='one process per GPU and this machine has none'):
-        pretrain_moco.main(moco_args(jpeg_split, tmp_path, '--multiprocessing-distributed'))
+@pytest.mark.parametrize('gpus,torchrun,mp_flag,nodes,expected', [
+    # the original: one process per GPU, -b split over a node's GPUs, world = GPUs x nodes
+    (4, None, True, 1, (4, 4, 32)),
+    (8, None, True, 2, (8, 16, 16)),
+    (1, None, True, 1, (0, 1, 128)),       # one GPU: no process to spawn, this one trains
+    (0, None, True, 1, (0, 1, 128)),       # CPU only: one process, as before
+    (4, None, False, 1, (0, 1, 128)),      # --multiprocessing-distributed False really turns it off
+    (4, (4, 4), True, 1, (0, 4, 32)),      # under torchrun its processes are used, nothing is spawned
+    (0, (2, 2), True, 1, (0, 2, 64)),      # torchrun on CPUs (gloo)
+    (1, (8, 4), True, 1, (0, 8, 32)),      # two nodes of 4 torchrun processes
+])
+def test_launch_layout_follows_the_original(gpus, torchrun, mp_flag, nodes, expected):
+    layout = pretrain_moco.launch_layout(gpus, torchrun, mp_flag, nodes, 128)
+    assert (layout.spawn, layout.world_size, layout.per_process_batch) == expected
+
+
+@pytest.mark.parametrize('value,expected', [(None, True), ('True', True), ('False', False), ('0', False)])
+def test_multiprocessing_distributed_flag_spellings(value, expected):
+    argv = [] if value is None else ['--multiprocessing-distributed', value]
+    args = pretrain_moco.build_parser().parse_args(argv)
+    assert args.multiprocessing_distributed is expected
+    assert (args.world_size, args.rank, args.dist_url) == (1, 0, 'tcp://localhost:10001')
+
+
+def test_cpu_run_prints_its_layout_and_trains_in_one_process(jpeg_split, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert pretrain_moco.main(moco_args(jpeg_split, tmp_path, '--multiprocessing-distributed')) == 0
+    out = capsys.readouterr().out
+    assert '=> one process; 4 images per process and step, 4 in all' in out
 
 
 def closed_port():

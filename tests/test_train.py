@@ -93,7 +93,7 @@ def test_bad_resume_files_are_refused_and_nothing_is_destroyed(cifar10_root, tmp
     with pytest.raises(UserError, match='another number of classes'):
         train.main(_args(cifar10_root, tmp_path, '--resume', str(other)))
     with pytest.raises(UserError, match='not found'):
-        train.main(_args(tmp_path / 'empty', tmp_path))
+        train.main(_args(tmp_path / 'empty', tmp_path, '--no-download'))
     assert snapshot() == before
 
 
