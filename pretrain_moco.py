@@ -1,16 +1,16 @@
 """Self-supervised pre-training with MoCo (He et al. 2020; MoCo v2 defaults of Chen et al. 2020).
 
-    python pretrain_moco.py --dataset imagenet --data <ImageNet root>               # the paper's command
-    torchrun --nproc_per_node 8 pretrain_moco.py --dataset inat --data <iNat root>  # one process per GPU
-    python pretrain_moco.py --dataset imagenet --data <root> --multiprocessing-distributed \
-        --world-size 1 --rank 0 --dist-url tcp://localhost:10001                      # MoCo's own launcher
+    python pretrain_moco.py --dataset imagenet --data <ImageNet root>   # the paper's command: one process per GPU
+    torchrun --nproc_per_node 8 pretrain_moco.py --dataset inat --data <iNat root>  # the same with torchrun
+    python pretrain_moco.py --dataset imagenet --data <root> --world-size 2 --rank 0 \
+        --dist-url tcp://<node 0>:10001                                       # node 0 of 2, MoCo's own launcher
     python pretrain_moco.py --dataset cifar10 --data ./data --imb_factor 0.01 --moco-k 4096
     python pretrain_moco.py --dataset digits --epochs 20 --moco-k 256 -b 64 -j 0      # offline, CPU
 
 Writes <root_path>/<dataset>/checkpoint/moco_ckpt_XXXX.pth.tar (XXXX = epochs done) every
 --save-freq epochs and after the last one; fine-tune from it with
 `python train.py --dataset cifar10 --pretrained_model data/cifar10/checkpoint/moco_ckpt_0200.pth.tar`.
--b is the total batch over all processes, as in MoCo. --mlp, --aug-plus and --cos default to on
+-b is the batch of all GPUs of one node, as in MoCo. --mlp, --aug-plus and --cos default to on
 (the original script's defaults; MoCo v2); `--mlp false` etc. turn them off.
 """
 import argparse
