@@ -39,6 +39,24 @@ def _print(line, console_extra=''):
     print(line + console_extra, flush=True)
 
 
+def default_amp(device):
+    """Whether bf16 autocast is on by default: on a GPU, and on a CPU with native bf16 instructions
+    (AVX512-BF16 or AMX), where bench/README.md measured it faster; elsewhere it would be emulated."""
+    if device.type == 'cuda':
+        return torch.cuda.is_bf16_supported()
+    caps = torch.cpu.get_capabilities()
+    return device.type == 'cpu' and bool(caps.get('avx512_bf16') or caps.get('amx_bf16'))
+
+
+def autocast_forward(run, images, device, amp=False, channels_last=False):
+    """`run(images)` under bf16 autocast if `amp` (convolutions and matmuls in bfloat16, which needs no
+    loss scaling, unlike float16), on channels_last images if asked; the logits come back in float32."""
+    if channels_last and isinstance(images, torch.Tensor) and images.dim() == 4:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        return run(images)
+
+
 class _StepMeters:
     """Loss and top-1/top-5 of the latest step and their sample-weighted means, kept on the device:
     reading them (`line`, `averages`) is the only host synchronisation, done at print points."""
@@ -78,7 +96,8 @@ def _check_finite(first_bad, epoch):
 
 
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch_fn=None, forward=classify,
-                    print_freq=10, log=_print, should_stop=None, start_step=0, num_steps=None):
+                    print_freq=10, log=_print, should_stop=None, start_step=0, num_steps=None, amp=False,
+                    channels_last=False):
     """Train for one pass over `loader`. Returns {'loss', 'top1', 'top5', 'lr', 'steps', 'stopped'}.
 
     `forward(model, images, targets) -> (logits, targets)` is one step's prediction: the default
@@ -89,6 +108,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
     stop request polled; `should_stop(sync)` is also asked after every other step with sync=False
     (a single process may stop there; under DDP the stop is only agreed on at print points).
     Every rank must run the same number of steps (the samplers pad shards to equal length).
+    `amp`: bf16 autocast for the forward pass; `channels_last`: NHWC images (for a channels_last model).
     """
     batch_fn = batch_fn or _identity
     num_steps = num_steps if num_steps is not None else start_step + len(loader)
@@ -102,7 +122,9 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
     end = time.time()
     for images, targets in loader:
         images, targets = batch_fn(to_device(images, device), to_device(targets, device))
-        output, targets = forward(model, images, targets)
+        output, targets = autocast_forward(lambda x: forward(model, x, targets), images, device, amp,
+                                           channels_last)
+        output = output.float()
         loss = criterion(output, targets)
         step += 1
         first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad < NO_BAD_STEP), first_bad,
@@ -127,9 +149,10 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
     return {'loss': loss_avg, 'top1': top1, 'top5': top5, 'lr': lr, 'steps': step, 'stopped': stopped}
 
 
-@torch.no_grad()
-def evaluate(model, criterion, loader, device, num_classes, *, batch_fn=None):
-    """Loss, top-1/top-5 and the confusion matrix over `loader` (summed over ranks under DDP).
+@torch.inference_mode()
+def evaluate(model, criterion, loader, device, num_classes, *, batch_fn=None, amp=False, channels_last=False):
+    """Loss, top-1/top-5 and the confusion matrix over `loader` (summed over ranks under DDP);
+    `amp` and `channels_last` as in train_one_epoch.
 
     Returns {'loss', 'top1', 'top5', 'confusion' (C x C numpy, rows = true class), 'per_class'
     (accuracy per true class, 0..1; NaN for a class absent from the data), 'count'}.
@@ -142,7 +165,7 @@ def evaluate(model, criterion, loader, device, num_classes, *, batch_fn=None):
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
     for images, targets in loader:
         images, targets = batch_fn(images.to(device, non_blocking=True), targets.to(device, non_blocking=True))
-        output = model(images)
+        output = autocast_forward(model, images, device, amp, channels_last).float()
         n = targets.size(0)
         loss_sum += criterion(output, targets).double() * n
         acc1, acc5 = accuracy(output, targets, topk=(1, 5))
@@ -150,6 +173,7 @@ def evaluate(model, criterion, loader, device, num_classes, *, batch_fn=None):
         pred = output.argmax(dim=1)
         confusion += torch.bincount(targets * num_classes + pred, minlength=num_classes ** 2
                                     ).reshape(num_classes, num_classes).double()
+    # Collective: every rank evaluates its disjoint slice, once per call, and the sums combine exactly.
     for t in (loss_sum, hits, confusion):
         dist.all_reduce_sum(t)
     count = confusion.sum().item()

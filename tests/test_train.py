@@ -51,11 +51,20 @@ def test_drw_switches_weights_inside_a_run(cifar10_root, tmp_path, monkeypatch):
 
 
 def test_resume_continues_and_evaluate(cifar10_root, tmp_path, capsys):
+    whole = tmp_path / 'whole'
+    train.main(_args(cifar10_root, whole, '--epochs', '2'))
     train.main(_args(cifar10_root, tmp_path))
-    _, model_dir = _run_dir(tmp_path)
+    log_dir, model_dir = _run_dir(tmp_path)
     ckpt_path = str(model_dir / 'ckpt.pth.tar')
     train.main(_args(cifar10_root, tmp_path, '--epochs', '2', '--resume', ckpt_path))
-    assert load_checkpoint(ckpt_path)['epoch'] == 2
+    # 1 epoch + resume = 2 epochs uninterrupted (--seed, -j 0): the same weights and logs
+    resumed, uninterrupted = load_checkpoint(ckpt_path), load_checkpoint(str(_run_dir(whole)[1] / 'ckpt.pth.tar'))
+    assert resumed['epoch'] == uninterrupted['epoch'] == 2
+    assert resumed['state_dict'].keys() == uninterrupted['state_dict'].keys()
+    for k, v in resumed['state_dict'].items():
+        assert torch.equal(v, uninterrupted['state_dict'][k]), k
+    for name in ('log_train.csv', 'log_test.csv'):
+        assert (log_dir / name).read_text() == (_run_dir(whole)[0] / name).read_text(), name
     capsys.readouterr()
     train.main(_args(cifar10_root, tmp_path, '--resume', ckpt_path, '-e'))
     out = capsys.readouterr().out
@@ -167,3 +176,15 @@ def test_resume_training_from_original_format_checkpoint(cifar10_root, tmp_path,
     ckpt = load_checkpoint(str(model_dir / 'ckpt.pth.tar'))
     assert ckpt['epoch'] == 2 and ckpt['best_acc1'] >= 12.5
     assert "(epoch 1)" in capsys.readouterr().out
+
+
+def test_checkpoint_best_acc1_is_a_tensor_the_original_can_move(cifar10_root, tmp_path):
+    """The original's --resume does `best_acc1.to(gpu)`: a float would crash it."""
+    train.main(_args(cifar10_root, tmp_path, '--epochs', '2'))
+    log_dir, model_dir = _run_dir(tmp_path)
+    best_logged = float([line for line in (log_dir / 'log_test.csv').read_text().splitlines()
+                         if line.startswith('Best Prec@1:')][-1].split()[-1])
+    for name in ('ckpt.pth.tar', 'ckpt.best.pth.tar'):
+        best = load_checkpoint(str(model_dir / name))['best_acc1']
+        assert torch.is_tensor(best) and best.dim() == 0
+        assert round(float(best.to('cpu')), 3) == best_logged
