@@ -156,12 +156,11 @@ def test_pretrain_rot_and_train_semi_two_epochs_ranks_agree(tmp_path):
     _assert_same_weights(torch.load(probes / 'rank0_epoch2_step0.pt', weights_only=True),
                          torch.load(probes / 'rank1_epoch2_step0.pt', weights_only=True))
 
-    import gen_pseudolabels
-    import train
-    assert train.main(_train_args(tmp_path, '--epochs', '1', '--seed', '0', '--exp_str', 'base')) == 0
-    base = tmp_path / 'ckpt' / 'digits_resnet20_CE_None_exp_0.01_base' / 'ckpt.pth.tar'
-    assert gen_pseudolabels.main(['--dataset', 'digits', '-a', 'resnet20', '--resume', str(base), '-j', '0',
-                                  '--output_dir', str(tmp_path)]) == 0
+    import fixtures
+    from dataset import load_unlabeled_pool
+    pool_args = {'imb_type': 'exp', 'imb_factor': 0.01, 'rand_number': 0}
+    _, _, truth = load_unlabeled_pool('digits', None, **pool_args)
+    fixtures.write_pseudo_labels(tmp_path / 'pseudo_labeled_digits.pickle', truth, extra={'pool_args': pool_args})
     for f in probes.iterdir():
         f.unlink()
     proc = _torchrun('train_semi.py', *_train_args(tmp_path, '--epochs', '2', '--seed', '0', '--pseudo_labels',
