@@ -184,15 +184,6 @@ def broadcast_int(value):
     return int(t.item())
 
 
-def broadcast_buffers(module):
-    """Overwrite `module`'s buffers (BatchNorm statistics) with rank 0's, in place (collective).
-    DDP broadcasts them only before a training forward, so after an epoch each rank holds what its
-    own last batch left; evaluating or saving without this would mix ranks' statistics."""
-    if is_dist():
-        for buffer in module.buffers():
-            torch_dist.broadcast(buffer, src=0)
-
-
 def all_gather_object(obj):
     """[obj of rank 0, obj of rank 1, ...] (picklable objects; e.g. every rank's RNG state)."""
     if not is_dist():

@@ -1,21 +1,33 @@
-"""Self-supervised pre-training by rotation prediction (Gidaris et al. 2018) on CIFAR-LT / digits-LT.
+"""Self-supervised pre-training by rotation prediction (Gidaris et al. 2018) on CIFAR-LT / digits-LT,
+ImageNet-LT and iNaturalist 2018.
 
     python pretrain_rot.py --dataset cifar10 --imb_factor 0.01
     python train.py --dataset cifar10 --imb_factor 0.01 \
         --pretrained_model checkpoint/cifar10_resnet32_CE_None_exp_0.01_pretrain_rot/ckpt.best.pth.tar
+    python pretrain_rot.py --dataset imagenet --data_path <ImageNet root>     # ResNet-50, 224 px
+    python -m imagenet_inat.main --cfg imagenet_inat/config/ImageNet_LT/feat_uniform.yaml --data_root <ImageNet root> \
+        --model_dir checkpoint/imagenet_resnet50_CE_None_pretrain_rot/ckpt.best.pth.tar
 
 The network gets a 4-way head and learns which of 0/90/180/270 degrees each image was rotated by;
 class labels are never used. Accuracies it reports are *rotation* accuracies.
 """
+import os
+
 import torch
 
 import cli
 import trainer
+from imagenet_inat.data import build_transform as split_file_transform, split_file
 from losses import uses_norm
 from models import build_model
+from moco.loader import SplitFileDataset
 from train import build_parser, exit_code, load_data, supervised_store_name
 
 NUM_ROTATIONS = 4
+# --dataset imagenet / inat: the train and val split files of imagenet_inat/ (long-tailed already, so
+# the --imb_* flags do not apply), with its 224 px transforms, as the original's dataset/imagenet.py
+# and dataset/inat.py.
+SPLIT_FILE_DATASETS = {'imagenet': 'ImageNet_LT', 'inat': 'iNaturalist18'}
 
 
 def rotation_labels(batch_size, generator=None):
@@ -46,13 +58,42 @@ def all_rotations_batch(images, targets):
     return rotate(images.repeat(NUM_ROTATIONS, 1, 1, 1), labels), labels
 
 
+def build_rot_parser():
+    parser = build_parser(__doc__, datasets=('cifar10', 'cifar100', 'digits', *SPLIT_FILE_DATASETS),
+                          exp_str='pretrain_rot')
+    parser.add_argument('--split_dir', default=None, type=str,
+                        help='imagenet/inat: folder of <name>_{train,val}.txt, paths relative to --data_path '
+                             '(default: imagenet_inat/data/ImageNet_LT/ or imagenet_inat/data/iNaturalist18/)')
+    parser.add_argument('--crop-size', default=224, type=cli.positive_int, metavar='PX',
+                        help='imagenet/inat: side of the crops (evaluation resizes to 256/224 of it first)')
+    parser.set_defaults(arch=None)  # resnet50 for imagenet/inat (the original's default), else resnet32
+    return parser
+
+
+def load_split_file_data(args):
+    """(train, val) of ImageNet-LT / iNaturalist 2018, as listed in imagenet_inat's split files."""
+    name = SPLIT_FILE_DATASETS[args.dataset]
+    split_dir = args.split_dir or os.path.join('imagenet_inat', 'data', name)
+    return [SplitFileDataset(args.data_path, split_file(split_dir, name, split),
+                             split_file_transform(name, split == 'train', args.crop_size, args.crop_size * 256 // 224),
+                             flags=('--split_dir', '--data_path'))
+            for split in ('train', 'val')]
+
+
 def main(argv=None):
-    parser = build_parser(__doc__, datasets=('cifar10', 'cifar100', 'digits'), exp_str='pretrain_rot')
-    args = parser.parse_args(argv)
-    args.store_name = supervised_store_name(args)
+    args = build_rot_parser().parse_args(argv)
+    split_files = args.dataset in SPLIT_FILE_DATASETS
+    args.arch = args.arch or ('resnet50' if split_files else 'resnet32')
+    # The original's run folder names leave the imbalance out for these two.
+    args.store_name = (cli.store_name(args.dataset, args.arch, args.loss_type, args.train_rule, args.exp_str)
+                       if split_files else supervised_store_name(args))
     trainer.seed(args)
-    _, train_set, val_set = load_data(args)
-    print(f"cls num list (labels unused): {train_set.get_cls_num_list()}")
+    if split_files:
+        train_set, val_set = load_split_file_data(args)
+        print(f"{len(train_set)} training and {len(val_set)} validation images (labels unused)")
+    else:
+        _, train_set, val_set = load_data(args)
+        print(f"cls num list (labels unused): {train_set.get_cls_num_list()}")
     experiment = trainer.Experiment(
         script='pretrain_rot', task='rotation', model=build_model(args.arch, NUM_ROTATIONS, use_norm=uses_norm(args.loss_type)),
         train_set=train_set, val_set=val_set, num_classes=NUM_ROTATIONS,

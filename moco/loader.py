@@ -103,13 +103,15 @@ class SplitFileDataset(Dataset):
     Paths may contain spaces (the label is the last field); blank lines are skipped.
     """
 
-    def __init__(self, root, split_file, transform=None):
+    def __init__(self, root, split_file, transform=None, num_classes=None, flags=('--split_file', '--data')):
+        """`num_classes`: labels must lie in 0..num_classes-1 (checked line by line). `flags` name the
+        options that point to the split file and to `root`, for the error messages."""
         self.root = root
         self.split_file = split_file
         self.transform = transform
         self.img_path, self.targets = [], []
         if not os.path.isfile(split_file):
-            raise UserError(f"split file not found: {split_file} (pass --split_file to point elsewhere)")
+            raise UserError(f"split file not found: {split_file} (pass {flags[0]} to point elsewhere)")
         with open(split_file, encoding='utf-8') as f:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
@@ -118,6 +120,9 @@ class SplitFileDataset(Dataset):
                 if len(fields) != 2 or not fields[1].isdecimal():
                     raise UserError(f"{split_file} line {line_no}: expected '<relative image path> <label>', "
                                     f"got {line.strip()!r}")
+                if num_classes is not None and int(fields[1]) >= num_classes:
+                    raise UserError(f"{split_file} line {line_no}: label {fields[1]} is outside 0..{num_classes - 1} "
+                                    f"(num_classes is {num_classes})")
                 self.img_path.append(os.path.join(root, fields[0].strip()))
                 self.targets.append(int(fields[1]))
         if not self.targets:
@@ -125,7 +130,7 @@ class SplitFileDataset(Dataset):
         missing = [p for p in self.img_path if not os.path.isfile(p)]
         if missing:
             raise UserError(f"{len(missing)} of the {len(self.img_path)} images listed in {split_file} "
-                            f"are missing under {root} (e.g. {missing[0]}); check --data")
+                            f"are missing under {root} (e.g. {missing[0]}); check {flags[1]}")
 
     def __len__(self):
         return len(self.targets)

@@ -1,0 +1,453 @@
+"""The stage driver: the original's run_networks.py logic on the project's shared engine.
+
+One stage = two networks (feat_model, classifier) with their own optimizer settings, trained
+together by `engine.train_one_epoch` as one `DecoupledModel`:
+- every epoch is floor(N_train / batch_size) steps, whatever the sampler;
+- the learning rate is set at the start of each epoch (StageConfig.lr_factor_at);
+- `fix: true` freezes a network's parameters, but it stays in train mode (BatchNorm statistics
+  keep updating, as the original), unless --freeze_bn;
+- after every epoch the model is evaluated on val; the best val top-1 is kept, and after the
+  last epoch those weights are saved (final_model_checkpoint.pth) and evaluated on test
+  (ImageNet-LT) or val (iNaturalist 2018).
+A `tau_norm` stage trains nothing: it searches tau on val features and evaluates the best.
+"""
+import dataclasses
+import json
+import os
+import signal
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+
+import dist
+import trainer
+from checkpoint import load_optimizer, save_checkpoint, strip_prefix
+from engine import evaluate, train_one_epoch
+from errors import UserError
+from fileio import RunLock, atomic_path, atomic_write_text
+from imagenet_inat import data as data_mod
+from imagenet_inat import weights as weights_mod
+from imagenet_inat.networks import LOSSES, DecoupledModel, tau_normalized
+from utils import shot_accuracy
+
+FEATURE_FILES = {'train_plain': 'trainfeat_all.npz', 'val': 'valfeat_all.npz', 'test': 'testfeat_all.npz'}
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a stage needs, built and checked before any file is written."""
+    args: object
+    cfg: object
+    ctx: object
+    model: DecoupledModel
+    train_counts: np.ndarray             # training images per class: shot groups
+    sets: dict                           # phase -> data set
+    resume_path: Optional[str] = None
+    ckpt: Optional[dict] = None          # the --resume checkpoint
+
+    @property
+    def main(self):
+        return self.ctx.rank == 0
+
+
+def build(args, cfg, ctx, log):
+    """Data sets, networks and weights. Every problem is a UserError raised here, on every rank."""
+    if cfg.batch_size % ctx.world_size:
+        raise UserError(f"training_opt.batch_size ({cfg.batch_size}) is the total over all processes and must "
+                        f"divide by their number ({ctx.world_size})")
+    kw = dict(data_root=args.data_root, split_dir=args.split_dir)
+    sets = {'train': data_mod.load_phase(cfg, 'train', val_as_train=args.val_as_train, **kw)}
+    phases = ['val', data_mod.final_split(cfg.dataset)]
+    if args.save_feat:
+        phases.append(args.save_feat)
+    for phase in phases:
+        if phase not in sets:
+            sets[phase] = data_mod.load_phase(cfg, phase, **kw)
+    if not args.test and cfg.taus is None and len(sets['train']) < cfg.batch_size:
+        raise UserError(f"training_opt.batch_size ({cfg.batch_size}) exceeds the {len(sets['train'])} training "
+                        f"images: an epoch of floor(N / batch_size) steps would be empty")
+    nets = {key: net.spec.build(net.params) for key, net in cfg.networks.items()}
+    for key, net in cfg.networks.items():
+        if net.fix:
+            # The original's rule: freeze every parameter but self-attention and `fc` ones.
+            for name, p in nets[key].named_parameters():
+                if 'selfatt' not in name and 'fc' not in name:
+                    p.requires_grad = False
+    model = DecoupledModel(nets['feat_model'], nets['classifier'], freeze_bn=args.freeze_bn)
+    run = Run(args, cfg, ctx, model, np.bincount(sets['train'].targets, minlength=cfg.num_classes), sets)
+    if args.resume:
+        if cfg.model_dir:
+            log(f"=> --resume wins: not loading model_dir {cfg.model_dir}")
+        run.resume_path, run.ckpt = weights_mod.read_resume(args.resume)
+        trainer.check_resume_layout(run.ckpt, run.resume_path, ctx.world_size)
+        for key in cfg.networks:
+            _load(getattr(model, key), strip_prefix(run.ckpt['state_dict'][key], 'module.'), key,
+                  cfg.networks[key].name, f"--resume {run.resume_path}", log, strict=True)
+    else:
+        _load_model_dir(args, cfg, model, log)
+    return run
+
+
+def _load(module, sd, key, name, source, log, strict=False):
+    matched, missing = weights_mod.load_network(module, sd, key, name, source, log)
+    if strict and missing:
+        raise UserError(f"{source} lacks {len(missing)} tensors of the {key} ({name}), e.g. {missing[0]}")
+
+
+def _load_model_dir(args, cfg, model, log):
+    """--model_dir (or the config's model_dir): which networks come from it depends on the stage.
+
+    Training (the original's load_model): the feature model always; the classifier unless it is a
+    DotProductClassifier, which stage 1 and cRT start fresh. --test and tau-norm: both.
+    """
+    path = cfg.model_dir
+    if args.test and not path:
+        path = cfg.log_dir
+        if not os.path.exists(os.path.join(path, weights_mod.FINAL)):
+            raise UserError(f"--test evaluates --model_dir, or else the config's log folder, which holds no "
+                            f"{weights_mod.FINAL} ({path})")
+    if not path:
+        if cfg.taus is not None:
+            raise UserError("a tau_norm stage needs the stage-1 result: pass --model_dir")
+        log("=> no --model_dir: both networks start from random weights")
+        return
+    if not os.path.exists(path):
+        raise UserError(f"--model_dir not found: {path} (the config's model_dir unless given on the command line)")
+    file, kind, nets = weights_mod.read_model_dir(path)
+    log(f"=> --model_dir {file}: {kind}")
+    for key, net in cfg.networks.items():
+        wanted = args.test or cfg.taus is not None or not net.spec.fresh_in_training
+        if not wanted:
+            log(f"=> {key} ({net.name}): starts fresh (not loaded, as the original's training runs)")
+            continue
+        if nets.get(key) is None:
+            raise UserError(f"--model_dir {file} ({kind}) holds no {key}, which this stage loads "
+                            f"({'--test' if args.test else net.name}); pass a stage-1 result "
+                            f"({weights_mod.FINAL})")
+        _load(getattr(model, key), nets[key], key, net.name, f"--model_dir {file}", log)
+
+
+# ---------------------------------------------------------------- evaluation
+
+def shot_groups(per_class, train_counts):
+    """Many/medium/few-shot top-1 over the classes present in the evaluated split (the original's
+    shot_acc skipped absent classes); a group without classes is NaN."""
+    present = ~np.isnan(per_class)
+    return shot_accuracy(per_class[present], np.asarray(train_counts)[present])
+
+
+def report(metrics, phase, train_counts, log):
+    """The evaluation table (percent), one row; returns the JSON-ready summary."""
+    shots = shot_groups(metrics['per_class'], train_counts)
+    row = [metrics['top1'], metrics['top5']] + [100 * shots[g] for g in ('many', 'medium', 'few')]
+    log(f"Phase: {phase} ({metrics['count']} images)")
+    log(f"  {'top-1':>7} {'top-5':>7} {'many':>7} {'medium':>7} {'few':>7}")
+    log('  ' + ' '.join(f"{v:7.2f}" for v in row))
+    return {'phase': phase, 'count': metrics['count'], 'loss': metrics['loss'], 'top1': metrics['top1'],
+            'top5': metrics['top5'], **{f'{g}_shot': _finite(100 * shots[g]) for g in ('many', 'medium', 'few')},
+            'cls_accs': [_finite(a) for a in metrics['per_class'].tolist()],
+            'train_class_counts': np.asarray(train_counts).tolist()}
+
+
+def _finite(x):
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def write_results(run, summary, name, **extra):
+    if run.main:
+        atomic_write_text(os.path.join(run.cfg.log_dir, name),
+                          json.dumps({**summary, **extra}, indent=1) + '\n')
+
+
+def _progress(iterable, run, desc, total=None):
+    # Bars on rank 0 in a terminal only (disable=None), so logs and tests stay clean.
+    return tqdm(iterable, desc=desc, total=total, disable=None if run.main else True, leave=False)
+
+
+def _eval_loader(run, phase):
+    per_rank = max(1, run.cfg.batch_size // run.ctx.world_size)
+    return data_mod.eval_loader(run.sets[phase], per_rank, run.cfg.num_workers, run.ctx.rank, run.ctx.world_size)
+
+
+def evaluate_phase(run, module, phase):
+    return evaluate(module, nn.CrossEntropyLoss(), _progress(_eval_loader(run, phase), run, phase),
+                    run.ctx.device, run.cfg.num_classes)
+
+
+@torch.no_grad()
+def predict(run, module, phase):
+    """(outputs, labels) of this rank's shard of `phase`, on the CPU, in the shard's order."""
+    module.eval()
+    outputs, labels = [], []
+    for images, targets in _progress(_eval_loader(run, phase), run, phase):
+        outputs.append(module(images.to(run.ctx.device, non_blocking=True)).float().cpu())
+        labels.append(targets)
+    return torch.cat(outputs), torch.cat(labels)
+
+
+def gather_in_order(tensor, run, n):
+    """Rank-sharded rows (rank, rank + world, ...) back into data set order, on rank 0 (collective)."""
+    parts = dist.all_gather_object(tensor.numpy())
+    out = np.empty((n,) + tensor.shape[1:], dtype=parts[0].dtype)
+    for rank, part in enumerate(parts):
+        out[rank::run.ctx.world_size] = part
+    return out
+
+
+def evaluate_outputs(run, head, outputs, labels):
+    """engine.evaluate over precomputed features or logits (`head` maps them to logits)."""
+    loader = DataLoader(TensorDataset(outputs, labels), batch_size=1024)
+    return evaluate(head, nn.CrossEntropyLoss(), loader, run.ctx.device, run.cfg.num_classes)
+
+
+def test(run, log):
+    """--test: evaluate the loaded model on the final split (or --save_feat's features only)."""
+    model = run.model.to(run.ctx.device)
+    if run.main:
+        os.makedirs(run.cfg.log_dir, exist_ok=True)
+    if run.args.save_feat:
+        phase = run.args.save_feat
+        feats, labels = predict(run, model.feat_model, phase)
+        n = len(run.sets[phase])
+        feats, labels = gather_in_order(feats, run, n), gather_in_order(labels, run, n)
+        if run.main:
+            path = os.path.join(run.cfg.log_dir, FEATURE_FILES[phase])
+            with atomic_path(path) as tmp, open(tmp, 'wb') as f:
+                np.savez(f, feats=feats, labels=labels, idxs=np.arange(n))
+            log(f"===> Saving feats to {path}")
+        return 0
+    phase = data_mod.final_split(run.cfg.dataset)
+    if run.args.output_logits:
+        logits, labels = predict(run, model, phase)
+        metrics = evaluate_outputs(run, nn.Identity(), logits, labels)
+        n = len(run.sets[phase])
+        logits, labels = gather_in_order(logits, run, n), gather_in_order(labels, run, n)
+        if run.main:
+            path = os.path.join(run.cfg.log_dir, 'logits_close.npz')
+            with atomic_path(path) as tmp, open(tmp, 'wb') as f:
+                np.savez(f, logits=logits, labels=labels, paths=np.asarray(run.sets[phase].img_path))
+            log(f"Saving total logits to: {path}")
+    else:
+        metrics = evaluate_phase(run, model, phase)
+    write_results(run, report(metrics, phase, run.train_counts, log), f'results_{phase}.json')
+    return 0
+
+
+# ---------------------------------------------------------------- tau-normalisation
+
+def tau_norm(run, log):
+    """Kang et al.'s tau-normalised classifier: logits = f(x) . (W_i / ||W_i||^tau), no bias, tau
+    chosen by val top-1 over the config's grid, then evaluated on the final split."""
+    cfg, model = run.cfg, run.model.to(run.ctx.device)
+    weight = model.classifier.fc.weight.detach()
+    feats = {'val': predict(run, model.feat_model, 'val')}
+    head = nn.Linear(weight.size(1), weight.size(0)).to(run.ctx.device)
+    nn.init.zeros_(head.bias)
+    search = {}
+    for tau in cfg.taus:
+        head.weight.data.copy_(tau_normalized(weight, tau))
+        m = evaluate_outputs(run, head, *feats['val'])
+        shots = shot_groups(m['per_class'], run.train_counts)
+        search[tau] = m['top1']
+        log(f"tau {tau:.2f}: val top-1 {m['top1']:.2f}  many {100 * shots['many']:.2f}  "
+            f"medium {100 * shots['medium']:.2f}  few {100 * shots['few']:.2f}")
+    best_tau = max(cfg.taus, key=lambda t: (search[t], -cfg.taus.index(t)))
+    log(f"=> best tau {best_tau:.2f} (val top-1 {search[best_tau]:.2f})")
+    head.weight.data.copy_(tau_normalized(weight, best_tau))
+    phase = data_mod.final_split(cfg.dataset)
+    if phase not in feats:
+        feats[phase] = predict(run, model.feat_model, phase)
+    summary = report(evaluate_outputs(run, head, *feats[phase]), phase, run.train_counts, log)
+    classifier = {'module.fc.weight': head.weight.detach().cpu().clone(),
+                  'module.fc.bias': head.bias.detach().cpu().clone()}
+    best = {'feat_model': weights_mod.original_layout(model.feat_model), 'classifier': classifier}
+    if run.main:
+        save_checkpoint(weights_mod.final_state(0, 0, best, search[best_tau] / 100, tau=best_tau,
+                                                tau_search={str(t): a for t, a in search.items()}),
+                        os.path.join(cfg.log_dir, weights_mod.FINAL))
+    write_results(run, summary, f'results_{phase}.json', tau=best_tau,
+                  tau_search={str(t): a for t, a in search.items()})
+    return 0
+
+
+# ---------------------------------------------------------------- training
+
+class StageFolder:
+    """The log folder: lock, log.txt (cut back to the checkpoint's size on resume), tensorboard."""
+
+    def __init__(self, run):
+        self.dir = run.cfg.log_dir
+        self.main = run.main
+        self.lock = RunLock(self.dir)
+        self.file = None
+        self.writer = None
+
+    def open(self, truncate_to=None):
+        if not self.main:
+            return self
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the log folder {self.dir}: {e.strerror}") from None
+        self.lock.acquire()
+        path = os.path.join(self.dir, 'log.txt')
+        if truncate_to is not None and os.path.exists(path):
+            with open(path, 'r+b') as f:
+                f.truncate(min(truncate_to, os.path.getsize(path)))
+        self.file = open(path, 'a')
+        from tensorboardX import SummaryWriter
+        self.writer = SummaryWriter(log_dir=self.dir)
+        return self
+
+    def write(self, line):
+        if self.file is not None:
+            self.file.write(line + '\n')
+            self.file.flush()
+
+    def size(self):
+        return self.file.tell() if self.file is not None else 0
+
+    def scalar(self, tag, value, step):
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+        self.lock.release()
+
+
+def shuffle_batch(images, targets):
+    """The original's `shuffle: true`: permute the samples of a batch (global RNG, as it did)."""
+    index = torch.randperm(images.size(0))
+    return images[index], targets[index]
+
+
+def train(run, folder, log):
+    cfg, ctx, model = run.cfg, run.ctx, run.model.to(run.ctx.device)
+    nets = list(cfg.networks.values())  # the config's order, as the original's param groups
+    optimizer = torch.optim.SGD([{'params': getattr(model, n.key).parameters(), 'lr': n.lr,
+                                  'momentum': n.momentum, 'weight_decay': n.weight_decay} for n in nets])
+    ckpt = run.ckpt
+    start_epoch, start_step, best_epoch, best_acc = 0, 0, 0, 0.0
+    best = {n.key: weights_mod.original_layout(getattr(model, n.key)) for n in nets}
+    if ckpt is not None:
+        load_optimizer(optimizer, ckpt, run.resume_path)
+        start_epoch, start_step = int(ckpt['epoch']), int(ckpt.get('step', 0))
+        best_epoch, best_acc, best = int(ckpt['best_epoch']), float(ckpt['best_acc']), ckpt['state_dict_best']
+        log(f"=> resumed {run.resume_path} (epoch {start_epoch}, step {start_step})")
+    seed = trainer.run_seed(run.args, ckpt)
+    loader, sampler, steps = data_mod.train_loader(cfg, run.sets['train'], seed, ctx.rank, ctx.world_size,
+                                                   cfg.num_workers)
+    log(f"=> {len(run.sets['train'])} training images, batch {cfg.batch_size}: {steps} steps per epoch"
+        + (f" ({cfg.sampler}, {cfg.num_samples_cls} per class)" if cfg.sampler else ''))
+    loss = LOSSES[cfg.loss]()
+    criterion = loss if cfg.loss_weight == 1.0 else (lambda out, y: cfg.loss_weight * loss(out, y))
+    trained = model if ctx.world_size == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[ctx.device.index] if ctx.device.type == 'cuda' else None)
+    trainer.restore_rng(ckpt, seed, ctx.rank, ctx.world_size)
+
+    def latest(epoch, step):
+        rng, rng_ranks = trainer.rng_states(ctx.world_size)  # collective: every rank builds it
+        state = {'epoch': epoch, 'state_dict': {n.key: weights_mod.original_layout(getattr(model, n.key))
+                                                 for n in nets},
+                 'best_epoch': best_epoch, 'best_acc': best_acc, 'state_dict_best': best,
+                 'optimizer': optimizer.state_dict(), 'step': step, 'seed': seed, 'rng': rng,
+                 'world_size': ctx.world_size, 'script': weights_mod.SCRIPT, 'config': cfg.path,
+                 'log_size': folder.size()}
+        if rng_ranks is not None:
+            state['rng_ranks'] = rng_ranks
+        if run.main:
+            save_checkpoint(state, os.path.join(cfg.log_dir, weights_mod.LATEST))
+
+    with trainer.GracefulStop(log) as stop:
+        for epoch in range(start_epoch, cfg.num_epochs):
+            for group, net in zip(optimizer.param_groups, nets):
+                group['lr'] = cfg.lr_factor_at(epoch + 1, net.lr)
+            sampler.set_epoch(epoch)
+            loader.generator.manual_seed(trainer.loader_seed(seed, epoch, ctx.rank))
+            step0 = start_step if epoch == start_epoch else 0
+            sampler.skip(step0 * loader.batch_size)
+            stats = train_one_epoch(trained, criterion, _progress(loader, run, f'epoch {epoch + 1}', len(loader)),
+                                    optimizer, ctx.device, epoch, batch_fn=shuffle_batch if cfg.shuffle else None,
+                                    print_freq=cfg.display_step, log=log, should_stop=stop, start_step=step0,
+                                    num_steps=steps)
+            for group, net in zip(optimizer.param_groups, nets):
+                folder.scalar(f'lr/{net.key}', group['lr'], epoch + 1)
+            folder.scalar('loss/train', stats['loss'], epoch + 1)
+            if stats['stopped']:
+                latest(epoch, stats['steps'])
+                log(f"=> stopped by {signal.Signals(stop.signum).name} during epoch {epoch + 1} after step "
+                    f"{stats['steps']}; resume with --resume {cfg.log_dir}")
+                return 128 + stop.signum
+            dist.broadcast_buffers(model)  # collective: every rank evaluates rank 0's BatchNorm statistics
+            metrics = evaluate_phase(run, model, 'val')
+            log(f"Epoch [{epoch + 1}/{cfg.num_epochs}] training top-1 {stats['top1']:.3f}")
+            summary = report(metrics, 'val', run.train_counts, log)
+            for key in ('top1', 'many_shot', 'medium_shot', 'few_shot'):
+                if summary[key] is not None:
+                    folder.scalar(f'val/{key}', summary[key], epoch + 1)
+            if metrics['top1'] / 100 > best_acc:  # the original kept a fraction
+                best_epoch, best_acc = epoch + 1, metrics['top1'] / 100
+                best = {n.key: weights_mod.original_layout(getattr(model, n.key)) for n in nets}
+            latest(epoch + 1, 0)
+            if stop(True):
+                log(f"=> stopped by {signal.Signals(stop.signum).name} at the end of epoch {epoch + 1}; "
+                    f"resume with --resume {cfg.log_dir}")
+                return 128 + stop.signum
+    log(f"Best validation accuracy is {100 * best_acc:.3f} at epoch {best_epoch}")
+    if run.main:
+        save_checkpoint(weights_mod.final_state(cfg.num_epochs, best_epoch, best, best_acc),
+                        os.path.join(cfg.log_dir, weights_mod.FINAL))
+    for n in nets:
+        getattr(model, n.key).load_state_dict(strip_prefix(best[n.key], 'module.'))
+    phase = data_mod.final_split(cfg.dataset)
+    summary = report(evaluate_phase(run, model, phase), phase, run.train_counts, log)
+    write_results(run, summary, f'results_{phase}.json', best_epoch=best_epoch, best_val_top1=100 * best_acc)
+    return 0
+
+
+def run_stage(args, cfg):
+    ctx = dist.setup(gpu=args.gpu)
+    try:
+        return _run_stage(args, cfg, ctx)
+    finally:
+        dist.cleanup()
+
+
+def _run_stage(args, cfg, ctx):
+    folder, pending = None, []
+
+    def log(line, console_extra=''):
+        if ctx.rank == 0:
+            print(line + console_extra, flush=True)
+            if folder is not None:
+                folder.write(line)
+            else:
+                pending.append(line)  # written into log.txt once the folder is open
+
+    error, run = None, None
+    try:
+        run = build(args, cfg, ctx, log)
+    except UserError as e:
+        error = e
+    dist.raise_if_any(error)  # collective: a rank that failed must not leave the others waiting
+    if args.test:
+        return test(run, log)
+    folder = StageFolder(run)
+    resumed_here = run.ckpt is not None and os.path.abspath(os.path.dirname(run.resume_path)) == \
+        os.path.abspath(cfg.log_dir)
+    folder.open(truncate_to=run.ckpt.get('log_size') if resumed_here else None)
+    for line in pending:
+        folder.write(line)
+    try:
+        log(f"=> stage config {cfg.path}: {cfg.dataset}, {cfg.num_classes} classes, log folder {cfg.log_dir}")
+        return tau_norm(run, log) if cfg.taus is not None else train(run, folder, log)
+    finally:
+        folder.close()

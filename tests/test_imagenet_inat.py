@@ -1,0 +1,502 @@
+"""imagenet_inat/: configs, stage 1 from MoCo weights, cRT / tau-norm / LWS, --test, the LR
+schedule and epoch length, torchrun (gloo), kill-and-resume, and one-sentence bad input.
+
+All runs use a tiny long-tailed JPEG data set (tests/fixtures_jpeg.py: 110 / 30 / 5 training
+images, 48-64 px) with ResNet-10 features at 32 px crops, batch 16: 9 steps per epoch.
+"""
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import cli
+import fixtures_jpeg as fx
+from errors import UserError
+from imagenet_inat import main as ii_main
+from imagenet_inat.config import load_config
+from imagenet_inat.networks import ResNetFeature, tau_normalized
+from models import build_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, 'imagenet_inat', 'config')
+BATCH = 16
+STEPS = sum(fx.TRAIN_COUNTS) // BATCH  # 145 // 16 = 9
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Bit-reproducible CPU kernels need a fixed thread count (the subprocesses get OMP_NUM_THREADS=1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _env():
+    return {**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': '', 'PYTHONPATH': REPO}
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    """The data set, a MoCo checkpoint and a finished stage-1 run from it (2 epochs, uniform sampling)."""
+    root = tmp_path_factory.mktemp('imagenet_inat')
+    images, splits = fx.write_jpeg_dataset(str(root))
+    moco_feats = fx.write_moco_checkpoint(str(root / 'moco_ckpt_0200.pth.tar'))
+    w = {'root': root, 'images': images, 'splits': splits, 'moco': str(root / 'moco_ckpt_0200.pth.tar'),
+         'moco_feats': moco_feats, 'stage1': root / 'stage1'}
+    cfg = fx.write_config(root / 'stage1.yaml', fx.stage_config(w['stage1'], sampler=False, epochs=2, batch=BATCH))
+    w['stage1_cfg'] = cfg
+    torch.set_num_threads(1)
+    assert ii_main.main(argv(w, cfg, '--model_dir', w['moco'])) == 0
+    return w
+
+
+def argv(w, cfg, *extra):
+    return ['--cfg', str(cfg), '--data_root', w['images'], '--split_dir', w['splits'], '--seed', '0', *extra]
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def strip(sd):
+    return {k[len('module.'):]: v for k, v in sd.items()}
+
+
+def log_text(folder):
+    return (folder / 'log.txt').read_text()
+
+
+# ---------------------------------------------------------------- configs
+
+TABLE = {  # file: (batch, epochs, lr, weight decay, sampler, feature model fixed, classifier)
+    'ImageNet_LT/feat_uniform.yaml': (128, 90, 0.2, 5e-4, None, False, 'DotProductClassifier'),
+    'ImageNet_LT/feat_balance.yaml': (128, 90, 0.2, 5e-4, 'ClassAwareSampler', False, 'DotProductClassifier'),
+    'ImageNet_LT/cls_crt.yaml': (512, 10, 0.2, 5e-4, 'ClassAwareSampler', True, 'DotProductClassifier'),
+    'iNaturalist18/feat_uniform.yaml': (100, 90, 0.2, 1e-4, None, False, 'DotProductClassifier'),
+    'iNaturalist18/feat_unifrom.yaml': (100, 90, 0.2, 1e-4, None, False, 'DotProductClassifier'),  # alias
+    'iNaturalist18/feat_balance.yaml': (100, 90, 0.2, 1e-4, 'ClassAwareSampler', False, 'DotProductClassifier'),
+    'iNaturalist18/cls_crt.yaml': (512, 30, 0.2, 1e-4, 'ClassAwareSampler', True, 'DotProductClassifier'),
+    'ImageNet_LT/cls_lws.yaml': (512, 5, 0.2, 5e-4, 'ClassAwareSampler', True, 'LWSClassifier'),
+    'iNaturalist18/cls_lws.yaml': (512, 5, 0.2, 1e-4, 'ClassAwareSampler', True, 'LWSClassifier'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(TABLE))
+def test_shipped_configs_carry_the_papers_values(name):
+    batch, epochs, lr, wd, sampler, fixed, classifier = TABLE[name]
+    cfg = load_config(os.path.join(CONFIGS, name))
+    feat, clf = cfg.networks['feat_model'], cfg.networks['classifier']
+    assert (cfg.batch_size, cfg.num_epochs, cfg.sampler) == (batch, epochs, sampler)
+    assert cfg.num_samples_cls == (4 if sampler else 0)
+    assert (feat.name, feat.fix, clf.name, clf.fix) == ('ResNet50Feature', fixed, classifier, False)
+    for net in (feat, clf):
+        assert (net.lr, net.momentum, net.weight_decay) == (lr, 0.9, wd)
+    assert cfg.coslr and cfg.endlr == 0.0 and cfg.loss == 'SoftmaxLoss' and cfg.taus is None
+    assert cfg.num_classes == {'ImageNet_LT': 1000, 'iNaturalist18': 8142}[cfg.dataset]
+    assert clf.params['feat_dim'] == 2048 and cfg.crop_size == 224 and cfg.model_dir is None
+    assert cfg.log_dir == f'./logs/{cfg.dataset}/' + cfg.raw['training_opt']['stage']
+
+
+def test_tau_norm_configs_search_zero_to_one():
+    for ds in ('ImageNet_LT', 'iNaturalist18'):
+        cfg = load_config(os.path.join(CONFIGS, ds, 'cls_tau_norm.yaml'))
+        assert cfg.taus == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+        assert cfg.networks['classifier'].name == 'DotProductClassifier'
+
+
+ORIGINAL_CLS_CRT = """coslr: true
+criterions:
+  PerformanceLoss:
+    def_file: ./imagenet_inat/loss/SoftmaxLoss.py
+    loss_params: {}
+    optim_params: null
+    weight: 1.0
+endlr: 0.0
+last: false
+memory: {centroids: false, init_centroids: false}
+model_dir: ./data
+networks:
+  classifier:
+    def_file: ./imagenet_inat/models/DotProductClassifier.py
+    optim_params: {lr: 0.2, momentum: 0.9, weight_decay: 0.0005}
+    params: {dataset: ImageNet_LT, feat_dim: 2048, log_dir: ./data,
+      num_classes: 1000, stage1_weights: false}
+  feat_model:
+    def_file: ./imagenet_inat/models/ResNet50Feature.py
+    fix: true
+    optim_params: {lr: 0.2, momentum: 0.9, weight_decay: 0.0005}
+    params: {dataset: ImageNet_LT, dropout: null, log_dir: ./data,
+      stage1_weights: false, use_fc: false, use_selfatt: false}
+shuffle: true
+training_opt:
+  backbone: resnet50
+  batch_size: 512
+  dataset: ImageNet_LT
+  display_step: 10
+  feature_dim: 2048
+  log_dir: ./data
+  log_root: ./data
+  num_classes: 1000
+  num_epochs: 10
+  num_workers: 12
+  open_threshold: 0.1
+  sampler: {def_file: ./imagenet_inat/data/ClassAwareSampler.py, num_samples_cls: 4, type: ClassAwareSampler}
+  scheduler_params: {gamma: 0.1, step_size: 3}
+  stage: resnet50_crt_uni2ban_ssp_moco
+  sub_dir: clslearn
+"""
+
+
+def test_the_original_config_file_parses_and_command_line_overrides(tmp_path):
+    path = tmp_path / 'cls_crt.yaml'
+    path.write_text(ORIGINAL_CLS_CRT)
+    cfg = load_config(str(path), batch_size=256, model_dir='m.pth', log_dir='out', workers=2)
+    assert (cfg.batch_size, cfg.model_dir, cfg.log_dir, cfg.num_workers) == (256, 'm.pth', 'out', 2)
+    assert cfg.networks['feat_model'].fix and cfg.sampler == 'ClassAwareSampler' and cfg.num_epochs == 10
+
+
+@pytest.mark.parametrize('key,value,message', [
+    (('networks', 'feat_model', 'def_file'), '/tmp/evil/Backdoor.py',
+     r"networks.feat_model.def_file: unknown def_file '/tmp/evil/Backdoor.py'; "
+     r"known: ResNet10Feature, ResNet50Feature"),
+    (('criterions', 'PerformanceLoss', 'def_file'), './loss/FocalLoss.py', r"known: SoftmaxLoss"),
+    (('training_opt', 'sampler', 'def_file'), './data/MixedPrioritizedSampler.py', r"known: ClassAwareSampler"),
+    (('networks', 'classifier', 'def_file'), './models/ResNet50Feature.py', r"is a feat_model, not a classifier"),
+])
+def test_unknown_def_files_are_refused_with_the_known_names(tmp_path, key, value, message):
+    cfg = fx.stage_config(tmp_path / 'logs')
+    node = cfg
+    for k in key[:-1]:
+        node = node[k]
+    node[key[-1]] = value
+    with pytest.raises(UserError, match=message):
+        load_config(fx.write_config(tmp_path / 'c.yaml', cfg))
+
+
+def test_learning_rate_of_the_first_and_last_epoch_follows_the_cosine_formula():
+    cfg = load_config(os.path.join(CONFIGS, 'ImageNet_LT', 'feat_uniform.yaml'))
+    lr, end, epochs = 0.2, 0.0, 90
+    for e in (1, 45, 90):
+        assert cfg.lr_factor_at(e, lr) == end + (lr - end) * (1 + math.cos(math.pi * e / epochs)) / 2
+    assert cfg.lr_factor_at(90, lr) == 0.0 and cfg.lr_factor_at(1, 0.0) == 0.0
+    cfg.endlr = 0.01
+    assert cfg.lr_factor_at(90, lr) == pytest.approx(0.01) and cfg.lr_factor_at(1, 0.0) == 0.0
+    # torch's scheduler stepped at every epoch start agrees
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs, eta_min=0.01)
+    opt.step()  # (no gradient: only silences the scheduler-before-optimizer warning)
+    for e in range(1, epochs + 1):
+        sched.step()
+        assert opt.param_groups[0]['lr'] == pytest.approx(cfg.lr_factor_at(e, lr), abs=1e-12)
+
+
+# ---------------------------------------------------------------- stage 1
+
+def test_stage1_loads_every_moco_feature_tensor_and_writes_the_original_layout(world):
+    text = log_text(world['stage1'])
+    assert 'feat_model (ResNet10Feature): loaded 72 of its 72 tensors' in text
+    assert 'classifier (DotProductClassifier): starts fresh' in text
+    # lr 0.05: epoch 1 of 2 trains at 0.025, epoch 2 at endlr = 0; floor(145 / 16) = 9 steps each
+    assert f'Epoch: [0][{STEPS}/{STEPS}], lr: 0.02500' in text and f'Epoch: [1][{STEPS}/{STEPS}], lr: 0.00000' in text
+    final = load(world['stage1'] / 'final_model_checkpoint.pth')
+    assert set(final) == {'epoch', 'best_epoch', 'state_dict_best', 'best_acc', 'centroids'}
+    assert final['epoch'] == 2 and final['best_epoch'] in (1, 2) and 0 < final['best_acc'] <= 1
+    assert set(final['state_dict_best']) == {'feat_model', 'classifier'}
+    # loadable by the original: its load_model keeps the keys its DataParallel networks have
+    feat = nn.DataParallel(ResNetFeature(*fx._resnet10()))
+    kept = {k: v for k, v in final['state_dict_best']['feat_model'].items() if k in feat.state_dict()}
+    assert len(kept) == len(feat.state_dict()) == 72
+    assert set(final['state_dict_best']['classifier']) == {'module.fc.weight', 'module.fc.bias'}
+    # trained away from MoCo's weights
+    assert not torch.equal(strip(final['state_dict_best']['feat_model'])['conv1.weight'],
+                           world['moco_feats']['conv1.weight'])
+    latest = load(world['stage1'] / 'latest_model_checkpoint.pth')
+    assert latest['epoch'] == 2 and set(latest['state_dict']) == {'feat_model', 'classifier'}
+    results = json.loads((world['stage1'] / 'results_test.json').read_text())
+    assert results['phase'] == 'test' and results['count'] == 18 and results['train_class_counts'] == [110, 30, 5]
+
+
+def test_a_network_with_lr_0_stays_exactly_as_loaded(world, tmp_path):
+    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', sampler=False, epochs=2,
+                                                                batch=BATCH, feat_lr=0))
+    assert ii_main.main(argv(world, cfg, '--model_dir', world['moco'], '--freeze_bn')) == 0
+    latest = load(tmp_path / 'run' / 'latest_model_checkpoint.pth')['state_dict']
+    feats = strip(latest['feat_model'])
+    assert feats.keys() == world['moco_feats'].keys()
+    for k, v in world['moco_feats'].items():  # parameters and (with --freeze_bn) BatchNorm statistics
+        assert torch.equal(feats[k], v), k
+
+
+# ---------------------------------------------------------------- stage 2
+
+def test_crt_keeps_every_feature_parameter_and_retrains_the_classifier(world, tmp_path):
+    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'crt', fix=True, epochs=2, batch=BATCH))
+    assert ii_main.main(argv(world, cfg, '--model_dir', str(world['stage1']))) == 0
+    text = log_text(tmp_path / 'crt')
+    assert 'classifier (DotProductClassifier): starts fresh' in text
+    # the class-aware sampler's own epoch is 3 x 110 samples; an epoch still stops at floor(145 / 16) steps
+    assert f'Epoch: [0][{STEPS}/{STEPS}]' in text and f'Epoch: [0][{STEPS + 3}/' not in text  # display_step 3
+    s1 = load(world['stage1'] / 'final_model_checkpoint.pth')['state_dict_best']
+    crt = load(tmp_path / 'crt' / 'latest_model_checkpoint.pth')['state_dict']
+    names = dict(ResNetFeature(*fx._resnet10()).named_parameters())
+    for k, v in strip(s1['feat_model']).items():
+        if k in names:
+            assert torch.equal(strip(crt['feat_model'])[k], v), k
+    # fix: true leaves BatchNorm in train mode, as the original: its statistics move
+    assert not torch.equal(strip(crt['feat_model'])['bn1.running_mean'], strip(s1['feat_model'])['bn1.running_mean'])
+    assert not torch.equal(crt['classifier']['module.fc.weight'], s1['classifier']['module.fc.weight'])
+
+
+def test_crt_starts_the_classifier_fresh(world, tmp_path):
+    # one epoch trains at endlr = 0, so the saved classifier is its initialisation
+    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'crt', fix=True, epochs=1, batch=BATCH))
+    assert ii_main.main(argv(world, cfg, '--model_dir', str(world['stage1']))) == 0
+    s1 = load(world['stage1'] / 'final_model_checkpoint.pth')['state_dict_best']['classifier']['module.fc.weight']
+    crt = load(tmp_path / 'crt' / 'final_model_checkpoint.pth')['state_dict_best']['classifier']['module.fc.weight']
+    bound = 1 / math.sqrt(512)  # nn.Linear's initialisation: U(-1/sqrt(in), 1/sqrt(in))
+    assert crt.abs().max() <= bound < s1.abs().max()
+
+
+def test_tau_norm_picks_the_best_tau_on_val_and_saves_the_normalised_classifier(world, tmp_path):
+    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'tau', fix=True, epochs=0, sampler=False,
+                                                                batch=BATCH, tau=True))
+    assert ii_main.main(argv(world, cfg, '--model_dir', str(world['stage1']))) == 0
+    s1 = load(world['stage1'] / 'final_model_checkpoint.pth')['state_dict_best']
+    final = load(tmp_path / 'tau' / 'final_model_checkpoint.pth')
+    results = json.loads((tmp_path / 'tau' / 'results_test.json').read_text())
+    search = {float(t): acc for t, acc in final['tau_search'].items()}
+    assert sorted(search) == [i / 10 for i in range(11)]
+    best = final['tau']
+    assert search[best] == max(search.values()) and best == min(t for t in search if search[t] == search[best])
+    assert results['tau'] == best and final['best_acc'] == pytest.approx(search[best] / 100)
+    w = s1['classifier']['module.fc.weight']
+    assert torch.allclose(final['state_dict_best']['classifier']['module.fc.weight'],
+                          w / w.norm(dim=1, keepdim=True) ** best)
+    assert torch.equal(final['state_dict_best']['classifier']['module.fc.bias'], torch.zeros(3))
+    for k, v in s1['feat_model'].items():
+        assert torch.equal(final['state_dict_best']['feat_model'][k], v), k
+
+
+def test_tau_normalisation_divides_rows_by_their_norm_to_the_power_tau():
+    w = torch.tensor([[3., 4.], [0., 2.]])
+    assert torch.allclose(tau_normalized(w, 1.0), torch.tensor([[.6, .8], [0., 1.]]))
+    assert torch.equal(tau_normalized(w, 0.0), w)
+    assert torch.allclose(tau_normalized(w, 0.5), w / torch.tensor([[5 ** .5], [2 ** .5]]))
+
+
+def test_lws_learns_only_the_class_scales(world, tmp_path):
+    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'lws', classifier='LWSClassifier', fix=True,
+                                                                epochs=2, batch=BATCH))
+    assert ii_main.main(argv(world, cfg, '--model_dir', str(world['stage1']), '--freeze_bn')) == 0
+    s1 = load(world['stage1'] / 'final_model_checkpoint.pth')['state_dict_best']
+    lws = load(tmp_path / 'lws' / 'latest_model_checkpoint.pth')['state_dict']
+    for key in ('module.fc.weight', 'module.fc.bias'):
+        assert torch.equal(lws['classifier'][key], s1['classifier'][key])
+    assert lws['classifier']['module.scales'].shape == (3,)
+    assert not torch.equal(lws['classifier']['module.scales'], torch.ones(3))
+    for k, v in s1['feat_model'].items():  # with --freeze_bn, statistics included
+        assert torch.equal(lws['feat_model'][k], v), k
+
+
+def test_test_mode_shot_accuracy_matches_a_hand_count(world, capsys):
+    out = world['root'] / 'eval'
+    assert ii_main.main(argv(world, world['stage1_cfg'], '--test', '--model_dir', str(world['stage1']),
+                             '--log_dir', str(out), '--output_logits')) == 0
+    printed = capsys.readouterr().out
+    saved = np.load(out / 'logits_close.npz')
+    preds, labels = saved['logits'].argmax(1), saved['labels']
+    assert len(saved['paths']) == 18 and all(p.startswith(world['images']) for p in saved['paths'])
+    per_class = [np.mean(preds[labels == c] == c) for c in range(3)]  # classes 0, 1, 2: many, medium, few
+    results = json.loads((out / 'results_test.json').read_text())
+    assert results['many_shot'] == pytest.approx(100 * per_class[0])
+    assert results['medium_shot'] == pytest.approx(100 * per_class[1])
+    assert results['few_shot'] == pytest.approx(100 * per_class[2])
+    assert results['top1'] == pytest.approx(100 * np.mean(preds == labels))
+    assert results['cls_accs'] == pytest.approx(per_class)
+    row = ' '.join(f'{v:7.2f}' for v in [results['top1'], results['top5']] + [100 * a for a in per_class])
+    assert row in printed
+    # the same numbers as the stage-1 run's own final evaluation of its best weights
+    assert results['cls_accs'] == json.loads((world['stage1'] / 'results_test.json').read_text())['cls_accs']
+
+
+def test_save_feat_writes_features_labels_and_indices(world):
+    out = world['root'] / 'feats'
+    assert ii_main.main(argv(world, world['stage1_cfg'], '--test', '--model_dir', str(world['stage1']),
+                             '--log_dir', str(out), '--save_feat', 'val')) == 0
+    saved = np.load(out / 'valfeat_all.npz')
+    assert saved['feats'].shape == (18, 512) and saved['idxs'].tolist() == list(range(18))
+    split = open(os.path.join(world['splits'], f'{fx.DATASET}_val.txt')).read().split('\n')
+    assert saved['labels'].tolist() == [int(line.split()[1]) for line in split if line]
+
+
+# ---------------------------------------------------------------- scale and reliability
+
+def test_torchrun_two_processes_match_a_single_process_evaluation(world, tmp_path):
+    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'ddp', epochs=1, batch=BATCH))
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                           '-m', 'imagenet_inat.main', *argv(world, cfg, '--model_dir', world['moco'])],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # 9 global steps of 16 = 2 ranks x 8, printed by rank 0 only
+    assert proc.stdout.count(f'Epoch: [0][{STEPS}/{STEPS}]') == 1
+    sharded = json.loads((tmp_path / 'ddp' / 'results_test.json').read_text())
+    assert ii_main.main(argv(world, cfg, '--test', '--model_dir', str(tmp_path / 'ddp'),
+                             '--log_dir', str(tmp_path / 'single'))) == 0
+    single = json.loads((tmp_path / 'single' / 'results_test.json').read_text())
+    for key in ('count', 'top1', 'top5', 'many_shot', 'medium_shot', 'few_shot', 'cls_accs'):
+        assert sharded[key] == single[key], key
+    assert sharded['loss'] == pytest.approx(single['loss'], rel=1e-5)
+
+
+def _wait_for(proc, path, marker, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and marker in path.read_text():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended early:\n{proc.stdout.read()}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f'timed out waiting for {marker!r}')
+
+
+def test_sigkill_then_resume_ends_with_bit_identical_weights(world, tmp_path):
+    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', sampler=False, epochs=2, batch=BATCH))
+    cmd = [sys.executable, '-m', 'imagenet_inat.main', *argv(world, cfg, '--model_dir', world['moco'])]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(proc, tmp_path / 'run' / 'log.txt', 'Epoch: [1][3/')  # step 3 of epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert load(tmp_path / 'run' / 'latest_model_checkpoint.pth')['epoch'] == 1
+    assert not (tmp_path / 'run' / 'final_model_checkpoint.pth').exists()
+    assert ii_main.main(argv(world, cfg, '--resume', str(tmp_path / 'run'))) == 0
+    # the same stage as the module's uninterrupted stage-1 run: the same weights, to the bit
+    resumed = load(tmp_path / 'run' / 'final_model_checkpoint.pth')
+    whole = load(world['stage1'] / 'final_model_checkpoint.pth')
+    assert resumed['best_epoch'] == whole['best_epoch'] and resumed['best_acc'] == whole['best_acc']
+    for net in ('feat_model', 'classifier'):
+        for k, v in whole['state_dict_best'][net].items():
+            assert torch.equal(resumed['state_dict_best'][net][k], v), (net, k)
+        last = load(tmp_path / 'run' / 'latest_model_checkpoint.pth')['state_dict'][net]
+        for k, v in load(world['stage1'] / 'latest_model_checkpoint.pth')['state_dict'][net].items():
+            assert torch.equal(last[k], v), (net, k)
+
+
+def test_sigterm_saves_mid_epoch_and_the_resumed_run_is_exact(world, tmp_path, monkeypatch):
+    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', sampler=False, epochs=2, batch=BATCH))
+    import engine
+    real = engine.classify
+    calls = []
+
+    def classify_then_sigterm(model, images, targets):
+        calls.append(1)
+        if len(calls) == STEPS + 4:  # step 4 of epoch 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, images, targets)
+    monkeypatch.setattr(engine.train_one_epoch, '__kwdefaults__',
+                        {**engine.train_one_epoch.__kwdefaults__, 'forward': classify_then_sigterm})
+    assert ii_main.main(argv(world, cfg, '--model_dir', world['moco'])) == 128 + signal.SIGTERM
+    stopped = load(tmp_path / 'run' / 'latest_model_checkpoint.pth')
+    assert (stopped['epoch'], stopped['step']) == (1, 4)
+    monkeypatch.undo()
+    assert ii_main.main(argv(world, cfg, '--resume', str(tmp_path / 'run'))) == 0
+    resumed = load(tmp_path / 'run' / 'final_model_checkpoint.pth')['state_dict_best']
+    whole = load(world['stage1'] / 'final_model_checkpoint.pth')['state_dict_best']
+    for net in ('feat_model', 'classifier'):
+        for k, v in whole[net].items():
+            assert torch.equal(resumed[net][k], v), (net, k)
+
+
+def test_pretrain_rot_on_imagenet_split_files_feeds_stage_1(world, tmp_path):
+    import pretrain_rot
+    from imagenet_inat import weights
+    from imagenet_inat.networks import NETWORKS
+    splits = tmp_path / 'splits'
+    splits.mkdir()
+    for split in ('train', 'val'):  # the fixture's images under ImageNet-LT's split file names
+        (splits / f'ImageNet_LT_{split}.txt').write_text(
+            open(os.path.join(world['splits'], f'{fx.DATASET}_{split}.txt')).read())
+    assert pretrain_rot.main(['--dataset', 'imagenet', '--data_path', world['images'], '--split_dir', str(splits),
+                              '--crop-size', '32', '-b', '29', '-j', '0', '--epochs', '1', '--seed', '0',
+                              '--root_log', str(tmp_path / 'log'), '--root_model', str(tmp_path / 'ckpt')]) == 0
+    path = tmp_path / 'ckpt' / 'imagenet_resnet50_CE_None_pretrain_rot' / 'ckpt.pth.tar'  # the original's name
+    ckpt = load(path)
+    assert ckpt['arch'] == 'resnet50' and ckpt['state_dict']['fc.weight'].shape == (4, 2048)
+    file, kind, nets = weights.read_model_dir(str(path))
+    assert kind == 'rotation/supervised checkpoint' and nets['classifier'] is None
+    feat = NETWORKS['ResNet50Feature'].build({})
+    matched, missing = weights.load_network(feat, nets['feat_model'], 'feat_model', 'ResNet50Feature', file, print)
+    assert len(matched) == len(feat.state_dict()) == 318 and missing == []  # every tensor but the head
+    assert torch.equal(feat.state_dict()['layer4.2.conv3.weight'], ckpt['state_dict']['layer4.2.conv3.weight'])
+
+
+# ---------------------------------------------------------------- bad input
+
+def _bad(world, tmp_path, cfg_dict=None, *extra, cfg_path=None):
+    cfg = cfg_path or fx.write_config(tmp_path / 'c.yaml', cfg_dict or fx.stage_config(tmp_path / 'run', batch=BATCH))
+    with pytest.raises(UserError) as info:
+        ii_main.main(argv(world, cfg, *extra))
+    assert not (tmp_path / 'run').exists()  # refused before the log folder is touched
+    return str(info.value)
+
+
+def test_missing_files_and_keys_are_named(world, tmp_path):
+    assert 'split file not found' in _bad(world, tmp_path, None, '--split_dir', str(tmp_path))
+    assert '--split_dir' in _bad(world, tmp_path, None, '--split_dir', str(tmp_path))
+    assert _bad(world, tmp_path, None, '--model_dir', str(tmp_path / 'nope.pth')).startswith(
+        f"--model_dir not found: {tmp_path / 'nope.pth'}")
+    missing = tmp_path / 'none.yaml'
+    assert _bad(world, tmp_path, None, cfg_path=str(missing)) == f"--cfg file not found: {missing}"
+    cfg = fx.stage_config(tmp_path / 'run')
+    del cfg['networks']['feat_model']['optim_params']['lr']
+    assert _bad(world, tmp_path, cfg).endswith('key networks.feat_model.optim_params.lr is missing')
+    cfg = fx.stage_config(tmp_path / 'run', tau=True, epochs=0)
+    assert 'needs the stage-1 result: pass --model_dir' in _bad(world, tmp_path, cfg)
+
+
+def test_missing_image_and_out_of_range_label_are_refused(world, tmp_path):
+    splits = tmp_path / 'splits'
+    splits.mkdir()
+    for split in ('train', 'val', 'test'):
+        text = open(os.path.join(world['splits'], f'{fx.DATASET}_{split}.txt')).read()
+        (splits / f'{fx.DATASET}_{split}.txt').write_text(text)
+    train = splits / f'{fx.DATASET}_train.txt'
+    train.write_text(train.read_text() + 'train/class0/0.jpg 3\n')
+    message = _bad(world, tmp_path, None, '--split_dir', str(splits))
+    assert message == f"{train} line 146: label 3 is outside 0..2 (num_classes is 3)"
+    train.write_text(train.read_text().replace('train/class0/0.jpg 3\n', 'train/class0/missing.jpg 0\n'))
+    message = _bad(world, tmp_path, None, '--split_dir', str(splits))
+    assert 'missing.jpg' in message and 'check --data_root' in message
+
+
+def test_checkpoints_of_another_architecture_are_refused(world, tmp_path):
+    cifar = build_model('resnet32', 10).state_dict()
+    torch.save({'state_dict': cifar}, tmp_path / 'cifar.pth.tar')
+    message = _bad(world, tmp_path, None, '--model_dir', str(tmp_path / 'cifar.pth.tar'))
+    assert 'does not fit the feat_model (ResNet10Feature): shapes differ for conv1.weight (16, 3, 3, 3)' in message
+    torch.save({'state_dict': {'encoder.w': torch.zeros(2)}}, tmp_path / 'other.pth')
+    message = _bad(world, tmp_path, None, '--model_dir', str(tmp_path / 'other.pth'))
+    assert 'holds no tensor of the feat_model (ResNet10Feature)' in message
+    # --test needs a classifier; a MoCo checkpoint has none
+    message = _bad(world, tmp_path, None, '--test', '--model_dir', world['moco'])
+    assert 'holds no classifier' in message
+
+
+def test_command_line_exits_with_status_2_and_one_line(world, tmp_path, capsys):
+    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', batch=BATCH))
+    with pytest.raises(SystemExit) as info:
+        cli.run_main(ii_main.main, argv(world, cfg, '--model_dir', 'nowhere'))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count('\n') == 1
+    assert err.startswith('error: --model_dir not found: nowhere')
+    assert glob.glob(str(tmp_path / 'run*')) == []
