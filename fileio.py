@@ -20,11 +20,15 @@ def atomic_path(path):
     """Yield a temporary path next to `path`; on success fsync it and rename it over `path`.
 
     The temporary file lives in the same folder so that `os.replace` is a rename on one file
-    system (atomic on POSIX), not a copy.
+    system (atomic on POSIX), not a copy. Its name carries the writer's host and pid: a writer
+    killed mid-write (SIGKILL cannot be caught) leaves it behind, and the next write of `path`
+    removes it once that process is gone.
     """
     folder = os.path.dirname(os.path.abspath(path))
+    _remove_stale_temporaries(folder, os.path.basename(path))
+    prefix = f".{os.path.basename(path)}.{socket.gethostname()}.{os.getpid()}."
     try:
-        fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix='.tmp', dir=folder)
     except OSError as e:
         raise UserError(f"cannot write into folder {folder}: {e.strerror}") from None
     os.close(fd)
@@ -37,6 +41,23 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _remove_stale_temporaries(folder, base):
+    """Delete `.<base>.<host>.<pid>.<random>.tmp` files (atomic_path's) whose writer no longer runs."""
+    lead = f".{base}."
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return  # mkstemp will explain
+    for name in names:
+        if not (name.startswith(lead) and name.endswith('.tmp')):
+            continue
+        parts = name[len(lead):-len('.tmp')].rsplit('.', 2)  # host (may hold dots), pid, random
+        if len(parts) != 3 or not parts[1].isdigit() or RunLock._alive((parts[0], int(parts[1]))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(folder, name))
 
 
 def _fsync_dir(folder):

@@ -18,6 +18,7 @@ import datetime
 import functools
 import math
 import os
+import shutil
 import signal
 from dataclasses import dataclass
 from typing import Callable
@@ -282,19 +283,35 @@ def worker(args, layout, rank, init_method):
     # Data first: a wrong path ends the run before it waits for any peer.
     train_set = PRETRAIN_DATA[args.dataset].build(args)
     log(f"===> Training data length {len(train_set)}")
+    created = None
     if main_process:
         folder = os.path.dirname(checkpoint_path(args, 0))
+        created = topmost_missing(folder)
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create folder {folder}: {e.strerror}") from None
 
-    ctx = dist.setup(args.gpu, rank, layout.world_size, init_method,
-                     datetime.timedelta(seconds=args.dist_timeout), backend=args.dist_backend)
     try:
-        return _train(args, train_set, ctx, layout.per_process_batch, log)
-    finally:
-        dist.cleanup()
+        ctx = dist.setup(args.gpu, rank, layout.world_size, init_method,
+                         datetime.timedelta(seconds=args.dist_timeout), backend=args.dist_backend)
+        try:
+            return _train(args, train_set, ctx, layout.per_process_batch, log)
+        finally:
+            dist.cleanup()
+    except UserError:
+        # A refused run (a --resume that does not fit, too few images) leaves no empty folder behind.
+        if created and not any(files for _, _, files in os.walk(created)):
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def topmost_missing(folder):
+    """The outermost folder that os.makedirs(folder) would create, or None if `folder` exists."""
+    missing, path = None, os.path.abspath(folder)
+    while not os.path.isdir(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
 
 
 def _train(args, train_set, ctx, per_process_batch, log):

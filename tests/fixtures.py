@@ -124,3 +124,20 @@ def write_pseudo_labels(path, labels, confidence=None, extra=None):
     entry.update(extra or {})
     with open(path, 'wb') as f:
         pickle.dump(entry, f)
+
+
+def shrink_digits(setattr, per_class=40, test_per_class=10):
+    """Make `--dataset digits` small for a test: the first `per_class` images of each digit, of
+    which `test_per_class` form the test set. `setattr` is monkeypatch.setattr, or the builtin in
+    a subprocess that needs no undoing."""
+    from dataset import digits
+    images, labels = digits.load_digit_images()
+    keep = np.concatenate([np.where(labels == c)[0][:per_class] for c in range(10)])
+    setattr(digits, 'load_digit_images', lambda: (images[keep], labels[keep]))
+    setattr(digits, 'TEST_PER_CLASS', test_per_class)
+
+
+def flags_if_known(parser, *flags):
+    """`flags` if `parser` knows its first flag, else none: lets a test that pins a setting run
+    unchanged on code from before that flag existed (to show which old bugs it catches)."""
+    return list(flags) if flags[0] in parser._option_string_actions else []

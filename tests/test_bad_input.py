@@ -78,8 +78,10 @@ def world(tmp_path_factory):
 
 
 def _snapshot(root):
+    """Every file's md5 and every folder (an empty run folder left behind counts as a change)."""
     digest = {}
     for folder, _, files in os.walk(root):
+        digest[folder] = 'folder'
         for name in files:
             path = os.path.join(folder, name)
             with open(path, 'rb') as f:
@@ -120,7 +122,9 @@ CASES = [
     ('missing pretrained file', train, T + ['--pretrained_model', '{w}/none.pth'], r'--pretrained_model file not found'),
     ('evaluate without checkpoint', train, T + ['-e'], r'needs a checkpoint'),
     ('unwritable output folder', train, T + ['--root_model', '{w}/afile/sub'], r'cannot create folder'),
-    ('gpu on a CPU machine', train, T + ['--gpu', '0'], r'no CUDA GPU'),
+    # a GPU that does not exist: none at all on a CPU machine, one past the last otherwise
+    ('gpu that does not exist', train, T + ['--gpu', str(torch.cuda.device_count())],
+     r'no CUDA GPU' if not torch.cuda.is_available() else r'does not exist'),
     ('rotation on svhn', pretrain_rot, ['--dataset', 'svhn'], r'invalid choice'),
     ('semi on cifar100', train_semi, ['--dataset', 'cifar100'], r'invalid choice'),
     ('semi unlabeled imbalance zero', train_semi, ['--imb_factor_unlabel', '0'], r'not in \(0, 1\]'),
@@ -159,10 +163,15 @@ def test_bad_invocation(world, script, argv, pattern, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         cli.run_main(script.main, [a.format(w=world) for a in argv])
     err = capsys.readouterr().err
-    assert e.value.code != 0
+    assert e.value.code == 2
     assert 'Traceback' not in err
-    last = [line for line in err.splitlines() if line.strip()][-1]
-    assert 'error' in last
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert sum('error:' in line for line in lines) == 1, err
+    last = lines[-1]
+    if last.startswith('error: '):  # ours: cli.run_main's one line and nothing else
+        assert lines == [last], err
+    else:  # argparse: its usage, then "<prog>: error: ..."
+        assert lines[0].startswith('usage: ') and re.match(r'\S+: error: ', last), err
     assert re.search(pattern, last), last
     assert _snapshot(world) == before
     assert not (world / 'pwned').exists()

@@ -110,18 +110,29 @@ def test_moco_sigterm_to_one_rank_stops_both_after_the_same_step(tmp_path):
 
 # ---------------------------------------------------------------- train.py, train_semi.py, pretrain_rot.py
 
+def _probed(tmp_path, script, *args, **probes):
+    """torchrun SCRIPT under tests/dist_driver.py with probes; fails the test unless it exits 0.
+    Returns the folder the probes wrote into."""
+    folder = tmp_path / 'probes'
+    folder.mkdir(exist_ok=True)
+    for f in folder.iterdir():
+        f.unlink()
+    proc = _torchrun(script, *args, env=_env(folder, **probes))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder
+
+
+def _ranks_hold_the_same_weights(probes, epoch):
+    _assert_same_weights(*(torch.load(probes / f'rank{r}_epoch{epoch}_step0.pt', weights_only=True) for r in (0, 1)))
+
+
 def _last(log_text, prefix):
     return [line for line in log_text.splitlines() if line.startswith(prefix)][-1]
 
 
 def test_train_two_epochs_ranks_agree_and_merged_evaluation_is_exact(tmp_path, capsys):
-    probes = tmp_path / 'probes'
-    probes.mkdir()
-    proc = _torchrun('train.py', *_train_args(tmp_path, '--epochs', '2', '--seed', '0'),
-                     env=_env(probes, PROBE_STATES=1))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _assert_same_weights(torch.load(probes / 'rank0_epoch2_step0.pt', weights_only=True),
-                         torch.load(probes / 'rank1_epoch2_step0.pt', weights_only=True))
+    probes = _probed(tmp_path, 'train.py', *_train_args(tmp_path, '--epochs', '2', '--seed', '0'), PROBE_STATES=1)
+    _ranks_hold_the_same_weights(probes, 2)
     ckpt_path = tmp_path / 'ckpt' / NAME / 'ckpt.pth.tar'
     _assert_same_weights(load_checkpoint(str(ckpt_path))['state_dict'],
                          torch.load(probes / 'rank0_epoch2_step0.pt', weights_only=True))
@@ -148,34 +159,23 @@ def test_train_two_epochs_ranks_agree_and_merged_evaluation_is_exact(tmp_path, c
 
 
 def test_pretrain_rot_and_train_semi_two_epochs_ranks_agree(tmp_path):
-    probes = tmp_path / 'probes'
-    probes.mkdir()
-    proc = _torchrun('pretrain_rot.py', *_train_args(tmp_path, '--epochs', '2', '--seed', '0'),
-                     env=_env(probes, PROBE_STATES=1))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _assert_same_weights(torch.load(probes / 'rank0_epoch2_step0.pt', weights_only=True),
-                         torch.load(probes / 'rank1_epoch2_step0.pt', weights_only=True))
+    probes = _probed(tmp_path, 'pretrain_rot.py', *_train_args(tmp_path, '--epochs', '2', '--seed', '0'),
+                     PROBE_STATES=1)
+    _ranks_hold_the_same_weights(probes, 2)
 
     import fixtures
     from dataset import load_unlabeled_pool
     pool_args = {'imb_type': 'exp', 'imb_factor': 0.01, 'rand_number': 0}
     _, _, truth = load_unlabeled_pool('digits', None, **pool_args)
     fixtures.write_pseudo_labels(tmp_path / 'pseudo_labeled_digits.pickle', truth, extra={'pool_args': pool_args})
-    for f in probes.iterdir():
-        f.unlink()
-    proc = _torchrun('train_semi.py', *_train_args(tmp_path, '--epochs', '2', '--seed', '0', '--pseudo_labels',
-                                                   str(tmp_path / 'pseudo_labeled_digits.pickle')),
-                     env=_env(probes, PROBE_STATES=1))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _assert_same_weights(torch.load(probes / 'rank0_epoch2_step0.pt', weights_only=True),
-                         torch.load(probes / 'rank1_epoch2_step0.pt', weights_only=True))
+    probes = _probed(tmp_path, 'train_semi.py', *_train_args(tmp_path, '--epochs', '2', '--seed', '0', '--pseudo_labels',
+                                                             str(tmp_path / 'pseudo_labeled_digits.pickle')),
+                     PROBE_STATES=1)
+    _ranks_hold_the_same_weights(probes, 2)
 
 
 def test_without_seed_shards_are_disjoint_and_cover_the_data(tmp_path):
-    probes = tmp_path / 'probes'
-    probes.mkdir()
-    proc = _torchrun('train.py', *_train_args(tmp_path, '--epochs', '1'), env=_env(probes, PROBE_INDICES=1))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    probes = _probed(tmp_path, 'train.py', *_train_args(tmp_path, '--epochs', '1'), PROBE_INDICES=1)
     shards = [[int(i) for i in (probes / f'rank{r}_indices.txt').read_text().split('\n')[0].split()[1:]]
               for r in (0, 1)]
     from dataset.digits import ImbalanceDigits
@@ -187,11 +187,10 @@ def test_without_seed_shards_are_disjoint_and_cover_the_data(tmp_path):
 
 
 def test_ranks_augment_differently_with_workers(tmp_path):
-    probes = tmp_path / 'probes'
-    probes.mkdir()
-    proc = _torchrun('train.py', *_train_args(tmp_path, '--epochs', '1', '--seed', '0', '-j', '2'),
-                     env=_env(probes, PROBE_AUGMENT=1))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The per-image pipeline, whose augmentations run in worker processes seeded from the loader's generator
+    # (the device loader seeds its crops from (seed, epoch, step, rank) itself: tests/test_device_loader.py).
+    probes = _probed(tmp_path, 'train.py', *_train_args(tmp_path, '--epochs', '1', '--seed', '0', '-j', '2',
+                                                        '--loader', 'torchvision'), PROBE_AUGMENT=1)
     draws = [sorted((probes / f'rank{r}_augment.txt').read_text().split()) for r in (0, 1)]
     assert len(draws[0]) > 100 and not set(draws[0]) & set(draws[1])
 

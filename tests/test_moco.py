@@ -1,5 +1,6 @@
 """MoCo: queue ring buffer, momentum encoder, shuffle-BN, pretrain_moco.py end to end (1 and 2
 processes, resume), the hand-off to train.py's --pretrained_model, and one-sentence errors."""
+import copy
 import datetime
 import os
 import socket
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 import dist
@@ -102,6 +104,35 @@ def test_forward_gives_one_positive_and_k_negatives_per_query():
     nn.CrossEntropyLoss()(logits, labels).backward()
     assert all(p.grad is None for p in model.encoder_k.parameters())
     assert int(model.queue_ptr) == 4
+
+
+def test_logits_are_q_dot_k_and_q_dot_queue_over_t_and_the_queue_takes_the_keys():
+    torch.manual_seed(0)
+    model = tiny_moco(K=16, m=0.5, T=0.2)
+    with torch.no_grad():  # the query encoder moves away, so the momentum update shows
+        for p in model.encoder_q.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    by_hand = copy.deepcopy(model)
+    im_q, im_k = torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8)
+    fed_to_key_encoder = []
+    model.encoder_k.register_forward_pre_hook(lambda module, args: fed_to_key_encoder.append(args[0].clone()))
+    logits, labels = model(im_q, im_k)
+
+    with torch.no_grad():
+        for q, k in zip(by_hand.encoder_q.parameters(), by_hand.encoder_k.parameters()):
+            k.mul_(0.5).add_(0.5 * q)  # theta_k <- m theta_k + (1 - m) theta_q, before the keys
+        q = F.normalize(by_hand.encoder_q(im_q), dim=1)
+        k = F.normalize(by_hand.encoder_k(im_k), dim=1)  # BN statistics do not depend on the order
+    queue = by_hand.queue
+    torch.testing.assert_close(logits, torch.cat([(q * k).sum(1, keepdim=True), q @ queue], dim=1) / 0.2)
+    assert torch.equal(labels, torch.zeros(8, dtype=torch.long))
+    torch.testing.assert_close(model.queue[:, :8], k.T)  # the newest keys, in the oldest slots
+    assert torch.equal(model.queue[:, 8:], queue[:, 8:]) and int(model.queue_ptr) == 8
+
+    # shuffle-BN: the key encoder saw the key images permuted, not in their own order
+    fed = fed_to_key_encoder[0]
+    order = [next(j for j in range(8) if torch.equal(fed[i], im_k[j])) for i in range(8)]
+    assert sorted(order) == list(range(8)) and order != list(range(8))
 
 
 def test_batch_shuffle_round_trips_with_one_process():
@@ -365,19 +396,18 @@ def test_cpu_run_prints_its_layout_and_trains_in_one_process(jpeg_split, tmp_pat
     assert '=> one process; 4 images per process and step, 4 in all' in out
 
 
-def closed_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_dist_url_ends_with_one_sentence_in_bounded_time(jpeg_split, tmp_path):
+    # A port bound here but never listening refuses connections, and stays ours for the whole test:
+    # a port closed again before use could be taken by another run (e.g. a torchrun store) meanwhile.
+    held = socket.socket()
+    held.bind(('127.0.0.1', 0))
     argv = moco_args(jpeg_split, tmp_path, '--world-size', '2', '--rank', '1',
-                     '--dist-url', f'tcp://127.0.0.1:{closed_port()}', '--dist-timeout', '2')
+                     '--dist-url', f'tcp://127.0.0.1:{held.getsockname()[1]}', '--dist-timeout', '2')
     env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'OMP_NUM_THREADS': '1'}
     start = time.time()
-    proc = subprocess.run([sys.executable, 'pretrain_moco.py', *argv], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    with held:
+        proc = subprocess.run([sys.executable, 'pretrain_moco.py', *argv], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
     assert time.time() - start < 90
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
