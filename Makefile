@@ -26,6 +26,7 @@ test: venv
 
 bench: venv
 	$(BIN)/python bench/bench_train_step.py
+	$(BIN)/python bench/throughput.py
 
 clean:
 	rm -rf $(VENV) log checkpoint .pytest_cache

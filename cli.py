@@ -76,6 +76,24 @@ def add_training_args(parser, batch_size=128):
     parser.add_argument('--seed', default=None, type=int, help='seed for initializing training')
     parser.add_argument('--root_log', type=str, default='log')
     parser.add_argument('--root_model', type=str, default='./checkpoint')
+    add_speed_args(parser)
+
+
+def add_speed_args(parser):
+    """How batches are made and run (issue 11); the measurements behind the defaults: bench/README.md."""
+    group = parser.add_argument_group('speed (results change only by float rounding and the random stream)')
+    group.add_argument('--loader', default='device', choices=['device', 'torchvision'],
+                       help='device: the whole uint8 data set on the training device, each batch cropped, '
+                            'flipped and normalised there in one operation (default for the 32x32 data sets; '
+                            '-j is then unused); '
+                            "torchvision: the original's per-image transforms in -j worker processes")
+    group.add_argument('--channels-last', default=True, action=argparse.BooleanOptionalAction,
+                       help='NHWC memory layout for model and images (default: on)')
+    group.add_argument('--amp', default=None, action=argparse.BooleanOptionalAction,
+                       help='bf16 autocast (default: on with a GPU, and on a CPU with native bf16 '
+                            'instructions, AVX512-BF16 or AMX)')
+    group.add_argument('--compile', default=False, action=argparse.BooleanOptionalAction,
+                       help='torch.compile the model (default: off; the first steps compile, minutes on a small CPU)')
 
 
 def store_name(*parts):

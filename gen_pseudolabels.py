@@ -33,6 +33,8 @@ import cli
 import dist
 from checkpoint import load_weights, read_weights
 from dataset import DATASETS, build_transform, load_unlabeled_pool
+from dataset.device_loader import HostBatches
+from engine import autocast_forward, default_amp
 from errors import UserError
 from fileio import atomic_pickle_dump
 from losses import LOSSES, build_criterion, uses_norm
@@ -73,8 +75,11 @@ def build_parser():
                         help='default: pseudo_labeled_cifar.pickle, pseudo_labeled_svhn.pickle or '
                              'pseudo_labeled_digits.pickle, the names train_semi.py looks for')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing output file')
-    parser.add_argument('-b', '--batch-size', default=200, type=cli.positive_int, metavar='N')
+    parser.add_argument('-b', '--batch-size', default=1000, type=cli.positive_int, metavar='N',
+                        help='images scored per forward pass (default: 1000; the original: 200; the labels '
+                             'do not depend on it beyond float rounding)')
     parser.add_argument('-j', '--workers', default=4, type=cli.nonneg_int, metavar='N', help='data loading workers')
+    cli.add_speed_args(parser)
     group = parser.add_argument_group('digits pool (the same values as the base model\'s train.py run)')
     group.add_argument('--imb_type', default='exp')
     group.add_argument('--imb_factor', default=0.01, type=cli.imb_factor)
@@ -110,14 +115,15 @@ class PoolImages(Dataset):
         return len(self.images)
 
 
-@torch.no_grad()
-def predict(model, loader, device, scale=1.0):
+@torch.inference_mode()
+def predict(model, loader, device, scale=1.0, amp=False, channels_last=False):
     """(labels int64, confidence float32): argmax and max softmax probability (of scale * logits) of
-    every image, in order."""
+    every image, in order; `amp`, `channels_last` as in engine.train_one_epoch."""
     model.eval()
     labels, confidence = [], []
     for images in tqdm(loader, desc='pseudo-labeling', unit='batch', file=sys.stderr):
-        prob = torch.softmax(scale * model(images.to(device, non_blocking=True)).float(), dim=1)
+        logits = autocast_forward(model, images.to(device, non_blocking=True), device, amp, channels_last)
+        prob = torch.softmax(scale * logits.float(), dim=1)
         conf, pred = prob.max(dim=1)
         labels.append(pred.cpu())
         confidence.append(conf.cpu())
@@ -214,10 +220,18 @@ def main(argv=None):
         log(f'Args: {args}')
         log(f"=> loaded checkpoint '{args.resume}' ({args.arch}, epoch {ckpt.get('epoch', '?')}) on {device}")
         log(f"=> unlabeled pool: {len(images)} images from {pool_path or f'{args.dataset} {pool_args}'}")
-        loader = DataLoader(PoolImages(images, build_transform(args.dataset, train=False)),
-                            batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-                            pin_memory=device.type == 'cuda')
-        labels, confidence = predict(model.to(device), loader, device, logit_scale(args.loss_type, info.num_classes))
+        if args.loader == 'device':  # the pool stays in host memory; each batch is normalised on the device
+            loader = HostBatches(images, args.batch_size, device, info.mean, info.std, args.channels_last)
+        else:
+            loader = DataLoader(PoolImages(images, build_transform(args.dataset, train=False)),
+                                batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+                                pin_memory=device.type == 'cuda')
+        model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+        if args.compile:
+            model.compile()
+        amp = default_amp(device) if args.amp is None else args.amp
+        labels, confidence = predict(model, loader, device, logit_scale(args.loss_type, info.num_classes), amp,
+                                     args.channels_last)
         entry = {'extrapolated_targets': labels, 'prediction_model': args.resume, 'confidence': confidence,
                  'pool_args': pool_args}
         if truth is not None:

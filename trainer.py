@@ -23,8 +23,10 @@ from torch.utils.data import DataLoader, Subset
 
 import dist
 from checkpoint import load_optimizer, load_pretrained, load_weights, read_weights, save_checkpoint, unwrap
+from dataset import DATASETS
+from dataset.device_loader import DeviceLoader, eval_batch_size
 from dataset.samplers import ImbalancedDatasetSampler, ShuffleSampler
-from engine import evaluate, train_one_epoch
+from engine import default_amp, evaluate, train_one_epoch
 from errors import UserError
 from fileio import RunLock, atomic_path, atomic_write_bytes
 from losses import build_criterion, effective_num_weights
@@ -83,11 +85,16 @@ class GracefulStop:
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, log):
-        self.log = log
+        self.log = log  # for the notice only: a console, not a run log (a resumed run's logs must not show it)
         self.signum = None
         self._previous = {}
+        self._pid = os.getpid()
 
     def _handle(self, signum, frame):
+        if os.getpid() != self._pid:
+            # A data-loading worker forked during the run inherits this handler, and Ctrl-C signals
+            # the whole process group: only the process that trains decides when to stop.
+            return
         if self.signum is not None:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
@@ -306,12 +313,21 @@ def _resume(args, exp, model, optimizer, log):
     return ckpt
 
 
-def _loaders(args, exp, seed, rank, world):
+def _loaders(args, exp, seed, rank, world, device):
     per_rank_batch = max(1, args.batch_size // world)
     if TRAIN_RULES[args.train_rule].resample:
         sampler = ImbalancedDatasetSampler(exp.train_set, seed=seed, num_replicas=world, rank=rank)
     else:
         sampler = ShuffleSampler(len(exp.train_set), shuffle=True, seed=seed, num_replicas=world, rank=rank)
+    if args.loader == 'device' and args.dataset in DATASETS:  # the 32x32 sets; image folders stay per image
+        # Crops and flips drawn per step from (seed, epoch, step, rank): exact resume needs no generator here.
+        info = DATASETS[args.dataset]
+        train_loader = DeviceLoader.from_dataset(exp.train_set, sampler, per_rank_batch, device, info, train=True,
+                                                 flip=info.flip, seed=seed, rank=rank, channels_last=args.channels_last)
+        val_loader = DeviceLoader.from_dataset(exp.val_set, range(rank, len(exp.val_set), world),
+                                               eval_batch_size(device), device, info, train=False,
+                                               channels_last=args.channels_last)
+        return train_loader, sampler, val_loader
     pin = torch.cuda.is_available()
     # Own generators: the loaders draw their worker seeds from these, not from the global RNG,
     # so the global stream (augmentations with -j 0, rotations) is the same whether or not a run
@@ -346,6 +362,9 @@ def _run(args, exp, ctx):
             folder.write('log_train.csv', line)
 
     model = exp.model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    hooks = {'amp': default_amp(device) if args.amp is None else args.amp, 'channels_last': args.channels_last}
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
     ckpt = None
@@ -365,10 +384,11 @@ def _run(args, exp, ctx):
         raise UserError("-e/--evaluate needs a checkpoint: pass --resume PATH")
 
     seed = run_seed(args, ckpt)
-    train_loader, sampler, val_loader = _loaders(args, exp, seed, rank, world)
+    train_loader, sampler, val_loader = _loaders(args, exp, seed, rank, world, device)
     eval_criterion = nn.CrossEntropyLoss().to(device)
     if args.evaluate:
-        metrics = evaluate(model, eval_criterion, val_loader, device, exp.num_classes, batch_fn=exp.eval_batch_fn)
+        metrics = evaluate(model, eval_criterion, val_loader, device, exp.num_classes, batch_fn=exp.eval_batch_fn,
+                           **hooks)
         if main:
             for line in report_lines(metrics, exp.cls_num_list, 'val', exp.task):
                 print(line)
@@ -376,6 +396,8 @@ def _run(args, exp, ctx):
             print(np.array2string(metrics['confusion'], max_line_width=200, threshold=10 ** 6))
         return metrics
 
+    if args.compile:
+        model.compile()  # in place: state_dict keys stay those of the bare model
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     same_run = ckpt is not None and ckpt.get('store_name') == args.store_name
@@ -392,7 +414,7 @@ def _run(args, exp, ctx):
 
     metrics = {}
     try:
-        with GracefulStop(log) as stop:
+        with GracefulStop(lambda line: main and print(line, flush=True)) as stop:
             for epoch in range(start_epoch, args.epochs):
                 lr = lr_at(epoch, args.lr, args.lr_steps)
                 for group in optimizer.param_groups:
@@ -401,13 +423,14 @@ def _run(args, exp, ctx):
                 criterion = build_criterion(args.loss_type, exp.cls_num_list,
                                             None if weights is None else weights.to(device)).to(device)
                 sampler.set_epoch(epoch)
-                train_loader.generator.manual_seed(loader_seed(seed, epoch, rank))
+                if isinstance(train_loader, DataLoader):  # the device loader seeds every step itself
+                    train_loader.generator.manual_seed(loader_seed(seed, epoch, rank))
                 step0 = start_step if epoch == start_epoch else 0
                 sampler.skip(step0 * train_loader.batch_size)
                 stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch,
                                         batch_fn=exp.batch_fn, print_freq=args.print_freq, log=log,
                                         should_stop=stop, start_step=step0,
-                                        num_steps=step0 + len(train_loader))
+                                        num_steps=step0 + len(train_loader), **hooks)
                 folder.scalar('loss/train', stats['loss'], epoch)
                 folder.scalar('acc/train_top1', stats['top1'], epoch)
                 folder.scalar('lr', lr, epoch)
@@ -418,7 +441,7 @@ def _run(args, exp, ctx):
                     return {'stopped_by': stop.signum, **stats}
                 dist.broadcast_buffers(unwrap(model))  # collective, every epoch: evaluate what rank 0 saves
                 metrics = evaluate(unwrap(model), eval_criterion, val_loader, device, exp.num_classes,
-                                   batch_fn=exp.eval_batch_fn)
+                                   batch_fn=exp.eval_batch_fn, **hooks)
                 is_best = metrics['top1'] > best_acc1
                 best_acc1 = max(best_acc1, metrics['top1'])
                 _log_eval(folder, metrics, exp, epoch, best_acc1, main)
