@@ -1,0 +1,317 @@
+"""reproduce.py: the printed plans parse with each script's own parser; tiny tables run every stage,
+skip finished ones on a second call, resume a stage stopped half-way; --collect marks missing cells.
+
+The tiny runs use the CIFAR fixtures, whose md5 sums are patched in this process only, so their stages
+run in-process (reproduce.execute is swapped for a call of the script's main); one digits run goes
+through the real subprocess path.
+"""
+import csv
+import importlib
+import os
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torchvision.datasets import CIFAR10
+
+import cli
+import fixtures
+import reproduce
+import trainer
+from checkpoint import load_checkpoint
+from dataset import DATASETS
+from errors import UserError
+from utils import shot_accuracy
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = '--stage-args=-a resnet20 -b 64 -j 0'
+MODULES = {'train.py': 'train', 'gen_pseudolabels.py': 'gen_pseudolabels', 'train_semi.py': 'train_semi',
+           'pretrain_rot.py': 'pretrain_rot', 'pretrain_moco.py': 'pretrain_moco'}
+
+
+def _commands(capsys, argv):
+    """The command lines that `reproduce.py ... --dry-run` prints, split into words."""
+    assert reproduce.main([*argv, '--dry-run']) == 0
+    return [shlex.split(line) for line in capsys.readouterr().out.splitlines() if line and not line.startswith('#')]
+
+
+def _script(cmd):
+    """(SCRIPTS key, flags) of a printed command."""
+    if '-m' in cmd and cmd[cmd.index('-m') + 1] == 'imagenet_inat.main':
+        return 'imagenet_inat', cmd[cmd.index('-m') + 2:]
+    i = next(k for k, w in enumerate(cmd) if w.endswith('.py'))
+    return os.path.basename(cmd[i]), cmd[i + 1:]
+
+
+def _flag(argv, name):
+    return argv[len(argv) - 1 - argv[::-1].index(name) + 1]
+
+
+@pytest.mark.parametrize('table', list(reproduce.TABLES))
+def test_dry_run_commands_parse_with_their_own_parsers(table, tmp_path, capsys):
+    if table in ('imagenet-lt', 'inat'):
+        pytest.importorskip('imagenet_inat.main', reason='the imagenet_inat package (issue 10) is not in this '
+                                                         'checkout yet, so its parser cannot be checked')
+    out = tmp_path / 'out'
+    commands = _commands(capsys, ['--table', table, '--seeds', '0', '1', '--out', str(out)])
+    assert commands and not out.exists()  # a dry run writes nothing
+    for cmd in commands:
+        assert cmd[0] == sys.executable
+        script, argv = _script(cmd)
+        spec = reproduce.SCRIPTS[script]
+        args = getattr(importlib.import_module(spec.module), spec.parser)().parse_args(argv)
+        if hasattr(args, 'seed'):
+            assert args.seed in (0, 1)
+    seeds = [int(_flag(argv, '--seed')) for argv in (_script(c)[1] for c in commands) if '--seed' in argv]
+    assert seeds == sorted(seeds) and set(seeds) == {0, 1}  # seed 0's stages first
+
+
+def test_dry_run_semi_plan_in_order(tmp_path, capsys):
+    commands = [_script(c) for c in _commands(capsys, ['--table', 'cifar10-semi', '--seeds', '3',
+                                                        '--data_path', 'D', '--out', str(tmp_path)])]
+    assert [s for s, _ in commands] == ['train.py', 'gen_pseudolabels.py'] + ['train_semi.py'] * 4
+    (_, base), (_, gen), *semis = commands
+    import train
+    base_args = train.build_parser().parse_args(base)
+    assert (base_args.imb_factor, base_args.seed, base_args.rand_number, base_args.epochs) == (0.02, 3, 3, 200)
+    assert base_args.lr_steps == [160, 180] and base_args.loss_type == 'CE' and base_args.train_rule == 'None'
+    run = os.path.join(str(tmp_path), 'runs', 'cifar10-semi')
+    ckpt = os.path.join(run, 'checkpoint', train.supervised_store_name(base_args), 'ckpt.pth.tar')
+    assert _flag(gen, '--resume') == ckpt and _flag(gen, '--data_dir') == 'D'
+    pseudo = os.path.join(_flag(gen, '--output_dir'), 'pseudo_labeled_cifar.pickle')
+    assert [_flag(a, '--imb_factor_unlabel') for _, a in semis] == ['1', '0.04', '0.02', '0.01']
+    assert all(_flag(a, '--pseudo_labels') == pseudo and _flag(a, '--imb_factor') == '0.02' for _, a in semis)
+
+
+@pytest.mark.parametrize('schedule, e2', [('first-release', 200), ('current', 180)])
+def test_schedules(schedule, e2, tmp_path, capsys):
+    """first-release: x0.01 from epoch 161 to the end, never x0.0001 (trainer.lr_at with the printed --lr_steps)."""
+    commands = _commands(capsys, ['--table', 'cifar10-ssp', '--seeds', '0', '--schedule', schedule,
+                                  '--out', str(tmp_path)])
+    flags = [_script(c)[1] for c in commands]
+    assert {tuple(a[a.index('--lr_steps') + 1:a.index('--lr_steps') + 3]) for a in flags} == {('160', str(e2))}
+    lrs = [trainer.lr_at(epoch, 0.1, (160, e2)) for epoch in range(200)]  # 0-based epochs
+    assert lrs[:5] == [0.1 * e / 5 for e in range(1, 6)] and set(lrs[5:160]) == {0.1}
+    assert set(lrs[160:e2]) == {0.1 * 1e-2} and set(lrs[e2:]) <= {0.1 * 1e-4}
+    assert (0.1 * 1e-4 in lrs) == (schedule == 'current')
+
+
+def test_launcher_prefixes_multi_process_stages_only(tmp_path, capsys):
+    commands = _commands(capsys, ['--table', 'cifar10-semi', '--seeds', '0', '--out', str(tmp_path),
+                                  '--launcher', 'torchrun --nproc_per_node=8'])
+    heads = {_script(c)[0]: c[:c.index(next(w for w in c if w.endswith('.py')))] for c in commands}
+    assert heads['train.py'] == heads['train_semi.py'] == ['torchrun', '--nproc_per_node=8']
+    assert heads['gen_pseudolabels.py'] == [sys.executable]
+
+
+def _in_process(monkeypatch, stop_first=None):
+    """Run stages by calling the script's main in this process. `stop_first`: a script whose first
+    run is cut to one epoch and reported as killed by SIGTERM (a stage stopped half-way)."""
+    ran = []
+
+    def execute(cmd, env):
+        script, argv = _script(cmd)
+        ran.append((script, argv))
+        if script == stop_first and sum(s == script for s, _ in ran) == 1:
+            assert importlib.import_module(MODULES[script]).main([*argv, '--epochs', '1']) == 0
+            return 128 + 15
+        try:
+            return importlib.import_module(MODULES[script]).main(argv) or 0
+        except UserError as e:
+            print(f'error: {e}')
+            return 2
+
+    monkeypatch.setattr(reproduce, 'execute', execute)
+    return ran
+
+
+def _rows(out, table):
+    with open(os.path.join(out, f'{table}.csv')) as f:
+        return {r['cell']: r for r in csv.DictReader(f)}
+
+
+def _log_values(log_dir):
+    """(best top-1, the last shot line's many/medium/few, number of evaluations, last per-class accuracy %)."""
+    with open(os.path.join(log_dir, 'log_test.csv')) as f:
+        lines = f.read().splitlines()
+    best = float([x for x in lines if x.startswith('Best Prec@1:')][-1].split()[-1])
+    shots = [x for x in lines if x.startswith('val Shot Accuracy:')][-1].split()
+    per_class = [x for x in lines if x.startswith('val Class Accuracy:')][-1].split(':')[1].strip(' []').split(',')
+    return (best, [float(shots[i]) for i in (4, 6, 8)], sum(x.startswith('val Results') for x in lines),
+            100 * np.array([float(v) for v in per_class]))
+
+
+def _mtimes(root):
+    return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, files in os.walk(root) for f in files}
+
+
+def test_tiny_cifar10_semi_runs_every_stage_then_skips(cifar10_semi_root, tmp_path, monkeypatch, capsys):
+    ran = _in_process(monkeypatch)
+    out = str(tmp_path / 'out')
+    argv = ['--table', 'cifar10-semi', '--seeds', '0', '--epochs', '1', '--cells', 'CE', 'DU_rhoU50',
+            '--data_path', cifar10_semi_root, '--out', out, TINY]
+    assert reproduce.main(argv) == 0
+    assert [s for s, _ in ran] == ['train.py', 'gen_pseudolabels.py', 'train_semi.py']
+    semi_args = importlib.import_module('train_semi').build_parser().parse_args(ran[2][1])
+    assert (semi_args.arch, semi_args.batch_size, semi_args.epochs, semi_args.imb_factor_unlabel) == \
+        ('resnet20', 64, 1, 0.02)
+    rows = _rows(out, 'cifar10-semi')
+    assert list(rows) == ['CE', 'DU_rhoU50']
+    # shot groups of both rows by the labeled counts (the semi run's own log counts its pseudo-labels too)
+    labeled = DATASETS['cifar10'].build_train(cifar10_semi_root, 'exp', 0.02, 0, None).get_cls_num_list()
+    for key, (script, argv_) in (('CE', ran[0]), ('DU_rhoU50', ran[2])):
+        module = importlib.import_module(MODULES[script])
+        args = module.build_parser().parse_args(argv_)
+        name = module.supervised_store_name(args) if script == 'train.py' else module.semi_store_name(args)
+        best, shots, n_val, per_class = _log_values(os.path.join(args.root_log, name))
+        assert n_val == 1 and rows[key]['n'] == '1' and rows[key]['status'] == 'done'
+        assert float(rows[key]['best_err']) == pytest.approx(100 - best, abs=1e-4)
+        expected = shot_accuracy(per_class, labeled)
+        got = [float(rows[key][g]) if rows[key][g] else np.nan for g in ('many', 'medium', 'few')]
+        assert got == pytest.approx([expected[g] for g in ('many', 'medium', 'few')], abs=1e-3, nan_ok=True)
+        if key == 'CE':
+            assert got == pytest.approx(shots, abs=0.05, nan_ok=True)  # its own log's groups (3-decimal rounding)
+    assert rows['CE']['paper'] == '' and float(rows['DU_rhoU50']['paper']) == 18.36
+    assert float(rows['DU_rhoU50']['best_minus_paper']) == pytest.approx(float(rows['DU_rhoU50']['best_err']) - 18.36,
+                                                                         abs=1e-3)
+    with open(os.path.join(out, 'cifar10-semi.md')) as f:
+        md = f.read()
+    assert '18.36' in md and 'x0.01 after 1 and x0.0001 after 1 of 1 epochs' in md
+    assert open(os.path.join(out, 'cifar10-semi.png'), 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+
+    before = _mtimes(os.path.join(out, 'runs'))
+    capsys.readouterr()
+    assert reproduce.main(argv) == 0
+    assert len(ran) == 3  # nothing ran again
+    assert capsys.readouterr().out.count('skipped') == 3
+    assert _mtimes(os.path.join(out, 'runs')) == before
+    assert reproduce.main([*argv, '--dry-run']) == 0
+    assert capsys.readouterr().out.count(': done, skipped') == 3
+
+
+@pytest.fixture(scope='module')
+def ssp_run(tmp_path_factory):
+    """A tiny cifar10-ssp cell (rotation pre-training -> train.py) whose train.py stage is stopped
+    after epoch 1 of 2, then the same command again."""
+    tmp = tmp_path_factory.mktemp('ssp')
+    fixtures.write_cifar10(tmp / 'data', per_class=20, test_per_class=10)
+    out = str(tmp / 'out')
+    argv = ['--table', 'cifar10-ssp', '--seeds', '0', '--epochs', '2', '--cells', 'Uniform+SSP_rho10',
+            '--data_path', str(tmp / 'data'), '--out', out, TINY]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CIFAR10, '_check_integrity', lambda self: True)
+        ran = _in_process(mp, stop_first='train.py')
+        first = reproduce.main(argv)
+        n_first = len(ran)
+        second = reproduce.main(argv)
+    return {'out': out, 'argv': argv, 'ran': ran, 'codes': (first, second), 'n_first': n_first}
+
+
+def test_stage_stopped_half_way_is_resumed(ssp_run):
+    ran, n_first = ssp_run['ran'], ssp_run['n_first']
+    assert ssp_run['codes'] == (143, 0)
+    assert [s for s, _ in ran] == ['pretrain_rot.py', 'train.py', 'train.py']
+    assert n_first == 2 and '--resume' not in ran[1][1]
+    resumed = ran[2][1]
+    ckpt_path = _flag(resumed, '--resume')
+    args = importlib.import_module('train').build_parser().parse_args(resumed)
+    assert ckpt_path == os.path.join(args.root_model, importlib.import_module('train').supervised_store_name(args),
+                                     'ckpt.pth.tar')
+    ckpt = load_checkpoint(ckpt_path)
+    assert (ckpt['epoch'], ckpt['step']) == (2, 0)
+    # resumed, not restarted: the log holds epochs 1 and 2 once each (a restart would append two more)
+    best, _, n_val, _ = _log_values(os.path.join(args.root_log, ckpt['store_name']))
+    assert n_val == 2 and ckpt['best_acc1'] == pytest.approx(best, abs=1e-3)
+    assert float(_rows(ssp_run['out'], 'cifar10-ssp')['Uniform+SSP_rho10']['best_err']) == \
+        pytest.approx(100 - best, abs=1e-4)
+
+
+def test_progress_of_a_mid_epoch_checkpoint(tmp_path):
+    stage = reproduce.Stage('train.py', ('--dataset', 'digits', '--epochs', '3', '--exp_str', 'x',
+                                         '--root_model', str(tmp_path)))
+    path = stage.output()
+    assert not stage.progress().done and stage.progress().resume == ()
+    os.makedirs(os.path.dirname(path))
+    torch.save({'epoch': 2, 'step': 3}, path)
+    p = stage.progress()
+    assert not p.done and p.resume == ('--resume', path) and 'epoch 2 step 3 of 3' in p.note
+    torch.save({'epoch': 3, 'step': 0}, path)
+    assert stage.progress().done
+
+
+def test_collect_marks_missing_cells(ssp_run, capsys):
+    argv = [a for a in ssp_run['argv'] if a not in ('--cells', 'Uniform+SSP_rho10')]
+    assert reproduce.main([*argv, '--collect', '--cells', 'Uniform_rho10', 'Uniform+SSP_rho10']) == 0
+    rows = _rows(ssp_run['out'], 'cifar10-ssp')
+    assert list(rows) == ['Uniform_rho10', 'Uniform+SSP_rho10']
+    assert (rows['Uniform_rho10']['n'], rows['Uniform_rho10']['status'], rows['Uniform_rho10']['best_err']) == \
+        ('0', 'missing', '')
+    assert rows['Uniform+SSP_rho10']['status'] == 'done' and float(rows['Uniform+SSP_rho10']['paper']) == 12.28
+    md = open(os.path.join(ssp_run['out'], 'cifar10-ssp.md')).read()
+    assert '| rho = 10: CE (Uniform) | 0 | missing |' in md
+    assert len(ssp_run['ran']) == 3  # --collect ran nothing
+
+
+def test_digits_stage_runs_as_a_subprocess(tmp_path):
+    out = tmp_path / 'out'
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, 'reproduce.py', '--table', 'digits-mini', '--seeds', '0', '--epochs', '1',
+                           '--cells', 'CE', '--out', str(out), '--stage-args=-a resnet20'],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert '[reproduce] stage 1/1' in proc.stdout and 'val Results' in proc.stdout  # the stage's own output
+    log_dir = out / 'runs' / 'digits-mini' / 'log' / 'digits_resnet20_CE_None_exp_0.01_base_s0r0e1_current'
+    best, shots, _, _ = _log_values(str(log_dir))
+    row = _rows(str(out), 'digits-mini')['CE']
+    assert float(row['best_err']) == pytest.approx(100 - best, abs=1e-4)
+    assert float(row['many']) == pytest.approx(shots[0], abs=1e-3)
+
+
+def _error(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(reproduce.main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith('error: ')
+    return err[0]
+
+
+def test_bad_input(cifar10_root, tmp_path, capsys):
+    out = tmp_path / 'out'
+    assert 'unknown table' in _error(capsys, ['--table', 'cifar10', '--out', str(out)])
+    assert 'integers' in _error(capsys, ['--table', 'cifar10-ssp', '--seeds', '0', 'one', '--out', str(out)])
+    msg = _error(capsys, ['--table', 'cifar10-semi', '--data_path', cifar10_root, '--out', str(out)])
+    assert 'ti_80M_selected.pickle' in msg and 'Data preparation' in msg
+    msg = _error(capsys, ['--table', 'cifar100-ssp', '--data_path', cifar10_root, '--out', str(out)])
+    assert 'cifar-100-python' in msg and 'toronto' in msg
+    msg = _error(capsys, ['--table', 'cifar10-ssp', '--data_path', cifar10_root, '--out', str(out),
+                          '--stage-args=--no_such_flag 1'])
+    assert 'no_such_flag' in msg and '--stage-args' in msg
+    assert 'unknown cell' in _error(capsys, ['--table', 'cifar10-ssp', '--cells', 'CE', '--out', str(out)])
+    assert not out.exists()
+
+
+def test_collect_reads_imagenet_inat_results(tmp_path):
+    """The decoupled cells read the results_<split>.json that imagenet_inat writes (its own report())."""
+    stages = pytest.importorskip('imagenet_inat.stages', reason='the imagenet_inat package is not in this checkout')
+    out = str(tmp_path / 'out')
+    log_dir = os.path.join(out, 'runs', 'imagenet-lt', 'imagenet_inat', 's0', 'feat_uniform')
+    os.makedirs(log_dir)
+    per_class = np.array([0.9, 0.5, np.nan, 0.2])
+    summary = stages.report({'per_class': per_class, 'top1': 53.5, 'top5': 80.0, 'loss': 1.0, 'count': 30},
+                            'test', [150, 50, 30, 5], lambda line: None)
+    with open(os.path.join(log_dir, 'results_test.json'), 'w') as f:
+        import json
+        json.dump(summary, f)
+    torch.save({'epoch': 90}, os.path.join(log_dir, 'final_model_checkpoint.pth'))
+    assert reproduce.main(['--table', 'imagenet-lt', '--seeds', '0', '--out', out, '--collect',
+                           '--cells', 'Uniform+SSP', 'cRT+SSP']) == 0
+    rows = _rows(out, 'imagenet-lt')
+    assert float(rows['Uniform+SSP']['best_err']) == pytest.approx(46.5) and rows['Uniform+SSP']['last_err'] == ''
+    # class 2 (medium) has no test image: imagenet_inat leaves it out of its group
+    assert [float(rows['Uniform+SSP'][g]) for g in ('many', 'medium', 'few')] == pytest.approx([90, 50, 20])
+    assert float(rows['Uniform+SSP']['paper']) == 54.4 and float(rows['Uniform+SSP']['best_minus_paper']) == \
+        pytest.approx(46.5 - 54.4)
+    assert rows['cRT+SSP']['status'] == 'missing'
