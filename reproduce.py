@@ -642,6 +642,7 @@ def per_class_png(table, rows):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    from utils import figure_png
     import numpy as np
     groups = list(dict.fromkeys(r['group'] for r in rows))
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 5.2), squeeze=False)
@@ -661,10 +662,7 @@ def per_class_png(table, rows):
         ax.set_ylim(0, 100)
         ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format='png', dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig, dpi=90)
 
 
 def parse_stage_args(values):

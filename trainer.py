@@ -10,7 +10,6 @@ a function of (seed, epoch) only, so a run resumed from the end of epoch k repla
 way the uninterrupted run did.
 """
 import dataclasses
-import io
 import json
 import os
 import signal
@@ -30,7 +29,7 @@ from engine import default_amp, evaluate, train_one_epoch
 from errors import UserError
 from fileio import RunLock, atomic_path, atomic_write_bytes
 from losses import build_criterion, effective_num_weights
-from utils import derive_seed, rng_state, seed_everything, set_rng_state, shot_accuracy
+from utils import derive_seed, figure_png, rng_state, seed_everything, set_rng_state, shot_accuracy
 
 WARMUP_EPOCHS = 5
 BETA = 0.9999  # effective-number beta of Cui et al. 2019, as in LDAM-DRW
@@ -240,10 +239,7 @@ def per_class_plot(per_class, cls_num_list, title):
     ax2.set_ylabel('training images', color='tab:red')
     ax.set_title(title)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format='png', dpi=80)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig, dpi=80)
 
 
 def seed(args):

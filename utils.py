@@ -63,6 +63,16 @@ def shot_accuracy(per_class_acc, train_cls_num_list, many_thr=MANY_SHOT_THR, few
     return {name: float(acc[mask].mean()) if mask.any() else float('nan') for name, mask in groups.items()}
 
 
+def figure_png(fig, dpi=80):
+    """A matplotlib figure as PNG bytes (closed afterwards), for atomic writes of plots."""
+    import io
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def derive_seed(*numbers):
     """A 63-bit seed mixed from integers, e.g. (run seed, epoch, rank): distinct tuples give
     unrelated streams (SeedSequence hashes them), unlike seed + epoch, where (s, e + 1) == (s + 1, e)."""

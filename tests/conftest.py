@@ -56,6 +56,17 @@ def svhn_root(tmp_path, no_checksum):
     return str(tmp_path)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: bit-reproducible CPU kernels need a fixed thread count, and tiny convolutions
+    gain nothing from threads (on a busy machine OpenMP spinning slows them)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: multi-process (torchrun) tests; `make test` runs them, '
                                        '`pytest -m "not slow"` leaves them out')

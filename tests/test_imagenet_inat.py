@@ -32,13 +32,7 @@ BATCH = 16
 STEPS = sum(fx.TRAIN_COUNTS) // BATCH  # 145 // 16 = 9
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Bit-reproducible CPU kernels need a fixed thread count (the subprocesses get OMP_NUM_THREADS=1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')  # see conftest.py
 
 
 def _env():

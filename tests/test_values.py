@@ -36,13 +36,7 @@ CLS_NUM = [148, 89, 53, 32, 19, 11, 6, 4, 2, 1]
 TEST_PER_CLASS = 30
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from threads; on a busy machine OpenMP spinning slows them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')  # see conftest.py
 
 
 # fp32 in the NCHW layout, as the recomputations here: bf16 autocast (the default on a CPU with
