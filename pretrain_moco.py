@@ -223,8 +223,9 @@ def main(argv=None):
     layout = launch_layout(num_gpus, torchrun_env, args.multiprocessing_distributed, args.world_size,
                            args.batch_size)
     check_layout(args, layout)
-    print(f"=> {layout.how}; {layout.per_process_batch} images per process and step, "
-          f"{layout.per_process_batch * layout.world_size} in all", flush=True)
+    if os.environ.get('RANK', '0') == '0':  # under torchrun every process gets here
+        print(f"=> {layout.how}; {layout.per_process_batch} images per process and step, "
+              f"{layout.per_process_batch * layout.world_size} in all", flush=True)
     if layout.spawn:
         return spawn_per_gpu(args, layout)
     if torchrun_env is not None:
