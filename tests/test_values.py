@@ -104,27 +104,27 @@ def spy(monkeypatch):
     return _install_spy(monkeypatch)
 
 
-@pytest.fixture(scope='module')
-def ce_run(tmp_path_factory):
-    """One CE epoch on digits: (root, the spy's records)."""
-    root = tmp_path_factory.mktemp('ce')
+def _spied_run(tmp_path_factory, name, *extra):
+    """train.py on digits under the spy, in a fresh folder: (root, the spy's records)."""
+    root = tmp_path_factory.mktemp(name)
     with pytest.MonkeyPatch.context() as mp, torch.random.fork_rng():
         torch.set_num_threads(1)
         calls = _install_spy(mp)
-        assert train.main(_args(root)) == 0
+        assert train.main(_args(root, *extra)) == 0
     return root, calls
+
+
+@pytest.fixture(scope='module')
+def ce_run(tmp_path_factory):
+    """One CE epoch on digits."""
+    return _spied_run(tmp_path_factory, 'ce')
 
 
 @pytest.fixture(scope='module')
 def ldam_drw_run(tmp_path_factory):
     """LDAM-DRW on digits, two epochs with DRW switching on at the second (--lr_steps 1 2)."""
-    root = tmp_path_factory.mktemp('ldam')
-    with pytest.MonkeyPatch.context() as mp, torch.random.fork_rng():
-        torch.set_num_threads(1)
-        calls = _install_spy(mp)
-        assert train.main(_args(root, '--loss_type', 'LDAM', '--train_rule', 'DRW', '--epochs', '2',
-                                '--lr_steps', '1', '2')) == 0
-    return root, calls
+    return _spied_run(tmp_path_factory, 'ldam', '--loss_type', 'LDAM', '--train_rule', 'DRW', '--epochs', '2',
+                      '--lr_steps', '1', '2')
 
 
 def _test_set():
