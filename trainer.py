@@ -357,6 +357,11 @@ def _run(args, exp, ctx):
             print(line + console_extra, flush=True)
             folder.write('log_train.csv', line)
 
+    def console(line):
+        """Rank 0's console alone: for notices a resumed run's logs must not show."""
+        if main:
+            print(line, flush=True)
+
     model = exp.model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -410,7 +415,7 @@ def _run(args, exp, ctx):
 
     metrics = {}
     try:
-        with GracefulStop(lambda line: main and print(line, flush=True)) as stop:
+        with GracefulStop(console) as stop:
             for epoch in range(start_epoch, args.epochs):
                 lr = lr_at(epoch, args.lr, args.lr_steps)
                 for group in optimizer.param_groups:
