@@ -28,7 +28,6 @@ test: venv
 	$(BIN)/python -m pytest -q tests
 
 bench: venv
-	$(BIN)/python bench/bench_train_step.py
 	$(BIN)/python bench/throughput.py
 
 clean:

@@ -30,6 +30,21 @@ imb_factor = _typed(float, lambda v: 0 < v <= 1, 'in (0, 1] (the ratio of the sm
 probability = _typed(float, lambda v: 0 <= v <= 1, 'in [0, 1]')
 
 
+def str2bool(text):
+    """'true'/'false' (also 1/0, yes/no): the original took `--mlp True`, MoCo takes a bare `--mlp`."""
+    value = text.strip().lower()
+    if value in ('true', '1', 'yes', 'y', 'on'):
+        return True
+    if value in ('false', '0', 'no', 'n', 'off'):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
+def add_switch(parser, flag, default, help):
+    parser.add_argument(flag, nargs='?', const=True, default=default, type=str2bool, metavar='BOOL',
+                        help=f"{help} (bare flag: on; default: {'on' if default else 'off'})")
+
+
 def add_data_args(parser, datasets, default_exp_str):
     from dataset import DATASETS
     # Names outside DATASETS (pretrain_rot.py's imagenet / inat, read from split files) come last.

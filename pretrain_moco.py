@@ -80,21 +80,6 @@ PRETRAIN_DATA = {
 }
 
 
-def str2bool(text):
-    """'true'/'false' (also 1/0, yes/no): the original took `--mlp True`, MoCo takes a bare `--mlp`."""
-    value = text.strip().lower()
-    if value in ('true', '1', 'yes', 'y', 'on'):
-        return True
-    if value in ('false', '0', 'no', 'n', 'off'):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
-
-
-def add_switch(parser, flag, default, help):
-    parser.add_argument(flag, nargs='?', const=True, default=default, type=str2bool, metavar='BOOL',
-                        help=f"{help} (bare flag: on; default: {'on' if default else 'off'})")
-
-
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--dataset', default='imagenet', choices=list(PRETRAIN_DATA))
@@ -147,7 +132,7 @@ def build_parser():
                        metavar='SEC', help='give up joining the group, or waiting for a peer, after this long '
                                            f'(default: {dist.DEFAULT_TIMEOUT.total_seconds():.0f})')
     group.add_argument('--gpu', default=None, type=cli.nonneg_int, help='GPU id of a single-process run')
-    add_switch(group, '--multiprocessing-distributed', True,
+    cli.add_switch(group, '--multiprocessing-distributed', True,
                "spawn one process per visible GPU of this node, with --world-size nodes and this node's --rank, "
                "as the original; no effect without GPUs or under torchrun; 'False' turns it off")
 
@@ -159,9 +144,9 @@ def build_parser():
                        help='moco momentum of updating key encoder (default: 0.999)')
     group.add_argument('--moco-t', default=0.2, type=cli.positive_float,
                        help='softmax temperature (default: 0.2, MoCo v2; MoCo v1 used 0.07)')
-    add_switch(group, '--mlp', True, 'MoCo v2 MLP projection head')
-    add_switch(group, '--aug-plus', True, 'MoCo v2 data augmentation (imagenet/inat)')
-    add_switch(group, '--cos', True, 'cosine lr schedule instead of --schedule')
+    cli.add_switch(group, '--mlp', True, 'MoCo v2 MLP projection head')
+    cli.add_switch(group, '--aug-plus', True, 'MoCo v2 data augmentation (imagenet/inat)')
+    cli.add_switch(group, '--cos', True, 'cosine lr schedule instead of --schedule')
     return parser
 
 
@@ -347,17 +332,14 @@ def _train(args, train_set, ctx, per_process_batch, log):
 
     def save(path, epoch, step):
         """Collective (the RNG states of all ranks are gathered): every rank calls it, rank 0 writes."""
-        rng, rng_ranks = trainer.rng_states(world_size)
         state = {
             'epoch': epoch, 'arch': args.arch,
             # `module.` as in the DDP-saved files of the original, whatever the world size
             'state_dict': {'module.' + k: v for k, v in unwrap(model).state_dict().items()},
             'optimizer': optimizer.state_dict(),
-            'step': step, 'seed': seed, 'rng': rng, 'world_size': world_size, 'script': 'pretrain_moco',
+            'step': step, 'seed': seed, **trainer.resume_entries(world_size), 'script': 'pretrain_moco',
             'task': 'moco',
         }
-        if rng_ranks is not None:
-            state['rng_ranks'] = rng_ranks
         if rank == 0:
             save_checkpoint(state, path)
             log(f"=> saved {path}")

@@ -78,6 +78,12 @@ TRAIN_RULES = {
 }
 
 
+def console(line):
+    """Rank 0's console alone: for notices (GracefulStop's) that a resumed run's logs must not show."""
+    if dist.is_main_process():
+        print(line, flush=True)
+
+
 class GracefulStop:
     """First SIGTERM/SIGINT: finish the step, save, exit. Second: stop at once."""
 
@@ -292,11 +298,16 @@ def check_resume_layout(ckpt, path, world):
                         f"it with {saved} (this run has {world}), or from a checkpoint saved at an epoch end")
 
 
-def rng_states(world):
-    """(rank 0's RNG state, every rank's or None): collective under DDP, so every rank must build the
-    checkpoint state, even though only rank 0 writes it."""
+def resume_entries(world):
+    """The checkpoint entries exact resume needs besides the step: rank 0's RNG state as `rng` (the
+    single-process and original layout), `world_size`, and with several ranks every rank's state as
+    `rng_ranks` (read back by restore_rng). Collective under DDP (the states are gathered), so every
+    rank must build the checkpoint state, even though only rank 0 writes it."""
     states = dist.all_gather_object(rng_state())
-    return states[0], (states if world > 1 else None)
+    entries = {'rng': states[0], 'world_size': world}
+    if world > 1:
+        entries['rng_ranks'] = states
+    return entries
 
 
 def _resume(args, exp, model, optimizer, log):
@@ -356,11 +367,6 @@ def _run(args, exp, ctx):
         if main:
             print(line + console_extra, flush=True)
             folder.write('log_train.csv', line)
-
-    def console(line):
-        """Rank 0's console alone: for notices a resumed run's logs must not show."""
-        if main:
-            print(line, flush=True)
 
     model = exp.model.to(device)
     if args.channels_last:
@@ -491,13 +497,9 @@ def _log_eval(folder, metrics, exp, epoch, best_acc1, main):
 def _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, world):
     """The checkpoint: the original's keys first (best_acc1 as a 0-d tensor, which the original's
     `best_acc1.to(gpu)` needs), then what exact resume needs. Every rank must call it (RNG gather)."""
-    rng, rng_ranks = rng_states(world)
-    state = {
+    return {
         'epoch': epoch, 'arch': args.arch, 'state_dict': unwrap(model).state_dict(),
         'best_acc1': torch.tensor(best_acc1), 'optimizer': optimizer.state_dict(),
-        'step': step, 'seed': seed, 'rng': rng, 'world_size': world, 'script': exp.script, 'task': exp.task,
+        'step': step, 'seed': seed, **resume_entries(world), 'script': exp.script, 'task': exp.task,
         'num_classes': exp.num_classes, 'store_name': args.store_name, 'log_sizes': folder.log_sizes(),
     }
-    if rng_ranks is not None:
-        state['rng_ranks'] = rng_ranks
-    return state

@@ -21,7 +21,6 @@ import trainer
 from errors import UserError
 from imagenet_inat.config import load_config
 from imagenet_inat.stages import FEATURE_FILES, run_stage
-from pretrain_moco import str2bool
 
 
 def build_parser():
@@ -36,7 +35,7 @@ def build_parser():
                              '(final_model_checkpoint.pth) or its folder; overrides the config model_dir')
     parser.add_argument('--save_feat', type=str, default='', choices=['', *FEATURE_FILES],
                         help='with --test: write features, labels and indices of this split (npz)')
-    parser.add_argument('--output_logits', nargs='?', const=True, default=False, type=str2bool, metavar='BOOL',
+    parser.add_argument('--output_logits', nargs='?', const=True, default=False, type=cli.str2bool, metavar='BOOL',
                         help='with --test: write logits, labels and image paths to logits_close.npz')
     parser.add_argument('--val_as_train', default=False, action='store_true', help='train on the val split')
     parser.add_argument('--data_root', default='./data', type=str, help='image root the split files are relative to')

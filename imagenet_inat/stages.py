@@ -154,7 +154,7 @@ def report(metrics, phase, train_counts, log):
 
 
 def _finite(x):
-    return None if x is None or not np.isfinite(x) else float(x)
+    return float(x) if np.isfinite(x) else None
 
 
 def write_results(run, summary, name, **extra):
@@ -255,7 +255,7 @@ def tau_norm(run, log):
         search[tau] = m['top1']
         log(f"tau {tau:.2f}: val top-1 {m['top1']:.2f}  many {100 * shots['many']:.2f}  "
             f"medium {100 * shots['medium']:.2f}  few {100 * shots['few']:.2f}")
-    best_tau = max(cfg.taus, key=lambda t: (search[t], -cfg.taus.index(t)))
+    best_tau = max(cfg.taus, key=search.get)  # of equal maxima, max keeps the first listed
     log(f"=> best tau {best_tau:.2f} (val top-1 {search[best_tau]:.2f})")
     head.weight.data.copy_(tau_normalized(weight, best_tau))
     phase = data_mod.final_split(cfg.dataset)
@@ -265,12 +265,12 @@ def tau_norm(run, log):
     classifier = {'module.fc.weight': head.weight.detach().cpu().clone(),
                   'module.fc.bias': head.bias.detach().cpu().clone()}
     best = {'feat_model': weights_mod.original_layout(model.feat_model), 'classifier': classifier}
+    tau_search = {str(t): a for t, a in search.items()}
     if run.main:
         save_checkpoint(weights_mod.final_state(0, 0, best, search[best_tau] / 100, tau=best_tau,
-                                                tau_search={str(t): a for t, a in search.items()}),
+                                                tau_search=tau_search),
                         os.path.join(cfg.log_dir, weights_mod.FINAL))
-    write_results(run, summary, f'results_{phase}.json', tau=best_tau,
-                  tau_search={str(t): a for t, a in search.items()})
+    write_results(run, summary, f'results_{phase}.json', tau=best_tau, tau_search=tau_search)
     return 0
 
 
@@ -354,19 +354,16 @@ def train(run, folder, log):
     trainer.restore_rng(ckpt, seed, ctx.rank, ctx.world_size)
 
     def latest(epoch, step):
-        rng, rng_ranks = trainer.rng_states(ctx.world_size)  # collective: every rank builds it
         state = {'epoch': epoch, 'state_dict': {n.key: weights_mod.original_layout(getattr(model, n.key))
                                                  for n in nets},
                  'best_epoch': best_epoch, 'best_acc': best_acc, 'state_dict_best': best,
-                 'optimizer': optimizer.state_dict(), 'step': step, 'seed': seed, 'rng': rng,
-                 'world_size': ctx.world_size, 'script': weights_mod.SCRIPT, 'config': cfg.path,
-                 'log_size': folder.size()}
-        if rng_ranks is not None:
-            state['rng_ranks'] = rng_ranks
+                 'optimizer': optimizer.state_dict(), 'step': step, 'seed': seed,
+                 **trainer.resume_entries(ctx.world_size),  # collective: every rank builds it
+                 'script': weights_mod.SCRIPT, 'config': cfg.path, 'log_size': folder.size()}
         if run.main:
             save_checkpoint(state, os.path.join(cfg.log_dir, weights_mod.LATEST))
 
-    with trainer.GracefulStop(log) as stop:
+    with trainer.GracefulStop(trainer.console) as stop:
         for epoch in range(start_epoch, cfg.num_epochs):
             for group, net in zip(optimizer.param_groups, nets):
                 group['lr'] = cfg.lr_factor_at(epoch + 1, net.lr)
@@ -443,7 +440,11 @@ def _run_stage(args, cfg, ctx):
     folder = StageFolder(run)
     resumed_here = run.ckpt is not None and os.path.abspath(os.path.dirname(run.resume_path)) == \
         os.path.abspath(cfg.log_dir)
-    folder.open(truncate_to=run.ckpt.get('log_size') if resumed_here else None)
+    try:
+        folder.open(truncate_to=run.ckpt.get('log_size') if resumed_here else None)
+    except UserError as e:
+        error = e
+    dist.raise_if_any(error)  # collective: rank 0 alone opens the folder, every rank must stop if it fails
     for line in pending:
         folder.write(line)
     try:

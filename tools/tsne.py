@@ -13,7 +13,6 @@ split given by --imb_type/--imb_factor/--rand_number, or the split file); they a
 tail classes as crosses. At most --max-points images, drawn per class in proportion, seeded.
 """
 import argparse
-import io
 import os
 import sys
 
@@ -29,6 +28,7 @@ from checkpoint import load_checkpoint, load_weights, read_weights, strip_prefix
 from dataset.samplers import get_targets  # noqa: E402
 from errors import UserError  # noqa: E402
 from fileio import atomic_write_bytes  # noqa: E402
+from utils import figure_png  # noqa: E402
 
 
 def _trainer_source(args, ckpt):
@@ -133,10 +133,7 @@ def plot(points, labels, counts, title):
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format='png', dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig, dpi=100)
 
 
 def build_parser():
