@@ -19,7 +19,6 @@ import functools
 import math
 import os
 import shutil
-import signal
 from dataclasses import dataclass
 from typing import Callable
 
@@ -348,10 +347,8 @@ def _train(args, train_set, ctx, per_process_batch, log):
         log(f"=> nothing to do: {start_epoch} of --epochs {args.epochs} are done")
     with trainer.GracefulStop(log) as stop:
         for epoch in range(start_epoch, args.epochs):
-            sampler.set_epoch(epoch)
-            loader.generator.manual_seed(trainer.loader_seed(seed, epoch, rank))
             step0 = start_step if epoch == start_epoch else 0
-            sampler.skip(step0 * loader.batch_size)
+            trainer.begin_epoch(sampler, loader, seed, epoch, rank, step0)
             lr = lr_at(epoch, args)
             for group in optimizer.param_groups:
                 group['lr'] = lr
@@ -362,16 +359,14 @@ def _train(args, train_set, ctx, per_process_batch, log):
             if stats['stopped']:
                 path = os.path.join(os.path.dirname(checkpoint_path(args, 0)), 'moco_ckpt_interrupted.pth.tar')
                 save(path, epoch, stats['steps'])
-                log(f"=> stopped by {signal.Signals(stop.signum).name} during epoch {done} after step "
-                    f"{stats['steps']}; resume with --resume {path}")
+                log(trainer.stop_notice(stop, epoch, path, stats['steps']))
                 return 128 + stop.signum
             # stop() is collective: every rank asks it once per epoch end, before deciding to save.
             stopping = stop()
             if done % args.save_freq == 0 or done == args.epochs or stopping:
                 save(checkpoint_path(args, done), done, 0)
             if stopping:
-                log(f"=> stopped by {signal.Signals(stop.signum).name} after epoch {done}; resume with "
-                    f"--resume {checkpoint_path(args, done)}")
+                log(trainer.stop_notice(stop, epoch, checkpoint_path(args, done)))
                 return 128 + stop.signum
     return 0
 

@@ -135,31 +135,28 @@ def _in_main_thread():
     return threading.current_thread() is threading.main_thread()
 
 
-class RunFolder:
-    """root_log/store_name (logs, tensorboard, plot) and root_model/store_name (checkpoints)."""
+class LogFolder:
+    """A run's log folder, written by rank 0 alone: the lock (held in `lock_dir`), text logs opened for
+    appending (cut back on resume to the sizes a checkpoint recorded) and a tensorboard writer."""
 
-    LOGS = ('log_train.csv', 'log_test.csv')
-
-    def __init__(self, args):
-        self.log_dir = os.path.join(args.root_log, args.store_name)
-        self.model_dir = os.path.join(args.root_model, args.store_name)
-        self.ckpt_path = os.path.join(self.model_dir, 'ckpt.pth.tar')
-        self.best_path = os.path.join(self.model_dir, 'ckpt.best.pth.tar')
+    def __init__(self, log_dir, lock_dir, logs, folders=()):
+        self.log_dir, self.logs, self.folders = log_dir, logs, (log_dir, *folders)
         self.main = dist.is_main_process()
-        self.lock = RunLock(self.model_dir)
+        self.lock = RunLock(lock_dir)
         self.files = {}
         self.writer = None
 
-    def open(self, args, truncate_to=None):
+    def open(self, truncate_to=None):
+        """Create the folders, take the lock, open the logs; `truncate_to`: {log name: size}."""
         if not self.main:
             return self
-        for d in (self.log_dir, self.model_dir):
+        for d in self.folders:
             try:
                 os.makedirs(d, exist_ok=True)
             except OSError as e:
                 raise UserError(f"cannot create folder {d}: {e.strerror}") from None
         self.lock.acquire()
-        for name in self.LOGS:
+        for name in self.logs:
             path = os.path.join(self.log_dir, name)
             # A resumed run drops what the killed run logged after its last checkpoint, so the
             # logs read as if it had never stopped.
@@ -167,8 +164,6 @@ class RunFolder:
                 with open(path, 'r+b') as f:
                     f.truncate(min(truncate_to[name], os.path.getsize(path)))
             self.files[name] = open(path, 'a')
-        with open(os.path.join(self.log_dir, 'args.txt'), 'a') as f:
-            f.write(str(args) + '\n')
         from tensorboardX import SummaryWriter
         self.writer = SummaryWriter(log_dir=self.log_dir)
         return self
@@ -184,6 +179,33 @@ class RunFolder:
     def scalar(self, tag, value, step):
         if self.writer is not None:
             self.writer.add_scalar(tag, value, step)
+
+    def close(self):
+        for f in self.files.values():
+            f.close()
+        self.files = {}
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        self.lock.release()
+
+
+class RunFolder(LogFolder):
+    """root_log/store_name (logs, args.txt, tensorboard, plot) and root_model/store_name (checkpoints)."""
+
+    def __init__(self, args):
+        self.model_dir = os.path.join(args.root_model, args.store_name)
+        self.ckpt_path = os.path.join(self.model_dir, 'ckpt.pth.tar')
+        self.best_path = os.path.join(self.model_dir, 'ckpt.best.pth.tar')
+        super().__init__(os.path.join(args.root_log, args.store_name), self.model_dir,
+                         ('log_train.csv', 'log_test.csv'), folders=(self.model_dir,))
+
+    def open(self, args, truncate_to=None):
+        super().open(truncate_to)
+        if self.main:
+            with open(os.path.join(self.log_dir, 'args.txt'), 'a') as f:
+                f.write(str(args) + '\n')
+        return self
 
     def scalars(self, tag, values, step):
         if self.writer is not None:
@@ -203,15 +225,6 @@ class RunFolder:
             with atomic_path(self.best_path) as tmp:
                 with open(self.ckpt_path, 'rb') as src, open(tmp, 'wb') as dst:
                     dst.write(src.read())
-
-    def close(self):
-        for f in self.files.values():
-            f.close()
-        self.files = {}
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        self.lock.release()
 
 
 def report_lines(metrics, cls_num_list=None, flag='val', task='classification'):
@@ -273,6 +286,22 @@ def loader_seed(seed, epoch, rank):
     """Seed of an epoch's loader generator (worker seeds, hence augmentations): a function of
     (seed, epoch) for exact resume, and of the rank, so ranks do not crop and flip their shards alike."""
     return derive_seed(seed, epoch, rank)
+
+
+def begin_epoch(sampler, loader, seed, epoch, rank, first_step=0):
+    """Set up an epoch's data: the sampler's order for `epoch`, the loader's worker seeds (the device
+    loader seeds every step itself), and the `first_step` batches a mid-epoch resume already did
+    skipped, so a resumed epoch goes on exactly as the interrupted one would have."""
+    sampler.set_epoch(epoch)
+    if isinstance(loader, DataLoader):
+        loader.generator.manual_seed(loader_seed(seed, epoch, rank))
+    sampler.skip(first_step * loader.batch_size)
+
+
+def stop_notice(stop, epoch, resume_from, step=None):
+    """The log line of a run stopped by a signal during 0-based `epoch` (after `step`) or at its end."""
+    where = f"during epoch {epoch + 1} after step {step}" if step is not None else f"at the end of epoch {epoch + 1}"
+    return f"=> stopped by {signal.Signals(stop.signum).name} {where}; resume with --resume {resume_from}"
 
 
 def restore_rng(ckpt, seed, rank, world):
@@ -429,11 +458,8 @@ def _run(args, exp, ctx):
                 weights = TRAIN_RULES[args.train_rule].weights(epoch, exp.cls_num_list, args.lr_steps[0])
                 criterion = build_criterion(args.loss_type, exp.cls_num_list,
                                             None if weights is None else weights.to(device)).to(device)
-                sampler.set_epoch(epoch)
-                if isinstance(train_loader, DataLoader):  # the device loader seeds every step itself
-                    train_loader.generator.manual_seed(loader_seed(seed, epoch, rank))
                 step0 = start_step if epoch == start_epoch else 0
-                sampler.skip(step0 * train_loader.batch_size)
+                begin_epoch(sampler, train_loader, seed, epoch, rank, step0)
                 stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch,
                                         batch_fn=exp.batch_fn, print_freq=args.print_freq, log=log,
                                         should_stop=stop, start_step=step0,
@@ -443,8 +469,7 @@ def _run(args, exp, ctx):
                 folder.scalar('lr', lr, epoch)
                 if stats['stopped']:
                     folder.save(snapshot(epoch, stats['steps']), is_best=False)
-                    log(f"=> stopped by {signal.Signals(stop.signum).name} during epoch {epoch + 1} after step "
-                        f"{stats['steps']}; resume with --resume {folder.ckpt_path}")
+                    log(stop_notice(stop, epoch, folder.ckpt_path, stats['steps']))
                     return {'stopped_by': stop.signum, **stats}
                 dist.broadcast_buffers(unwrap(model))  # collective, every epoch: evaluate what rank 0 saves
                 metrics = evaluate(unwrap(model), eval_criterion, val_loader, device, exp.num_classes,
@@ -455,8 +480,7 @@ def _run(args, exp, ctx):
                 folder.save(snapshot(epoch + 1, 0), is_best)
                 # Collective, at every epoch end; after the save, so a resumed run's logs hold no trace of the stop.
                 if stop():
-                    log(f"=> stopped by {signal.Signals(stop.signum).name} at the end of epoch {epoch + 1}; "
-                        f"resume with --resume {folder.ckpt_path}")
+                    log(stop_notice(stop, epoch, folder.ckpt_path))
                     return {'stopped_by': stop.signum, **metrics}
     finally:
         folder.close()

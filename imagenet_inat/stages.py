@@ -14,7 +14,6 @@ A `tau_norm` stage trains nothing: it searches tau on val features and evaluates
 import dataclasses
 import json
 import os
-import signal
 from typing import Optional
 
 import numpy as np
@@ -28,12 +27,13 @@ import trainer
 from checkpoint import load_optimizer, save_checkpoint, strip_prefix
 from engine import evaluate, train_one_epoch
 from errors import UserError
-from fileio import RunLock, atomic_path, atomic_write_text
+from fileio import atomic_path, atomic_write_text
 from imagenet_inat import data as data_mod
 from imagenet_inat import weights as weights_mod
 from imagenet_inat.networks import LOSSES, DecoupledModel, tau_normalized
 from utils import shot_accuracy
 
+LOG = 'log.txt'  # the original's log file of a stage, in its log folder
 FEATURE_FILES = {'train_plain': 'trainfeat_all.npz', 'val': 'valfeat_all.npz', 'test': 'testfeat_all.npz'}
 
 
@@ -276,53 +276,6 @@ def tau_norm(run, log):
 
 # ---------------------------------------------------------------- training
 
-class StageFolder:
-    """The log folder: lock, log.txt (cut back to the checkpoint's size on resume), tensorboard."""
-
-    def __init__(self, run):
-        self.dir = run.cfg.log_dir
-        self.main = run.main
-        self.lock = RunLock(self.dir)
-        self.file = None
-        self.writer = None
-
-    def open(self, truncate_to=None):
-        if not self.main:
-            return self
-        try:
-            os.makedirs(self.dir, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create the log folder {self.dir}: {e.strerror}") from None
-        self.lock.acquire()
-        path = os.path.join(self.dir, 'log.txt')
-        if truncate_to is not None and os.path.exists(path):
-            with open(path, 'r+b') as f:
-                f.truncate(min(truncate_to, os.path.getsize(path)))
-        self.file = open(path, 'a')
-        from tensorboardX import SummaryWriter
-        self.writer = SummaryWriter(log_dir=self.dir)
-        return self
-
-    def write(self, line):
-        if self.file is not None:
-            self.file.write(line + '\n')
-            self.file.flush()
-
-    def size(self):
-        return self.file.tell() if self.file is not None else 0
-
-    def scalar(self, tag, value, step):
-        if self.writer is not None:
-            self.writer.add_scalar(tag, value, step)
-
-    def close(self):
-        if self.file is not None:
-            self.file.close()
-        if self.writer is not None:
-            self.writer.close()
-        self.lock.release()
-
-
 def shuffle_batch(images, targets):
     """The original's `shuffle: true`: permute the samples of a batch (global RNG, as it did)."""
     index = torch.randperm(images.size(0))
@@ -359,7 +312,8 @@ def train(run, folder, log):
                  'best_epoch': best_epoch, 'best_acc': best_acc, 'state_dict_best': best,
                  'optimizer': optimizer.state_dict(), 'step': step, 'seed': seed,
                  **trainer.resume_entries(ctx.world_size),  # collective: every rank builds it
-                 'script': weights_mod.SCRIPT, 'config': cfg.path, 'log_size': folder.size()}
+                 'script': weights_mod.SCRIPT, 'config': cfg.path,
+                 'log_size': folder.log_sizes().get(LOG, 0)}  # 0 on the ranks that write no log
         if run.main:
             save_checkpoint(state, os.path.join(cfg.log_dir, weights_mod.LATEST))
 
@@ -367,10 +321,8 @@ def train(run, folder, log):
         for epoch in range(start_epoch, cfg.num_epochs):
             for group, net in zip(optimizer.param_groups, nets):
                 group['lr'] = cfg.lr_factor_at(epoch + 1, net.lr)
-            sampler.set_epoch(epoch)
-            loader.generator.manual_seed(trainer.loader_seed(seed, epoch, ctx.rank))
             step0 = start_step if epoch == start_epoch else 0
-            sampler.skip(step0 * loader.batch_size)
+            trainer.begin_epoch(sampler, loader, seed, epoch, ctx.rank, step0)
             stats = train_one_epoch(trained, criterion, _progress(loader, run, f'epoch {epoch + 1}', len(loader)),
                                     optimizer, ctx.device, epoch, batch_fn=shuffle_batch if cfg.shuffle else None,
                                     print_freq=cfg.display_step, log=log, should_stop=stop, start_step=step0,
@@ -380,8 +332,7 @@ def train(run, folder, log):
             folder.scalar('loss/train', stats['loss'], epoch + 1)
             if stats['stopped']:
                 latest(epoch, stats['steps'])
-                log(f"=> stopped by {signal.Signals(stop.signum).name} during epoch {epoch + 1} after step "
-                    f"{stats['steps']}; resume with --resume {cfg.log_dir}")
+                log(trainer.stop_notice(stop, epoch, cfg.log_dir, stats['steps']))
                 return 128 + stop.signum
             dist.broadcast_buffers(model)  # collective: every rank evaluates rank 0's BatchNorm statistics
             metrics = evaluate_phase(run, model, 'val')
@@ -395,8 +346,7 @@ def train(run, folder, log):
                 best = {n.key: weights_mod.original_layout(getattr(model, n.key)) for n in nets}
             latest(epoch + 1, 0)
             if stop(True):
-                log(f"=> stopped by {signal.Signals(stop.signum).name} at the end of epoch {epoch + 1}; "
-                    f"resume with --resume {cfg.log_dir}")
+                log(trainer.stop_notice(stop, epoch, cfg.log_dir))
                 return 128 + stop.signum
     log(f"Best validation accuracy is {100 * best_acc:.3f} at epoch {best_epoch}")
     if run.main:
@@ -425,7 +375,7 @@ def _run_stage(args, cfg, ctx):
         if ctx.rank == 0:
             print(line + console_extra, flush=True)
             if folder is not None:
-                folder.write(line)
+                folder.write(LOG, line)
             else:
                 pending.append(line)  # written into log.txt once the folder is open
 
@@ -437,16 +387,17 @@ def _run_stage(args, cfg, ctx):
     dist.raise_if_any(error)  # collective: a rank that failed must not leave the others waiting
     if args.test:
         return test(run, log)
-    folder = StageFolder(run)
+    # The lock in the log folder: a stage has no model folder of its own.
+    folder = trainer.LogFolder(cfg.log_dir, cfg.log_dir, (LOG,))
     resumed_here = run.ckpt is not None and os.path.abspath(os.path.dirname(run.resume_path)) == \
         os.path.abspath(cfg.log_dir)
     try:
-        folder.open(truncate_to=run.ckpt.get('log_size') if resumed_here else None)
+        folder.open(truncate_to={LOG: run.ckpt['log_size']} if resumed_here and 'log_size' in run.ckpt else None)
     except UserError as e:
         error = e
     dist.raise_if_any(error)  # collective: rank 0 alone opens the folder, every rank must stop if it fails
     for line in pending:
-        folder.write(line)
+        folder.write(LOG, line)
     try:
         log(f"=> stage config {cfg.path}: {cfg.dataset}, {cfg.num_classes} classes, log folder {cfg.log_dir}")
         return tau_norm(run, log) if cfg.taus is not None else train(run, folder, log)
