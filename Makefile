@@ -21,9 +21,10 @@ demo: venv
 	$(BIN)/python train.py --dataset digits --imb_factor 0.01 --loss_type LDAM --train_rule DRW \
 		--epochs 30 --lr_steps 20 25 -b 64 -j 0 --seed 0 --exp_str demo
 
-# The whole suite: 370 tests, 4 min 45 s on the 2-core CPU machine (2026-11-25). Slowest: the torchrun
-# tests of tests/test_distributed.py (9-19 s each, marked `slow`; `pytest -m "not slow"` leaves them out)
-# and the kill/resume subprocess tests of tests/test_reliability.py (10-12 s each).
+# The whole suite: 370 tests, about 5 minutes on the idle 2-core CPU machine (2026-11-25). Slowest: the
+# torchrun tests (tests/test_distributed.py and one each in test_train, test_moco, test_imagenet_inat:
+# 9-19 s each, marked `slow`; `pytest -m "not slow"` leaves them out) and the kill/resume subprocess tests
+# of tests/test_reliability.py (10-12 s each).
 test: venv
 	$(BIN)/python -m pytest -q tests
 

@@ -58,13 +58,9 @@ def svhn_root(tmp_path, no_checksum):
 
 @pytest.fixture
 def one_thread():
-    """One torch thread: bit-reproducible CPU kernels need a fixed thread count, and tiny convolutions
-    gain nothing from threads (on a busy machine OpenMP spinning slows them)."""
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    """One torch thread during the test (why: fixtures.one_thread)."""
+    with fixtures.one_thread():
+        yield
 
 
 def pytest_configure(config):

@@ -3,14 +3,19 @@
 Every image is its class's colour plus noise, so even a small model can learn them, and the
 TinyImages pool uses the same colours, so a model trained on the CIFAR fixture pseudo-labels
 it sensibly. Checksums cannot match: use the `no_checksum` fixture of conftest.py to bypass them.
+Also the helpers several test files share.
 """
+import contextlib
 import os
 import pickle
 import struct
+import sys
 
 import numpy as np
 import scipy.io
+import torch
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 CIFAR10_NAMES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 
 
@@ -137,7 +142,31 @@ def shrink_digits(setattr, per_class=40, test_per_class=10):
     setattr(digits, 'TEST_PER_CLASS', test_per_class)
 
 
-def flags_if_known(parser, *flags):
-    """`flags` if `parser` knows its first flag, else none: lets a test that pins a setting run
-    unchanged on code from before that flag existed (to show which old bugs it catches)."""
-    return list(flags) if flags[0] in parser._option_string_actions else []
+@contextlib.contextmanager
+def one_thread():
+    """One torch thread inside, the previous count restored after: bit-reproducible CPU kernels need a
+    fixed thread count, and tiny convolutions gain nothing from threads (on a busy machine OpenMP
+    spinning slows them)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def script_env(gpu=False, **extra):
+    """os.environ plus `extra` for a script run as a subprocess: one OpenMP thread (see one_thread)
+    and, unless `gpu`, no visible GPU, so that it computes on the CPU as the in-process tests do."""
+    return {**os.environ, 'OMP_NUM_THREADS': '1', **({} if gpu else {'CUDA_VISIBLE_DEVICES': ''}), **extra}
+
+
+def torchrun_cmd(*argv, nproc=2):
+    """The command line of torchrun running `argv` in `nproc` processes; --standalone picks a free
+    port itself: no fixed port to race for."""
+    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc), *argv]
+
+
+def assert_same_tensors(a, b):
+    """Equal to the bit: tensors, or dicts of them with the same keys (the message names the key)."""
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

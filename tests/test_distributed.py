@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -16,17 +15,18 @@ import pytest
 import torch
 
 import dist
+import fixtures
 import trainer
 from checkpoint import load_checkpoint
 from errors import UserError
+from fixtures import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = 'digits_resnet20_CE_None_exp_0.01_ss_pretrained'
 pytestmark = pytest.mark.slow
 
 
 def _env(probe_dir=None, **probes):
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': '', 'IMB_DIST_TIMEOUT_MIN': '2'}
+    env = fixtures.script_env(IMB_DIST_TIMEOUT_MIN='2')
     if probe_dir is not None:
         env['PROBE_DIR'] = str(probe_dir)
     env.update({k: str(v) for k, v in probes.items()})
@@ -34,21 +34,14 @@ def _env(probe_dir=None, **probes):
 
 
 def _torchrun(script, *args, env, timeout=240):
-    """torchrun --standalone picks a free port itself: no fixed port to race for."""
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-           os.path.join(REPO, 'tests', 'dist_driver.py'), script, *args]
+    """SCRIPT under tests/dist_driver.py in two processes."""
+    cmd = fixtures.torchrun_cmd(os.path.join(REPO, 'tests', 'dist_driver.py'), script, *args)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _train_args(tmp_path, *extra):
     return ['--dataset', 'digits', '-a', 'resnet20', '-b', '64', '-j', '0', '--root_log', str(tmp_path / 'log'),
             '--root_model', str(tmp_path / 'ckpt'), *extra]
-
-
-def _assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 # ---------------------------------------------------------------- MoCo: the collective-mismatch hang
@@ -83,9 +76,8 @@ def _local_rank_of(pid):
 
 def test_moco_sigterm_to_one_rank_stops_both_after_the_same_step(tmp_path):
     args = _moco_args(tmp_path, '--epochs', '40', '--save-freq', '1', '-p', '1')
-    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                             os.path.join(REPO, 'pretrain_moco.py'), *args], cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(fixtures.torchrun_cmd(os.path.join(REPO, 'pretrain_moco.py'), *args), cwd=REPO,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     folder = tmp_path / 'digits' / 'checkpoint'
     deadline = time.time() + 180
     while not (folder / 'moco_ckpt_0001.pth.tar').exists():  # marker: the first epoch is done
@@ -123,7 +115,8 @@ def _probed(tmp_path, script, *args, **probes):
 
 
 def _ranks_hold_the_same_weights(probes, epoch):
-    _assert_same_weights(*(torch.load(probes / f'rank{r}_epoch{epoch}_step0.pt', weights_only=True) for r in (0, 1)))
+    fixtures.assert_same_tensors(*(torch.load(probes / f'rank{r}_epoch{epoch}_step0.pt', weights_only=True)
+                                   for r in (0, 1)))
 
 
 def _last(log_text, prefix):
@@ -134,7 +127,7 @@ def test_train_two_epochs_ranks_agree_and_merged_evaluation_is_exact(tmp_path, c
     probes = _probed(tmp_path, 'train.py', *_train_args(tmp_path, '--epochs', '2', '--seed', '0'), PROBE_STATES=1)
     _ranks_hold_the_same_weights(probes, 2)
     ckpt_path = tmp_path / 'ckpt' / NAME / 'ckpt.pth.tar'
-    _assert_same_weights(load_checkpoint(str(ckpt_path))['state_dict'],
+    fixtures.assert_same_tensors(load_checkpoint(str(ckpt_path))['state_dict'],
                          torch.load(probes / 'rank0_epoch2_step0.pt', weights_only=True))
 
     log = (tmp_path / 'log' / NAME / 'log_test.csv').read_text()

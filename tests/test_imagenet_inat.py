@@ -19,24 +19,21 @@ import torch
 import torch.nn as nn
 
 import cli
+import fixtures
 import fixtures_jpeg as fx
 from errors import UserError
+from fixtures import REPO
 from imagenet_inat import main as ii_main
 from imagenet_inat.config import load_config
 from imagenet_inat.networks import ResNetFeature, tau_normalized
 from models import build_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, 'imagenet_inat', 'config')
 BATCH = 16
 STEPS = sum(fx.TRAIN_COUNTS) // BATCH  # 145 // 16 = 9
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # see conftest.py
-
-
-def _env():
-    return {**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': '', 'PYTHONPATH': REPO}
 
 
 @pytest.fixture(scope='module')
@@ -49,8 +46,8 @@ def world(tmp_path_factory):
          'moco_feats': moco_feats, 'stage1': root / 'stage1'}
     cfg = fx.write_config(root / 'stage1.yaml', fx.stage_config(w['stage1'], sampler=False, epochs=2, batch=BATCH))
     w['stage1_cfg'] = cfg
-    torch.set_num_threads(1)
-    assert ii_main.main(argv(w, cfg, '--model_dir', w['moco'])) == 0
+    with fixtures.one_thread():
+        assert ii_main.main(argv(w, cfg, '--model_dir', w['moco'])) == 0
     return w
 
 
@@ -226,9 +223,7 @@ def test_a_network_with_lr_0_stays_exactly_as_loaded(world, tmp_path):
     assert ii_main.main(argv(world, cfg, '--model_dir', world['moco'], '--freeze_bn')) == 0
     latest = load(tmp_path / 'run' / 'latest_model_checkpoint.pth')['state_dict']
     feats = strip(latest['feat_model'])
-    assert feats.keys() == world['moco_feats'].keys()
-    for k, v in world['moco_feats'].items():  # parameters and (with --freeze_bn) BatchNorm statistics
-        assert torch.equal(feats[k], v), k
+    fixtures.assert_same_tensors(feats, world['moco_feats'])  # parameters and (with --freeze_bn) BatchNorm statistics
 
 
 # ---------------------------------------------------------------- stage 2
@@ -335,11 +330,12 @@ def test_save_feat_writes_features_labels_and_indices(world):
 
 # ---------------------------------------------------------------- scale and reliability
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_a_single_process_evaluation(world, tmp_path):
     cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'ddp', epochs=1, batch=BATCH))
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                           '-m', 'imagenet_inat.main', *argv(world, cfg, '--model_dir', world['moco'])],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    cmd = fixtures.torchrun_cmd('-m', 'imagenet_inat.main', *argv(world, cfg, '--model_dir', world['moco']))
+    proc = subprocess.run(cmd, cwd=REPO, env=fixtures.script_env(PYTHONPATH=REPO), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # 9 global steps of 16 = 2 ranks x 8, printed by rank 0 only
     assert proc.stdout.count(f'Epoch: [0][{STEPS}/{STEPS}]') == 1
@@ -367,7 +363,8 @@ def _wait_for(proc, path, marker, timeout=240):
 def test_sigkill_then_resume_ends_with_bit_identical_weights(world, tmp_path):
     cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', sampler=False, epochs=2, batch=BATCH))
     cmd = [sys.executable, '-m', 'imagenet_inat.main', *argv(world, cfg, '--model_dir', world['moco'])]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=fixtures.script_env(PYTHONPATH=REPO), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     _wait_for(proc, tmp_path / 'run' / 'log.txt', 'Epoch: [1][3/')  # step 3 of epoch 2
     proc.send_signal(signal.SIGKILL)
     proc.wait()

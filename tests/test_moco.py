@@ -17,24 +17,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 import dist
+import fixtures
 import pretrain_moco
 from checkpoint import load_pretrained
 from errors import UserError
+from fixtures import REPO
 from models import build_model
 from moco.builder import MoCo
 from moco.loader import SplitFileDataset, TwoCropsTransform, cifar_augmentation
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from threads, and on a busy machine OpenMP's spinning makes
-    them ~10x slower; the subprocesses get OMP_NUM_THREADS=1 for the same reason."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')  # see conftest.py; the subprocesses get OMP_NUM_THREADS=1
 
 
 class TinyEncoder(nn.Module):
@@ -245,12 +237,11 @@ def test_one_process_epoch_writes_the_documented_checkpoint(jpeg_split, tmp_path
     assert 'Epoch: [0][4/4]' in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_epoch_then_resume(jpeg_split, tmp_path, capsys):
     out = tmp_path / 'out'
-    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'OMP_NUM_THREADS': '1'}
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                           'pretrain_moco.py', *moco_args(jpeg_split, out, '--dist-timeout', '60')],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    cmd = fixtures.torchrun_cmd('pretrain_moco.py', *moco_args(jpeg_split, out, '--dist-timeout', '60'))
+    proc = subprocess.run(cmd, cwd=REPO, env=fixtures.script_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'Epoch: [0][4/4]' in proc.stdout  # 16 images / 2 ranks / 2 per rank, printed by rank 0 only
     assert proc.stdout.count('=> saved') == 1
@@ -264,10 +255,9 @@ def test_two_process_torchrun_epoch_then_resume(jpeg_split, tmp_path, capsys):
     check_moco_checkpoint(ckpt_path(out, 2), 2)
 
 
-def _same_weights(a, b):
-    sa = torch.load(a, map_location='cpu', weights_only=True)['state_dict']
-    sb = torch.load(b, map_location='cpu', weights_only=True)['state_dict']
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+def _assert_same_weights(a, b):
+    """The checkpoint files `a` and `b` hold the same weights, to the bit."""
+    fixtures.assert_same_tensors(*(torch.load(p, map_location='cpu', weights_only=True)['state_dict'] for p in (a, b)))
 
 
 def test_resume_at_an_epoch_boundary_is_exact(jpeg_split, tmp_path):
@@ -276,7 +266,7 @@ def test_resume_at_an_epoch_boundary_is_exact(jpeg_split, tmp_path):
     assert pretrain_moco.main(moco_args(jpeg_split, split, '--epochs', '1')) == 0
     assert pretrain_moco.main(moco_args(jpeg_split, split, '--epochs', '2',
                                         '--resume', str(ckpt_path(split, 1)))) == 0
-    assert _same_weights(ckpt_path(whole, 2), ckpt_path(split, 2))
+    _assert_same_weights(ckpt_path(whole, 2), ckpt_path(split, 2))
 
 
 def test_sigterm_saves_a_mid_epoch_checkpoint_that_resumes_exactly(jpeg_split, tmp_path, monkeypatch, capsys):
@@ -300,7 +290,7 @@ def test_sigterm_saves_a_mid_epoch_checkpoint_that_resumes_exactly(jpeg_split, t
     assert 'stopped by SIGTERM during epoch 2 after step 2' in capsys.readouterr().out
     monkeypatch.setattr(pretrain_moco, 'moco_forward', real_forward)
     assert pretrain_moco.main(moco_args(jpeg_split, stopped, '--epochs', '2', '--resume', str(interrupted))) == 0
-    assert _same_weights(ckpt_path(whole, 2), ckpt_path(stopped, 2))
+    _assert_same_weights(ckpt_path(whole, 2), ckpt_path(stopped, 2))
 
 
 def test_digits_checkpoint_initialises_the_classifier_backbone(tmp_path):
@@ -403,10 +393,9 @@ def test_unreachable_dist_url_ends_with_one_sentence_in_bounded_time(jpeg_split,
     held.bind(('127.0.0.1', 0))
     argv = moco_args(jpeg_split, tmp_path, '--world-size', '2', '--rank', '1',
                      '--dist-url', f'tcp://127.0.0.1:{held.getsockname()[1]}', '--dist-timeout', '2')
-    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'OMP_NUM_THREADS': '1'}
     start = time.time()
     with held:
-        proc = subprocess.run([sys.executable, 'pretrain_moco.py', *argv], cwd=REPO, env=env,
+        proc = subprocess.run([sys.executable, 'pretrain_moco.py', *argv], cwd=REPO, env=fixtures.script_env(),
                               capture_output=True, text=True, timeout=120)
     assert time.time() - start < 90
     assert proc.returncode == 2

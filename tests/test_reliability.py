@@ -28,8 +28,8 @@ import trainer
 from checkpoint import load_checkpoint, save_checkpoint
 from dataset.digits import ImbalanceDigits
 from errors import UserError
+from fixtures import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = 'digits_resnet20_CE_None_exp_0.1_ss_pretrained'
 # Every run here uses fixtures.shrink_digits (40 images per digit, 10 of them for testing):
 # --imb_factor 0.1 keeps 118 training images, 4 steps per epoch at -b 32.
@@ -82,13 +82,12 @@ def _argv(root, *extra):
 
 
 # The data-loading workers belong to the per-image loader (the default loader has none).
-WORKERS = [*fixtures.flags_if_known(train.build_parser(), '--loader', 'torchvision'), '-j', '2']
+WORKERS = ['--loader', 'torchvision', '-j', '2']
 
 
 def _env(**hooks):
     # Same thread count in every run: CPU kernels are bit-reproducible only for a fixed one.
-    return {**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': '',
-            **{k: str(v) for k, v in hooks.items()}}
+    return fixtures.script_env(**{k: str(v) for k, v in hooks.items()})
 
 
 def _run(root, *extra, **hooks):
@@ -133,9 +132,7 @@ def _logs(root, name=NAME):
 
 def _assert_same_weights(a, b):
     assert a['epoch'] == b['epoch']
-    assert a['state_dict'].keys() == b['state_dict'].keys()
-    for k in a['state_dict']:
-        assert torch.equal(a['state_dict'][k], b['state_dict'][k]), k
+    fixtures.assert_same_tensors(a['state_dict'], b['state_dict'])
 
 
 def _without_running_averages(log):
@@ -255,14 +252,6 @@ def test_ctrl_c_with_workers_stops_once_and_resumes(tmp_path, uninterrupted_work
 
 
 # ---------------------------------------------------------------- in-process runs that signal themselves
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _signal_after_step(monkeypatch, step, signum=signal.SIGTERM):
     """The process signals itself right after its `step`-th optimizer step (a real signal, taken by

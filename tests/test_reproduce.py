@@ -24,9 +24,9 @@ import trainer
 from checkpoint import load_checkpoint
 from dataset import DATASETS
 from errors import UserError
+from fixtures import REPO
 from utils import shot_accuracy
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = '--stage-args=-a resnet20 -b 64 -j 0'
 MODULES = {'train.py': 'train', 'gen_pseudolabels.py': 'gen_pseudolabels', 'train_semi.py': 'train_semi',
            'pretrain_rot.py': 'pretrain_rot', 'pretrain_moco.py': 'pretrain_moco'}
@@ -52,9 +52,6 @@ def _flag(argv, name):
 
 @pytest.mark.parametrize('table', list(reproduce.TABLES))
 def test_dry_run_commands_parse_with_their_own_parsers(table, tmp_path, capsys):
-    if table in ('imagenet-lt', 'inat'):
-        pytest.importorskip('imagenet_inat.main', reason='the imagenet_inat package (issue 10) is not in this '
-                                                         'checkout yet, so its parser cannot be checked')
     out = tmp_path / 'out'
     commands = _commands(capsys, ['--table', table, '--seeds', '0', '1', '--out', str(out)])
     assert commands and not out.exists()  # a dry run writes nothing
@@ -257,10 +254,9 @@ def test_collect_marks_missing_cells(ssp_run, capsys):
 
 def test_digits_stage_runs_as_a_subprocess(tmp_path):
     out = tmp_path / 'out'
-    env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run([sys.executable, 'reproduce.py', '--table', 'digits-mini', '--seeds', '0', '--epochs', '1',
                            '--cells', 'CE', '--out', str(out), '--stage-args=-a resnet20'],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=fixtures.script_env(gpu=True), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert '[reproduce] stage 1/1' in proc.stdout and 'val Results' in proc.stdout  # the stage's own output
     log_dir = out / 'runs' / 'digits-mini' / 'log' / 'digits_resnet20_CE_None_exp_0.01_base_s0r0e1_current'
@@ -295,7 +291,7 @@ def test_bad_input(cifar10_root, tmp_path, capsys):
 
 def test_collect_reads_imagenet_inat_results(tmp_path):
     """The decoupled cells read the results_<split>.json that imagenet_inat writes (its own report())."""
-    stages = pytest.importorskip('imagenet_inat.stages', reason='the imagenet_inat package is not in this checkout')
+    from imagenet_inat import stages
     out = str(tmp_path / 'out')
     log_dir = os.path.join(out, 'runs', 'imagenet-lt', 'imagenet_inat', 's0', 'feat_uniform')
     os.makedirs(log_dir)

@@ -257,10 +257,7 @@ def test_train_semi_bad_flags(flag, value, capsys):
 
 def test_digits_pipeline_end_to_end(tmp_path, monkeypatch, captured):
     """train.py -> gen_pseudolabels.py -> train_semi.py, on a 40-per-class subset of the digits."""
-    images, labels = digits.load_digit_images()
-    keep = np.concatenate([np.where(labels == c)[0][:40] for c in range(10)])
-    monkeypatch.setattr(digits, 'load_digit_images', lambda: (images[keep], labels[keep]))
-    monkeypatch.setattr(digits, 'TEST_PER_CLASS', 10)
+    fixtures.shrink_digits(monkeypatch.setattr)
     data = tmp_path / 'data'
     lt = ['--dataset', 'digits', '--imb_factor', '0.1']
     assert train.main(_train_args(data, tmp_path, *lt)) == 0

@@ -5,9 +5,11 @@ import os
 import pytest
 import torch
 
+import fixtures
 import train
 from checkpoint import load_checkpoint
 from errors import UserError
+from fixtures import REPO
 from models import build_model
 
 
@@ -60,9 +62,7 @@ def test_resume_continues_and_evaluate(cifar10_root, tmp_path, capsys):
     # 1 epoch + resume = 2 epochs uninterrupted (--seed, -j 0): the same weights and logs
     resumed, uninterrupted = load_checkpoint(ckpt_path), load_checkpoint(str(_run_dir(whole)[1] / 'ckpt.pth.tar'))
     assert resumed['epoch'] == uninterrupted['epoch'] == 2
-    assert resumed['state_dict'].keys() == uninterrupted['state_dict'].keys()
-    for k, v in resumed['state_dict'].items():
-        assert torch.equal(v, uninterrupted['state_dict'][k]), k
+    fixtures.assert_same_tensors(resumed['state_dict'], uninterrupted['state_dict'])
     for name in ('log_train.csv', 'log_test.csv'):
         assert (log_dir / name).read_text() == (_run_dir(whole)[0] / name).read_text(), name
     capsys.readouterr()
@@ -133,17 +133,14 @@ def test_bad_flags_exit_with_argparse_error(flag, value, capsys):
     assert 'error' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(tmp_path):
     """The trainer's process-group path: 2 gloo processes, rank 0 alone writes the run folder."""
     import subprocess
-    import sys
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                           os.path.join(repo, 'train.py'), '--dataset', 'digits', '-a', 'resnet20', '--epochs', '1',
-                           '-b', '64', '-j', '0', '--seed', '0', '--root_log', str(tmp_path / 'log'),
-                           '--root_model', str(tmp_path / 'ckpt')],
-                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    cmd = fixtures.torchrun_cmd(os.path.join(REPO, 'train.py'), '--dataset', 'digits', '-a', 'resnet20',
+                                '--epochs', '1', '-b', '64', '-j', '0', '--seed', '0',
+                                '--root_log', str(tmp_path / 'log'), '--root_model', str(tmp_path / 'ckpt'))
+    proc = subprocess.run(cmd, cwd=REPO, env=fixtures.script_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count('val Results: Prec@1') == 1  # only rank 0 reports
     ckpt = load_checkpoint(str(tmp_path / 'ckpt' / 'digits_resnet20_CE_None_exp_0.01_ss_pretrained' / 'ckpt.pth.tar'))

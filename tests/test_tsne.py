@@ -8,10 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
+import fixtures_jpeg
 from dataset import DATASETS, build_transform
+from fixtures import REPO
 from models import build_model
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools'))
+sys.path.insert(0, os.path.join(REPO, 'tools'))
 import tsne  # noqa: E402
 
 PNG = b'\x89PNG\r\n\x1a\n'
@@ -60,7 +62,6 @@ def test_tsne_of_a_train_py_checkpoint_writes_a_png(tmp_path, use_norm, capsys):
 
 
 def test_tsne_of_an_imagenet_inat_result(tmp_path):
-    fixtures_jpeg = pytest.importorskip('fixtures_jpeg')
     from imagenet_inat.networks import NETWORKS
     from imagenet_inat.weights import final_state, original_layout
     images, splits = fixtures_jpeg.write_jpeg_dataset(str(tmp_path / 'data'))

@@ -41,8 +41,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')  # see conftest.py
 
 # fp32 in the NCHW layout, as the recomputations here: bf16 autocast (the default on a CPU with
 # bf16 instructions) would move logits by more than the logs' rounding.
-EXACT = (fixtures.flags_if_known(train.build_parser(), '--no-amp') +
-         fixtures.flags_if_known(train.build_parser(), '--no-channels-last'))
+EXACT = ['--no-amp', '--no-channels-last']
 
 
 def _args(root, *extra):
@@ -107,8 +106,7 @@ def spy(monkeypatch):
 def _spied_run(tmp_path_factory, name, *extra):
     """train.py on digits under the spy, in a fresh folder: (root, the spy's records)."""
     root = tmp_path_factory.mktemp(name)
-    with pytest.MonkeyPatch.context() as mp, torch.random.fork_rng():
-        torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp, torch.random.fork_rng(), fixtures.one_thread():
         calls = _install_spy(mp)
         assert train.main(_args(root, *extra)) == 0
     return root, calls
@@ -297,10 +295,8 @@ POOL_FACTOR = 0.9
 
 
 def _pseudo_label(tmp_path, ckpt, *extra):
-    exact = (fixtures.flags_if_known(gen_pseudolabels.build_parser(), '--no-amp') +
-             fixtures.flags_if_known(gen_pseudolabels.build_parser(), '--no-channels-last'))
     assert gen_pseudolabels.main(['--dataset', 'digits', '--imb_factor', str(POOL_FACTOR), '--resume', str(ckpt),
-                                  '--output_dir', str(tmp_path), '-j', '0', '-a', 'resnet20', *exact, *extra]) == 0
+                                  '--output_dir', str(tmp_path), '-j', '0', '-a', 'resnet20', *EXACT, *extra]) == 0
     with open(tmp_path / 'pseudo_labeled_digits.pickle', 'rb') as f:
         return pickle.load(f)
 
@@ -371,8 +367,7 @@ def test_pretrained_model_kind_comes_from_the_content_not_the_name(kind, tmp_pat
     start = calls[0]['start_weights']
     backbone = [k for k in start if not k.startswith('fc.')]
     assert backbone and set(backbone) <= set(expected)
-    for k in backbone:
-        assert torch.equal(start[k], expected[k]), k
+    fixtures.assert_same_tensors({k: start[k] for k in backbone}, {k: expected[k] for k in backbone})
     if 'fc.weight' in expected:  # the supervised head (MoCo's is an MLP of other names) starts fresh
         assert not torch.equal(start['fc.weight'], expected['fc.weight'])
 
@@ -389,7 +384,5 @@ def test_resume_wins_over_pretrained_model(ce_run, tmp_path, monkeypatch, capsys
     assert calls[0]['epoch'] == 1
     resumed = load_checkpoint(str(resume))['state_dict']
     start = calls[0]['start_weights']
-    assert start.keys() == resumed.keys()
-    for k in start:
-        assert torch.equal(start[k], resumed[k]), k
+    fixtures.assert_same_tensors(start, resumed)
     assert not torch.equal(start['conv1.weight'], moco['conv1.weight'])
