@@ -8,8 +8,8 @@ temporary folder with a split file, then measures, each on the same files:
   `torchvision.io.decode_jpeg` (libjpeg-turbo on the CPU);
 - decode + the training transform (RandomResizedCrop(224), flip, ColorJitter, normalise) per image,
   PIL's transforms on the PIL image and the same torchvision transforms on the decoded tensor;
-- the real training loader (imagenet_inat.data: SplitFileDataset + DataLoader, batch 128) with
-  each `--workers` count. Everything runs with one torch thread per process, as loader workers do.
+- the real training loader (imagenet_inat.data.train_loader over a SplitFileDataset, batch 128,
+  workers started afresh every epoch as in training) with each `--workers` count. Everything runs with one torch thread per process, as loader workers do.
 Prints the machine, torch / torchvision versions and one line per measurement.
 """
 import argparse
@@ -18,6 +18,7 @@ import platform
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -28,8 +29,9 @@ from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from imagenet_inat.data import build_transform  # noqa: E402
+from imagenet_inat.data import build_transform, train_loader  # noqa: E402
 from moco.loader import IMAGENET_MEAN, IMAGENET_STD, SplitFileDataset  # noqa: E402
+from trainer import begin_epoch  # noqa: E402
 
 
 def write_images(folder, n, size, seed=0):
@@ -76,11 +78,14 @@ def tensor_train_transform():
 
 
 def loader_rate(root, split, workers, batch=128, epochs=2):
+    """Images/s of the loader a training stage builds (imagenet_inat.data.train_loader: uniform
+    sampling, whole batches only, workers started afresh every epoch), set up per epoch as it is."""
     data = SplitFileDataset(root, split, build_transform('ImageNet_LT', train=True))
-    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, num_workers=workers,
-                                         persistent_workers=workers > 0)
+    cfg = SimpleNamespace(batch_size=min(batch, len(data)), sampler=None, num_samples_cls=0)
+    loader, sampler, _ = train_loader(cfg, data, seed=0, rank=0, world=1, workers=workers)
     best = float('inf')
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        begin_epoch(sampler, loader, 0, epoch, 0)
         start = time.perf_counter()
         n = sum(len(images) for images, _ in loader)
         best = min(best, time.perf_counter() - start)
