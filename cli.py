@@ -94,8 +94,9 @@ def add_training_args(parser, batch_size=128):
     add_speed_args(parser)
 
 
-def add_speed_args(parser):
-    """How batches are made and run (issue 11); the measurements behind the defaults: bench/README.md."""
+def add_speed_args(parser, training=True):
+    """How batches are made and run (issue 11); the measurements behind the defaults: bench/README.md.
+    `training`: a training script (bf16 for its steps by default); else a prediction script (float32 by default)."""
     group = parser.add_argument_group('speed (results change only by float rounding and the random stream)')
     group.add_argument('--loader', default='device', choices=['device', 'torchvision'],
                        help='device: the whole uint8 data set on the training device, each batch cropped, '
@@ -104,9 +105,16 @@ def add_speed_args(parser):
                             "torchvision: the original's per-image transforms in -j worker processes")
     group.add_argument('--channels-last', default=True, action=argparse.BooleanOptionalAction,
                        help='NHWC memory layout for model and images (default: on)')
-    group.add_argument('--amp', default=None, action=argparse.BooleanOptionalAction,
-                       help='bf16 autocast (default: on with a GPU, and on a CPU with native bf16 '
-                            'instructions, AVX512-BF16 or AMX)')
+    if training:
+        group.add_argument('--amp', default=None, action=argparse.BooleanOptionalAction,
+                           help='bf16 autocast in the training steps (default: on with a GPU, and on a CPU with '
+                                'native bf16 instructions, AVX512-BF16 or AMX)')
+        group.add_argument('--amp-eval', default=False, action=argparse.BooleanOptionalAction,
+                           help='bf16 autocast in the evaluations too (default: off: the numbers compared with '
+                                'the paper are float32)')
+    else:
+        group.add_argument('--amp', default=False, action=argparse.BooleanOptionalAction,
+                           help='bf16 autocast for the prediction (default: off: float32, as the original)')
     group.add_argument('--compile', default=False, action=argparse.BooleanOptionalAction,
                        help='torch.compile the model (default: off; the first steps compile, minutes on a small CPU)')
 

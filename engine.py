@@ -5,6 +5,7 @@ later), explicit arguments instead of globals, and return plain metric dicts. `b
 loaded batch into what the model trains on (identity for classification, random rotations for
 pretrain_rot.py).
 """
+import contextlib
 import time
 
 import numpy as np
@@ -55,6 +56,20 @@ def autocast_forward(run, images, device, amp=False, channels_last=False):
         images = images.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         return run(images)
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """float32 convolutions and matrix products computed in float32 ('ieee'), for the numbers users compare
+    with the paper: on Ampere and newer GPUs cuDNN otherwise runs float32 convolutions in TF32 (a 10-bit
+    mantissa). Also a decorator. No effect on a CPU."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = 'ieee'
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
 
 
 class _StepMeters:
@@ -149,10 +164,11 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
     return {'loss': loss_avg, 'top1': top1, 'top5': top5, 'lr': lr, 'steps': step, 'stopped': stopped}
 
 
+@exact_float32()
 @torch.inference_mode()
 def evaluate(model, criterion, loader, device, num_classes, *, batch_fn=None, amp=False, channels_last=False):
-    """Loss, top-1/top-5 and the confusion matrix over `loader` (summed over ranks under DDP);
-    `amp` and `channels_last` as in train_one_epoch.
+    """Loss, top-1/top-5 and the confusion matrix over `loader` (summed over ranks under DDP), in
+    float32 unless `amp` (bf16 autocast, an opt-in for evaluation); `channels_last` as in train_one_epoch.
 
     Returns {'loss', 'top1', 'top5', 'confusion' (C x C numpy, rows = true class), 'per_class'
     (accuracy per true class, 0..1; NaN for a class absent from the data), 'count'}.
@@ -186,3 +202,34 @@ def evaluate(model, criterion, loader, device, num_classes, *, batch_fn=None, am
     return {'loss': loss_sum.item() / count, 'top1': 100.0 * hits[0].item() / count,
             'top5': 100.0 * hits[1].item() / count, 'confusion': cm.astype(np.int64),
             'per_class': per_class, 'count': int(count)}
+
+
+def _to_host(t):
+    """A device tensor copied to pinned host memory without waiting for it (read after a synchronize)."""
+    if t.device.type == 'cpu':
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
+@exact_float32()
+@torch.inference_mode()
+def predict(model, loader, device, *, forward=None, amp=False, channels_last=False):
+    """(outputs, targets): `forward(images)` (default: `model`) for every batch of `loader`, in order, as one
+    float32 host tensor (N, ...), and the batches' targets (N,) (None for batches of bare images).
+
+    In eval mode and float32 unless `amp` (an opt-in); the host never waits for the device inside the
+    loop: each batch's output is copied to pinned memory asynchronously and read after one synchronize."""
+    forward = forward or model
+    model.eval()
+    outputs, targets = [], []
+    for batch in loader:
+        images, target = batch if isinstance(batch, (list, tuple)) else (batch, None)
+        out = autocast_forward(forward, images.to(device, non_blocking=True), device, amp, channels_last)
+        outputs.append(_to_host(out.float()))
+        if target is not None:
+            targets.append(torch.as_tensor(target))
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    outputs = torch.cat(outputs) if outputs else torch.empty(0)
+    return outputs, (torch.cat(targets) if targets else None)

@@ -34,7 +34,7 @@ import dist
 from checkpoint import load_weights, read_weights
 from dataset import DATASETS, build_transform, load_unlabeled_pool
 from dataset.device_loader import HostBatches
-from engine import autocast_forward, default_amp
+from engine import predict
 from errors import UserError
 from fileio import atomic_pickle_dump
 from losses import LOSSES, build_criterion, uses_norm
@@ -79,7 +79,7 @@ def build_parser():
                         help='images scored per forward pass (default: 1000; the original: 200; the labels '
                              'do not depend on it beyond float rounding)')
     parser.add_argument('-j', '--workers', default=4, type=cli.nonneg_int, metavar='N', help='data loading workers')
-    cli.add_speed_args(parser)
+    cli.add_speed_args(parser, training=False)
     group = parser.add_argument_group('digits pool (the same values as the base model\'s train.py run)')
     group.add_argument('--imb_type', default='exp')
     group.add_argument('--imb_factor', default=0.01, type=cli.imb_factor)
@@ -115,19 +115,11 @@ class PoolImages(Dataset):
         return len(self.images)
 
 
-@torch.inference_mode()
-def predict(model, loader, device, scale=1.0, amp=False, channels_last=False):
-    """(labels int64, confidence float32): argmax and max softmax probability (of scale * logits) of
-    every image, in order; `amp`, `channels_last` as in engine.train_one_epoch."""
-    model.eval()
-    labels, confidence = [], []
-    for images in tqdm(loader, desc='pseudo-labeling', unit='batch', file=sys.stderr):
-        logits = autocast_forward(model, images.to(device, non_blocking=True), device, amp, channels_last)
-        prob = torch.softmax(scale * logits.float(), dim=1)
-        conf, pred = prob.max(dim=1)
-        labels.append(pred.cpu())
-        confidence.append(conf.cpu())
-    return torch.cat(labels).numpy().astype(np.int64), torch.cat(confidence).numpy().astype(np.float32)
+def pseudo_label(logits, scale=1.0):
+    """(labels int64, confidence float32) of float32 logits: the argmax, as the original, and the max
+    softmax probability of scale * logits."""
+    confidence = torch.softmax(scale * logits, dim=1).max(dim=1).values
+    return logits.argmax(dim=1).numpy().astype(np.int64), confidence.numpy().astype(np.float32)
 
 
 def logit_scale(loss_type, num_classes):
@@ -229,9 +221,9 @@ def main(argv=None):
         model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
         if args.compile:
             model.compile()
-        amp = default_amp(device) if args.amp is None else args.amp
-        labels, confidence = predict(model, loader, device, logit_scale(args.loss_type, info.num_classes), amp,
-                                     args.channels_last)
+        logits, _ = predict(model, tqdm(loader, desc='pseudo-labeling', unit='batch', file=sys.stderr), device,
+                            amp=args.amp, channels_last=args.channels_last)
+        labels, confidence = pseudo_label(logits, logit_scale(args.loss_type, info.num_classes))
         entry = {'extrapolated_targets': labels, 'prediction_model': args.resume, 'confidence': confidence,
                  'pool_args': pool_args}
         if truth is not None:

@@ -11,6 +11,7 @@ ImageNet-LT and iNaturalist 2018.
 The network gets a 4-way head and learns which of 0/90/180/270 degrees each image was rotated by;
 class labels are never used. Accuracies it reports are *rotation* accuracies.
 """
+import argparse
 import os
 
 import torch
@@ -80,13 +81,25 @@ def load_split_file_data(args):
             for split in ('train', 'val')]
 
 
+def resolve_arch(args):
+    """`-a` left out: resnet50 for imagenet/inat (the original's default), else resnet32."""
+    args.arch = args.arch or ('resnet50' if args.dataset in SPLIT_FILE_DATASETS else 'resnet32')
+    return args
+
+
+def rot_store_name(args):
+    """The run folder's name, from the parsed flags alone (reproduce.py names its stages with it)."""
+    args = resolve_arch(argparse.Namespace(**vars(args)))
+    if args.dataset in SPLIT_FILE_DATASETS:
+        # The original's run folder names leave the imbalance out for these two.
+        return cli.store_name(args.dataset, args.arch, args.loss_type, args.train_rule, args.exp_str)
+    return supervised_store_name(args)
+
+
 def main(argv=None):
-    args = build_rot_parser().parse_args(argv)
+    args = resolve_arch(build_rot_parser().parse_args(argv))
     split_files = args.dataset in SPLIT_FILE_DATASETS
-    args.arch = args.arch or ('resnet50' if split_files else 'resnet32')
-    # The original's run folder names leave the imbalance out for these two.
-    args.store_name = (cli.store_name(args.dataset, args.arch, args.loss_type, args.train_rule, args.exp_str)
-                       if split_files else supervised_store_name(args))
+    args.store_name = rot_store_name(args)
     trainer.seed(args)
     if split_files:
         train_set, val_set = load_split_file_data(args)

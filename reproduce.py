@@ -150,7 +150,8 @@ def _decoupled_result(stage):
 _TRAIN = _run_folder('train.supervised_store_name')
 SCRIPTS = {
     'train.py': Script(('train.py',), 'train', 'build_parser', True, *_TRAIN),
-    'pretrain_rot.py': Script(('pretrain_rot.py',), 'pretrain_rot', 'build_rot_parser', True, *_TRAIN),
+    'pretrain_rot.py': Script(('pretrain_rot.py',), 'pretrain_rot', 'build_rot_parser', True,
+                              *_run_folder('pretrain_rot.rot_store_name')),
     'train_semi.py': Script(('train_semi.py',), 'train_semi', 'build_parser', True,
                             *_run_folder('train_semi.semi_store_name')),
     # one process: it writes one file, and it is quick
@@ -428,27 +429,20 @@ TABLES = {
 # ----------------------------------------------------------------------------------------------
 # Reading results.
 
-def _last(lines, prefix):
-    hits = [line[len(prefix):].strip() for line in lines if line.startswith(prefix)]
-    return hits[-1] if hits else None
-
-
 def read_trainer_log(path):
-    """The last epoch's top-1, shot and per-class accuracy (%) and the best top-1, from log_test.csv."""
+    """The last epoch's top-1, shot and per-class accuracy (%) and the best top-1 of a train.py-style
+    run, read by the trainer's own reader of what it writes (None before the first evaluation)."""
     import numpy as np
+    from trainer import read_test_log
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        lines = f.read().splitlines()
-    results, best = _last(lines, 'val Results: Prec@1'), _last(lines, 'Best Prec@1:')
-    if results is None or best is None:
+    records = read_test_log(path)
+    if not records or records[-1]['best'] is None:
         return None
-    shots = (_last(lines, 'val Shot Accuracy:') or 'Many nan Medium nan Few nan').split()
-    per_class = _last(lines, 'val Class Accuracy:')
-    return {'best': float(best), 'last': float(results.split()[0]),
-            'many': float(shots[1]), 'medium': float(shots[3]), 'few': float(shots[5]),
-            'per_class': None if per_class is None else
-            100 * np.array([float(v) for v in per_class.strip('[]').split(',')])}
+    last = records[-1]
+    many, medium, few = last['shots'] or (np.nan, np.nan, np.nan)
+    return {'best': last['best'], 'last': last['top1'], 'many': many, 'medium': medium, 'few': few,
+            'per_class': None if last['per_class'] is None else 100 * last['per_class']}
 
 
 def labeled_counts(args):
@@ -482,14 +476,19 @@ def read_decoupled_results(path):
     import numpy as np
     if path is None:
         return None
-    with open(path) as f:
-        r = json.load(f)
     def value(v):
         return np.nan if v is None else float(v)
-    counts = np.asarray(r['train_class_counts'])
-    return {'best': float(r['top1']), 'last': None, 'many': value(r['many_shot']), 'medium': value(r['medium_shot']),
-            'few': value(r['few_shot']), 'per_class': 100 * np.array([value(a) for a in r['cls_accs']]),
-            'order': np.argsort(-counts, kind='stable').tolist()}
+    try:
+        with open(path) as f:
+            r = json.load(f)
+        counts = np.asarray(r['train_class_counts'])
+        return {'best': float(r['top1']), 'last': None, 'many': value(r['many_shot']),
+                'medium': value(r['medium_shot']), 'few': value(r['few_shot']),
+                'per_class': 100 * np.array([value(a) for a in r['cls_accs']]),
+                'order': np.argsort(-counts, kind='stable').tolist()}
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: expected imagenet_inat's results JSON (top1, many_shot, medium_shot, few_shot, "
+                        f"cls_accs, train_class_counts), could not read it ({type(e).__name__}: {e})") from None
 
 
 # ----------------------------------------------------------------------------------------------

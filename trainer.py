@@ -12,6 +12,7 @@ way the uninterrupted run did.
 import dataclasses
 import json
 import os
+import re
 import signal
 from typing import Callable, Optional
 
@@ -242,6 +243,59 @@ def report_lines(metrics, cls_num_list=None, flag='val', task='classification'):
     return lines
 
 
+_RESULTS = re.compile(r'(\w+) Results: (?:Rotation )?Prec@1 (\S+) (?:Rotation )?Prec@5 (\S+) Loss (\S+)$')
+_SHOTS = re.compile(r'\w+ Shot Accuracy: Many (\S+) Medium (\S+) Few (\S+)$')
+_BEST = re.compile(r'Best (?:Rotation )?Prec@1: (\S+)$')
+
+
+def read_test_log(path):
+    """Every evaluation in a `log_test.csv` written by `_log_eval` (or by the original's train.py), in
+    order: dicts of 'top1', 'top5', 'loss', 'per_class' (fractions; NaN for a class absent from the test
+    set), 'shots' ((many, medium, few) in %, or None) and 'best' (the best top-1 so far, or None).
+
+    np.array2string wraps the per-class line every 75 characters (more than 12 classes), in the
+    original's logs too: its continuation lines are joined back. Anything else unexpected is a
+    UserError naming the file, the line and what was expected."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    records, i = [], 0
+
+    def fail(what):
+        raise UserError(f"{path} line {i + 1}: expected {what}, found {lines[i][:60]!r}; "
+                        f"is it a log_test.csv of train.py / train_semi.py?")
+
+    def number(text, what):
+        try:
+            return float(text)
+        except ValueError:
+            fail(what)
+
+    while i < len(lines):
+        line = lines[i]
+        if _RESULTS.match(line):
+            m = _RESULTS.match(line)
+            records.append({'top1': number(m[2], 'a Prec@1 number'), 'top5': number(m[3], 'a Prec@5 number'),
+                            'loss': number(m[4], 'a loss'), 'per_class': None, 'shots': None, 'best': None})
+        elif ' Class Accuracy: [' in line:
+            start, text = i, line.split(': ', 1)[1]
+            while not text.rstrip().endswith(']') and i + 1 < len(lines):
+                i += 1
+                text += lines[i].strip()
+            if not records or not text.rstrip().endswith(']'):
+                i = start
+                fail("a 'Class Accuracy: [...]' list after a 'Results:' line")
+            records[-1]['per_class'] = np.array([number(v, 'per-class accuracies') for v in
+                                                 text.strip().strip('[]').split(',') if v.strip()])
+        elif _SHOTS.match(line) and records:
+            records[-1]['shots'] = tuple(number(v, 'shot accuracies') for v in _SHOTS.match(line).groups())
+        elif _BEST.match(line) and records:
+            records[-1]['best'] = number(_BEST.match(line)[1], 'a best Prec@1')
+        elif line.strip() and not line.startswith(('val Confusion Matrix:', 'test Confusion Matrix:')):
+            fail("'Results:', 'Class Accuracy:', 'Shot Accuracy:', 'Best Prec@1:' or 'Confusion Matrix:'")
+        i += 1
+    return records
+
+
 def per_class_plot(per_class, cls_num_list, title):
     """PNG bytes: per-class accuracy (bars) against training images per class (line)."""
     import matplotlib
@@ -401,6 +455,8 @@ def _run(args, exp, ctx):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     hooks = {'amp': default_amp(device) if args.amp is None else args.amp, 'channels_last': args.channels_last}
+    # Evaluations are what users compare with the paper: float32 unless --amp-eval asks for bf16.
+    eval_hooks = {**hooks, 'amp': args.amp_eval}
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
     ckpt = None
@@ -424,7 +480,7 @@ def _run(args, exp, ctx):
     eval_criterion = nn.CrossEntropyLoss().to(device)
     if args.evaluate:
         metrics = evaluate(model, eval_criterion, val_loader, device, exp.num_classes, batch_fn=exp.eval_batch_fn,
-                           **hooks)
+                           **eval_hooks)
         if main:
             for line in report_lines(metrics, exp.cls_num_list, 'val', exp.task):
                 print(line)
@@ -473,7 +529,7 @@ def _run(args, exp, ctx):
                     return {'stopped_by': stop.signum, **stats}
                 dist.broadcast_buffers(unwrap(model))  # collective, every epoch: evaluate what rank 0 saves
                 metrics = evaluate(unwrap(model), eval_criterion, val_loader, device, exp.num_classes,
-                                   batch_fn=exp.eval_batch_fn, **hooks)
+                                   batch_fn=exp.eval_batch_fn, **eval_hooks)
                 is_best = metrics['top1'] > best_acc1
                 best_acc1 = max(best_acc1, metrics['top1'])
                 _log_eval(folder, metrics, exp, epoch, best_acc1, main)

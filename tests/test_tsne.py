@@ -31,7 +31,7 @@ def test_features_are_the_models_penultimate_layer(tmp_path):
     args = tsne.build_parser().parse_args(['--resume', str(tmp_path / 'ckpt.pth.tar'), '--dataset', 'digits'])
     features, net, data, counts = tsne.SOURCES['classifier'](args, tsne.load_checkpoint(args.resume))
     assert counts.tolist() == [148, 89, 53, 32, 19, 11, 6, 4, 2, 1]  # the long-tailed training split
-    feats, labels = tsne.extract(features, net, torch.utils.data.Subset(data, range(7)))
+    feats, labels = tsne.extract(features, net, torch.utils.data.Subset(data, range(7)), torch.device('cpu'))
     test = DATASETS['digits'].build_val('./data', build_transform('digits', train=False))
     images = torch.stack([test[i][0] for i in range(7)])
     model.eval()

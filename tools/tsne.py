@@ -17,15 +17,16 @@ import os
 import sys
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Subset
 
 # `python tools/tsne.py` puts tools/ on the path, not the repository root that holds the project's modules.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # noqa: E402
+import dist  # noqa: E402
 from checkpoint import load_checkpoint, load_weights, read_weights, strip_prefix  # noqa: E402
 from dataset.samplers import get_targets  # noqa: E402
+from engine import predict  # noqa: E402
 from errors import UserError  # noqa: E402
 from fileio import atomic_write_bytes  # noqa: E402
 from utils import figure_png  # noqa: E402
@@ -87,15 +88,12 @@ def subsample(labels, max_points, seed=0):
     return np.sort(np.concatenate(keep))
 
 
-@torch.no_grad()
-def extract(features, model, data, batch_size=200, workers=0):
-    """(N, D) features and (N,) labels of `data`, in order, in eval mode."""
-    model.eval()
-    feats, labels = [], []
-    for images, targets in DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers):
-        feats.append(features(images).flatten(1).float())
-        labels.append(torch.as_tensor(targets))
-    return torch.cat(feats).numpy(), torch.cat(labels).numpy()
+def extract(features, model, data, device, batch_size=200, workers=0):
+    """(N, D) float32 features and (N,) labels of `data`, in order, in eval mode, on `device`."""
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=device.type == 'cuda')
+    feats, labels = predict(model.to(device), loader, device, forward=features)
+    return feats.flatten(1).numpy(), labels.numpy()
 
 
 def head_classes(counts):
@@ -156,6 +154,7 @@ def build_parser():
     parser.add_argument('--perplexity', default=30.0, type=cli.positive_float)
     parser.add_argument('--seed', default=0, type=int, help='of the subsample and of t-SNE')
     parser.add_argument('-j', '--workers', default=0, type=cli.nonneg_int)
+    parser.add_argument('--gpu', default=None, type=cli.nonneg_int, help='GPU id to use (default: first GPU, else CPU)')
     parser.add_argument('--output', default='tsne.png')
     return parser
 
@@ -166,7 +165,7 @@ def main(argv=None):
     features, model, data, counts = SOURCES[source_kind(ckpt)](args, ckpt)
     labels = np.asarray(get_targets(data))
     data = Subset(data, subsample(labels, args.max_points, args.seed).tolist())
-    feats, labels = extract(features, model, data, workers=args.workers)
+    feats, labels = extract(features, model, data, dist.setup(args.gpu).device, workers=args.workers)
     print(f"=> {len(feats)} images, {feats.shape[1]}-d features from {args.resume}; running t-SNE")
     points = embed(feats, args.seed, args.perplexity)
     title = f"t-SNE of {os.path.basename(os.path.dirname(os.path.abspath(args.resume)))} ({args.split} split)"
