@@ -8,6 +8,7 @@ through the real subprocess path.
 import csv
 import importlib
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -26,6 +27,8 @@ from dataset import DATASETS
 from errors import UserError
 from fixtures import REPO
 from utils import shot_accuracy
+
+pytestmark = pytest.mark.usefixtures('one_thread')  # see conftest.py
 
 TINY = '--stage-args=-a resnet20 -b 64 -j 0'
 MODULES = {'train.py': 'train', 'gen_pseudolabels.py': 'gen_pseudolabels', 'train_semi.py': 'train_semi',
@@ -131,14 +134,17 @@ def _rows(out, table):
 
 
 def _log_values(log_dir):
-    """(best top-1, the last shot line's many/medium/few, number of evaluations, last per-class accuracy %)."""
+    """(best top-1, the last shot line's many/medium/few, number of evaluations, last per-class accuracy %,
+    last top-1). numpy wraps the per-class list over several lines past 12 classes: joined back here."""
     with open(os.path.join(log_dir, 'log_test.csv')) as f:
-        lines = f.read().splitlines()
+        text = f.read()
+    lines = text.splitlines()
     best = float([x for x in lines if x.startswith('Best Prec@1:')][-1].split()[-1])
     shots = [x for x in lines if x.startswith('val Shot Accuracy:')][-1].split()
-    per_class = [x for x in lines if x.startswith('val Class Accuracy:')][-1].split(':')[1].strip(' []').split(',')
+    per_class = re.findall(r'val Class Accuracy: \[([^\]]*)\]', text)[-1].replace('\n', '').split(',')
+    last = float([x for x in lines if x.startswith('val Results')][-1].split()[3])
     return (best, [float(shots[i]) for i in (4, 6, 8)], sum(x.startswith('val Results') for x in lines),
-            100 * np.array([float(v) for v in per_class]))
+            100 * np.array([float(v) for v in per_class]), last)
 
 
 def _mtimes(root):
@@ -163,7 +169,7 @@ def test_tiny_cifar10_semi_runs_every_stage_then_skips(cifar10_semi_root, tmp_pa
         module = importlib.import_module(MODULES[script])
         args = module.build_parser().parse_args(argv_)
         name = module.supervised_store_name(args) if script == 'train.py' else module.semi_store_name(args)
-        best, shots, n_val, per_class = _log_values(os.path.join(args.root_log, name))
+        best, shots, n_val, per_class, _ = _log_values(os.path.join(args.root_log, name))
         assert n_val == 1 and rows[key]['n'] == '1' and rows[key]['status'] == 'done'
         assert float(rows[key]['best_err']) == pytest.approx(100 - best, abs=1e-4)
         expected = shot_accuracy(per_class, labeled)
@@ -220,7 +226,7 @@ def test_stage_stopped_half_way_is_resumed(ssp_run):
     ckpt = load_checkpoint(ckpt_path)
     assert (ckpt['epoch'], ckpt['step']) == (2, 0)
     # resumed, not restarted: the log holds epochs 1 and 2 once each (a restart would append two more)
-    best, _, n_val, _ = _log_values(os.path.join(args.root_log, ckpt['store_name']))
+    best, _, n_val, _, _ = _log_values(os.path.join(args.root_log, ckpt['store_name']))
     assert n_val == 2 and ckpt['best_acc1'] == pytest.approx(best, abs=1e-3)
     assert float(_rows(ssp_run['out'], 'cifar10-ssp')['Uniform+SSP_rho10']['best_err']) == \
         pytest.approx(100 - best, abs=1e-4)
@@ -260,7 +266,7 @@ def test_digits_stage_runs_as_a_subprocess(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert '[reproduce] stage 1/1' in proc.stdout and 'val Results' in proc.stdout  # the stage's own output
     log_dir = out / 'runs' / 'digits-mini' / 'log' / 'digits_resnet20_CE_None_exp_0.01_base_s0r0e1_current'
-    best, shots, _, _ = _log_values(str(log_dir))
+    best, shots, _, _, _ = _log_values(str(log_dir))
     row = _rows(str(out), 'digits-mini')['CE']
     assert float(row['best_err']) == pytest.approx(100 - best, abs=1e-4)
     assert float(row['many']) == pytest.approx(shots[0], abs=1e-3)
@@ -311,3 +317,113 @@ def test_collect_reads_imagenet_inat_results(tmp_path):
     assert float(rows['Uniform+SSP']['paper']) == 54.4 and float(rows['Uniform+SSP']['best_minus_paper']) == \
         pytest.approx(46.5 - 54.4)
     assert rows['cRT+SSP']['status'] == 'missing'
+
+
+# The paper's numbers as the README's tables give them (top-1 error, %), per cell key.
+PAPER = {
+    'cifar10-semi': {'CE': None, 'DU_rhoU1': 16.79, 'DU_rhoU25': 16.88, 'DU_rhoU50': 18.36, 'DU_rhoU100': 19.94},
+    'svhn-semi': {'CE': None, 'DU_rhoU1': 13.07, 'DU_rhoU25': 13.36, 'DU_rhoU50': 13.16, 'DU_rhoU100': 14.54},
+    'cifar10-ssp': {'Uniform_rho10': None, 'Uniform+SSP_rho10': 12.28, 'Balanced_rho10': None,
+                    'Balanced+SSP_rho10': 11.57, 'Uniform_rho50': None, 'Uniform+SSP_rho50': 21.80,
+                    'Balanced_rho50': None, 'Balanced+SSP_rho50': 19.60, 'Uniform_rho100': None,
+                    'Uniform+SSP_rho100': 26.50, 'Balanced_rho100': None, 'Balanced+SSP_rho100': 23.47},
+    'cifar100-ssp': {'Uniform_rho10': None, 'Uniform+SSP_rho10': 42.93, 'Balanced_rho10': None,
+                     'Balanced+SSP_rho10': 41.94, 'Uniform_rho50': None, 'Uniform+SSP_rho50': 54.96,
+                     'Balanced_rho50': None, 'Balanced+SSP_rho50': 52.91, 'Uniform_rho100': None,
+                     'Uniform+SSP_rho100': 59.60, 'Balanced_rho100': None, 'Balanced+SSP_rho100': 56.94},
+}
+ROOTS = {'cifar10-semi': 'cifar10_semi_root', 'svhn-semi': 'svhn_root', 'cifar10-ssp': 'cifar10_root',
+         'cifar100-ssp': 'cifar100_root'}
+
+
+def _shots(per_class, counts):
+    """README: many > 100, medium 20-100, few < 20 training images; the mean of the group's classes."""
+    counts = np.asarray(counts)
+    groups = [counts > 100, (counts >= 20) & (counts <= 100), counts < 20]
+    return [per_class[g].mean() if g.any() else np.nan for g in groups]
+
+
+@pytest.mark.parametrize('table', list(ROOTS))
+def test_table_runs_with_its_readme_command(table, request, tmp_path, monkeypatch):
+    """`python reproduce.py --table T --data_path ./data` as the README writes it (only --seeds 0 and
+    --epochs 1 for time): every stage runs with the scripts' defaults and every row is filled with the
+    values of the runs' own logs."""
+    data = request.getfixturevalue(ROOTS[table])
+    ran = _in_process(monkeypatch)
+    out = str(tmp_path / 'out')
+    assert reproduce.main(['--table', table, '--data_path', data, '--seeds', '0', '--epochs', '1',
+                           '--out', out]) == 0
+    scripts = [s for s, _ in ran]
+    if table.endswith('semi'):
+        assert scripts == ['train.py', 'gen_pseudolabels.py'] + ['train_semi.py'] * 4
+    else:
+        assert scripts == (['train.py', 'pretrain_rot.py'] + ['train.py'] * 3) * 3
+        for script, argv in ran:
+            if '--pretrained_model' in argv:  # the rotation run's best checkpoint, where pretrain_rot.py wrote it
+                weights = _flag(argv, '--pretrained_model')
+                assert os.path.isfile(weights) and f'{table[:-4]}_resnet32_CE_None_exp_' in weights
+    rows = _rows(out, table)
+    assert list(rows) == list(PAPER[table])
+    last_runs = {}
+    for script, argv in ran:
+        if script in ('train.py', 'train_semi.py'):
+            module = importlib.import_module(MODULES[script])
+            args = module.build_parser().parse_args(argv)
+            assert (args.arch, args.batch_size) == ('resnet32', 128 if script == 'train.py' else 256)
+            name = module.supervised_store_name(args) if script == 'train.py' else module.semi_store_name(args)
+            last_runs[(args.exp_str, args.train_rule, args.imb_factor, getattr(args, 'imb_factor_unlabel', None),
+                       bool(args.pretrained_model))] = (args, name)
+    dataset = {'cifar10-semi': 'cifar10', 'svhn-semi': 'svhn', 'cifar10-ssp': 'cifar10',
+               'cifar100-ssp': 'cifar100'}[table]
+    num_classes = 100 if dataset == 'cifar100' else 10
+    for key, row in rows.items():
+        assert (row['n'], row['status']) == ('1', 'done'), key
+        if table.endswith('semi'):
+            imb_u = None if key == 'CE' else {'1': 1.0, '25': 0.04, '50': 0.02, '100': 0.01}[key.split('rhoU')[1]]
+            args, name = next(v for k, v in last_runs.items() if k[3] == imb_u)
+        else:
+            rho = key.split('_rho')[1]
+            rule = 'Resample' if key.startswith('Balanced') else 'None'
+            args, name = next(v for k, v in last_runs.items()
+                              if k[1] == rule and k[2] == 1 / int(rho) and k[4] == ('+SSP' in key))
+        best, _, n_val, per_class, last = _log_values(os.path.join(args.root_log, name))
+        assert n_val == 1 and len(per_class) == num_classes
+        assert float(row['best_err']) == pytest.approx(100 - best, abs=1e-4)
+        assert float(row['last_err']) == pytest.approx(100 - last, abs=1e-4)
+        labeled = DATASETS[dataset].build_train(data, 'exp', args.imb_factor, 0, None).get_cls_num_list()
+        got = [float(row[g]) if row[g] else np.nan for g in ('many', 'medium', 'few')]
+        assert got == pytest.approx(_shots(per_class, labeled), abs=1e-3, nan_ok=True)
+        paper = PAPER[table][key]
+        assert (row['paper'] == '') if paper is None else (float(row['paper']) == paper)
+
+
+def test_a_100_class_log_round_trips_through_the_reader(tmp_path):
+    """log_test.csv as the trainer writes it for 100 classes (the per-class list wrapped over lines)."""
+    per_class = np.round(np.linspace(0, 1, 100), 3)
+    metrics = {'top1': 41.25, 'top5': 70.5, 'loss': 2.34567, 'per_class': per_class}
+    lines = trainer.report_lines(metrics, [500 - 4 * i for i in range(100)])
+    text = '\n'.join(lines + ['Best Prec@1: 43.000', 'val Confusion Matrix: [[1]]']) + '\n'
+    assert text.count('\n') > 8  # wrapped: 100 values do not fit one 75-character line
+    (tmp_path / 'log_test.csv').write_text(text * 2)
+    records = trainer.read_test_log(str(tmp_path / 'log_test.csv'))
+    assert len(records) == 2
+    np.testing.assert_array_equal(records[-1]['per_class'], per_class)
+    assert (records[-1]['top1'], records[-1]['top5'], records[-1]['loss'], records[-1]['best']) == \
+        (41.25, 70.5, 2.34567, 43.0)
+    counts = np.array([500 - 4 * i for i in range(100)])  # 500 .. 104: all many-shot
+    assert records[-1]['shots'][0] == pytest.approx(100 * per_class[counts > 100].mean(), abs=5e-4)
+    result = reproduce.read_trainer_log(str(tmp_path / 'log_test.csv'))
+    assert result['best'] == 43.0 and result['last'] == 41.25
+    np.testing.assert_allclose(result['per_class'], 100 * per_class)
+
+
+def test_an_unreadable_log_is_named_in_one_line(tmp_path, capsys):
+    log = tmp_path / 'log_test.csv'
+    log.write_text('val Results: Prec@1 10.000 Prec@5 50.000 Loss 1.00000\nval Class Accuracy: [0.1,0.2,\n')
+    with pytest.raises(UserError) as e:
+        trainer.read_test_log(str(log))
+    assert str(log) in str(e.value) and 'line 2' in str(e.value) and '\n' not in str(e.value)
+    log.write_text('garbage\n')
+    with pytest.raises(UserError) as e:
+        reproduce.read_trainer_log(str(log))
+    assert str(log) in str(e.value) and 'line 1' in str(e.value) and 'Results:' in str(e.value)
