@@ -10,6 +10,8 @@
     python -m imagenet_inat.main --cfg imagenet_inat/config/ImageNet_LT/cls_crt.yaml --test \\
         --model_dir logs/ImageNet_LT/resnet50_crt_uni2ban_ssp_moco --data_root <ImageNet root>
     torchrun --nproc_per_node 8 -m imagenet_inat.main --cfg ...      # one process per GPU
+The plain command trains on every visible GPU (DataParallel, as the original); BatchNorm's
+per-GPU batches in each launch: imagenet_inat/layout.py.
 
 The split files <split_dir>/<dataset>_{train,val,test}.txt list `<path relative to --data_root> <label>`.
 """
