@@ -54,6 +54,13 @@ def plan_pieces(batch, world, bn_pieces, gpu, num_gpus=None):
 _STATS = ('running_mean', 'running_var', 'num_batches_tracked')
 
 
+def rank_loss_weight(piece, world, batch):
+    """The weight of a torchrun process's mean loss over its `piece` of a `batch`: DDP averages the
+    `world` processes' gradients, so sum_r mean_r x piece_r x world / batch / world is the mean
+    over the whole batch, DataParallel's loss, also for uneven pieces (1 for even ones)."""
+    return piece * world / batch
+
+
 def _batchnorms(module):
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 

@@ -301,10 +301,9 @@ def train(run, folder, log):
     log(f"=> {len(run.sets['train'])} training images, batch {cfg.batch_size}: {steps} steps per epoch"
         + (f" ({cfg.sampler}, {cfg.num_samples_cls} per class)" if cfg.sampler else ''))
     loss = LOSSES[cfg.loss]()
-    # Under torchrun a rank's piece may be smaller than the others (100 on 8: 13 x 7 and 9): its mean
-    # loss weighted by piece x W / batch makes DDP's gradient average the mean over the whole batch,
-    # as DataParallel's loss was (1 for even pieces). Its logged loss carries the same factor.
-    weight = cfg.loss_weight * len(sampler.positions) * ctx.world_size / cfg.batch_size
+    # Under torchrun a rank's piece may be smaller than the others' (100 on 8: 13 x 7 and 9); its
+    # logged loss carries the same weight.
+    weight = cfg.loss_weight * layout.rank_loss_weight(len(sampler.positions), ctx.world_size, cfg.batch_size)
     criterion = loss if weight == 1.0 else (lambda out, y: weight * loss(out, y))
     trained = layout.wrap(model, run.pieces, ctx.device) if ctx.world_size == 1 else \
         nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == 'cuda' else None)

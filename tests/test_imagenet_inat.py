@@ -720,6 +720,28 @@ def test_torchrun_ranks_take_contiguous_pieces_of_the_global_batch(batch, world_
         assert sum((r[step] for r in ranks), []) == batch_indices  # rank 0 first, as GPU 0's piece
 
 
+def test_shuffle_permutes_each_batch_before_the_pieces_are_cut():
+    from dataset.samplers import ShuffleSampler
+    from imagenet_inat.data import RankBatches
+
+    def batches(shuffle):
+        b = RankBatches(ShuffleSampler(300, seed=5), 100, 3, shuffle, seed=5)
+        b.set_epoch(1)
+        return list(b)
+    plain, shuffled = batches(False), batches(True)
+    assert all(sorted(a) == sorted(b) and a != b for a, b in zip(plain, shuffled))
+
+
+def test_torchrun_loss_weights_make_the_mean_over_the_whole_batch():
+    from imagenet_inat.layout import rank_loss_weight
+    losses = torch.rand(100, dtype=torch.float64)
+    pieces = losses.split([13] * 7 + [9])  # 100 over 8 processes
+    # DDP averages the 8 processes' gradients (hence their weighted losses)
+    ddp = sum(rank_loss_weight(len(p), 8, 100) * p.mean() for p in pieces) / 8
+    assert ddp.item() == pytest.approx(losses.mean().item(), rel=1e-12)
+    assert rank_loss_weight(16, 8, 128) == 1.0
+
+
 def test_bad_layouts_and_tau_grids_are_one_line(world, tmp_path):
     assert _bad(world, tmp_path, None, '--bn_pieces', '8', '--batch_size', '4') == (
         "training_opt.batch_size 4 over 8 --bn_pieces: torch.chunk (DataParallel's split) makes 4 piece(s) of at "
