@@ -57,6 +57,7 @@ class Script:
     output: Callable              # Stage -> the file the stage is finished by (later stages consume it)
     progress: Callable            # Stage -> Progress
     result: Optional[Callable] = None   # Stage -> metrics dict of a finished result stage
+    check: Optional[Callable] = None    # (Stage, processes) -> None; UserError where the stage could not finish
 
 
 def _run_folder(store_name):
@@ -147,6 +148,21 @@ def _decoupled_result(stage):
     return read_decoupled_results(_decoupled_results_file(stage.flag('--log_dir')))
 
 
+def _decoupled_check(stage, processes):
+    _call('imagenet_inat.main.preflight', stage.args(), processes)
+
+
+def launcher_processes(launcher):
+    """How many processes `launcher` starts: torchrun's --nproc_per_node x --nnodes (1 without a launcher)."""
+    counts = {'--nproc_per_node': 1, '--nproc-per-node': 1, '--nnodes': 1}
+    for i, word in enumerate(launcher):
+        name, _, value = word.partition('=')
+        if name in counts:
+            value = value or (launcher[i + 1] if i + 1 < len(launcher) else '')
+            counts[name] = int(value) if value.isdigit() else 1  # 'gpu', '1:4': unknown here, checked when it runs
+    return counts['--nproc_per_node'] * counts['--nproc-per-node'] * counts['--nnodes']
+
+
 _TRAIN = _run_folder('train.supervised_store_name')
 SCRIPTS = {
     'train.py': Script(('train.py',), 'train', 'build_parser', True, *_TRAIN),
@@ -160,7 +176,7 @@ SCRIPTS = {
     'pretrain_moco.py': Script(('pretrain_moco.py',), 'pretrain_moco', 'build_parser', True,
                                _moco_output, _moco_progress),
     'imagenet_inat': Script(('-m', 'imagenet_inat.main'), 'imagenet_inat.main', 'build_parser', True,
-                            _decoupled_output, _decoupled_progress, _decoupled_result),
+                            _decoupled_output, _decoupled_progress, _decoupled_result, _decoupled_check),
 }
 
 
@@ -744,8 +760,11 @@ def main(argv=None):
             print(shlex.join(stage.command(launcher, status.resume)))
         return 0
     check_data(args.table, table, args.data_path)
-    for stage in stages:  # every command must parse before the first one runs
+    processes = launcher_processes(launcher)
+    for stage in stages:  # every command must parse, and pass its script's checks, before the first one runs
         stage.args()
+        if stage.spec.check is not None:
+            stage.spec.check(stage, processes if stage.spec.distributed else 1)
     print(f"[reproduce] {args.table}: {len(stages)} stages for {len(cells[seeds[0]])} cells x {len(seeds)} seeds",
           flush=True)
     # the results are re-made when a seed's last stage has finished

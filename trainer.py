@@ -349,7 +349,8 @@ def begin_epoch(sampler, loader, seed, epoch, rank, first_step=0):
     sampler.set_epoch(epoch)
     if isinstance(loader, DataLoader):
         loader.generator.manual_seed(loader_seed(seed, epoch, rank))
-    sampler.skip(first_step * loader.batch_size)
+    # a batch sampler (the loader's batch_size is then None) skips whole batches
+    sampler.skip(first_step * (loader.batch_size or 1))
 
 
 def stop_notice(stop, epoch, resume_from, step=None):

@@ -81,7 +81,7 @@ def loader_rate(root, split, workers, batch=128, epochs=2):
     """Images/s of the loader a training stage builds (imagenet_inat.data.train_loader: uniform
     sampling, whole batches only, workers started afresh every epoch), set up per epoch as it is."""
     data = SplitFileDataset(root, split, build_transform('ImageNet_LT', train=True))
-    cfg = SimpleNamespace(batch_size=min(batch, len(data)), sampler=None, num_samples_cls=0)
+    cfg = SimpleNamespace(batch_size=min(batch, len(data)), sampler=None, num_samples_cls=0, shuffle=False)
     loader, sampler, _ = train_loader(cfg, data, seed=0, rank=0, world=1, workers=workers)
     best = float('inf')
     for epoch in range(epochs):

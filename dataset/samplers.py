@@ -96,31 +96,56 @@ class ImbalancedDatasetSampler(EpochSampler):
         return [self.indices[i] for i in drawn]
 
 
-def _random_cycle(items, generator):
-    """Endless walk over `items`, reshuffled at the start of every pass (Kang et al.'s RandomCycleIter)."""
-    while True:
-        for i in torch.randperm(len(items), generator=generator).tolist():
-            yield items[i]
-
-
 class ClassAwareSampler(EpochSampler):
     """Class-balanced sampling (Kang et al. 2020, "Decoupling representation and classifier"):
-    pick a class from a reshuffled cycle of classes, then take `num_samples_cls` consecutive
-    samples from that class's own reshuffled cycle. An epoch is largest class size x classes."""
+    pick a class from a cycle over the classes, then take `num_samples_cls` consecutive samples
+    from that class's own cycle. Every cycle is reshuffled at the start of each pass (the
+    original's RandomCycleIter, whose first pass is shuffled too) and, as the original's, the
+    cycles continue across epochs: epoch e takes the next `num_samples` draws (default: largest
+    class size x classes), starting with a fresh run of `num_samples_cls` as the original's new
+    generator did.
 
-    def __init__(self, data_source, num_samples_cls=4, seed=0, num_replicas=1, rank=0):
+    Still a pure function of (seed, epoch): pass p of a cycle is a permutation seeded by
+    (seed, cycle, p), and a class's draws before chunk j are known without replaying them (every
+    pass over the classes picks each class once, so chunk j's class has been picked j // classes
+    times before), so an epoch costs the same whether it follows the previous one or a resume.
+    """
+
+    def __init__(self, data_source, num_samples_cls=4, seed=0, num_replicas=1, rank=0, num_samples=None):
         super().__init__(seed, num_replicas, rank)
         labels = get_targets(data_source)
         # Only classes that have samples: an empty class would have nothing to cycle over.
-        self.per_class = [np.where(labels == c)[0].tolist() for c in np.unique(labels)]
-        self.num_samples = max(map(len, self.per_class), default=0) * len(self.per_class)
+        self.per_class = [np.where(labels == c)[0] for c in np.unique(labels)]
+        self.num_samples = (max(map(len, self.per_class), default=0) * len(self.per_class)
+                            if num_samples is None else num_samples)
         self.num_samples_cls = num_samples_cls
 
+    def _pass(self, cycle, p, n):
+        """Pass p of a cycle over n items: its permutation (cycle 0: the classes, c + 1: class c)."""
+        seed = int(np.random.SeedSequence([self.seed, cycle, p]).generate_state(1, np.uint64)[0])
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randperm(n, generator=generator).numpy()
+
+    def _cycle(self, cycle, start, stop, n):
+        """Positions start..stop-1 of an endless cycle over n items."""
+        first, last = start // n, (stop - 1) // n
+        walk = np.concatenate([self._pass(cycle, p, n) for p in range(first, last + 1)])
+        return walk[start - first * n:stop - first * n]
+
     def _order(self, generator):
-        classes = _random_cycle(range(len(self.per_class)), generator)
-        samples = [_random_cycle(idx, generator) for idx in self.per_class]
-        order = []
-        while len(order) < self.num_samples:
-            cycle = samples[next(classes)]
-            order.extend(next(cycle) for _ in range(self.num_samples_cls))
-        return order[:self.num_samples]
+        num_classes, k = len(self.per_class), self.num_samples_cls
+        if not num_classes or not self.num_samples:
+            return []
+        chunks = -(-self.num_samples // k)
+        j = np.arange(self.epoch * chunks, (self.epoch + 1) * chunks)
+        classes = self._cycle(0, j[0], j[-1] + 1, num_classes)
+        picked = j // num_classes  # times chunk j's class was picked before: once per earlier pass
+        order = np.empty((chunks, k), dtype=np.int64)
+        for c in np.unique(classes):
+            rows = np.flatnonzero(classes == c)
+            start = picked[rows[0]] * k
+            # this class's chunks in the epoch are consecutive in its own cycle
+            walk = self._cycle(int(c) + 1, start, (picked[rows[-1]] + 1) * k, len(self.per_class[c]))
+            draws = (picked[rows] * k - start)[:, None] + np.arange(k)
+            order[rows] = self.per_class[c][walk[draws]]
+        return order.reshape(-1)[:self.num_samples].tolist()

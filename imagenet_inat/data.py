@@ -17,6 +17,7 @@ from torchvision import transforms
 from dataset.samplers import ShuffleSampler
 from imagenet_inat.networks import SAMPLERS
 from moco.loader import IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD, SplitFileDataset
+from utils import derive_seed
 
 # Where the best weights are evaluated after training, and what --test evaluates by default:
 # the original had no test split for these two (iNaturalist 2018 publishes none).
@@ -54,44 +55,60 @@ def load_phase(cfg, phase, data_root, split_dir, val_as_train=False):
                             num_classes=cfg.num_classes, flags=('--split_dir', '--data_root'))
 
 
-class FirstN(Sampler):
-    """The first `num_samples` indices of an epoch sampler's share: the original stopped every
-    epoch after floor(N_train / batch_size) steps, whatever the sampler's own length."""
+class RankBatches(Sampler):
+    """This process's part of every training batch, as DataParallel scattered it (layout.py).
 
-    def __init__(self, sampler, num_samples):
-        self.sampler, self.num_samples = sampler, num_samples
-        self._skip = 0
+    An epoch is the first steps x batch_size indices of `sampler`'s order (the original stopped
+    every epoch after floor(N_train / batch_size) steps, whatever the sampler's length), cut into
+    batches; with `shuffle` each batch is permuted (the original's `shuffle: true` permuted the
+    loaded batch before DataParallel's scatter; permuting indices draws the same distribution);
+    then `torch.chunk` cuts it into `world` contiguous pieces and process `rank` takes its own.
+    The permutations are drawn from (seed, epoch), so every rank cuts the same batches and a
+    resumed epoch repeats them.
+    """
+
+    def __init__(self, sampler, batch_size, steps, shuffle, seed, rank=0, world=1):
+        self.sampler, self.batch_size, self.steps, self.shuffle, self.seed = sampler, batch_size, steps, shuffle, seed
+        self.positions = torch.arange(batch_size).chunk(world)[rank]
+        self.epoch, self._skip = 0, 0
 
     def set_epoch(self, epoch):
         self.sampler.set_epoch(epoch)
-        self._skip = 0
+        self.epoch, self._skip = epoch, 0
 
-    def skip(self, n):
-        self.sampler.skip(n)
-        self._skip = n
+    def skip(self, steps):
+        """Leave out the first `steps` batches of the current epoch (to resume)."""
+        self._skip = steps
 
     def __iter__(self):
-        return itertools.islice(iter(self.sampler), len(self))
+        total = self.steps * self.batch_size
+        order = torch.tensor(list(itertools.islice(iter(self.sampler), total)), dtype=torch.int64)
+        batches = order.view(self.steps, self.batch_size)
+        if self.shuffle:
+            # -1 is never a rank: this stream differs from every loader's (seed, epoch, rank) one
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, -1))
+            batches = batches.gather(1, torch.rand(batches.shape, generator=generator).argsort(1))
+        return iter(batches[self._skip:, self.positions].tolist())
 
     def __len__(self):
-        return max(self.num_samples - self._skip, 0)
+        return max(self.steps - self._skip, 0)
 
 
 def train_loader(cfg, train_set, seed, rank, world, workers):
-    """(loader, sampler, steps per epoch). `cfg.batch_size` is the total over `world` processes."""
-    per_rank = cfg.batch_size // world
+    """(loader, batch sampler, steps per epoch). `cfg.batch_size` is the total over `world` processes."""
     steps = len(train_set) // cfg.batch_size
     if cfg.sampler is None:
-        inner = ShuffleSampler(len(train_set), shuffle=True, seed=seed, num_replicas=world, rank=rank)
+        order = ShuffleSampler(len(train_set), shuffle=True, seed=seed)
     else:
-        inner = SAMPLERS[cfg.sampler](train_set, num_samples_cls=cfg.num_samples_cls, seed=seed,
-                                      num_replicas=world, rank=rank)
-    sampler = FirstN(inner, steps * per_rank)
+        # the class-aware cycles advance by the draws an epoch uses, as the original's
+        order = SAMPLERS[cfg.sampler](train_set, num_samples_cls=cfg.num_samples_cls, seed=seed,
+                                      num_samples=steps * cfg.batch_size)
+    batches = RankBatches(order, cfg.batch_size, steps, cfg.shuffle, seed, rank, world)
     # Own generator, re-seeded every epoch by the driver: loader worker seeds then depend on
     # (seed, epoch, rank) only, not on the global RNG, so a resumed run sees the same augmentations.
-    loader = DataLoader(train_set, batch_size=per_rank, sampler=sampler, num_workers=workers,
+    loader = DataLoader(train_set, batch_sampler=batches, num_workers=workers,
                         pin_memory=torch.cuda.is_available(), generator=torch.Generator())
-    return loader, sampler, steps
+    return loader, batches, steps
 
 
 def shard(data, rank, world):

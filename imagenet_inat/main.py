@@ -10,6 +10,8 @@
     python -m imagenet_inat.main --cfg imagenet_inat/config/ImageNet_LT/cls_crt.yaml --test \\
         --model_dir logs/ImageNet_LT/resnet50_crt_uni2ban_ssp_moco --data_root <ImageNet root>
     torchrun --nproc_per_node 8 -m imagenet_inat.main --cfg ...      # one process per GPU
+The plain command trains on every visible GPU (DataParallel, as the original); BatchNorm's
+per-GPU batches in each launch: imagenet_inat/layout.py.
 
 The split files <split_dir>/<dataset>_{train,val,test}.txt list `<path relative to --data_root> <label>`.
 """
@@ -19,7 +21,9 @@ import os
 import cli
 import trainer
 from errors import UserError
+from imagenet_inat import layout
 from imagenet_inat.config import load_config
+from imagenet_inat.data import final_split, split_file
 from imagenet_inat.stages import FEATURE_FILES, run_stage
 
 
@@ -47,7 +51,12 @@ def build_parser():
     parser.add_argument('--freeze_bn', default=False, action='store_true',
                         help="keep the feature model's BatchNorm statistics fixed while training")
     parser.add_argument('--seed', default=None, type=int, help='seed for initialisation, data order and augmentation')
-    parser.add_argument('--gpu', default=None, type=cli.nonneg_int, help='GPU id (default: first GPU, else CPU)')
+    parser.add_argument('--gpu', default=None, type=cli.nonneg_int,
+                        help='train on this GPU only (default: every visible GPU, as the original\'s DataParallel; '
+                             'else the CPU)')
+    parser.add_argument('--bn_pieces', default=None, type=cli.positive_int, metavar='G',
+                        help='one process: split each training batch into G BatchNorm batches as DataParallel over '
+                             'G GPUs did, run one after another on one device (default: the visible GPUs)')
     parser.add_argument('-j', '--workers', default=None, type=cli.nonneg_int, metavar='N',
                         help='data loading workers per process (default: training_opt.num_workers)')
     return parser
@@ -59,13 +68,32 @@ def main(argv=None):
         raise UserError("--save_feat and --output_logits only apply with --test")
     if args.test and args.resume:
         raise UserError("--test evaluates --model_dir; --resume continues a training run: pass one of them")
+    cfg = load_stage(args)
+    trainer.seed(args)
+    return run_stage(args, cfg)
+
+
+def load_stage(args):
+    """The stage config with the command line's overrides; fills in --split_dir's default."""
     cfg = load_config(args.cfg, batch_size=args.batch_size, model_dir=args.model_dir, log_dir=args.log_dir,
                       workers=args.workers)
     args.split_dir = args.split_dir or os.path.join('imagenet_inat', 'data', cfg.dataset)
     if not os.path.isdir(args.data_root):
         raise UserError(f"--data_root folder not found: {args.data_root}")
-    trainer.seed(args)
-    return run_stage(args, cfg)
+    return cfg
+
+
+def preflight(args, processes):
+    """What reproduce.py checks of a stage before a table's first stage starts (its --model_dir
+    comes from an earlier stage, so it is checked when the stage runs): the config, the batch's
+    split over `processes` (1: this machine's GPUs) and the split files it reads."""
+    cfg = load_stage(args)
+    if not args.test and cfg.taus is None:
+        layout.plan_pieces(cfg.batch_size, processes, args.bn_pieces, args.gpu)
+    for split in dict.fromkeys(('val' if args.val_as_train else 'train', 'val', final_split(cfg.dataset))):
+        path = split_file(args.split_dir, cfg.dataset, split)
+        if not os.path.isfile(path):
+            raise UserError(f"split file not found: {path} (--split_dir)")
 
 
 if __name__ == '__main__':

@@ -29,6 +29,7 @@ from engine import evaluate, train_one_epoch
 from errors import UserError
 from fileio import atomic_path, atomic_write_text
 from imagenet_inat import data as data_mod
+from imagenet_inat import layout
 from imagenet_inat import weights as weights_mod
 from imagenet_inat.networks import LOSSES, DecoupledModel, tau_normalized
 from utils import shot_accuracy
@@ -46,6 +47,7 @@ class Run:
     model: DecoupledModel
     train_counts: np.ndarray             # training images per class: shot groups
     sets: dict                           # phase -> data set
+    pieces: int                          # BatchNorm pieces of a training batch (layout.py)
     resume_path: Optional[str] = None
     ckpt: Optional[dict] = None          # the --resume checkpoint
 
@@ -56,9 +58,12 @@ class Run:
 
 def build(args, cfg, ctx, log):
     """Data sets, networks and weights. Every problem is a UserError raised here, on every rank."""
-    if cfg.batch_size % ctx.world_size:
-        raise UserError(f"training_opt.batch_size ({cfg.batch_size}) is the total over all processes and must "
-                        f"divide by their number ({ctx.world_size})")
+    pieces = 1
+    if not args.test and cfg.taus is None:
+        pieces, what = layout.plan_pieces(cfg.batch_size, ctx.world_size, args.bn_pieces, args.gpu)
+        if pieces > 1:
+            log(f"=> BatchNorm batches of {', '.join(map(str, layout.piece_sizes(cfg.batch_size, pieces)))} "
+                f"(batch {cfg.batch_size} over {pieces} {what})")
     kw = dict(data_root=args.data_root, split_dir=args.split_dir)
     sets = {'train': data_mod.load_phase(cfg, 'train', val_as_train=args.val_as_train, **kw)}
     phases = ['val', data_mod.final_split(cfg.dataset)]
@@ -78,7 +83,7 @@ def build(args, cfg, ctx, log):
                 if 'selfatt' not in name and 'fc' not in name:
                     p.requires_grad = False
     model = DecoupledModel(nets['feat_model'], nets['classifier'], freeze_bn=args.freeze_bn)
-    run = Run(args, cfg, ctx, model, np.bincount(sets['train'].targets, minlength=cfg.num_classes), sets)
+    run = Run(args, cfg, ctx, model, np.bincount(sets['train'].targets, minlength=cfg.num_classes), sets, pieces)
     if args.resume:
         if cfg.model_dir:
             log(f"=> --resume wins: not loading model_dir {cfg.model_dir}")
@@ -241,33 +246,34 @@ def test(run, log):
 
 def tau_norm(run, log):
     """Kang et al.'s tau-normalised classifier: logits = f(x) . (W_i / ||W_i||^tau), no bias, tau
-    chosen by val top-1 over the config's grid, then evaluated on the final split."""
+    chosen by val top-1 over the config's grid, then evaluated on the final split. Every tau's val
+    and final-split top-1 is kept (`tau_search`), as Kang et al.'s tau_norm.py printed them all."""
     cfg, model = run.cfg, run.model.to(run.ctx.device)
     weight = model.classifier.fc.weight.detach()
-    feats = {'val': predict(run, model.feat_model, 'val')}
+    phase = data_mod.final_split(cfg.dataset)
+    feats = {p: predict(run, model.feat_model, p) for p in dict.fromkeys(('val', phase))}
     head = nn.Linear(weight.size(1), weight.size(0)).to(run.ctx.device)
     nn.init.zeros_(head.bias)
     search = {}
     for tau in cfg.taus:
         head.weight.data.copy_(tau_normalized(weight, tau))
-        m = evaluate_outputs(run, head, *feats['val'])
-        shots = shot_groups(m['per_class'], run.train_counts)
-        search[tau] = m['top1']
-        log(f"tau {tau:.2f}: val top-1 {m['top1']:.2f}  many {100 * shots['many']:.2f}  "
-            f"medium {100 * shots['medium']:.2f}  few {100 * shots['few']:.2f}")
-    best_tau = max(cfg.taus, key=search.get)  # of equal maxima, max keeps the first listed
-    log(f"=> best tau {best_tau:.2f} (val top-1 {search[best_tau]:.2f})")
+        scores = {p: evaluate_outputs(run, head, *feats[p]) for p in feats}
+        search[tau] = {f'{p}_top1': m['top1'] for p, m in scores.items()}
+        shots = shot_groups(scores['val']['per_class'], run.train_counts)
+        log(f"tau {tau:.2f}: val top-1 {scores['val']['top1']:.2f}  many {100 * shots['many']:.2f}  "
+            f"medium {100 * shots['medium']:.2f}  few {100 * shots['few']:.2f}"
+            + (f"  ({phase} top-1 {scores[phase]['top1']:.2f})" if phase != 'val' else ''))
+    # chosen on val only; of equal maxima, max keeps the first listed
+    best_tau = max(cfg.taus, key=lambda t: search[t]['val_top1'])
+    log(f"=> best tau {best_tau:.2f} (val top-1 {search[best_tau]['val_top1']:.2f})")
     head.weight.data.copy_(tau_normalized(weight, best_tau))
-    phase = data_mod.final_split(cfg.dataset)
-    if phase not in feats:
-        feats[phase] = predict(run, model.feat_model, phase)
     summary = report(evaluate_outputs(run, head, *feats[phase]), phase, run.train_counts, log)
     classifier = {'module.fc.weight': head.weight.detach().cpu().clone(),
                   'module.fc.bias': head.bias.detach().cpu().clone()}
     best = {'feat_model': weights_mod.original_layout(model.feat_model), 'classifier': classifier}
     tau_search = {str(t): a for t, a in search.items()}
     if run.main:
-        save_checkpoint(weights_mod.final_state(0, 0, best, search[best_tau] / 100, tau=best_tau,
+        save_checkpoint(weights_mod.final_state(0, 0, best, search[best_tau]['val_top1'] / 100, tau=best_tau,
                                                 tau_search=tau_search),
                         os.path.join(cfg.log_dir, weights_mod.FINAL))
     write_results(run, summary, f'results_{phase}.json', tau=best_tau, tau_search=tau_search)
@@ -275,12 +281,6 @@ def tau_norm(run, log):
 
 
 # ---------------------------------------------------------------- training
-
-def shuffle_batch(images, targets):
-    """The original's `shuffle: true`: permute the samples of a batch (global RNG, as it did)."""
-    index = torch.randperm(images.size(0))
-    return images[index], targets[index]
-
 
 def train(run, folder, log):
     cfg, ctx, model = run.cfg, run.ctx, run.model.to(run.ctx.device)
@@ -301,9 +301,14 @@ def train(run, folder, log):
     log(f"=> {len(run.sets['train'])} training images, batch {cfg.batch_size}: {steps} steps per epoch"
         + (f" ({cfg.sampler}, {cfg.num_samples_cls} per class)" if cfg.sampler else ''))
     loss = LOSSES[cfg.loss]()
-    criterion = loss if cfg.loss_weight == 1.0 else (lambda out, y: cfg.loss_weight * loss(out, y))
-    trained = model if ctx.world_size == 1 else nn.parallel.DistributedDataParallel(
-        model, device_ids=[ctx.device.index] if ctx.device.type == 'cuda' else None)
+    # Under torchrun a rank's piece may be smaller than the others' (100 on 8: 13 x 7 and 9); its
+    # logged loss carries the same weight.
+    weight = cfg.loss_weight * layout.rank_loss_weight(len(sampler.positions), ctx.world_size, cfg.batch_size)
+    criterion = loss if weight == 1.0 else (lambda out, y: weight * loss(out, y))
+    trained = layout.wrap(model, run.pieces, ctx.device) if ctx.world_size == 1 else \
+        nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == 'cuda' else None)
+    # DataParallel also spreads the evaluation over the GPUs; otherwise the bare model evaluates
+    scorer = trained if isinstance(trained, nn.DataParallel) else model
     trainer.restore_rng(ckpt, seed, ctx.rank, ctx.world_size)
 
     def latest(epoch, step):
@@ -324,8 +329,7 @@ def train(run, folder, log):
             step0 = start_step if epoch == start_epoch else 0
             trainer.begin_epoch(sampler, loader, seed, epoch, ctx.rank, step0)
             stats = train_one_epoch(trained, criterion, _progress(loader, run, f'epoch {epoch + 1}', len(loader)),
-                                    optimizer, ctx.device, epoch, batch_fn=shuffle_batch if cfg.shuffle else None,
-                                    print_freq=cfg.display_step, log=log, should_stop=stop, start_step=step0,
+                                    optimizer, ctx.device, epoch, print_freq=cfg.display_step, log=log, should_stop=stop, start_step=step0,
                                     num_steps=steps)
             for group, net in zip(optimizer.param_groups, nets):
                 folder.scalar(f'lr/{net.key}', group['lr'], epoch + 1)
@@ -335,7 +339,7 @@ def train(run, folder, log):
                 log(trainer.stop_notice(stop, epoch, cfg.log_dir, stats['steps']))
                 return 128 + stop.signum
             dist.broadcast_buffers(model)  # collective: every rank evaluates rank 0's BatchNorm statistics
-            metrics = evaluate_phase(run, model, 'val')
+            metrics = evaluate_phase(run, scorer, 'val')
             log(f"Epoch [{epoch + 1}/{cfg.num_epochs}] training top-1 {stats['top1']:.3f}")
             summary = report(metrics, 'val', run.train_counts, log)
             for key in ('top1', 'many_shot', 'medium_shot', 'few_shot'):
@@ -355,7 +359,7 @@ def train(run, folder, log):
     for n in nets:
         getattr(model, n.key).load_state_dict(strip_prefix(best[n.key], 'module.'))
     phase = data_mod.final_split(cfg.dataset)
-    summary = report(evaluate_phase(run, model, phase), phase, run.train_counts, log)
+    summary = report(evaluate_phase(run, scorer, phase), phase, run.train_counts, log)
     write_results(run, summary, f'results_{phase}.json', best_epoch=best_epoch, best_val_top1=100 * best_acc)
     return 0
 

@@ -25,7 +25,7 @@ from errors import UserError
 from fixtures import REPO
 from imagenet_inat import main as ii_main
 from imagenet_inat.config import load_config
-from imagenet_inat.networks import ResNetFeature, tau_normalized
+from imagenet_inat.networks import NETWORKS, ResNetFeature, tau_normalized
 from models import build_model
 
 CONFIGS = os.path.join(REPO, 'imagenet_inat', 'config')
@@ -98,11 +98,19 @@ def test_shipped_configs_carry_the_papers_values(name):
     assert cfg.log_dir == f'./logs/{cfg.dataset}/' + cfg.raw['training_opt']['stage']
 
 
-def test_tau_norm_configs_search_zero_to_one():
+# Kang et al.'s classifier-balancing tau_norm.py: `for p in np.linspace(0, 2, 21)`
+KANG_TAUS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0,
+             1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9, 2.0]
+
+
+def test_tau_norm_configs_search_zero_to_two_as_kang(tmp_path):
     for ds in ('ImageNet_LT', 'iNaturalist18'):
         cfg = load_config(os.path.join(CONFIGS, ds, 'cls_tau_norm.yaml'))
-        assert cfg.taus == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+        assert cfg.taus == KANG_TAUS
         assert cfg.networks['classifier'].name == 'DotProductClassifier'
+    raw = fx.stage_config(tmp_path / 'logs', tau=True, epochs=0)
+    raw['tau_norm'] = {}  # every key left to its default
+    assert load_config(fx.write_config(tmp_path / 'c.yaml', raw)).taus == KANG_TAUS
 
 
 ORIGINAL_CLS_CRT = """coslr: true
@@ -256,23 +264,44 @@ def test_crt_starts_the_classifier_fresh(world, tmp_path):
     assert crt.abs().max() <= bound < s1.abs().max()
 
 
-def test_tau_norm_picks_the_best_tau_on_val_and_saves_the_normalised_classifier(world, tmp_path):
-    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'tau', fix=True, epochs=0, sampler=False,
-                                                                batch=BATCH, tau=True))
-    assert ii_main.main(argv(world, cfg, '--model_dir', str(world['stage1']))) == 0
-    s1 = load(world['stage1'] / 'final_model_checkpoint.pth')['state_dict_best']
+# Two classes whose classifier rows have norms 4 and 1: a feature x with W_0.x = 4 ** 0.55 and
+# W_1.x = 1 goes to class 0 while 4 ** 0.55 / 4 ** tau > 1, i.e. for tau < 0.55, and to class 1
+# from tau = 0.6 on (class 2 scores -100). Val images are labelled 1, test images 0: val is best
+# from tau 0.6 on, test up to 0.5.
+TAU_FLIP = 0.55
+
+
+def _tau_features(n, label):
+    x = torch.zeros(n, 512)
+    x[:, 0], x[:, 1], x[:, 2] = 4 ** TAU_FLIP / 4, 1.0, -100.0
+    return x, torch.full((n,), label)
+
+
+def test_tau_norm_picks_tau_on_val_never_on_test_and_keeps_every_taus_accuracy(world, tmp_path, monkeypatch):
+    from imagenet_inat import stages
+    s1 = load(world['stage1'] / 'final_model_checkpoint.pth')
+    weight = torch.zeros(3, 512)
+    weight[0, 0], weight[1, 1], weight[2, 2] = 4.0, 1.0, 1.0
+    s1['state_dict_best']['classifier'] = {'module.fc.weight': weight,
+                                           'module.fc.bias': torch.tensor([50., 0., 0.])}  # dropped by tau-norm
+    torch.save(s1, tmp_path / 'final_model_checkpoint.pth')
+    features = {'val': _tau_features(18, 1), 'test': _tau_features(18, 0)}
+    monkeypatch.setattr(stages, 'predict', lambda run, module, phase: features[phase])
+    raw = fx.stage_config(tmp_path / 'tau', fix=True, epochs=0, sampler=False, batch=BATCH, tau=True)
+    raw['tau_norm'] = {}  # Kang et al.'s grid, the default
+    cfg = fx.write_config(tmp_path / 'c.yaml', raw)
+    assert ii_main.main(argv(world, cfg, '--model_dir', str(tmp_path))) == 0
     final = load(tmp_path / 'tau' / 'final_model_checkpoint.pth')
     results = json.loads((tmp_path / 'tau' / 'results_test.json').read_text())
-    search = {float(t): acc for t, acc in final['tau_search'].items()}
-    assert sorted(search) == [i / 10 for i in range(11)]
-    best = final['tau']
-    assert search[best] == max(search.values()) and best == min(t for t in search if search[t] == search[best])
-    assert results['tau'] == best and final['best_acc'] == pytest.approx(search[best] / 100)
-    w = s1['classifier']['module.fc.weight']
+    assert final['tau'] == results['tau'] == 0.6  # the first tau of the best val top-1
+    assert results['top1'] == 0.0 and final['best_acc'] == 1.0  # test images are class 0; val 100 %
+    expected = {str(t): {'val_top1': 0.0 if t < TAU_FLIP else 100.0, 'test_top1': 100.0 if t < TAU_FLIP else 0.0}
+                for t in KANG_TAUS}
+    assert results['tau_search'] == expected and final['tau_search'] == expected
     assert torch.allclose(final['state_dict_best']['classifier']['module.fc.weight'],
-                          w / w.norm(dim=1, keepdim=True) ** best)
+                          weight / torch.tensor([[4.0], [1.0], [1.0]]) ** 0.6)
     assert torch.equal(final['state_dict_best']['classifier']['module.fc.bias'], torch.zeros(3))
-    for k, v in s1['feat_model'].items():
+    for k, v in s1['state_dict_best']['feat_model'].items():
         assert torch.equal(final['state_dict_best']['feat_model'][k], v), k
 
 
@@ -491,3 +520,264 @@ def test_command_line_exits_with_status_2_and_one_line(world, tmp_path, capsys):
     assert info.value.code == 2 and err.count('\n') == 1
     assert err.startswith('error: --model_dir not found: nowhere')
     assert glob.glob(str(tmp_path / 'run*')) == []
+
+
+# ---------------------------------------------------------------- the original's choices, pinned down
+
+def test_the_best_epoch_is_chosen_on_val_never_on_test(world, tmp_path, monkeypatch):
+    from imagenet_inat import stages
+    scores = {'val': [50.0, 80.0, 60.0], 'test': [90.0, 10.0, 95.0, 42.0]}  # test would pick epoch 3
+    seen, classifiers = {'val': 0, 'test': 0}, []
+
+    def fake_evaluate(run, module, phase):
+        top1 = scores[phase][seen[phase]]
+        seen[phase] += 1
+        if phase == 'val':
+            classifiers.append(module.classifier.fc.weight.detach().clone())
+        return {'top1': top1, 'top5': 100.0, 'loss': 1.0, 'count': 18, 'per_class': np.full(3, top1 / 100)}
+    monkeypatch.setattr(stages, 'evaluate_phase', fake_evaluate)
+    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', sampler=False, epochs=3,
+                                                                batch=BATCH))
+    assert ii_main.main(argv(world, cfg, '--model_dir', world['moco'])) == 0
+    final = load(tmp_path / 'run' / 'final_model_checkpoint.pth')
+    results = json.loads((tmp_path / 'run' / 'results_test.json').read_text())
+    assert final['best_epoch'] == results['best_epoch'] == 2 and final['best_acc'] == 0.8
+    assert seen == {'val': 3, 'test': 1}  # test is evaluated once, after training, with the best weights
+    assert results['top1'] == 90.0 and results['best_val_top1'] == 80.0
+    assert torch.equal(final['state_dict_best']['classifier']['module.fc.weight'], classifiers[1])
+    assert not torch.equal(classifiers[0], classifiers[1])
+
+
+def test_lws_logits_are_wx_plus_b_times_the_class_scale():
+    # Kang et al.'s TauNormClassifier.py (LWS): x = self.fc(x); x *= self.scales
+    lws = NETWORKS['LWSClassifier'].build({'feat_dim': 2, 'num_classes': 2})
+    with torch.no_grad():
+        lws.fc.weight.copy_(torch.tensor([[1., 2.], [0., 1.]]))
+        lws.fc.bias.copy_(torch.tensor([1., -1.]))
+        lws.scales.copy_(torch.tensor([2., 3.]))
+    # W x + b = (1 + 2 + 1, 0 + 1 - 1) = (4, 0); times (2, 3): (8, 0)
+    assert lws(torch.tensor([[1., 1.]])).tolist() == [[8., 0.]]
+    assert [n for n, p in lws.named_parameters() if p.requires_grad] == ['scales']
+
+
+def _rename_splits(world, folder, dataset, splits):
+    folder.mkdir()
+    for split in splits:
+        text = open(os.path.join(world['splits'], f'{fx.DATASET}_{split}.txt')).read()
+        (folder / f'{dataset}_{split}.txt').write_text(text)
+    return str(folder)
+
+
+@pytest.mark.parametrize('dataset,final', [('iNaturalist18', 'val'), ('ImageNet_LT', 'test')])
+def test_the_final_evaluation_split_is_val_for_inaturalist_and_test_for_imagenet_lt(world, tmp_path, dataset, final):
+    # the original's main.py: test_split = 'val' for iNaturalist (it has no test split), else 'test'
+    splits = ('train', 'val') if dataset == 'iNaturalist18' else ('train', 'val', 'test')
+    split_dir = _rename_splits(world, tmp_path / 'splits', dataset, splits)
+    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', dataset=dataset, batch=BATCH))
+    assert ii_main.main(argv(world, cfg, '--split_dir', split_dir, '--test', '--model_dir', str(world['stage1']))) == 0
+    assert sorted(os.listdir(tmp_path / 'run')) == [f'results_{final}.json']
+    assert json.loads((tmp_path / 'run' / f'results_{final}.json').read_text())['phase'] == final
+
+
+def test_step_lr_epoch_e_trains_at_lr_times_gamma_to_the_e_over_step_size(tmp_path):
+    path = tmp_path / 'cls_crt.yaml'
+    path.write_text(ORIGINAL_CLS_CRT.replace('coslr: true', 'coslr: false'))  # step_size 3, gamma 0.1
+    cfg = load_config(str(path))
+    # the original stepped StepLR at the start of every epoch: epoch e runs at 0.2 * 0.1 ** (e // 3)
+    expected = [0.2, 0.2, 0.02, 0.02, 0.02, 0.002, 0.002, 0.002, 0.0002, 0.0002]
+    assert [cfg.lr_factor_at(e, 0.2) for e in range(1, 11)] == pytest.approx(expected, rel=1e-12)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.1)
+    opt.step()
+    for e in range(1, 11):
+        sched.step()
+        assert opt.param_groups[0]['lr'] == pytest.approx(expected[e - 1], rel=1e-12)
+
+
+def _class_aware_epochs(world, cfg, epochs, seed=3):
+    from imagenet_inat import data as data_mod
+    train = data_mod.load_phase(cfg, 'train', world['images'], world['splits'])
+    _, batches, steps = data_mod.train_loader(cfg, train, seed, 0, 1, 0)
+    orders = []
+    for e in epochs:
+        batches.set_epoch(e)
+        orders.append([i for batch in batches for i in batch])
+    return orders, np.asarray(train.targets), batches
+
+
+def test_class_aware_cycles_continue_across_epochs_and_resume_at_any_epoch(world, tmp_path):
+    raw = fx.stage_config(tmp_path / 'run', batch=BATCH)
+    raw['shuffle'] = False  # the loader's order is then the sampler's
+    cfg = load_config(fx.write_config(tmp_path / 'c.yaml', raw))
+    orders, labels, _ = _class_aware_epochs(world, cfg, range(12))
+    stream = sum(orders, [])
+    assert [len(o) for o in orders] == [STEPS * BATCH] * 12  # 9 steps of 16 per epoch
+    # runs of 4 (num_samples_cls) from one class, the classes cycled in turn: 12 runs each per epoch
+    runs = labels[stream].reshape(-1, 4)
+    assert (runs == runs[:, :1]).all() and np.bincount(runs[:, 0]).tolist() == [144, 144, 144]
+    for c, n in enumerate(fx.TRAIN_COUNTS):  # 110, 30, 5 images: 576 draws each over the 12 epochs
+        draws = [i for i in stream if labels[i] == c]
+        members = set(np.flatnonzero(labels == c).tolist())
+        passes = [draws[k:k + n] for k in range(0, len(draws) - n + 1, n)]
+        assert len(draws) == 576 and len(passes) == 576 // n
+        # every image once per pass before any is reused, across the epoch boundaries (RandomCycleIter)
+        assert all(sorted(p) == sorted(members) for p in passes), c
+        assert len({tuple(p) for p in passes}) > len(passes) // 2  # reshuffled every pass (5 images: 120 orders)
+    # the largest class: every image within the first 3 epochs (144 of its draws), as the original
+    assert set(stream[:3 * STEPS * BATCH]) >= set(np.flatnonzero(labels == 0).tolist())
+    for e in (0, 5, 11):  # a resumed run builds a new sampler: it continues the same order
+        fresh, _, batches = _class_aware_epochs(world, cfg, [e])
+        assert fresh[0] == orders[e]
+        batches.set_epoch(e)
+        batches.skip(4)
+        assert [i for batch in batches for i in batch] == orders[e][4 * BATCH:]
+
+
+def test_val_as_train_trains_on_the_val_split(world, tmp_path):
+    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', sampler=False, batch=6))
+    assert ii_main.main(argv(world, cfg, '--model_dir', world['moco'], '--val_as_train')) == 0
+    assert '=> 18 training images, batch 6: 3 steps per epoch' in log_text(tmp_path / 'run')
+    results = json.loads((tmp_path / 'run' / 'results_test.json').read_text())
+    # the original's shot groups count the training phase's images: 6 per class, all few-shot
+    assert results['train_class_counts'] == [6, 6, 6]
+    assert results['many_shot'] is None and results['medium_shot'] is None and results['few_shot'] is not None
+
+
+def test_resume_cuts_log_txt_back_to_the_checkpoint(world, tmp_path):
+    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', sampler=False, batch=BATCH))
+    assert ii_main.main(argv(world, cfg, '--model_dir', world['moco'])) == 0
+    size = load(tmp_path / 'run' / 'latest_model_checkpoint.pth')['log_size']
+    before = (tmp_path / 'run' / 'log.txt').read_bytes()
+    assert 0 < size < len(before)  # the final evaluation was logged after the checkpoint
+    with open(tmp_path / 'run' / 'log.txt', 'a') as f:
+        f.write('a line written after the checkpoint, before a kill\n')
+    assert ii_main.main(argv(world, cfg, '--resume', str(tmp_path / 'run'))) == 0
+    after = (tmp_path / 'run' / 'log.txt').read_bytes()
+    assert after[:size] == before[:size] and b'before a kill' not in after
+    assert after.count(b'Best validation accuracy') == 1 and b'=> resumed' in after[size:]
+
+
+# ---------------------------------------------------------------- per-GPU BatchNorm batches
+
+def _bn_batch_sizes(world, tmp_path, batch, *extra):
+    sizes = {}
+
+    def record(module, inputs):
+        if isinstance(module, nn.BatchNorm2d) and module.training:
+            sizes.setdefault(id(module), []).append(inputs[0].shape[0])
+    cfg = fx.write_config(tmp_path / f'c{batch}.yaml', fx.stage_config(tmp_path / f'run{batch}', batch=batch))
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        assert ii_main.main(argv(world, cfg, '--model_dir', world['moco'], *extra)) == 0
+    finally:
+        handle.remove()
+    assert len(sizes) == 12  # every BatchNorm layer of the ResNet-10
+    return sizes
+
+
+@pytest.mark.parametrize('batch,pieces,expected', [
+    (128, 8, [16] * 8),          # ImageNet-LT stage 1 on 8 GPUs: 128 / 8
+    (100, 8, [13] * 7 + [9]),    # iNaturalist stage 1: torch.chunk's uneven pieces, as DataParallel's scatter
+    (100, 1, [100]),
+])
+def test_bn_pieces_give_each_batchnorm_call_dataparallels_piece(world, tmp_path, batch, pieces, expected):
+    # 145 images: one step of `batch`
+    sizes = _bn_batch_sizes(world, tmp_path, batch, '--bn_pieces', str(pieces))
+    assert all(s == expected for s in sizes.values())
+
+
+def test_sequential_pieces_keep_the_first_pieces_running_statistics():
+    from imagenet_inat.layout import SequentialPieces
+    torch.manual_seed(0)
+    x = torch.randn(100, 3, 2, 2) * 3 + 1
+    bn = nn.BatchNorm2d(3)
+    out = SequentialPieces(bn, 8).train()(x)
+    pieces = x.split([13] * 7 + [9])
+    # each piece normalised by its own statistics (eps 1e-5, weight 1, bias 0)
+    for piece, got in zip(pieces, out.split([13] * 7 + [9])):
+        mean, var = piece.mean((0, 2, 3), keepdim=True), piece.var((0, 2, 3), unbiased=False, keepdim=True)
+        assert torch.allclose(got, (piece - mean) / torch.sqrt(var + 1e-5), atol=1e-5)
+    # running statistics: momentum 0.1 from (0, 1), GPU 0's piece only; one batch tracked
+    first = pieces[0]
+    assert torch.allclose(bn.running_mean, 0.1 * first.mean((0, 2, 3)), atol=1e-6)
+    assert torch.allclose(bn.running_var, 0.9 + 0.1 * first.var((0, 2, 3), unbiased=True), atol=1e-6)
+    assert bn.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize('batch,world_size,sizes', [(128, 8, [16] * 8), (100, 8, [13] * 7 + [9]), (512, 8, [64] * 8)])
+def test_torchrun_ranks_take_contiguous_pieces_of_the_global_batch(batch, world_size, sizes):
+    from dataset.samplers import ShuffleSampler
+    from imagenet_inat.data import RankBatches
+
+    def steps(rank, world):
+        batches = RankBatches(ShuffleSampler(3 * batch + 7, seed=5), batch, 3, True, seed=5, rank=rank, world=world)
+        batches.set_epoch(2)
+        return list(batches)
+    whole = steps(0, 1)
+    ranks = [steps(r, world_size) for r in range(world_size)]
+    for step, batch_indices in enumerate(whole):
+        assert [len(r[step]) for r in ranks] == sizes
+        assert sum((r[step] for r in ranks), []) == batch_indices  # rank 0 first, as GPU 0's piece
+
+
+def test_shuffle_permutes_each_batch_before_the_pieces_are_cut():
+    from dataset.samplers import ShuffleSampler
+    from imagenet_inat.data import RankBatches
+
+    def batches(shuffle):
+        b = RankBatches(ShuffleSampler(300, seed=5), 100, 3, shuffle, seed=5)
+        b.set_epoch(1)
+        return list(b)
+    plain, shuffled = batches(False), batches(True)
+    assert all(sorted(a) == sorted(b) and a != b for a, b in zip(plain, shuffled))
+
+
+def test_torchrun_loss_weights_make_the_mean_over_the_whole_batch():
+    from imagenet_inat.layout import rank_loss_weight
+    losses = torch.rand(100, dtype=torch.float64)
+    pieces = losses.split([13] * 7 + [9])  # 100 over 8 processes
+    # DDP averages the 8 processes' gradients (hence their weighted losses)
+    ddp = sum(rank_loss_weight(len(p), 8, 100) * p.mean() for p in pieces) / 8
+    assert ddp.item() == pytest.approx(losses.mean().item(), rel=1e-12)
+    assert rank_loss_weight(16, 8, 128) == 1.0
+
+
+def test_bad_layouts_and_tau_grids_are_one_line(world, tmp_path):
+    assert _bad(world, tmp_path, None, '--bn_pieces', '8', '--batch_size', '4') == (
+        "training_opt.batch_size 4 over 8 --bn_pieces: torch.chunk (DataParallel's split) makes 4 piece(s) of at "
+        "most 1, so 4 would get no images; use a larger --batch_size or fewer pieces")
+    assert 'makes 5 piece(s) of at most 2' in _bad(world, tmp_path, None, '--bn_pieces', '8', '--batch_size', '10')
+    for grid, message in (({'min': 1.0, 'max': 0.5}, 'tau_norm.max (0.5) is below tau_norm.min (1.0)'),
+                          ({'step': -0.1}, 'key tau_norm.step must be a positive number, got -0.1')):
+        cfg = fx.stage_config(tmp_path / 'run', tau=True, epochs=0)
+        cfg['tau_norm'] = grid
+        assert _bad(world, tmp_path, cfg, '--model_dir', str(world['stage1'])).endswith(message)
+    from imagenet_inat.layout import plan_pieces
+    with pytest.raises(UserError, match='under torchrun each process already trains one piece'):
+        plan_pieces(128, 8, 2, None)
+    # a one-process run over this machine's GPUs, as DataParallel: 100 on 3 GPUs is 34, 34, 32
+    assert plan_pieces(100, 1, None, None, num_gpus=3)[0] == 3 and plan_pieces(100, 1, None, 0, num_gpus=3)[0] == 1
+
+
+def test_reproduce_checks_every_stage_of_the_inat_table_before_the_first_starts(tmp_path, monkeypatch):
+    import reproduce
+    monkeypatch.chdir(tmp_path)
+    splits = tmp_path / 'imagenet_inat' / 'data' / 'iNaturalist18'
+    splits.mkdir(parents=True)
+    for split in ('train', 'val'):
+        (splits / f'iNaturalist18_{split}.txt').write_text('a.jpg 0\n')
+    (tmp_path / 'inat').mkdir()
+    started = []
+    monkeypatch.setattr(reproduce, 'execute', lambda cmd, env: started.append(cmd) or 1)
+
+    def table(processes):
+        return reproduce.main(['--table', 'inat', '--seeds', '0', '--data_path', str(tmp_path / 'inat'),
+                               '--out', str(tmp_path / 'out'), '--launcher', f'torchrun --nproc_per_node={processes}'])
+    # stage 1's batch of 100 over 16 processes: torch.chunk makes 15 pieces of 7, one process would idle
+    with pytest.raises(UserError, match=r'training_opt.batch_size 100 over 16 processes: .* makes 15 piece'):
+        table(16)
+    assert started == []  # refused before MoCo's 200 epochs
+    # on 8: seven pieces of 13 and one of 9, as DataParallel split it: the table starts with MoCo
+    assert table(8) == 1
+    assert len(started) == 1 and 'pretrain_moco.py' in started[0][2] and started[0][:2] == ['torchrun',
+                                                                                              '--nproc_per_node=8']
