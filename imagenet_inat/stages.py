@@ -25,7 +25,7 @@ from tqdm import tqdm
 import dist
 import trainer
 from checkpoint import load_optimizer, save_checkpoint, strip_prefix
-from engine import evaluate, train_one_epoch
+from engine import evaluate, predict as predict_batches, train_one_epoch
 from errors import UserError
 from fileio import atomic_path, atomic_write_text
 from imagenet_inat import data as data_mod
@@ -183,15 +183,9 @@ def evaluate_phase(run, module, phase):
                     run.ctx.device, run.cfg.num_classes)
 
 
-@torch.no_grad()
 def predict(run, module, phase):
-    """(outputs, labels) of this rank's shard of `phase`, on the CPU, in the shard's order."""
-    module.eval()
-    outputs, labels = [], []
-    for images, targets in _progress(_eval_loader(run, phase), run, phase):
-        outputs.append(module(images.to(run.ctx.device, non_blocking=True)).float().cpu())
-        labels.append(targets)
-    return torch.cat(outputs), torch.cat(labels)
+    """(outputs, labels) of this rank's shard of `phase`, float32 on the host, in the shard's order."""
+    return predict_batches(module, _progress(_eval_loader(run, phase), run, phase), run.ctx.device)
 
 
 def gather_in_order(tensor, run, n):
