@@ -174,9 +174,14 @@ def prediction_log(output_dir):
             h.close()
 
 
+def output_path(args):
+    """Where the pseudo-labels go (reproduce.py finds a stage's output with it too)."""
+    return os.path.join(args.output_dir, args.output_filename or POOLS[args.dataset].output_filename)
+
+
 def resolve_paths(args, pool):
     """(output path, pool file or None), refusing before any work what would overwrite a file."""
-    out_path = os.path.join(args.output_dir, args.output_filename or pool.output_filename)
+    out_path = output_path(args)
     if os.path.exists(out_path) and not args.overwrite:
         raise UserError(f"{out_path} already exists; pass --overwrite to replace it or choose another "
                         f"--output_filename")

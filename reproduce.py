@@ -96,9 +96,7 @@ def _file_progress(stage):
 
 
 def _pseudo_label_output(stage):
-    a = stage.args()
-    from gen_pseudolabels import POOLS
-    return os.path.join(a.output_dir, a.output_filename or POOLS[a.dataset].output_filename)
+    return _call('gen_pseudolabels.output_path', stage.args())
 
 
 def _moco_output(stage):
