@@ -335,3 +335,19 @@ def test_stage_args_for_one_script(words, tmp_path, capsys):
             assert (args.batch_size, args.overwrite) == (1000, True) and argv[-3:] == ['-b', '1000', '--overwrite']
         else:
             assert '--overwrite' not in argv and args.batch_size == {'train.py': 128, 'train_semi.py': 256}[script]
+
+
+# ------------------------------------------------------------------ files a run writes
+
+@pytest.mark.xfail(strict=True, reason='fileio.atomic_path writes through tempfile.mkstemp, whose files are 0600 '
+                                       'and keep that mode after the rename: checkpoints, best checkpoints, '
+                                       'pseudo-label pickles, plots and reproduce results are unreadable to the '
+                                       "group and others, unlike the original's torch.save / open files")
+def test_atomic_writes_get_the_mode_of_any_new_file(tmp_path):
+    from fileio import atomic_write_bytes
+    umask = os.umask(0)
+    os.umask(umask)
+    atomic_write_bytes(str(tmp_path / 'ckpt.pth.tar'), b'x')
+    with open(tmp_path / 'plain', 'wb') as f:  # what the original's torch.save(state, filename) gets
+        f.write(b'x')
+    assert os.stat(tmp_path / 'ckpt.pth.tar').st_mode == os.stat(tmp_path / 'plain').st_mode
