@@ -183,36 +183,24 @@ def test_semi_md_svhn(cifar_data):
     assert (cifar_data / 'checkpoint' / 'svhn_resnet32_CE_None_exp_0.02_0.02_semi' / 'ckpt.pth.tar').is_file()
 
 
-def test_readme_flags_imb_type_start_epoch_print_freq(cwd, small_digits, capsys):
-    """README's flag list: `--imb_type step` halves the classes (the first half keeps n_max, the rest
-    n_max * imb_factor), `--start-epoch 1` starts the epoch loop at epoch 1 (warm-up lr 0.1 * 2 / 5),
-    `-p 1` prints every step. The 40-per-class digits keep 30 training images per class."""
+def test_readme_flags_of_train_py(cwd, small_digits, capsys):
+    """README's flag list of train.py: `--imb_type step` halves the classes (the first half keeps n_max,
+    the rest n_max * imb_factor), `--start-epoch 1` starts the epoch loop at epoch 1 (warm-up: lr * 2 / 5),
+    `-p 1` prints every step, `--lr`, `--momentum` and `--wd` reach SGD. The 40-per-class digits keep
+    30 training images per class."""
     assert train.main(['--dataset', 'digits', '--imb_type', 'step', '--imb_factor', '0.1', '--start-epoch', '1',
-                       '--epochs', '2', '-b', '64', '-p', '1']) == 0
+                       '--epochs', '2', '-b', '64', '-p', '1', '--lr', '0.05', '--momentum', '0.5',
+                       '--wd', '1e-3']) == 0
     out = capsys.readouterr().out
     assert 'cls num list: [30, 30, 30, 30, 30, 3, 3, 3, 3, 3]' in out
     # 165 images in batches of 64: three steps, each printed, all in epoch 1
     steps = [line.split('\t')[0] for line in out.splitlines() if line.startswith('Epoch: ')]
-    assert steps == [f'Epoch: [1][{s}/3], lr: 0.04000' for s in (1, 2, 3)]
+    assert steps == [f'Epoch: [1][{s}/3], lr: 0.02000' for s in (1, 2, 3)]
     ckpt = torch.load('checkpoint/digits_resnet32_CE_None_step_0.1_ss_pretrained/ckpt.pth.tar', map_location='cpu',
                       weights_only=True)
     assert ckpt['epoch'] == 2
-
-
-def test_moco_md_cifar10_then_fine_tune(cifar_data, capsys):
-    """docs/moco.md: MoCo on CIFAR-10-LT, then train.py from its checkpoint (with --epochs 1 that is
-    moco_ckpt_0001.pth.tar, the documented one being moco_ckpt_0200.pth.tar of 200 epochs). One step
-    of its 128 images needs 100 per class before the long-tailed draw (242 after)."""
-    fixtures.write_cifar10(cifar_data / 'data', per_class=100, test_per_class=2)
-    (moco,) = script_commands('docs/moco.md', 'pretrain_moco.py', ['cifar10'])
-    (fine,) = script_commands('docs/moco.md', 'train.py', ['--pretrained_model'])
-    assert moco in script_commands('README.md', 'pretrain_moco.py', ['cifar10'])
-    run('pretrain_moco.py', moco, extra=[*SHORT, '-j', '0'])  # not MoCo's 32 loader processes on this CPU
-    capsys.readouterr()
-    run('train.py', fine, **{'data/cifar10/checkpoint/moco_ckpt_0200.pth.tar':
-                             'data/cifar10/checkpoint/moco_ckpt_0001.pth.tar'})
-    assert 'backbone tensors from MoCo checkpoint' in capsys.readouterr().out
-    assert (cifar_data / 'checkpoint' / 'cifar10_resnet32_CE_None_exp_0.01_ssp_moco' / 'ckpt.pth.tar').is_file()
+    group = ckpt['optimizer']['param_groups'][0]
+    assert (group['lr'], group['momentum'], group['weight_decay']) == (0.02, 0.5, 1e-3)
 
 
 def _store_names(paths, pretrained):
