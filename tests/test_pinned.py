@@ -13,6 +13,7 @@ Every expected value here is written out from the paper, the original code
   stage 1, mean and sample std (ddof = 1) over seeds; and the documented flags
   gen_pseudolabels.py --data_filename, reproduce.py --rand_number and --stage-args "SCRIPT: FLAGS".
 """
+import csv
 import math
 import os
 import pickle
@@ -286,7 +287,6 @@ def test_std_over_seeds_is_the_sample_std(tmp_path, capsys):
     for (_, stage_argv), best, top1, many in zip(commands, (80, 82, 87), (70, 75, 77), (0.9, 0.6, 0.3)):
         _write_finished_run(stage_argv, best, top1, [many] + [0.5] * 9)
     assert reproduce.main([*argv, '--collect']) == 0
-    import csv
     with open(os.path.join(out, 'digits-mini.csv')) as f:
         row, = csv.DictReader(f)
     assert (row['n'], row['status']) == ('3', 'done')
