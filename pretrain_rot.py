@@ -2,7 +2,7 @@
 ImageNet-LT and iNaturalist 2018.
 
     python pretrain_rot.py --dataset cifar10 --imb_factor 0.01
-    python train.py --dataset cifar10 --imb_factor 0.01 \
+    python train.py --dataset cifar10 --imb_factor 0.01 --exp_str ssp \
         --pretrained_model checkpoint/cifar10_resnet32_CE_None_exp_0.01_pretrain_rot/ckpt.best.pth.tar
     python pretrain_rot.py --dataset imagenet --data_path <ImageNet root>     # ResNet-50, 224 px
     python -m imagenet_inat.main --cfg imagenet_inat/config/ImageNet_LT/feat_uniform.yaml --data_root <ImageNet root> \

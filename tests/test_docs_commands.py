@@ -1,0 +1,225 @@
+"""The commands of README.md, docs/*.md and `make demo`, read from those files and run as written
+(issue 17, item 5), in a fresh working directory: relative paths such as checkpoint/<run>/ and
+./data/ chain the steps exactly as a user's shell would. Added to keep them to seconds: `--epochs 1`
+(argparse takes the last value; `-j 0` for MoCo on CIFAR) and tiny data in the real formats (the
+CIFAR/SVHN/TinyImages fixtures in ./data, a 40-per-class digits subset). Placeholders such as
+<ckpt> are filled in with the file the previous step wrote.
+
+Not run here: commands that need ImageNet / iNaturalist images or several GPUs (imagenet_inat,
+MoCo on imagenet/inat, torchrun with 8 processes: tests/test_imagenet_inat.py, test_moco.py and
+test_distributed.py run them on small image folders and 2 processes), reproduce.py's tables
+(tests/test_reproduce.py), tools/tsne.py (tests/test_tsne.py), installation and benchmarks.
+"""
+import os
+import re
+import shlex
+
+import pytest
+import torch
+
+import fixtures
+import gen_pseudolabels
+import pretrain_moco
+import pretrain_rot
+import train
+import train_semi
+from fixtures import REPO
+from models import build_model
+
+SCRIPTS = {'train.py': train, 'gen_pseudolabels.py': gen_pseudolabels, 'train_semi.py': train_semi,
+           'pretrain_rot.py': pretrain_rot, 'pretrain_moco.py': pretrain_moco}
+SHORT = ['--epochs', '1']
+
+
+def documented(path, block='bash'):
+    """Every command of the ```bash blocks of a file: continuation lines joined, comments cut off."""
+    with open(os.path.join(REPO, path)) as f:
+        text = f.read()
+    commands = []
+    for body in re.findall(rf'```{block}\n(.*?)```', text, flags=re.S):
+        for line in body.replace('\\\n', ' ').splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                commands.append(words)
+    return commands
+
+
+def script_commands(path, script, must_contain=()):
+    """The `python <script> ...` commands of a file (flags only) that contain every word of must_contain."""
+    found = [words[2:] for words in documented(path) if words[:2] == ['python', script]
+             and all(w in words for w in must_contain)]
+    assert found, f'{path} has no `python {script}` command with {must_contain}'
+    return found
+
+
+def run(script, argv, extra=SHORT, **placeholders):
+    argv = [placeholders.get(w, w) for w in argv]
+    assert not [w for w in argv if w.startswith('<')], f'unfilled placeholder in {script} {argv}'
+    assert SCRIPTS[script].main([*argv, *extra]) == 0, (script, argv)
+
+
+@pytest.fixture
+def cwd(tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def small_digits(monkeypatch):
+    fixtures.shrink_digits(monkeypatch.setattr)
+
+
+def test_make_demo(cwd, monkeypatch):
+    """The two train.py runs of the Makefile's demo target (LDAM needs an image of every class: 120 per
+    class before the long-tailed draw, 1 of the last class after it)."""
+    fixtures.shrink_digits(monkeypatch.setattr, per_class=130)
+    with open(os.path.join(REPO, 'Makefile')) as f:
+        recipe = re.search(r'^demo:.*?\n((?:\t.*\n)+)', f.read(), flags=re.M).group(1)
+    runs = [shlex.split(line)[1:] for line in recipe.replace('\\\n', ' ').splitlines()]
+    assert [r[0] for r in runs] == ['train.py', 'train.py']
+    for argv in runs:
+        run('train.py', argv[1:])
+    for name in ('digits_resnet32_CE_None_exp_0.01_demo', 'digits_resnet32_LDAM_DRW_exp_0.01_demo'):
+        assert (cwd / 'checkpoint' / name / 'ckpt.pth.tar').is_file(), name
+
+
+def test_readme_offline_ssp(cwd, small_digits, capsys):
+    """README quick start: rotation SSP on digits, then train.py from the checkpoint path it names."""
+    (rot,) = script_commands('README.md', 'pretrain_rot.py', ['digits'])
+    (fine,) = script_commands('README.md', 'train.py', ['digits', '--pretrained_model'])
+    run('pretrain_rot.py', rot)
+    capsys.readouterr()
+    run('train.py', fine)
+    n_backbone = len([k for k in build_model('resnet32', 10).state_dict() if not k.startswith('fc.')])
+    assert f'loaded {n_backbone} backbone tensors' in capsys.readouterr().out
+
+
+def test_semi_md_offline_digits(cwd, small_digits):
+    """docs/semi.md "Offline: long-tailed digits": train.py -> gen_pseudolabels.py -> train_semi.py."""
+    (base,) = script_commands('docs/semi.md', 'train.py', ['digits'])
+    (gen,) = script_commands('docs/semi.md', 'gen_pseudolabels.py', ['digits'])
+    (semi,) = script_commands('docs/semi.md', 'train_semi.py', ['digits'])
+    run('train.py', base)
+    run('gen_pseudolabels.py', gen, extra=())
+    assert (cwd / 'data' / 'pseudo_labeled_digits.pickle').is_file() and (cwd / 'data' / 'prediction.log').is_file()
+    run('train_semi.py', semi)
+    assert (cwd / 'checkpoint' / 'digits_resnet32_CE_None_exp_0.01_0.01_semi' / 'ckpt.pth.tar').is_file()
+
+
+def test_moco_md_offline_digits(cwd, small_digits):
+    (moco,) = script_commands('docs/moco.md', 'pretrain_moco.py', ['digits'])
+    run('pretrain_moco.py', moco)
+    # docs/moco.md: <--root_path>/<dataset>/checkpoint/moco_ckpt_XXXX.pth.tar, XXXX the epochs done
+    assert (cwd / 'data' / 'digits' / 'checkpoint' / 'moco_ckpt_0001.pth.tar').is_file()
+
+
+@pytest.fixture
+def cifar_data(cwd, no_checksum):
+    """./data with CIFAR-10 (20 training images per class), CIFAR-100 (5), TinyImages (20), SVHN."""
+    fixtures.write_cifar10(cwd / 'data', per_class=20, test_per_class=2)
+    fixtures.write_cifar100(cwd / 'data', per_class=5, test_per_class=1)
+    fixtures.write_tinyimages(str(cwd / 'data' / 'ti_80M_selected.pickle'), n_per_class=20)
+    for split, per_class in (('train', 12), ('test', 2), ('extra', 10)):
+        fixtures.write_svhn(str(cwd / 'data'), split, per_class=per_class, seed=len(split))
+    return cwd
+
+
+def test_readme_train_commands(cifar_data, capsys):
+    """README "train.py": the CE baseline, LDAM-DRW and Focal/Reweight runs, then -e and --resume of
+    the baseline's checkpoint (the --pretrained_model ones: test_readme_rotation_ssp). LDAM needs an
+    image of every class: 100 per class before the long-tailed draw, 1 of the last class after it."""
+    fixtures.write_cifar10(cifar_data / 'data', per_class=100, test_per_class=2)
+    commands = [c for c in script_commands('README.md', 'train.py', ['--dataset'])
+                if '--pretrained_model' not in c and 'digits' not in c and '0.02' not in c]
+    assert len(commands) == 5
+    ckpt = 'checkpoint/cifar10_resnet32_CE_None_exp_0.01_ss_pretrained/ckpt.pth.tar'
+    for argv in commands:
+        if '--resume' not in argv:
+            run('train.py', argv)
+    for name in ('cifar10_resnet32_CE_None_exp_0.01_ss_pretrained', 'cifar10_resnet32_LDAM_DRW_exp_0.01_ss_pretrained',
+                 'cifar100_resnet32_Focal_Reweight_exp_0.01_ss_pretrained'):
+        assert (cifar_data / 'checkpoint' / name / 'ckpt.pth.tar').is_file(), name
+    evaluate, resume = [c for c in commands if '--resume' in c]
+    capsys.readouterr()
+    run('train.py', evaluate, **{'<ckpt.pth.tar>': ckpt})
+    assert 'val Results: Prec@1' in capsys.readouterr().out
+    run('train.py', resume, extra=['--epochs', '2'], **{'checkpoint/<run>/ckpt.pth.tar': ckpt})
+    assert torch.load(ckpt, map_location='cpu', weights_only=True)['epoch'] == 2
+
+
+def test_readme_rotation_ssp(cifar_data, capsys):
+    """README "pretrain_rot.py": pre-train, then train.py --pretrained_model with the path it names."""
+    (rot,) = script_commands('README.md', 'pretrain_rot.py', ['cifar10'])
+    (fine,) = script_commands('README.md', 'train.py', ['--pretrained_model',
+                              'checkpoint/cifar10_resnet32_CE_None_exp_0.01_pretrain_rot/ckpt.best.pth.tar'])
+    run('pretrain_rot.py', rot)
+    capsys.readouterr()
+    run('train.py', fine)
+    assert 'backbone tensors from rotation/supervised checkpoint' in capsys.readouterr().out
+
+
+def test_semi_supervised_cifar10(cifar_data):
+    """docs/semi.md: base model, pseudo-labels of the TinyImages selection, semi training, -e. The
+    README's commands are the same ones (its base model leaves out the default flags)."""
+    (base,) = script_commands('docs/semi.md', 'train.py', ['cifar10', '0.02'])
+    (gen,) = script_commands('docs/semi.md', 'gen_pseudolabels.py', ['pseudo_labeled_cifar.pickle'])
+    semi, evaluate = script_commands('docs/semi.md', 'train_semi.py', ['cifar10'])
+    assert script_commands('README.md', 'train.py', ['cifar10', '0.02']) == [base[:4]]
+    assert script_commands('README.md', 'gen_pseudolabels.py', ['pseudo_labeled_cifar.pickle']) == [gen]
+    assert script_commands('README.md', 'train_semi.py', ['cifar10']) == [semi, evaluate]
+    run('train.py', base)
+    run('gen_pseudolabels.py', gen, extra=())
+    run('train_semi.py', semi)
+    run('train_semi.py', evaluate, **{'<ckpt>': 'checkpoint/cifar10_resnet32_CE_None_exp_0.02_0.02_semi/ckpt.pth.tar'})
+
+
+def test_semi_md_svhn(cifar_data):
+    (base,) = script_commands('docs/semi.md', 'train.py', ['svhn'])
+    (gen,) = script_commands('docs/semi.md', 'gen_pseudolabels.py', ['svhn'])
+    (semi,) = script_commands('docs/semi.md', 'train_semi.py', ['svhn'])
+    run('train.py', base)
+    run('gen_pseudolabels.py', gen, extra=())
+    run('train_semi.py', semi)
+    assert (cifar_data / 'checkpoint' / 'svhn_resnet32_CE_None_exp_0.02_0.02_semi' / 'ckpt.pth.tar').is_file()
+
+
+def test_readme_flags_of_train_py(cwd, small_digits, capsys):
+    """README's flag list of train.py: `--imb_type step` halves the classes (the first half keeps n_max,
+    the rest n_max * imb_factor), `--start-epoch 1` starts the epoch loop at epoch 1 (warm-up: lr * 2 / 5),
+    `-p 1` prints every step, `--lr`, `--momentum` and `--wd` reach SGD. The 40-per-class digits keep
+    30 training images per class."""
+    assert train.main(['--dataset', 'digits', '--imb_type', 'step', '--imb_factor', '0.1', '--start-epoch', '1',
+                       '--epochs', '2', '-b', '64', '-p', '1', '--lr', '0.05', '--momentum', '0.5',
+                       '--wd', '1e-3']) == 0
+    out = capsys.readouterr().out
+    assert 'cls num list: [30, 30, 30, 30, 30, 3, 3, 3, 3, 3]' in out
+    # 165 images in batches of 64: three steps, each printed, all in epoch 1
+    steps = [line.split('\t')[0] for line in out.splitlines() if line.startswith('Epoch: ')]
+    assert steps == [f'Epoch: [1][{s}/3], lr: 0.02000' for s in (1, 2, 3)]
+    ckpt = torch.load('checkpoint/digits_resnet32_CE_None_step_0.1_ss_pretrained/ckpt.pth.tar', map_location='cpu',
+                      weights_only=True)
+    assert ckpt['epoch'] == 2
+    group = ckpt['optimizer']['param_groups'][0]
+    assert (group['lr'], group['momentum'], group['weight_decay']) == (0.02, 0.5, 1e-3)
+
+
+def _store_names(paths, pretrained):
+    names = {}
+    for path in paths:
+        for argv in script_commands(path, 'train.py', ['--dataset']):
+            if ('--pretrained_model' in argv) == pretrained and '--resume' not in argv:
+                names.setdefault(train.supervised_store_name(train.build_parser().parse_args(argv)), []).append(argv)
+    return names
+
+
+@pytest.mark.parametrize('doc', [
+    pytest.param('README.md', marks=pytest.mark.xfail(strict=True, reason=(
+        "README's SSP fine-tuning commands (rotation, MoCo, <ssp.pth.tar>) keep the default --exp_str, so "
+        'they write into the CE baseline\'s run folder cifar10_resnet32_CE_None_exp_0.01_ss_pretrained'))),
+    'docs/moco.md'])
+def test_fine_tuning_from_ssp_gets_its_own_run_folder(doc):
+    """A documented SSP fine-tuning run must not write into the folder of a documented plain run (the
+    second would replace the first's checkpoints and add to its logs), here or in README.md."""
+    plain = _store_names(['README.md', 'docs/semi.md'], pretrained=False)
+    clashes = {name: argv for name, argv in _store_names([doc], pretrained=True).items() if name in plain}
+    assert not clashes
