@@ -1,7 +1,7 @@
 """Supervised long-tailed training: CE / Focal / LDAM with Resample / Reweight / DRW.
 
     python train.py --dataset cifar10 --imb_factor 0.01 --loss_type CE --train_rule None
-    python train.py --dataset cifar10 --imb_factor 0.01 --pretrained_model <ssp.pth.tar>   # SSP
+    python train.py --dataset cifar10 --imb_factor 0.01 --pretrained_model <ssp.pth.tar> --exp_str ssp  # SSP
     python train.py --dataset cifar10 --resume <ckpt.pth.tar> -e                            # evaluate
     python train.py --dataset digits --imb_factor 0.01 --epochs 30 --lr_steps 20 25 -j 0   # offline
 """

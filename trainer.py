@@ -147,8 +147,10 @@ class LogFolder:
         self.files = {}
         self.writer = None
 
-    def open(self, truncate_to=None):
-        """Create the folders, take the lock, open the logs; `truncate_to`: {log name: size}."""
+    def open(self, truncate_to=None, fresh=False):
+        """Create the folders, take the lock, open the logs. `truncate_to`: {log name: size} of a resumed
+        run; `fresh`: a new run, whose logs start anew, as the original's open(..., 'w'). Otherwise (a run
+        resumed from another run's or the original's checkpoint) they are appended to."""
         if not self.main:
             return self
         for d in self.folders:
@@ -164,7 +166,9 @@ class LogFolder:
             if truncate_to and name in truncate_to and os.path.exists(path):
                 with open(path, 'r+b') as f:
                     f.truncate(min(truncate_to[name], os.path.getsize(path)))
-            self.files[name] = open(path, 'a')
+            if fresh and os.path.exists(path) and os.path.getsize(path):
+                console(f"=> {path} held an earlier run's log: starting it anew (--resume continues a run)")
+            self.files[name] = open(path, 'w' if fresh else 'a')
         from tensorboardX import SummaryWriter
         self.writer = SummaryWriter(log_dir=self.log_dir)
         return self
@@ -201,10 +205,10 @@ class RunFolder(LogFolder):
         super().__init__(os.path.join(args.root_log, args.store_name), self.model_dir,
                          ('log_train.csv', 'log_test.csv'), folders=(self.model_dir,))
 
-    def open(self, args, truncate_to=None):
-        super().open(truncate_to)
+    def open(self, args, truncate_to=None, fresh=False):
+        super().open(truncate_to, fresh)
         if self.main:
-            with open(os.path.join(self.log_dir, 'args.txt'), 'a') as f:
+            with open(os.path.join(self.log_dir, 'args.txt'), 'w' if fresh else 'a') as f:
                 f.write(str(args) + '\n')
         return self
 
@@ -496,7 +500,7 @@ def _run(args, exp, ctx):
     same_run = ckpt is not None and ckpt.get('store_name') == args.store_name
     error = None
     try:
-        folder.open(args, truncate_to=ckpt.get('log_sizes') if same_run else None)
+        folder.open(args, truncate_to=ckpt.get('log_sizes') if same_run else None, fresh=ckpt is None)
     except UserError as e:
         error = e
     dist.raise_if_any(error)  # collective: rank 0 alone opens the folder, every rank must stop if it fails

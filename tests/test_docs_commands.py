@@ -213,9 +213,7 @@ def _store_names(paths, pretrained):
 
 
 @pytest.mark.parametrize('doc', [
-    pytest.param('README.md', marks=pytest.mark.xfail(strict=True, reason=(
-        "README's SSP fine-tuning commands (rotation, MoCo, <ssp.pth.tar>) keep the default --exp_str, so "
-        'they write into the CE baseline\'s run folder cifar10_resnet32_CE_None_exp_0.01_ss_pretrained'))),
+    'README.md',
     'docs/moco.md'])
 def test_fine_tuning_from_ssp_gets_its_own_run_folder(doc):
     """A documented SSP fine-tuning run must not write into the folder of a documented plain run (the
