@@ -72,6 +72,18 @@ def test_resume_continues_and_evaluate(cifar10_root, tmp_path, capsys):
     assert 'Shot Accuracy' in out
 
 
+def test_a_fresh_run_starts_its_logs_anew(cifar10_root, tmp_path, capsys):
+    """As the original's open(..., 'w'): a second run without --resume in the same folder does not add to
+    the first run's logs (a reader would see two runs' epochs and a best top-1 starting again)."""
+    assert train.main(_args(cifar10_root, tmp_path)) == 0
+    assert train.main(_args(cifar10_root, tmp_path)) == 0
+    log_dir, _ = _run_dir(tmp_path)
+    text = (log_dir / 'log_test.csv').read_text()
+    assert text.count('val Results: Prec@1') == 1 and text.count('Best Prec@1') == 1
+    assert (log_dir / 'args.txt').read_text().count('Namespace(') == 1
+    assert "held an earlier run's log: starting it anew" in capsys.readouterr().out
+
+
 def test_evaluate_original_format_checkpoint(cifar10_root, tmp_path, capsys):
     model = build_model('resnet32', 10)
     sd = collections.OrderedDict(('module.' + k, v) for k, v in model.state_dict().items())
