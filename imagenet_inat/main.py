@@ -58,7 +58,8 @@ def build_parser():
                         help='one process: split each training batch into G BatchNorm batches as DataParallel over '
                              'G GPUs did, run one after another on one device (default: the visible GPUs)')
     parser.add_argument('-j', '--workers', default=None, type=cli.nonneg_int, metavar='N',
-                        help='data loading workers per process (default: training_opt.num_workers)')
+                        help='data loading workers per process (default: training_opt.num_workers, shared by the '
+                             'processes torchrun starts on a node)')
     return parser
 
 
@@ -77,6 +78,9 @@ def load_stage(args):
     """The stage config with the command line's overrides; fills in --split_dir's default."""
     cfg = load_config(args.cfg, batch_size=args.batch_size, model_dir=args.model_dir, log_dir=args.log_dir,
                       workers=args.workers)
+    if args.workers is None:
+        # The config's num_workers fed the original's one process: torchrun's processes on a node share them.
+        cfg.num_workers = -(-cfg.num_workers // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
     args.split_dir = args.split_dir or os.path.join('imagenet_inat', 'data', cfg.dataset)
     if not os.path.isdir(args.data_root):
         raise UserError(f"--data_root folder not found: {args.data_root}")

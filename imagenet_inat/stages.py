@@ -189,8 +189,11 @@ def predict(run, module, phase):
 
 
 def gather_in_order(tensor, run, n):
-    """Rank-sharded rows (rank, rank + world, ...) back into data set order, on rank 0 (collective)."""
-    parts = dist.all_gather_object(tensor.numpy())
+    """Rank-sharded rows (rank, rank + world, ...) back into data set order on rank 0, None on the others
+    (collective)."""
+    parts = dist.gather_object(tensor.numpy())
+    if parts is None:
+        return None
     out = np.empty((n,) + tensor.shape[1:], dtype=parts[0].dtype)
     for rank, part in enumerate(parts):
         out[rank::run.ctx.world_size] = part

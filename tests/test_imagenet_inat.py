@@ -375,6 +375,26 @@ def test_torchrun_two_processes_match_a_single_process_evaluation(world, tmp_pat
     for key in ('count', 'top1', 'top5', 'many_shot', 'medium_shot', 'few_shot', 'cls_accs'):
         assert sharded[key] == single[key], key
     assert sharded['loss'] == pytest.approx(single['loss'], rel=1e-5)
+    # features of both ranks gathered on rank 0 alone, in data set order, as one process writes them
+    proc = subprocess.run(fixtures.torchrun_cmd('-m', 'imagenet_inat.main', *argv(
+        world, cfg, '--test', '--model_dir', str(tmp_path / 'ddp'), '--log_dir', str(tmp_path / 'feats2'),
+        '--save_feat', 'val')), cwd=REPO, env=fixtures.script_env(PYTHONPATH=REPO), capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ii_main.main(argv(world, cfg, '--test', '--model_dir', str(tmp_path / 'ddp'),
+                             '--log_dir', str(tmp_path / 'feats1'), '--save_feat', 'val')) == 0
+    two, one = (np.load(tmp_path / d / 'valfeat_all.npz') for d in ('feats2', 'feats1'))
+    assert two['labels'].tolist() == one['labels'].tolist() and two['idxs'].tolist() == list(range(18))
+    np.testing.assert_allclose(two['feats'], one['feats'], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('local, flag, workers', [('1', (), 12), ('8', (), 2), ('5', (), 3), ('8', ('-j', '7'), 7)])
+def test_config_workers_are_shared_by_a_nodes_processes(world, monkeypatch, local, flag, workers):
+    """The shipped configs' 12 workers fed the original's one process; 8 torchrun processes get 2 each."""
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', local)
+    args = ii_main.build_parser().parse_args(['--cfg', 'imagenet_inat/config/ImageNet_LT/cls_crt.yaml',
+                                              '--data_root', world['images'], *flag])
+    assert ii_main.load_stage(args).num_workers == workers
 
 
 def _wait_for(proc, path, marker, timeout=240):
