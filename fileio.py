@@ -25,10 +25,11 @@ SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 WRITE_ERRNOS = SPACE_ERRNOS | {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
-def write_error(path, error, size=None):
+def write_error(path, error, size=None, replacing=False):
     """The one-line UserError for an OSError `error` of writing `path`, or None if the user cannot fix it.
 
-    `size`: the bytes the file needs (an int, or a callable computing it, asked only for a full disk)."""
+    `size`: the bytes the file needs (an int, or a callable computing it, asked only for a full disk);
+    `replacing`: an atomic write, which leaves the previous file as it was."""
     if not isinstance(error, OSError) or error.errno not in WRITE_ERRNOS:
         return None
     folder = os.path.dirname(os.path.abspath(path))
@@ -41,18 +42,18 @@ def write_error(path, error, size=None):
             st = os.statvfs(folder)
             facts.append(f"{st.f_bavail * st.f_frsize} bytes are free")
     detail = f" ({', '.join(facts)})" if facts else ''
-    kept = f"; the previous {os.path.basename(path)} is unchanged" if os.path.exists(path) else ''
+    kept = f"; the previous {os.path.basename(path)} is unchanged" if replacing and os.path.exists(path) else ''
     return UserError(f"cannot write {os.path.basename(path)} into folder {folder}: "
                      f"{error.strerror or os.strerror(error.errno)}{detail}{kept}")
 
 
 @contextlib.contextmanager
-def user_write_errors(path, size=None):
+def user_write_errors(path, size=None, replacing=False):
     """Inside, an OSError of writing `path` that the user can fix becomes write_error's UserError."""
     try:
         yield
     except OSError as e:
-        error = write_error(path, e, size)
+        error = write_error(path, e, size, replacing)
         if error is None:
             raise
         raise error from None
@@ -75,9 +76,9 @@ def atomic_path(path, size=None):
     try:
         fd, tmp = tempfile.mkstemp(prefix=prefix, suffix='.tmp', dir=folder)
     except OSError as e:
-        raise write_error(path, e) or UserError(f"cannot write into folder {folder}: {e.strerror}") from None
+        raise write_error(path, e, replacing=True) or UserError(f"cannot write into folder {folder}: {e.strerror}") from None
     os.close(fd)
-    with user_write_errors(path, size):
+    with user_write_errors(path, size, replacing=True):
         try:
             yield tmp
             with open(tmp, 'rb+') as f:
