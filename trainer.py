@@ -253,7 +253,8 @@ class LogFolder:
         checkpoint records more than the logs hold), stops every rank with its message."""
         def write():
             if self.error is not None:
-                raise self.error
+                error, self.error = self.error, None  # raised here: close() need not warn of it
+                raise error
             save_checkpoint(state, path, copies)
         dist.on_rank0(write)
 

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import cli
 import fixtures
@@ -20,7 +21,8 @@ import fixtures_jpeg as fx
 import gen_pseudolabels
 import pretrain_moco
 import train
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from errors import UserError
 from fixtures import REPO
 from imagenet_inat import main as ii_main
 
@@ -180,6 +182,39 @@ def test_a_plot_or_tensorboard_file_that_cannot_be_written_is_a_warning(tmp_path
     assert load_checkpoint(str(tmp_path / 'ckpt' / NAME / 'ckpt.pth.tar'))['epoch'] == 2
 
 
+def test_a_failed_best_copy_leaves_both_checkpoints_at_the_previous_epoch(tmp_path, monkeypatch):
+    ckpt, best = tmp_path / 'ckpt.pth.tar', tmp_path / 'ckpt.best.pth.tar'
+    save_checkpoint({'epoch': 1}, str(ckpt), copies=[str(best)])
+    before = ckpt.read_bytes(), best.read_bytes()
+    state = {'epoch': 2, 'w': torch.zeros(1000)}
+    with monkeypatch.context() as m:
+        fixtures.full_disk(m.setattr, 'ckpt.best.pth.tar', after=100)
+        with pytest.raises(UserError) as e:
+            save_checkpoint(state, str(ckpt), copies=[str(best)])
+    assert (ckpt.read_bytes(), best.read_bytes()) == before
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.best.pth.tar', 'ckpt.pth.tar']
+    save_checkpoint(state, str(ckpt))  # the same bytes, written now: the copy needed exactly its size
+    assert str(e.value).startswith(f"cannot write ckpt.best.pth.tar into folder {tmp_path}: No space left on "
+                                   f"device (it needs {ckpt.stat().st_size} bytes, ")
+
+
+@pytest.mark.parametrize('name', ['pseudo_labeled_digits.pickle', 'prediction.log'])
+def test_gen_pseudolabels_on_a_full_disk_ends_with_one_line(tmp_path, monkeypatch, capsys, small_digits, name):
+    run = tmp_path / 'run'
+    assert train.main(_train_argv(run, '--epochs', '1')) == 0
+    out = tmp_path / 'pseudo'
+    fixtures.full_disk(monkeypatch.setattr, name, after=10)
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(gen_pseudolabels.main, ['--dataset', 'digits', '--imb_factor', '0.01', '--output_dir', str(out),
+                                             '--resume', str(run / 'ckpt' / NAME / 'ckpt.pth.tar'), '-j', '0'])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and 'Traceback' not in err
+    lines = [line for line in err.splitlines() if line.startswith('error: ')]
+    assert len(lines) == 1 and lines[0].startswith(f'error: cannot write {name} into folder {out}: '
+                                                   f'No space left on device ('), err
+    assert not (out / 'pseudo_labeled_digits.pickle').exists() and not list(out.glob('.*.tmp'))
+
+
 def test_a_real_write_limit_part_way_through_torch_save_is_one_line(tmp_path):
     """The kernel refuses the write (RLIMIT_FSIZE: EFBIG after N bytes) inside torch.save's own writer,
     which reports any write error as a RuntimeError; save_checkpoint still names it."""
@@ -210,7 +245,8 @@ print(load_checkpoint(path)['w'].tolist())
 @pytest.mark.parametrize('name', ['ckpt.pth.tar',  # rank 0's save
                                   'log_test.csv'])  # rank 0's log, held back to the save, which it prevents
 def test_under_torchrun_every_rank_stops_with_the_line(tmp_path, name):
-    cmd = fixtures.torchrun_cmd(os.path.join(REPO, 'tests', 'dist_driver.py'), 'train.py', *_train_argv(tmp_path, '--epochs', '1'))
+    cmd = fixtures.torchrun_cmd(os.path.join(REPO, 'tests', 'dist_driver.py'), 'train.py',
+                                *_train_argv(tmp_path, '--epochs', '1'))
     env = fixtures.script_env(IMB_DIST_TIMEOUT_MIN='2', PROBE_FULL_DISK=f'{name}:1:50')
     start = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
