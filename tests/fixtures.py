@@ -8,6 +8,7 @@ Also the helpers several test files share.
 import builtins
 import contextlib
 import errno
+import fnmatch
 import os
 import pickle
 import struct
@@ -173,14 +174,14 @@ class FillingFile:
 
 
 def full_disk(setattr, name, after, nth=1):
-    """Writes of the file `name` (its atomic temporaries `.name.*`, or itself when appended to) fail with
-    ENOSPC after `after` bytes, from its `nth` opening for writing on. `setattr`: as in shrink_digits."""
+    """Writes of the file `name` (a glob pattern; also its atomic temporaries `.name.*`) fail with ENOSPC
+    after `after` bytes, from its `nth` opening for writing on. `setattr`: as in shrink_digits."""
     real_open, count = builtins.open, [0]
 
     def open_(file, mode='r', *args, **kwargs):
         f = real_open(file, mode, *args, **kwargs)
         base = os.path.basename(str(file))
-        if any(m in mode for m in 'wa') and (base == name or base.startswith(f'.{name}.')):
+        if any(m in mode for m in 'wa') and (fnmatch.fnmatch(base, name) or fnmatch.fnmatch(base, f'.{name}.*')):
             count[0] += 1
             if count[0] >= nth:
                 return FillingFile(f, after)
