@@ -76,7 +76,8 @@ def atomic_path(path, size=None):
     try:
         fd, tmp = tempfile.mkstemp(prefix=prefix, suffix='.tmp', dir=folder)
     except OSError as e:
-        raise write_error(path, e, replacing=True) or UserError(f"cannot write into folder {folder}: {e.strerror}") from None
+        error = write_error(path, e, replacing=True)
+        raise error or UserError(f"cannot write into folder {folder}: {e.strerror}") from None
     os.close(fd)
     with user_write_errors(path, size, replacing=True):
         try:

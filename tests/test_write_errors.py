@@ -4,7 +4,6 @@ line, exit status 2, the previous checkpoint intact, no temporary, and an exact 
 A full disk is simulated by fixtures.full_disk: from its `nth` opening for writing on, a chosen file fails
 with ENOSPC once `after` bytes of it are written, as write(2) does when the disk fills up part-way.
 """
-import builtins
 import os
 import re
 import stat
