@@ -9,21 +9,81 @@ Known formats it reads:
 - a bare state dict.
 Loading never runs code: `torch.load(weights_only=True)` admits tensors and plain containers only.
 """
+import errno
 import os
 import pickle
 
 import torch
 
 from errors import UserError
-from fileio import atomic_path
+from fileio import atomic_copy, atomic_path
 
 HEAD_PREFIXES = ('fc.', 'linear.')
 
 
-def save_checkpoint(state, path):
-    """torch.save to a temporary file, fsync, rename: a kill leaves the old or the new file."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+def save_checkpoint(state, path, copies=()):
+    """torch.save to a temporary file, fsync, rename: a kill leaves the old or the new file.
+
+    `copies` (the best checkpoint) get the same bytes, each written before `path` is replaced: a
+    failed copy leaves `path` at the previous state, so a resumed run redoes the epoch and the copy.
+    A full disk or another write error is one UserError (fileio.write_error), with the bytes needed."""
+    with atomic_path(path, size=lambda: _serialized_size(state)) as tmp:
+        with open(tmp, 'wb') as f:
+            sink = _KeepWriteError(f)
+            try:
+                torch.save(state, sink)
+            except RuntimeError:
+                if sink.error is None:
+                    raise
+                raise sink.error from None
+        for copy in copies:
+            atomic_copy(tmp, copy)
+
+
+class _KeepWriteError:
+    """A file for torch.save that keeps the OSError of a failed write: torch's writer reports it as a
+    RuntimeError without errno ('unexpected pos'), which could not tell a full disk from a bug. Writes
+    whole buffers: a short write (the disk filling up) goes on until the OSError comes."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        view = memoryview(data).cast('B')
+        done = 0
+        try:
+            while done < len(view):
+                n = self.f.write(view[done:])
+                if not n:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += n
+        except OSError as e:
+            self.error = self.error or e
+            raise
+        return done
+
+    def flush(self):
+        self.f.flush()
+
+
+class _ByteCount:
+    """A file that only counts what is written to it."""
+
+    def __init__(self):
+        self.n = 0
+
+    def write(self, data):
+        self.n += memoryview(data).nbytes
+        return memoryview(data).nbytes
+
+    def flush(self):
+        pass
+
+
+def _serialized_size(state):
+    count = _ByteCount()
+    torch.save(state, count)
+    return count.n
 
 
 def load_checkpoint(path, flag='--resume'):

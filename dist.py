@@ -226,6 +226,18 @@ def raise_if_any(error):
         raise UserError(failed[0])
 
 
+def on_rank0(fn, *args):
+    """`fn(*args)` on rank 0 alone (a save); a UserError it raises stops every rank with its message.
+    Collective: every rank calls it at the same point."""
+    error = None
+    if is_main_process():
+        try:
+            fn(*args)
+        except UserError as e:
+            error = e
+    raise_if_any(error)
+
+
 def all_gather_cat(tensor):
     """Concatenate equally shaped tensors from every rank along dim 0 (MoCo's shuffle-BN)."""
     if not is_dist():

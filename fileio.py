@@ -1,7 +1,10 @@
 """Every file this project writes or unpickles goes through here.
 
-Two promises (see the README, "Reliability"):
+Three promises (see the README, "Reliability"):
 - a write is atomic: a kill at any moment leaves the old file or the new one, never half of one;
+- a written file gets the mode a plain open() gives (0666 less the umask), or keeps the mode of
+  the file it replaces; a write the user can fix (full disk, quota, read-only, permissions) ends
+  in one UserError line naming the file, its folder and the bytes needed;
 - loading a pickle never runs code: only numpy arrays, dtypes and plain containers are admitted.
 """
 import contextlib
@@ -9,20 +12,63 @@ import errno
 import io
 import os
 import pickle
+import shutil
 import socket
+import stat
 import tempfile
 
 from errors import UserError
 
 
+# Write errors the user can fix; anything else (EIO, a bug) keeps its traceback.
+SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+WRITE_ERRNOS = SPACE_ERRNOS | {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def write_error(path, error, size=None, replacing=False):
+    """The one-line UserError for an OSError `error` of writing `path`, or None if the user cannot fix it.
+
+    `size`: the bytes the file needs (an int, or a callable computing it, asked only for a full disk);
+    `replacing`: an atomic write, which leaves the previous file as it was."""
+    if not isinstance(error, OSError) or error.errno not in WRITE_ERRNOS:
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    facts = []
+    if error.errno in SPACE_ERRNOS:
+        needed = size() if callable(size) else size
+        if needed is not None:
+            facts.append(f"it needs {needed} bytes")
+        with contextlib.suppress(OSError):
+            st = os.statvfs(folder)
+            facts.append(f"{st.f_bavail * st.f_frsize} bytes are free")
+    detail = f" ({', '.join(facts)})" if facts else ''
+    kept = f"; the previous {os.path.basename(path)} is unchanged" if replacing and os.path.exists(path) else ''
+    return UserError(f"cannot write {os.path.basename(path)} into folder {folder}: "
+                     f"{error.strerror or os.strerror(error.errno)}{detail}{kept}")
+
+
 @contextlib.contextmanager
-def atomic_path(path):
+def user_write_errors(path, size=None, replacing=False):
+    """Inside, an OSError of writing `path` that the user can fix becomes write_error's UserError."""
+    try:
+        yield
+    except OSError as e:
+        error = write_error(path, e, size, replacing)
+        if error is None:
+            raise
+        raise error from None
+
+
+@contextlib.contextmanager
+def atomic_path(path, size=None):
     """Yield a temporary path next to `path`; on success fsync it and rename it over `path`.
 
     The temporary file lives in the same folder so that `os.replace` is a rename on one file
     system (atomic on POSIX), not a copy. Its name carries the writer's host and pid: a writer
     killed mid-write (SIGKILL cannot be caught) leaves it behind, and the next write of `path`
-    removes it once that process is gone.
+    removes it once that process is gone. mkstemp creates it 0600; before the rename it gets the
+    mode of the file it replaces, else open()'s. A write error the user can fix (see write_error;
+    `size` as there) removes the temporary and leaves `path` as it was.
     """
     folder = os.path.dirname(os.path.abspath(path))
     _remove_stale_temporaries(folder, os.path.basename(path))
@@ -30,17 +76,43 @@ def atomic_path(path):
     try:
         fd, tmp = tempfile.mkstemp(prefix=prefix, suffix='.tmp', dir=folder)
     except OSError as e:
-        raise UserError(f"cannot write into folder {folder}: {e.strerror}") from None
+        error = write_error(path, e, replacing=True)
+        raise error or UserError(f"cannot write into folder {folder}: {e.strerror}") from None
     os.close(fd)
+    with user_write_errors(path, size, replacing=True):
+        try:
+            yield tmp
+            with open(tmp, 'rb+') as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, _mode_for(path))
+            os.replace(tmp, path)
+        finally:
+            # Also before a write error's message is made, so that it counts the temporary's space as free.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    _fsync_dir(folder)
+
+
+def _mode_for(path):
+    """The permission bits of the file at `path` if there is one, else those open() would give a new one."""
     try:
-        yield tmp
-        with open(tmp, 'rb+') as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(folder)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~umask()
+
+
+def umask():
+    """The process's umask, read without changing it (Linux); elsewhere set and put back at once."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _remove_stale_temporaries(folder, base):
@@ -75,9 +147,14 @@ def _fsync_dir(folder):
 
 
 def atomic_write_bytes(path, data):
-    with atomic_path(path) as tmp:
+    with atomic_path(path, size=len(data)) as tmp:
         with open(tmp, 'wb') as f:
             f.write(data)
+
+
+def atomic_copy(src, dst):
+    with atomic_path(dst, size=os.path.getsize(src)) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def atomic_write_text(path, text):

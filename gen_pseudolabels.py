@@ -36,7 +36,7 @@ from dataset import DATASETS, build_transform, load_unlabeled_pool
 from dataset.device_loader import HostBatches
 from engine import predict
 from errors import UserError
-from fileio import atomic_pickle_dump
+from fileio import atomic_pickle_dump, user_write_errors, write_error
 from losses import LOSSES, build_criterion, uses_norm
 from models import MODELS, build_model
 
@@ -155,13 +155,28 @@ def _percent(x):
     return '-' if np.isnan(x) else f'{100 * x:.2f}%'  # '-': no image predicted as / labeled with the class
 
 
+class _LogFile(logging.FileHandler):
+    """A write error the user can fix (full disk, ...) ends the run with one line, where logging's
+    own handling would print a traceback and go on without the log."""
+
+    def handleError(self, record):
+        error = write_error(self.baseFilename, sys.exc_info()[1])
+        if error is None:
+            super().handleError(record)
+        else:
+            raise error
+
+
 @contextlib.contextmanager
 def prediction_log(output_dir):
     """log(line) to <output_dir>/prediction.log (appended, as the original) and the console."""
     logger = logging.getLogger('gen_pseudolabels')
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    handlers = [logging.FileHandler(os.path.join(output_dir, 'prediction.log')), logging.StreamHandler(sys.stdout)]
+    path = os.path.join(output_dir, 'prediction.log')
+    with user_write_errors(path):
+        log_file = _LogFile(path)
+    handlers = [log_file, logging.StreamHandler(sys.stdout)]
     for h in handlers:
         h.setFormatter(logging.Formatter('%(asctime)s | %(message)s'))
         logger.addHandler(h)

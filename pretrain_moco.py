@@ -339,9 +339,8 @@ def _train(args, train_set, ctx, per_process_batch, log):
             'step': step, 'seed': seed, **trainer.resume_entries(world_size), 'script': 'pretrain_moco',
             'task': 'moco',
         }
-        if rank == 0:
-            save_checkpoint(state, path)
-            log(f"=> saved {path}")
+        dist.on_rank0(save_checkpoint, state, path)
+        log(f"=> saved {path}")
 
     if start_epoch >= args.epochs:
         log(f"=> nothing to do: {start_epoch} of --epochs {args.epochs} are done")

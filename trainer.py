@@ -9,11 +9,13 @@ Exact resume: checkpoints hold the RNG states and the sampler seed; the data ord
 a function of (seed, epoch) only, so a run resumed from the end of epoch k replays epoch k+1 the
 way the uninterrupted run did.
 """
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import signal
+import sys
 from typing import Callable, Optional
 
 import numpy as np
@@ -28,7 +30,7 @@ from dataset.device_loader import DeviceLoader, eval_batch_size
 from dataset.samplers import ImbalancedDatasetSampler, ShuffleSampler
 from engine import default_amp, evaluate, train_one_epoch
 from errors import UserError
-from fileio import RunLock, atomic_path, atomic_write_bytes
+from fileio import RunLock, atomic_write_bytes, user_write_errors
 from losses import build_criterion, effective_num_weights
 from utils import derive_seed, figure_png, rng_state, seed_everything, set_rng_state, shot_accuracy
 
@@ -136,9 +138,73 @@ def _in_main_thread():
     return threading.current_thread() is threading.main_thread()
 
 
+def warn(line):
+    """A problem that does not end the run (a plot or tensorboard file that cannot be written)."""
+    print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+class _EventFile:
+    """A tensorboard event file that never raises. tensorboardX writes it from a background thread,
+    where an error (a full disk) would end the thread and, once its event queue is full, block the
+    training loop for good: the first error is handed to `failed` and the events after it dropped."""
+
+    def __init__(self, f, failed):
+        self.f, self.failed, self.ok = f, failed, True
+
+    def _guard(self, op, *args):
+        if self.ok:
+            try:
+                op(*args)
+            except OSError as e:
+                self.ok = False
+                self.failed(e)
+
+    def write(self, data):
+        self._guard(self.f.write, data)
+
+    def flush(self):
+        self._guard(self._flush)
+
+    def _flush(self):
+        self.f.flush()
+        os.fsync(self.f.fileno())  # as tensorboardX's own flush does
+
+    def close(self):
+        self._guard(self.f.close)
+        with contextlib.suppress(OSError):  # after a failure: what is still buffered cannot be written
+            self.f.close()
+
+
+class _EventFiles:
+    """Opens the event files of one tensorboard folder as _EventFile, through tensorboardX's hook for
+    other storage (`register_writer_factory`, as for s3://): also the files that add_scalars creates
+    later, one per curve, which are opened before their writer thread starts."""
+
+    def __init__(self, failed):
+        from tensorboardX.record_writer import register_writer_factory
+        self.prefix, self.failed = f'guarded{id(self)}', failed
+        register_writer_factory(self.prefix, self)
+
+    def logdir(self, folder):
+        return f'{self.prefix}:{folder}'
+
+    def _path(self, path):
+        return path[len(self.prefix) + 1:]
+
+    def open(self, path):
+        return _EventFile(open(self._path(path), 'wb'), self.failed)
+
+    def directory_check(self, path):
+        os.makedirs(self._path(path), exist_ok=True)
+
+
 class LogFolder:
     """A run's log folder, written by rank 0 alone: the lock (held in `lock_dir`), text logs opened for
-    appending (cut back on resume to the sizes a checkpoint recorded) and a tensorboard writer."""
+    appending (cut back on resume to the sizes a checkpoint recorded) and a tensorboard writer.
+
+    A log that cannot be written (full disk, ...) is a UserError: raised at once by a single process;
+    under DDP held back (`error`) until the next checkpoint save, which every rank makes together, so
+    that every rank stops with it. A tensorboard file that cannot be written is a warning only."""
 
     def __init__(self, log_dir, lock_dir, logs, folders=()):
         self.log_dir, self.logs, self.folders = log_dir, logs, (log_dir, *folders)
@@ -146,6 +212,8 @@ class LogFolder:
         self.lock = RunLock(lock_dir)
         self.files = {}
         self.writer = None
+        self.error = None
+        self.tensorboard_error = None
 
     def open(self, truncate_to=None, fresh=False):
         """Create the folders, take the lock, open the logs. `truncate_to`: {log name: size} of a resumed
@@ -163,32 +231,74 @@ class LogFolder:
             path = os.path.join(self.log_dir, name)
             # A resumed run drops what the killed run logged after its last checkpoint, so the
             # logs read as if it had never stopped.
-            if truncate_to and name in truncate_to and os.path.exists(path):
-                with open(path, 'r+b') as f:
-                    f.truncate(min(truncate_to[name], os.path.getsize(path)))
-            if fresh and os.path.exists(path) and os.path.getsize(path):
-                console(f"=> {path} held an earlier run's log: starting it anew (--resume continues a run)")
-            self.files[name] = open(path, 'w' if fresh else 'a')
-        from tensorboardX import SummaryWriter
-        self.writer = SummaryWriter(log_dir=self.log_dir)
+            with user_write_errors(path):
+                if truncate_to and name in truncate_to and os.path.exists(path):
+                    with open(path, 'r+b') as f:
+                        f.truncate(min(truncate_to[name], os.path.getsize(path)))
+                if fresh and os.path.exists(path) and os.path.getsize(path):
+                    console(f"=> {path} held an earlier run's log: starting it anew (--resume continues a run)")
+                self.files[name] = open(path, 'w' if fresh else 'a')
+        self.tensorboard(lambda: None, start=True)
         return self
 
     def write(self, name, line):
-        if name in self.files:
-            self.files[name].write(line + '\n')
-            self.files[name].flush()
+        if name not in self.files or self.error is not None:
+            return
+        try:
+            with user_write_errors(os.path.join(self.log_dir, name)):
+                self.files[name].write(line + '\n')
+                self.files[name].flush()
+        except UserError as e:
+            self.error = e
+            if not dist.is_dist():
+                raise
+
+    def save_checkpoint(self, state, path, copies=()):
+        """Collective: every rank calls it, rank 0 writes; a write error, or a log's held back (no
+        checkpoint records more than the logs hold), stops every rank with its message."""
+        def write():
+            if self.error is not None:
+                error, self.error = self.error, None  # raised here: close() need not warn of it
+                raise error
+            save_checkpoint(state, path, copies)
+        dist.on_rank0(write)
 
     def log_sizes(self):
         return {name: f.tell() for name, f in self.files.items()}
 
+    def tensorboard(self, add, start=False):
+        """Call `add` (e.g. writer.add_scalar) while tensorboard logging is on; `start` turns it on. A
+        write error is one warning and turns it off, never the end of the run."""
+        try:
+            if start:
+                from tensorboardX import SummaryWriter
+                self.writer = SummaryWriter(log_dir=_EventFiles(self._tensorboard_failed).logdir(self.log_dir))
+            if self.tensorboard_error is not None and self.writer is not None:
+                self.writer.close()
+                self.writer = None
+            if self.writer is not None:
+                add()
+        except OSError as e:  # an event file that cannot be created, in this thread: closed at the next call
+            self._tensorboard_failed(e)
+
+    def _tensorboard_failed(self, error):
+        if self.tensorboard_error is None:
+            self.tensorboard_error = error
+            warn(f"cannot write tensorboard events into {self.log_dir}: {error.strerror or error}; "
+                 f"training goes on without them")
+
     def scalar(self, tag, value, step):
-        if self.writer is not None:
-            self.writer.add_scalar(tag, value, step)
+        self.tensorboard(lambda: self.writer.add_scalar(tag, value, step))
 
     def close(self):
         for f in self.files.values():
-            f.close()
+            # Every line was flushed when written: only a write that failed has anything left to lose.
+            with contextlib.suppress(OSError):
+                f.close()
         self.files = {}
+        if self.error is not None and dist.is_dist():
+            warn(f"{self.error} (after the last checkpoint)")  # a held error that no save raised
+        self.tensorboard(lambda: None)
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -208,28 +318,23 @@ class RunFolder(LogFolder):
     def open(self, args, truncate_to=None, fresh=False):
         super().open(truncate_to, fresh)
         if self.main:
-            with open(os.path.join(self.log_dir, 'args.txt'), 'w' if fresh else 'a') as f:
+            path = os.path.join(self.log_dir, 'args.txt')
+            with user_write_errors(path), open(path, 'w' if fresh else 'a') as f:
                 f.write(str(args) + '\n')
         return self
 
     def scalars(self, tag, values, step):
-        if self.writer is not None:
-            self.writer.add_scalars(tag, values, step)
+        self.tensorboard(lambda: self.writer.add_scalars(tag, values, step))
 
     def image(self, tag, matrix, step):
         """A matrix with values in [0, 1] as a grayscale image (e.g. the row-normalised confusion matrix)."""
-        if self.writer is not None:
-            self.writer.add_image(tag, np.asarray(matrix, dtype=np.float32)[None], step)
+        self.tensorboard(lambda: self.writer.add_image(tag, np.asarray(matrix, dtype=np.float32)[None], step))
 
     def save(self, state, is_best):
-        if not self.main:
-            return
-        save_checkpoint(state, self.ckpt_path)
+        """Collective, as save_checkpoint."""
         # Also when the first epoch scores 0 % (the original then wrote no best file at all).
-        if is_best or (not os.path.exists(self.best_path) and state.get('step', 0) == 0):
-            with atomic_path(self.best_path) as tmp:
-                with open(self.ckpt_path, 'rb') as src, open(tmp, 'wb') as dst:
-                    dst.write(src.read())
+        best = is_best or (not os.path.exists(self.best_path) and state.get('step', 0) == 0)
+        self.save_checkpoint(state, self.ckpt_path, copies=[self.best_path] if best else [])
 
 
 def report_lines(metrics, cls_num_list=None, flag='val', task='classification'):
@@ -576,7 +681,10 @@ def _log_eval(folder, metrics, exp, epoch, best_acc1, main):
             folder.scalar(f'{tag}/test_{group}_shot', 100 * metrics[f'{group}_shot'], epoch)
     counts = exp.cls_num_list if exp.task == 'classification' else [0] * exp.num_classes
     png = per_class_plot(metrics['per_class'], counts, f'epoch {epoch + 1}: top-1 {metrics["top1"]:.2f}%')
-    atomic_write_bytes(os.path.join(folder.log_dir, 'per_class_acc.png'), png)
+    try:
+        atomic_write_bytes(os.path.join(folder.log_dir, 'per_class_acc.png'), png)
+    except UserError as e:
+        warn(f"{e}; training goes on")
 
 
 def _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, world):

@@ -163,9 +163,8 @@ def _finite(x):
 
 
 def write_results(run, summary, name, **extra):
-    if run.main:
-        atomic_write_text(os.path.join(run.cfg.log_dir, name),
-                          json.dumps({**summary, **extra}, indent=1) + '\n')
+    dist.on_rank0(atomic_write_text, os.path.join(run.cfg.log_dir, name),
+                  json.dumps({**summary, **extra}, indent=1) + '\n')
 
 
 def _progress(iterable, run, desc, total=None):
@@ -269,10 +268,9 @@ def tau_norm(run, log):
                   'module.fc.bias': head.bias.detach().cpu().clone()}
     best = {'feat_model': weights_mod.original_layout(model.feat_model), 'classifier': classifier}
     tau_search = {str(t): a for t, a in search.items()}
-    if run.main:
-        save_checkpoint(weights_mod.final_state(0, 0, best, search[best_tau]['val_top1'] / 100, tau=best_tau,
-                                                tau_search=tau_search),
-                        os.path.join(cfg.log_dir, weights_mod.FINAL))
+    final = weights_mod.final_state(0, 0, best, search[best_tau]['val_top1'] / 100, tau=best_tau,
+                                    tau_search=tau_search)
+    dist.on_rank0(save_checkpoint, final, os.path.join(cfg.log_dir, weights_mod.FINAL))
     write_results(run, summary, f'results_{phase}.json', tau=best_tau, tau_search=tau_search)
     return 0
 
@@ -316,8 +314,7 @@ def train(run, folder, log):
                  **trainer.resume_entries(ctx.world_size),  # collective: every rank builds it
                  'script': weights_mod.SCRIPT, 'config': cfg.path,
                  'log_size': folder.log_sizes().get(LOG, 0)}  # 0 on the ranks that write no log
-        if run.main:
-            save_checkpoint(state, os.path.join(cfg.log_dir, weights_mod.LATEST))
+        folder.save_checkpoint(state, os.path.join(cfg.log_dir, weights_mod.LATEST))
 
     with trainer.GracefulStop(trainer.console) as stop:
         for epoch in range(start_epoch, cfg.num_epochs):
@@ -350,9 +347,8 @@ def train(run, folder, log):
                 log(trainer.stop_notice(stop, epoch, cfg.log_dir))
                 return 128 + stop.signum
     log(f"Best validation accuracy is {100 * best_acc:.3f} at epoch {best_epoch}")
-    if run.main:
-        save_checkpoint(weights_mod.final_state(cfg.num_epochs, best_epoch, best, best_acc),
-                        os.path.join(cfg.log_dir, weights_mod.FINAL))
+    folder.save_checkpoint(weights_mod.final_state(cfg.num_epochs, best_epoch, best, best_acc),
+                           os.path.join(cfg.log_dir, weights_mod.FINAL))
     for n in nets:
         getattr(model, n.key).load_state_dict(strip_prefix(best[n.key], 'module.'))
     phase = data_mod.final_split(cfg.dataset)

@@ -7,6 +7,7 @@ Probes, switched on by environment variables (each writes into PROBE_DIR, one fi
   PROBE_INDICES=1       the sample indices each rank's sampler yields -> rank<R>_indices.txt
   PROBE_AUGMENT=1       one torch.rand() drawn in the training transform per image -> rank<R>_augment.txt
   PROBE_NAN_AT=R:S      rank R's training loss becomes NaN at its S-th training step
+  PROBE_FULL_DISK=F:N:B on rank 0, writes of file F fail with ENOSPC after B bytes from its N-th opening on
 """
 import os
 import runpy
@@ -17,6 +18,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import fixtures  # noqa: E402  (tests/, this script's folder, is on sys.path)
 import trainer  # noqa: E402
 from dataset import samplers  # noqa: E402
 
@@ -87,6 +89,10 @@ if os.environ.get('PROBE_NAN_AT'):
         return criterion
 
     trainer.build_criterion = build_criterion
+
+if os.environ.get('PROBE_FULL_DISK') and RANK == 0:
+    name, nth, after = os.environ['PROBE_FULL_DISK'].split(':')
+    fixtures.full_disk(setattr, name, int(after), int(nth))
 
 script = sys.argv[1]
 sys.argv = sys.argv[1:]

@@ -5,7 +5,10 @@ TinyImages pool uses the same colours, so a model trained on the CIFAR fixture p
 it sensibly. Checksums cannot match: use the `no_checksum` fixture of conftest.py to bypass them.
 Also the helpers several test files share.
 """
+import builtins
 import contextlib
+import errno
+import fnmatch
 import os
 import pickle
 import struct
@@ -140,6 +143,51 @@ def shrink_digits(setattr, per_class=40, test_per_class=10):
     keep = np.concatenate([np.where(labels == c)[0][:per_class] for c in range(10)])
     setattr(digits, 'load_digit_images', lambda: (images[keep], labels[keep]))
     setattr(digits, 'TEST_PER_CLASS', test_per_class)
+
+
+class FillingFile:
+    """A file whose writes fail with ENOSPC once `after` bytes (characters of a text file) went through,
+    as on a disk that fills up. No fileno(), so that shutil.copyfile writes through write(), not sendfile."""
+
+    def __init__(self, f, after):
+        self.f, self.left = f, after
+
+    def write(self, data):
+        data = data if isinstance(data, str) else memoryview(data).cast('B')
+        if len(data) > self.left:
+            self.f.write(data[:self.left])
+            self.left = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.left -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        if name == 'fileno':
+            raise AttributeError(name)
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def full_disk(setattr, name, after, nth=1):
+    """Writes of the file `name` (a glob pattern; also its atomic temporaries `.name.*`) fail with ENOSPC
+    after `after` bytes, from its `nth` opening for writing on. `setattr`: as in shrink_digits."""
+    real_open, count = builtins.open, [0]
+
+    def open_(file, mode='r', *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        base = os.path.basename(str(file))
+        if any(m in mode for m in 'wa') and (fnmatch.fnmatch(base, name) or fnmatch.fnmatch(base, f'.{name}.*')):
+            count[0] += 1
+            if count[0] >= nth:
+                return FillingFile(f, after)
+        return f
+
+    setattr(builtins, 'open', open_)
 
 
 @contextlib.contextmanager

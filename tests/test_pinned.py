@@ -339,10 +339,6 @@ def test_stage_args_for_one_script(words, tmp_path, capsys):
 
 # ------------------------------------------------------------------ files a run writes
 
-@pytest.mark.xfail(strict=True, reason='fileio.atomic_path writes through tempfile.mkstemp, whose files are 0600 '
-                                       'and keep that mode after the rename: checkpoints, best checkpoints, '
-                                       'pseudo-label pickles, plots and reproduce results are unreadable to the '
-                                       "group and others, unlike the original's torch.save / open files")
 def test_atomic_writes_get_the_mode_of_any_new_file(tmp_path):
     from fileio import atomic_write_bytes
     umask = os.umask(0)
