@@ -364,7 +364,7 @@ def _loaders(args, exp, seed, rank, world, device):
                                                eval_batch_size(device), device, info, train=False,
                                                channels_last=args.channels_last)
         return train_loader, sampler, val_loader
-    pin = torch.cuda.is_available()
+    pin = device.type == 'cuda'  # a copy from unpinned memory makes the host wait for it
     # Own generators: the loaders draw their worker seeds from these, not from the global RNG,
     # so the global stream (augmentations with -j 0, rotations) is the same whether or not a run
     # was resumed mid-epoch. `run` re-seeds the training one per epoch.
