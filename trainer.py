@@ -84,14 +84,22 @@ def console(line):
         print(line, flush=True)
 
 
-class GracefulStop:
-    """First SIGTERM/SIGINT: finish the step, save, exit. Second: stop at once."""
+# A launcher that forwards its own SIGTERM/SIGINT to the processes it started sends this instead: it
+# never counts as the second signal, since a signal to the whole process group may reach them too.
+FORWARDED_STOP = getattr(signal, 'SIGUSR1', None)
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+class GracefulStop:
+    """First SIGTERM/SIGINT: finish the step, save, exit. Second: stop at once. FORWARDED_STOP (from
+    MoCo's per-GPU launcher, or SLURM's --signal=USR1) asks like a SIGTERM if nothing asked yet, and
+    the one SIGTERM/SIGINT that may follow it (the same request, sent to the whole group) is not a second."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, *([FORWARDED_STOP] if FORWARDED_STOP else []))
 
     def __init__(self, log):
         self.log = log  # for the notice only: a console, not a run log (a resumed run's logs must not show it)
         self.signum = None
+        self._forwarded = False
         self._previous = {}
         self._pid = os.getpid()
 
@@ -100,7 +108,15 @@ class GracefulStop:
             # A data-loading worker forked during the run inherits this handler, and Ctrl-C signals
             # the whole process group: only the process that trains decides when to stop.
             return
-        if self.signum is not None:
+        if signum == FORWARDED_STOP:
+            if self.signum is not None:
+                return
+            self._forwarded, signum = True, signal.SIGTERM
+        elif self._forwarded:
+            # The launcher's forward may overtake the group's own SIGTERM: that one asks nothing new.
+            self._forwarded = False
+            return
+        elif self.signum is not None:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
