@@ -278,11 +278,14 @@ def per_class_plot(per_class, cls_num_list, title):
 
 
 def seed(args):
-    """Call first thing after parsing: model initialisation must already be reproducible."""
+    """Call first thing after parsing: model initialisation must already be reproducible. cuDNN: with
+    --seed, deterministic algorithms and no benchmark search (which may pick other algorithms in a
+    resumed or repeated run, so exact resume would no longer be exact); without it, the original's
+    benchmark search, the fastest kernels."""
     if args.seed is not None:
         seed_everything(args.seed)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = args.seed is not None
+    torch.backends.cudnn.benchmark = args.seed is None
 
 
 def run_seed(args, ckpt):
@@ -394,6 +397,19 @@ def _loaders(args, exp, seed, rank, world, device):
     return train_loader, sampler, val_loader
 
 
+def place_model(model, args, device, world):
+    """The model on `device`: SyncBatchNorm in a distributed run on GPUs unless --no-sync-bn, so that
+    BatchNorm normalises over the batch of all processes, as on the paper's one GPU (8 GPUs x 16 images
+    would otherwise normalise by 16; SyncBatchNorm has no CPU kernels); channels_last if asked. Same
+    parameters and buffers either way: checkpoints keep plain BatchNorm keys."""
+    model = model.to(device)
+    if world > 1 and device.type == 'cuda' and args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def run(args, exp):
     """Train (or with -e only evaluate) `exp` as configured by `args`. Returns the last metrics dict."""
     ctx = dist.setup(args.gpu)
@@ -413,9 +429,7 @@ def _run(args, exp, ctx):
             print(line + console_extra, flush=True)
             folder.write('log_train.csv', line)
 
-    model = exp.model.to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(exp.model, args, device, world)
     hooks = {'amp': default_amp(device) if args.amp is None else args.amp, 'channels_last': args.channels_last}
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
@@ -448,10 +462,12 @@ def _run(args, exp, ctx):
             print(np.array2string(metrics['confusion'], max_line_width=200, threshold=10 ** 6))
         return metrics
 
-    if args.compile:
-        model.compile()  # in place: state_dict keys stay those of the bare model
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if args.compile:
+        # In place, and after DDP, as PyTorch's DDP + torch.compile notes ask (DDPOptimizer then splits
+        # the graph at gradient buckets); state_dict keys stay those of the bare model.
+        model.compile()
     same_run = ckpt is not None and ckpt.get('store_name') == args.store_name
     error = None
     try:

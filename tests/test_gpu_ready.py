@@ -347,3 +347,33 @@ def test_classic_loaders_pin_host_batches_on_cuda_only(semi_digits, monkeypatch)
     for device, pinned in ((torch.device('cpu'), False), (CUDA, True)):
         train_loader, _, val_loader = trainer._loaders(args, exp, 0, 0, 1, device)
         assert train_loader.pin_memory is pinned and val_loader.pin_memory is pinned
+
+
+# ---------------------------------------------------------------- policies: SyncBatchNorm, cuDNN
+
+@pytest.mark.parametrize('device,world,flag,synced', [
+    (CUDA, 2, (), True),                    # torchrun on GPUs: BatchNorm sees the batch of all processes
+    (CUDA, 2, ('--no-sync-bn',), False),
+    (CUDA, 1, (), False),                   # one process: plain BatchNorm, as the original
+    (torch.device('cpu'), 2, (), False),    # SyncBatchNorm has no CPU kernels
+])
+def test_sync_batchnorm_under_torchrun_on_gpus_by_default(device, world, flag, synced):
+    # (--no-channels-last: FakeTensor parameters cannot be converted a second time)
+    args = train.build_parser().parse_args(['--dataset', 'digits', '--no-channels-last', *flag])
+    model = build_model(args.arch, 10)
+    keys = set(model.state_dict())
+    with contextlib.ExitStack() as stack:
+        if device.type == 'cuda':  # the placement itself needs no GPU here
+            stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+        placed = trainer.place_model(model, args, device, world)
+    kinds = {type(m) for m in placed.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    assert kinds == ({torch.nn.SyncBatchNorm} if synced else {torch.nn.BatchNorm2d})
+    assert set(placed.state_dict()) == keys
+
+
+@pytest.mark.parametrize('seed,deterministic,benchmark', [(None, False, True), (0, True, False)])
+def test_cudnn_benchmark_without_seed_deterministic_with_it(monkeypatch, seed, deterministic, benchmark):
+    monkeypatch.setattr(torch.backends.cudnn, 'deterministic', not deterministic)
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', not benchmark)
+    trainer.seed(train.build_parser().parse_args([] if seed is None else ['--seed', str(seed)]))
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (deterministic, benchmark)
