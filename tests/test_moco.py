@@ -475,3 +475,14 @@ def test_per_gpu_launcher_leaves_a_resumable_checkpoint_whoever_gets_sigterm(tmp
         assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
         assert torch.load(folder / f'moco_ckpt_{done:04d}.pth.tar', map_location='cpu',
                           weights_only=True)['epoch'] == done
+
+
+def test_forwarded_stop_request_and_the_group_signal_after_it_count_once():
+    import signal
+    import trainer
+    with trainer.GracefulStop(lambda line: None) as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)   # the launcher's forward, here before the group's SIGTERM
+        assert stop.signum == signal.SIGTERM and stop()
+        os.kill(os.getpid(), signal.SIGTERM)   # the same request: not a second signal (that would kill us)
+        os.kill(os.getpid(), signal.SIGUSR1)   # forwards after a request ask nothing new
+        assert stop.signum == signal.SIGTERM
