@@ -132,8 +132,13 @@ class GracefulStop:
             return self.signum is not None
         if not sync:
             return False
-        self.signum = dist.max_over_ranks(self.signum or 0) or None
-        return self.signum is not None
+        agreed = dist.max_over_ranks(self.signum or 0)
+        # Not `self.signum = max_over_ranks(...)`: a signal handled during the collective would be
+        # overwritten by the value read before it, and lost. One that came too late for this
+        # agreement stays pending for the next.
+        if agreed:
+            self.signum = agreed
+        return bool(agreed)
 
     def __enter__(self):
         if hasattr(signal, 'SIGTERM') and _in_main_thread():
