@@ -91,6 +91,7 @@ def test_one_gpu_per_process_slurm_binding_still_runs():
     ((9, 0), WHEEL_ARCHS, True),               # H100 / H200
     ((12, 0), WHEEL_ARCHS, True),
     ((7, 0), ['sm_80', 'compute_70'], True),   # PTX is compiled by the driver for later GPUs
+    ((9, 0), ['sm_80', 'sm_86'], False),      # cubins do not cross a major version
     ((9, 0), ['sm_90a'], True),
     ((10, 0), ['sm_90a'], False),              # 'a' kernels run on their own architecture only
 ])
