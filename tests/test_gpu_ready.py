@@ -9,8 +9,14 @@ TorchDispatchMode above it records, with the project line that caused it, each
   device-to-host copy, host-to-device copy that blocks (non_blocking=False or from unpinned memory),
   operation that mixes CPU and CUDA tensors (a CPU index into a CUDA tensor is a blocking copy).
 Host reads return 1 and device-to-host copies real zeros, so the print points run through.
-Autograd's engine needs a real CUDA context for fake CUDA tensors (pytorch/pytorch#92627), so
-`loss.backward()` is replaced by zero gradients there; everything else in a step runs as written.
+What FakeTensors cannot do without a driver, and what stands in: autograd's engine needs a real CUDA
+context (pytorch/pytorch#92627), so `loss.backward()` is replaced by zero gradients (the optimizer
+step runs); a CUDA torch.Generator cannot be made, so the device loader's is a CPU one; pinning is
+not implemented, so the recorder marks tensors pinned itself (DataLoader's pinning thread cannot run:
+the MoCo batches are made beforehand and marked, the classic loader's `pin_memory` is checked
+instead); fake parameters cannot be converted twice, so the models stay NCHW (the images are
+channels_last as in a run); autocast turns itself off without CUDA, so bf16 is not exercised.
+imagenet_inat's stage loops are left out (rewritten elsewhere at the time), as are the prediction loops.
 """
 import collections
 import contextlib
