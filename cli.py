@@ -91,6 +91,10 @@ def add_training_args(parser, batch_size=128):
     parser.add_argument('--seed', default=None, type=int, help='seed for initializing training')
     parser.add_argument('--root_log', type=str, default='log')
     parser.add_argument('--root_model', type=str, default='./checkpoint')
+    parser.add_argument('--sync-bn', default=True, action=argparse.BooleanOptionalAction,
+                        help='under torchrun on GPUs, BatchNorm statistics over the batch of all processes '
+                             "(SyncBatchNorm), as on the paper's single GPU (default: on; no effect on one "
+                             'process or on CPUs)')
     add_speed_args(parser)
 
 

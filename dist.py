@@ -35,13 +35,16 @@ class DevicePlan:
     backend: Optional[str]   # process-group backend; None for a single process
 
 
-def plan_device(gpu, local_rank, world_size, num_gpus):
+def plan_device(gpu, local_rank, world_size, num_gpus, local_world_size=1, backend=None):
     """Which device this process trains on, and the group's backend: a pure function of what it is given.
 
-    One decision per process, the same rule on every rank: NCCL if and only if CUDA is used. Under a
-    launcher, process `local_rank` of a node takes visible GPU `local_rank`; with one GPU visible per
-    process (SLURM --gpus-per-task=1) that is GPU 0 of each. `--gpu` only picks the GPU of a
-    single-process run.
+    One decision per process, the same rule on every rank: NCCL if and only if CUDA is used, unless
+    `backend` (IMB_DIST_BACKEND) says otherwise. Under a launcher, process `local_rank` of a node
+    takes visible GPU `local_rank`; with one GPU visible per process (SLURM --gpus-per-task=1, where
+    nothing tells the process how many share its node) that is GPU 0 of each. `local_world_size`
+    (processes on this node, torchrun's LOCAL_WORLD_SIZE) larger than the visible GPUs means
+    processes would share a GPU, which NCCL refuses only at its first collective ("Duplicate GPU"):
+    refused here unless gloo was chosen. `--gpu` only picks the GPU of a single-process run.
     """
     if world_size > 1 and gpu is not None:
         raise UserError("--gpu picks the GPU of a single-process run; in a distributed run process i uses "
@@ -50,15 +53,44 @@ def plan_device(gpu, local_rank, world_size, num_gpus):
         if num_gpus == 0:
             raise UserError(f"--gpu {gpu} was given but no CUDA GPU is available; leave --gpu out to run on the CPU")
         if gpu >= num_gpus:
-            raise UserError(f"--gpu {gpu} does not exist; this machine has {num_gpus} GPU(s)")
+            raise UserError(f"--gpu {gpu} does not exist: this machine shows {num_gpus} GPU(s), "
+                            f"--gpu 0 to {num_gpus - 1} (CUDA_VISIBLE_DEVICES renumbers them from 0)")
         return DevicePlan(f'cuda:{gpu}', None)
-    backend = 'gloo' if world_size > 1 else None
+    if world_size == 1:
+        return DevicePlan('cuda:0' if num_gpus else 'cpu', None)
     if num_gpus == 0:
-        return DevicePlan('cpu', backend)
-    if num_gpus > 1 and local_rank >= num_gpus:
-        raise UserError(f"process LOCAL_RANK {local_rank} has no GPU of its own: this node shows {num_gpus} GPUs; "
-                        f"start at most {num_gpus} processes per node")
-    return DevicePlan(f'cuda:{local_rank % num_gpus}', 'nccl' if world_size > 1 else None)
+        return DevicePlan('cpu', 'gloo')  # NCCL moves CUDA tensors only
+    backend = backend or 'nccl'
+    procs = max(local_world_size, local_rank + 1)
+    # One visible GPU and no LOCAL_WORLD_SIZE: the per-task GPU binding above, not a shared GPU.
+    if backend == 'nccl' and procs > num_gpus and (num_gpus > 1 or local_world_size > 1):
+        raise UserError(f"{procs} processes on this node but {num_gpus} visible "
+                        f"GPU(s): NCCL needs a GPU per process; start at most {num_gpus} per node "
+                        f"(torchrun --nproc_per_node {num_gpus}), or set IMB_DIST_BACKEND=gloo to share the GPUs "
+                        f"(slower; for testing)")
+    return DevicePlan(f'cuda:{local_rank % num_gpus}', backend)
+
+
+def check_arch(capability, arch_list, name='this GPU'):
+    """Refuse a GPU this torch build has no kernels for, which otherwise fails at its first kernel
+    ("no kernel image is available"). `capability`: (major, minor); `arch_list`: torch.cuda.get_arch_list().
+    A cubin for sm_XY runs on X.Z with Z >= Y (same major; 'a'/'f' variants only on their own
+    major.minor); PTX (compute_XY) is compiled by the driver for any XY and later."""
+    cc = 10 * capability[0] + capability[1]
+
+    def runs(arch):
+        kind, _, version = arch.partition('_')
+        exact = version[-1:] in ('a', 'f')
+        v = int(version.rstrip('af'))
+        if kind == 'compute':
+            return v <= cc
+        return v == cc if exact else (v // 10 == cc // 10 and v <= cc)
+
+    if not arch_list or any(runs(a) for a in arch_list):
+        return
+    raise UserError(f"{name} is sm_{cc}, but this PyTorch ({torch.__version__}) has CUDA kernels for "
+                    f"{' '.join(arch_list)} only; install a PyTorch build that lists sm_{cc} in "
+                    f"torch.cuda.get_arch_list() (README: Installation), or run on the CPU with CUDA_VISIBLE_DEVICES=")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +105,9 @@ def setup(gpu=None, rank=None, world_size=None, init_method='env://', timeout=DE
     """Pick this process's device and join the process group. Returns a ProcessContext.
 
     Without `rank`, the layout comes from torchrun's RANK / WORLD_SIZE / LOCAL_RANK (none: one
-    process, no torch.distributed at all). `backend` overrides NCCL on GPUs (MoCo's --dist-backend);
-    CPU processes always use gloo.
+    process, no torch.distributed at all). `backend` overrides NCCL on GPUs (MoCo's --dist-backend;
+    the environment's IMB_DIST_BACKEND wins over both); CPU processes always use gloo. A GPU this torch
+    build has no kernels for is refused here, before the script writes anything.
     """
     if rank is None:
         rank, world_size = ((int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if launched_by_torchrun()
@@ -82,14 +115,16 @@ def setup(gpu=None, rank=None, world_size=None, init_method='env://', timeout=DE
     # Not the global rank: on node 2 of a multi-node run, global rank 8 is local rank 0.
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
     num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    plan = plan_device(gpu, local_rank, world_size, num_gpus)
+    plan = plan_device(gpu, local_rank, world_size, num_gpus, int(os.environ.get('LOCAL_WORLD_SIZE', 1)),
+                       os.environ.get('IMB_DIST_BACKEND') or backend)
     device = torch.device(plan.device)
     if device.type == 'cuda':
         # Before any CUDA work, so no context opens on GPU 0 for a process that uses another GPU.
         torch.cuda.set_device(device)
+        check_arch(torch.cuda.get_device_capability(device), torch.cuda.get_arch_list(),
+                   torch.cuda.get_device_name(device))
     if world_size > 1:
-        _join(plan.backend if device.type == 'cpu' or backend is None else backend,
-              init_method, rank, world_size, timeout)
+        _join(plan.backend, init_method, rank, world_size, timeout)
     return ProcessContext(rank, world_size, local_rank, device)
 
 

@@ -41,10 +41,12 @@ def _print(line, console_extra=''):
 
 
 def default_amp(device):
-    """Whether bf16 autocast is on by default: on a GPU, and on a CPU with native bf16 instructions
-    (AVX512-BF16 or AMX), where bench/README.md measured it faster; elsewhere it would be emulated."""
+    """Whether bf16 autocast is on by default: on a GPU with native bf16 (compute capability 8.0 and
+    later: A100, RTX 30xx, H100), and on a CPU with native bf16 instructions (AVX512-BF16 or AMX), where
+    bench/README.md measured it faster; elsewhere it would be emulated. Not torch.cuda.is_bf16_supported(),
+    which also counts emulation (sm_75: T4, RTX 20xx, where cuDNN has no bf16 convolutions)."""
     if device.type == 'cuda':
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     caps = torch.cpu.get_capabilities()
     return device.type == 'cpu' and bool(caps.get('avx512_bf16') or caps.get('amx_bf16'))
 
@@ -79,6 +81,8 @@ class _StepMeters:
     def __init__(self, device):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, top-1 hits, top-5 hits
         self.last = torch.zeros(3, dtype=torch.float64, device=device)  # the same, per sample, latest step
+        # Made once: a tensor built from Python numbers every step would be a copy the host waits for.
+        self.per_sample = torch.tensor([1.0, 100.0, 100.0], dtype=torch.float64, device=device)
         self.count = 0
 
     @torch.no_grad()
@@ -86,7 +90,7 @@ class _StepMeters:
         n = targets.size(0)
         acc1, acc5 = accuracy(output, targets, topk=(1, 5))
         self.last = torch.cat([loss.detach().reshape(1), acc1, acc5]).double()
-        self.sums += self.last * torch.tensor([n, n / 100.0, n / 100.0], dtype=torch.float64, device=self.sums.device)
+        self.sums += self.last * n / self.per_sample
         self.count += n
 
     def averages(self):
@@ -187,8 +191,9 @@ def evaluate(model, criterion, loader, device, num_classes, *, batch_fn=None, am
         acc1, acc5 = accuracy(output, targets, topk=(1, 5))
         hits += torch.stack([acc1[0], acc5[0]]).double() * n / 100.0
         pred = output.argmax(dim=1)
-        confusion += torch.bincount(targets * num_classes + pred, minlength=num_classes ** 2
-                                    ).reshape(num_classes, num_classes).double()
+        # index_add_, not bincount: bincount reads its input's range back to the host on every batch.
+        confusion.view(-1).index_add_(0, targets * num_classes + pred,
+                                      torch.ones_like(pred, dtype=confusion.dtype))
     # Collective: every rank evaluates its disjoint slice, once per call, and the sums combine exactly.
     for t in (loss_sum, hits, confusion):
         dist.all_reduce_sum(t)

@@ -14,11 +14,13 @@ Writes <root_path>/<dataset>/checkpoint/moco_ckpt_XXXX.pth.tar (XXXX = epochs do
 (the original script's defaults; MoCo v2); `--mlp false` etc. turn them off.
 """
 import argparse
+import contextlib
 import datetime
 import functools
 import math
 import os
 import shutil
+import signal
 from dataclasses import dataclass
 from typing import Callable
 
@@ -237,19 +239,52 @@ def check_layout(args, layout):
 
 
 def spawn_per_gpu(args, layout):
-    """MoCo's launcher: one process per GPU of this node; --world-size nodes, this is node --rank."""
+    """MoCo's launcher: one process per GPU of this node; --world-size nodes, this is node --rank.
+
+    A SIGTERM or SIGINT must leave the interrupted checkpoint whether it reaches the whole process group
+    (SLURM scancel, preemption, Ctrl-C), this process alone or the workers alone. So this process does
+    not die of the first one (its death would send each worker SIGINT, spawn's parent-death signal: a
+    second signal, which stops at once): it forwards trainer.FORWARDED_STOP, which the workers take as
+    a stop request unless a signal reached them already, and waits. A second one ends all at once. A
+    worker stopped by a signal exits 0 and leaves its exit status in `codes`, since spawn answers a
+    non-zero exit by terminating the other workers, perhaps while rank 0 writes the checkpoint.
+    """
     if args.rank >= args.world_size:
         raise UserError(f"--rank {args.rank} is not a node of --world-size {args.world_size}")
+    codes = mp.get_context('spawn').Array('i', layout.spawn)
+    context = mp.spawn(_spawned_worker, nprocs=layout.spawn, args=(layout, args, codes), join=False)
+    asked = []
+
+    def forward(signum, frame):
+        for pid in context.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL if asked else trainer.FORWARDED_STOP)
+        if asked:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        asked.append(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        mp.spawn(_spawned_worker, nprocs=layout.spawn, args=(layout, args))
+        while not context.join():
+            pass
     except mp.ProcessExitedException as e:
         return e.exit_code  # the worker printed its own `error:` line
-    return 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return max(codes)
 
 
-def _spawned_worker(gpu, layout, args):
+def _spawned_worker(gpu, layout, args, codes):
     os.environ['LOCAL_RANK'], os.environ['LOCAL_WORLD_SIZE'] = str(gpu), str(layout.spawn)
-    cli.run_main(lambda _: worker(args, layout, args.rank * layout.spawn + gpu, args.dist_url))
+
+    def run(_):
+        code = worker(args, layout, args.rank * layout.spawn + gpu, args.dist_url)
+        codes[gpu] = code  # 128 + signal after a stop that saved its checkpoint: see spawn_per_gpu
+        return 0
+
+    cli.run_main(run)
 
 
 def worker(args, layout, rank, init_method):

@@ -38,25 +38,30 @@ def rotation_labels(batch_size, generator=None):
 
 
 def rotate(images, labels):
-    """Rotate images (N, C, H, W) by labels[i] * 90 degrees counter-clockwise over (H, W)."""
-    out = torch.empty_like(images)
-    for k in range(NUM_ROTATIONS):
-        idx = (labels == k).nonzero(as_tuple=True)[0]
-        out[idx] = torch.rot90(images[idx], k, dims=(2, 3))
+    """Rotate square images (N, C, H, H) by labels[i] * 90 degrees counter-clockwise over (H, W).
+    Selected with torch.where, not gathered per rotation: indexing by `nonzero` waits for the device."""
+    out = images
+    for k in range(1, NUM_ROTATIONS):
+        out = torch.where((labels == k)[:, None, None, None], torch.rot90(images, k, dims=(2, 3)), out)
     return out
 
 
 def random_rotation_batch(images, targets):
-    """Training: each image once, at a random (but batch-balanced) rotation."""
-    labels = rotation_labels(images.size(0)).to(images.device)
+    """Training: each image once, at a random (but batch-balanced) rotation. The labels are drawn on the
+    CPU (the global stream, as before) and copied from pinned memory, which the host need not wait for."""
+    labels = rotation_labels(images.size(0))
+    if images.is_cuda:
+        labels = labels.pin_memory()
+    labels = labels.to(images.device, non_blocking=True)
     return rotate(images, labels), labels
 
 
 def all_rotations_batch(images, targets):
-    """Evaluation: every image at all four rotations, so the test score is deterministic."""
+    """Evaluation: every image at all four rotations (all images at 0, then all at 90, ...), so the test
+    score is deterministic."""
     n = images.size(0)
     labels = torch.arange(NUM_ROTATIONS, device=images.device).repeat_interleave(n)
-    return rotate(images.repeat(NUM_ROTATIONS, 1, 1, 1), labels), labels
+    return torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(NUM_ROTATIONS)]), labels
 
 
 def build_rot_parser():

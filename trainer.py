@@ -87,14 +87,22 @@ def console(line):
         print(line, flush=True)
 
 
-class GracefulStop:
-    """First SIGTERM/SIGINT: finish the step, save, exit. Second: stop at once."""
+# A launcher that forwards its own SIGTERM/SIGINT to the processes it started sends this instead: it
+# never counts as the second signal, since a signal to the whole process group may reach them too.
+FORWARDED_STOP = getattr(signal, 'SIGUSR1', None)
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+class GracefulStop:
+    """First SIGTERM/SIGINT: finish the step, save, exit. Second: stop at once. FORWARDED_STOP (from
+    MoCo's per-GPU launcher, or SLURM's --signal=USR1) asks like a SIGTERM if nothing asked yet, and
+    the one SIGTERM/SIGINT that may follow it (the same request, sent to the whole group) is not a second."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, *([FORWARDED_STOP] if FORWARDED_STOP else []))
 
     def __init__(self, log):
         self.log = log  # for the notice only: a console, not a run log (a resumed run's logs must not show it)
         self.signum = None
+        self._forwarded = False
         self._previous = {}
         self._pid = os.getpid()
 
@@ -103,7 +111,15 @@ class GracefulStop:
             # A data-loading worker forked during the run inherits this handler, and Ctrl-C signals
             # the whole process group: only the process that trains decides when to stop.
             return
-        if self.signum is not None:
+        if signum == FORWARDED_STOP:
+            if self.signum is not None:
+                return
+            self._forwarded, signum = True, signal.SIGTERM
+        elif self._forwarded:
+            # The launcher's forward may overtake the group's own SIGTERM: that one asks nothing new.
+            self._forwarded = False
+            return
+        elif self.signum is not None:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
@@ -119,8 +135,13 @@ class GracefulStop:
             return self.signum is not None
         if not sync:
             return False
-        self.signum = dist.max_over_ranks(self.signum or 0) or None
-        return self.signum is not None
+        agreed = dist.max_over_ranks(self.signum or 0)
+        # Not `self.signum = max_over_ranks(...)`: a signal handled during the collective would be
+        # overwritten by the value read before it, and lost. One that came too late for this
+        # agreement stays pending for the next.
+        if agreed:
+            self.signum = agreed
+        return bool(agreed)
 
     def __enter__(self):
         if hasattr(signal, 'SIGTERM') and _in_main_thread():
@@ -425,11 +446,14 @@ def per_class_plot(per_class, cls_num_list, title):
 
 
 def seed(args):
-    """Call first thing after parsing: model initialisation must already be reproducible."""
+    """Call first thing after parsing: model initialisation must already be reproducible. cuDNN: with
+    --seed, deterministic algorithms and no benchmark search (which may pick other algorithms in a
+    resumed or repeated run, so exact resume would no longer be exact); without it, the original's
+    benchmark search, the fastest kernels."""
     if args.seed is not None:
         seed_everything(args.seed)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = args.seed is not None
+    torch.backends.cudnn.benchmark = args.seed is None
 
 
 def run_seed(args, ckpt):
@@ -528,7 +552,7 @@ def _loaders(args, exp, seed, rank, world, device):
                                                eval_batch_size(device), device, info, train=False,
                                                channels_last=args.channels_last)
         return train_loader, sampler, val_loader
-    pin = torch.cuda.is_available()
+    pin = device.type == 'cuda'  # a copy from unpinned memory makes the host wait for it
     # Own generators: the loaders draw their worker seeds from these, not from the global RNG,
     # so the global stream (augmentations with -j 0, rotations) is the same whether or not a run
     # was resumed mid-epoch. `run` re-seeds the training one per epoch.
@@ -540,6 +564,19 @@ def _loaders(args, exp, seed, rank, world, device):
     val_loader = DataLoader(val_set, batch_size=100, shuffle=False, num_workers=args.workers, pin_memory=pin,
                             generator=torch.Generator().manual_seed(seed))
     return train_loader, sampler, val_loader
+
+
+def place_model(model, args, device, world):
+    """The model on `device`: SyncBatchNorm in a distributed run on GPUs unless --no-sync-bn, so that
+    BatchNorm normalises over the batch of all processes, as on the paper's one GPU (8 GPUs x 16 images
+    would otherwise normalise by 16; SyncBatchNorm has no CPU kernels); channels_last if asked. Same
+    parameters and buffers either way: checkpoints keep plain BatchNorm keys."""
+    model = model.to(device)
+    if world > 1 and device.type == 'cuda' and args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def run(args, exp):
@@ -561,9 +598,7 @@ def _run(args, exp, ctx):
             print(line + console_extra, flush=True)
             folder.write('log_train.csv', line)
 
-    model = exp.model.to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(exp.model, args, device, world)
     hooks = {'amp': default_amp(device) if args.amp is None else args.amp, 'channels_last': args.channels_last}
     # Evaluations are what users compare with the paper: float32 unless --amp-eval asks for bf16.
     eval_hooks = {**hooks, 'amp': args.amp_eval}
@@ -598,10 +633,12 @@ def _run(args, exp, ctx):
             print(np.array2string(metrics['confusion'], max_line_width=200, threshold=10 ** 6))
         return metrics
 
-    if args.compile:
-        model.compile()  # in place: state_dict keys stay those of the bare model
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if args.compile:
+        # In place, and after DDP, as PyTorch's DDP + torch.compile notes ask (DDPOptimizer then splits
+        # the graph at gradient buckets); state_dict keys stay those of the bare model.
+        model.compile()
     same_run = ckpt is not None and ckpt.get('store_name') == args.store_name
     error = None
     try:

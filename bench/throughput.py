@@ -112,11 +112,14 @@ def measure(cfg, train_set, val_set, device, train_steps):
                     should_stop=lambda sync: True, **hooks)
     _sync(device)
     first = time.perf_counter() - start
-    steps = min(train_steps or len(train), len(train))
+    # Whole batches only: the last, partial batch of an epoch would make a compiled model recompile
+    # for its shape inside the timed loop.
+    whole = len(train_set) // BATCH
+    steps = min(train_steps or whole, whole)
     start = time.perf_counter()
     train_one_epoch(model, criterion, _first(train, steps), optimizer, device, 0, log=_quiet, **hooks)
     _sync(device)
-    train_rate = sum(min(BATCH, len(train_set) - k * BATCH) for k in range(steps)) / (time.perf_counter() - start)
+    train_rate = steps * BATCH / (time.perf_counter() - start)
     evaluate(model, criterion, _first(val, 1), device, 10, **hooks)  # eval-mode compile, kernel selection
     start = time.perf_counter()
     evaluate(model, criterion, val, device, 10, **hooks)

@@ -59,11 +59,11 @@ class MoCo(nn.Module):
         """Replace the oldest keys by this step's keys (N, dim) from every rank, (world * N, dim)."""
         keys = dist.all_gather_cat(keys)
         batch_size = keys.shape[0]
-        ptr = int(self.queue_ptr)
-        # columns ptr, ptr+1, ... modulo K: the queue is a ring buffer, so the write wraps around
-        idx = torch.arange(ptr, ptr + batch_size, device=self.queue.device) % self.K
+        # columns ptr, ptr+1, ... modulo K: the queue is a ring buffer, so the write wraps around. The
+        # pointer stays on the device (int(queue_ptr) would make the host wait for it every step).
+        idx = (self.queue_ptr + torch.arange(batch_size, device=self.queue.device)) % self.K
         self.queue[:, idx] = keys.T
-        self.queue_ptr[0] = (ptr + batch_size) % self.K  # move pointer
+        self.queue_ptr.add_(batch_size).remainder_(self.K)  # move pointer
 
     @torch.no_grad()
     def _batch_shuffle_ddp(self, x):

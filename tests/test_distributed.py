@@ -220,7 +220,7 @@ def test_device_plan(gpu, local_rank, world, gpus, expected):
     (0, 1, 2, 4, '--gpu picks the GPU of a single-process run'),
     (1, 0, 1, 0, 'no CUDA GPU is available'),
     (4, 0, 1, 4, '--gpu 4 does not exist'),
-    (None, 5, 8, 4, 'LOCAL_RANK 5 has no GPU of its own'),
+    (None, 5, 8, 4, '6 processes on this node but 4 visible GPU'),
 ])
 def test_device_plan_refusals(gpu, local_rank, world, gpus, message):
     with pytest.raises(UserError, match=message):

@@ -402,3 +402,105 @@ def test_unreachable_dist_url_ends_with_one_sentence_in_bounded_time(jpeg_split,
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: could not join the process group at tcp://127.0.0.1:')
     assert 'Traceback' not in proc.stderr
+
+
+# ---------------------------------------------------------------- the per-GPU launcher and SIGTERM (issue 18)
+
+# pretrain_moco.py as on a 2-GPU node: the parent is told it has 2 GPUs, so it spawns one process
+# per GPU; the children see the real (CPU-only) torch and train on gloo.
+TWO_GPU_PARENT = ("import sys, torch; sys.path.insert(0, {repo!r}); torch.cuda.is_available = lambda: True; "
+                  "torch.cuda.device_count = lambda: 2; import cli, pretrain_moco; "
+                  "cli.run_main(pretrain_moco.main, sys.argv[1:])")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _spawned_children(pid):
+    """The training processes mp.spawn started (not its resource tracker)."""
+    with open(f'/proc/{pid}/task/{pid}/children') as f:
+        pids = [int(p) for p in f.read().split()]
+    found = []
+    for p in pids:
+        with open(f'/proc/{p}/cmdline', 'rb') as f:
+            if b'spawn_main' in f.read():
+                found.append(p)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('target', ['group', 'parent', 'children'])
+def test_per_gpu_launcher_leaves_a_resumable_checkpoint_whoever_gets_sigterm(tmp_path, target):
+    import signal
+    argv = ['--dataset', 'digits', '-a', 'resnet20', '--moco-k', '64', '-b', '32', '-j', '0', '--seed', '0',
+            '--root_path', str(tmp_path), '--dist-url', f'tcp://127.0.0.1:{_free_port()}', '--dist-timeout', '60',
+            '--epochs', '3', '--save-freq', '1', '-p', '1']
+    proc = subprocess.Popen([sys.executable, '-c', TWO_GPU_PARENT.format(repo=REPO), *argv], cwd=REPO,
+                            env=fixtures.script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group, as a SLURM job step has
+    folder = tmp_path / 'digits' / 'checkpoint'
+    head = []
+    try:
+        for line in proc.stdout:  # until the first step is done, in 2 processes
+            head.append(line)
+            if line.startswith('Epoch: [0][1/'):
+                break
+        assert proc.poll() is None, ''.join(head)[-3000:]
+        children = _spawned_children(proc.pid)
+        assert len(children) == 2
+        if target == 'group':
+            os.killpg(proc.pid, signal.SIGTERM)
+        elif target == 'parent':
+            os.kill(proc.pid, signal.SIGTERM)
+        else:
+            for child in children:
+                os.kill(child, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert 'stopped by SIGTERM' in out and 'Traceback' not in out, out[-3000:]
+    saved = os.listdir(folder)
+    assert len(saved) == 1, saved  # written once, after a step both processes agreed on
+    ckpt = torch.load(folder / saved[0], map_location='cpu', weights_only=True)
+    assert ckpt['world_size'] == 2 and len(ckpt['rng_ranks']) == 2 and ckpt['script'] == 'pretrain_moco'
+    if target == 'group':  # and it resumes, under the same launcher
+        done = ckpt['epoch'] + 1
+        resumed = subprocess.run([sys.executable, '-c', TWO_GPU_PARENT.format(repo=REPO),
+                                  *argv[:argv.index('--epochs')], '--epochs', str(done), '--save-freq', '1',
+                                  '--resume', str(folder / saved[0])],
+                                 cwd=REPO, env=fixtures.script_env(), capture_output=True, text=True, timeout=180)
+        assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+        assert torch.load(folder / f'moco_ckpt_{done:04d}.pth.tar', map_location='cpu',
+                          weights_only=True)['epoch'] == done
+
+
+def test_forwarded_stop_request_and_the_group_signal_after_it_count_once():
+    import signal
+    import trainer
+    with trainer.GracefulStop(lambda line: None) as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)   # the launcher's forward, here before the group's SIGTERM
+        assert stop.signum == signal.SIGTERM and stop()
+        os.kill(os.getpid(), signal.SIGTERM)   # the same request: not a second signal (that would kill us)
+        os.kill(os.getpid(), signal.SIGUSR1)   # forwards after a request ask nothing new
+        assert stop.signum == signal.SIGTERM
+
+
+def test_a_signal_during_the_stop_agreement_is_kept_for_the_next_one(monkeypatch):
+    import signal
+    import trainer
+    stop = trainer.GracefulStop(lambda line: None)
+    monkeypatch.setattr(dist, 'is_dist', lambda: True)
+
+    def agreement_interrupted(value):  # the signal's handler runs while the ranks exchange their values
+        stop._handle(signal.SIGTERM, None)
+        return value
+
+    monkeypatch.setattr(dist, 'max_over_ranks', agreement_interrupted)
+    assert stop(sync=True) is False            # no rank had asked when the values were read
+    monkeypatch.setattr(dist, 'max_over_ranks', lambda value: value)
+    assert stop(sync=True) is True and stop.signum == signal.SIGTERM   # was lost before

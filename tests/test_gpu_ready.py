@@ -1,0 +1,386 @@
+"""GPU readiness on a machine without a GPU (issue 18): device planning, default precision, and the
+step loops run with FakeTensors on `cuda:0`, watched for every operation that makes the host wait
+for the device or mixes CPU and CUDA tensors.
+
+The fake-CUDA runs: torch.cuda's queries are monkeypatched to describe one sm_90 GPU, the models and
+data are moved to `cuda:0` inside FakeTensorMode (shapes, dtypes and devices, no values), and a
+TorchDispatchMode above it records, with the project line that caused it, each
+  _local_scalar_dense (.item(), int(), float(), .tolist()), nonzero, bincount,
+  device-to-host copy, host-to-device copy that blocks (non_blocking=False or from unpinned memory),
+  operation that mixes CPU and CUDA tensors (a CPU index into a CUDA tensor is a blocking copy).
+Host reads return 1 and device-to-host copies real zeros, so the print points run through.
+What FakeTensors cannot do without a driver, and what stands in: autograd's engine needs a real CUDA
+context (pytorch/pytorch#92627), so `loss.backward()` is replaced by zero gradients (the optimizer
+step runs); a CUDA torch.Generator cannot be made, so the device loader's is a CPU one; pinning is
+not implemented, so the recorder marks tensors pinned itself (DataLoader's pinning thread cannot run:
+the MoCo batches are made beforehand and marked, the classic loader's `pin_memory` is checked
+instead); fake parameters cannot be converted twice, so the models stay NCHW (the images are
+channels_last as in a run); autocast turns itself off without CUDA, so bf16 is not exercised.
+imagenet_inat's stage loops are left out (rewritten elsewhere at the time), as are the prediction loops.
+"""
+import collections
+import contextlib
+import functools
+import os
+import traceback
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DataLoader
+
+import dist
+import engine
+import fixtures
+import pretrain_moco
+import pretrain_rot
+import train
+import train_semi
+import trainer
+from dataset import digits
+from errors import UserError
+from fixtures import REPO
+from losses import build_criterion
+from models import build_model
+from moco.builder import MoCo
+
+aten = torch.ops.aten
+CUDA = torch.device('cuda', 0)
+# The pinned wheel's list (torch 2.14.1+cu130).
+WHEEL_ARCHS = ['sm_75', 'sm_80', 'sm_86', 'sm_90', 'sm_100', 'sm_120']
+
+
+def fake_gpu(monkeypatch, capability=(9, 0), count=1, archs=WHEEL_ARCHS, name='NVIDIA H100'):
+    """torch.cuda describes `count` GPUs of `capability`; nothing opens a CUDA context."""
+    for attr, value in {'is_available': lambda: True, 'device_count': lambda: count,
+                        'get_device_capability': lambda device=None: capability,
+                        'get_arch_list': lambda: list(archs), 'get_device_name': lambda device=None: name,
+                        'set_device': lambda device: None}.items():
+        monkeypatch.setattr(torch.cuda, attr, value)
+
+
+# ---------------------------------------------------------------- bad input: one line, before anything is written
+
+@pytest.mark.parametrize('env,gpus,message', [
+    # torchrun --nproc_per_node 2 on a 1-GPU box: NCCL's "Duplicate GPU" abort at the first collective
+    ({'LOCAL_RANK': '1', 'LOCAL_WORLD_SIZE': '2'}, 1, '2 processes on this node but 1 visible GPU'),
+    ({'LOCAL_RANK': '0', 'LOCAL_WORLD_SIZE': '4'}, 2, 'start at most 2 per node'),
+])
+def test_processes_sharing_a_gpu_are_refused_under_nccl(monkeypatch, env, gpus, message):
+    fake_gpu(monkeypatch, count=gpus)
+    for k, v in {'RANK': '0', 'WORLD_SIZE': env['LOCAL_WORLD_SIZE'], **env}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(dist, '_join', lambda *a: pytest.fail('joined the group'))
+    with pytest.raises(UserError, match=message) as e:
+        dist.setup()
+    assert 'IMB_DIST_BACKEND=gloo' in str(e.value) and '\n' not in str(e.value)
+    # Asked for explicitly, gloo shares the GPU (2 ranks on one GPU, as bench/gpu_check.sh runs them).
+    joined = []
+    monkeypatch.setattr(dist, '_join', lambda backend, *a: joined.append(backend))
+    monkeypatch.setenv('IMB_DIST_BACKEND', 'gloo')
+    ctx = dist.setup()
+    assert joined == ['gloo'] and ctx.device == torch.device('cuda', int(env['LOCAL_RANK']) % gpus)
+
+
+def test_one_gpu_per_process_slurm_binding_still_runs():
+    # srun --gpus-per-task=1: each process sees one GPU, and no LOCAL_WORLD_SIZE says they share it
+    assert dist.plan_device(None, 1, 2, 1).device == 'cuda:0'
+
+
+@pytest.mark.parametrize('capability,archs,ok', [
+    ((7, 0), WHEEL_ARCHS, False),              # V100: the first kernel would fail with "no kernel image"
+    ((6, 0), WHEEL_ARCHS, False),              # P100
+    ((7, 5), WHEEL_ARCHS, True),               # T4
+    ((8, 9), WHEEL_ARCHS, True),               # L4 / RTX 40xx: sm_86 cubins run on 8.9
+    ((9, 0), WHEEL_ARCHS, True),               # H100 / H200
+    ((12, 0), WHEEL_ARCHS, True),
+    ((7, 0), ['sm_80', 'compute_70'], True),   # PTX is compiled by the driver for later GPUs
+    ((9, 0), ['sm_80', 'sm_86'], False),      # cubins do not cross a major version
+    ((9, 0), ['sm_90a'], True),
+    ((10, 0), ['sm_90a'], False),              # 'a' kernels run on their own architecture only
+])
+def test_arch_check(capability, archs, ok):
+    if ok:
+        dist.check_arch(capability, archs)
+    else:
+        with pytest.raises(UserError, match=f'is sm_{capability[0]}{capability[1]}, but this PyTorch'):
+            dist.check_arch(capability, archs)
+
+
+def test_gpu_without_kernels_and_gpu_beyond_the_count_stop_train_before_writing(tmp_path, monkeypatch, capsys):
+    fixtures.shrink_digits(monkeypatch.setattr)
+    fake_gpu(monkeypatch, capability=(7, 0), name='Tesla V100-SXM2-16GB')
+    argv = ['--dataset', 'digits', '--data_path', str(tmp_path / 'data'), '--root_log', str(tmp_path / 'log'),
+            '--root_model', str(tmp_path / 'ckpt'), '--epochs', '1', '-j', '0']
+    with pytest.raises(SystemExit) as e:
+        import cli
+        cli.run_main(train.main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert 'Tesla V100-SXM2-16GB is sm_70' in err[0] and 'sm_75 sm_80' in err[0] and 'README' in err[0]
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(train.main, argv + ['--gpu', '3'])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == ("error: --gpu 3 does not exist: this machine shows 1 GPU(s), --gpu 0 to 0 "
+                                         "(CUDA_VISIBLE_DEVICES renumbers them from 0)")
+    assert not (tmp_path / 'log').exists() and not (tmp_path / 'ckpt').exists()
+
+
+@pytest.mark.parametrize('capability,expected', [((7, 5), False), ((7, 0), False), ((8, 0), True), ((9, 0), True),
+                                                 ((12, 0), True)])
+def test_bf16_autocast_by_default_only_where_bf16_is_native(monkeypatch, capability, expected):
+    fake_gpu(monkeypatch, capability=capability)
+    # is_bf16_supported() says True on sm_75 too (it counts emulation): it must not decide
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
+    assert engine.default_amp(CUDA) is expected
+
+
+# ---------------------------------------------------------------- fake CUDA: who makes the host wait
+
+def _project_line():
+    """'file.py:N' of the innermost frame in the project (not in tests/), or None."""
+    for frame in reversed(traceback.extract_stack()):
+        path = os.path.abspath(frame.filename)
+        if path.startswith(REPO + os.sep) and not path.startswith(os.path.join(REPO, 'tests')):
+            return f"{os.path.relpath(path, REPO)}:{frame.lineno}"
+    return None
+
+
+def _copy_ends(func, args, kwargs):
+    """(source, destination device, dtype, non_blocking) of a copy between tensors, else None.
+    Tensor.to() reaches the mode as aten.to.* under inference_mode, as aten._to_copy otherwise."""
+    if func is aten.copy_.default:
+        return args[1], args[0].device, args[0].dtype, bool(args[2] if len(args) > 2 else kwargs.get('non_blocking'))
+    if func is not aten._to_copy.default and func.overloadpacket is not aten.to:
+        return None
+    src, rest = args[0], args[1:]
+    device = kwargs.get('device') or next((a.device if isinstance(a, torch.Tensor) else a for a in rest
+                                           if isinstance(a, (torch.Tensor, torch.device, str))), src.device)
+    dtype = kwargs.get('dtype') or next((a for a in rest if isinstance(a, torch.dtype)), src.dtype)
+    non_blocking = kwargs.get('non_blocking', next((a for a in rest if isinstance(a, bool)), False))
+    return src, torch.device(device), dtype, non_blocking
+
+
+class WaitRecorder(TorchDispatchMode):
+    """Host waits and CPU/CUDA mixes: {(kind, project line): steps it happened in}; sits above
+    FakeTensorMode. Step k is the time from the k-th batch's arrival to the next one's (0: before the
+    first, when an epoch's loader starts), as counted by `steps(loader)`."""
+
+    READS = {aten._local_scalar_dense.default: 'host read', aten.item.default: 'host read',
+             aten.nonzero.default: 'nonzero', aten.bincount.default: 'bincount'}
+
+    def __init__(self):
+        super().__init__()
+        self.events = collections.defaultdict(set)
+        self.pinned = set()
+        self.step = 0
+
+    def _note(self, kind):
+        self.events[(kind, _project_line())].add(self.step)
+
+    def steps(self, loader):
+        self.step = 0
+        for batch in loader:
+            self.step += 1
+            yield batch
+
+    def pin(self, tensor):
+        """What DataLoader(pin_memory=True) gives the step loop: the batch in pinned memory."""
+        self.pinned.add(id(tensor))
+        return tensor
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if func is aten._pin_memory.default:  # not implemented for FakeTensors
+            return self.pin(args[0])
+        if func is aten.is_pinned.default:
+            return id(args[0]) in self.pinned
+        if func in self.READS:
+            if args[0].device.type == 'cuda':  # (the CPU reads: the sampler's order)
+                self._note(self.READS[func])
+            if func in (aten._local_scalar_dense.default, aten.item.default):
+                return True if args[0].dtype == torch.bool else 1
+            # Data-dependent shapes: every element selected, every bin of `minlength` (fake values anyway).
+            if func is aten.nonzero.default:
+                return torch.zeros(args[0].numel(), args[0].dim(), dtype=torch.int64, device=args[0].device)
+            if func is aten.bincount.default:
+                minlength = kwargs.get('minlength', args[2] if len(args) > 2 else 0)
+                return torch.zeros(minlength, dtype=torch.int64, device=args[0].device)
+        copy = _copy_ends(func, args, kwargs)
+        if copy is not None:
+            src, dst, dtype, non_blocking = copy
+            if src.device.type == 'cuda' and dst.type == 'cpu':
+                self._note('device-to-host copy')
+                with unset_fake_temporarily():  # real zeros, so that .numpy() at a print point works
+                    return torch.zeros(src.shape, dtype=dtype)
+            if src.device.type == 'cpu' and dst.type == 'cuda' and src.dim() > 0 \
+                    and not (non_blocking and id(src) in self.pinned):
+                self._note('blocking host-to-device copy')
+        elif copy is None and {t.device.type for t in tensors if t.dim() > 0} >= {'cpu', 'cuda'}:
+            self._note(f'CPU/CUDA mix in {func}')
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def fake_cuda(monkeypatch, model):
+    """FakeTensorMode with `model` on cuda:0 and backward as zero gradients; yields (model, recorder).
+    torch.cuda.is_available() stays False: FakeTensorMode would then run constant conversions for real."""
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (9, 0))
+    real_generator = torch.Generator
+    # A CUDA generator needs a driver; a CPU one feeds fake CUDA draws the same way.
+    monkeypatch.setattr(torch, 'Generator', lambda device='cpu': real_generator())
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to(CUDA)
+
+        def zero_grads(loss, *a, **k):
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
+
+        monkeypatch.setattr(torch.Tensor, 'backward', zero_grads)
+        # The print points read dummy values (1): a "non-finite" first_bad is theirs to raise on.
+        real_check = engine._check_finite
+
+        def check_finite(*a):
+            with contextlib.suppress(engine.DivergenceError):
+                real_check(*a)
+
+        monkeypatch.setattr(engine, '_check_finite', check_finite)
+        yield model, WaitRecorder()
+
+
+def _inside_steps(events, steps):
+    """The waits in steps 1 .. steps-1: not at an epoch's start, not at its print point (the last step,
+    with print_freq above the step count) or after the loop."""
+    return {key: sorted(s) for key, s in events.items() if any(0 < k < steps for k in s)}
+
+
+def _mixes(events):
+    return {key: sorted(s) for key, s in events.items() if key[0].startswith('CPU/CUDA mix')}
+
+
+STEPS = 3
+
+
+def _captured_experiment(monkeypatch, script, argv):
+    seen = {}
+    monkeypatch.setattr(trainer, 'run', lambda args, exp: seen.update(args=args, exp=exp) or {})
+    assert script.main(argv) == 0
+    return seen['args'], seen['exp']
+
+
+def _digits_argv(tmp_path, *extra):
+    # -b 16: 3 steps over the shrunk long-tailed digits; the documented defaults otherwise
+    return ['--dataset', 'digits', '--data_path', str(tmp_path), '--imb_factor', '0.1', '-b', '16', *extra]
+
+
+@pytest.fixture
+def semi_digits(tmp_path, monkeypatch):
+    fixtures.shrink_digits(monkeypatch.setattr)
+    pool = digits.ImbalanceDigits(None, 'exp', 0.1, 0)
+    fixtures.write_pseudo_labels(tmp_path / 'pseudo_labeled_digits.pickle', pool.unused_targets)
+    return tmp_path
+
+
+@pytest.mark.filterwarnings('ignore:CUDA is not available')  # autocast off: no real CUDA
+@pytest.mark.parametrize('script,extra', [
+    (train, ('--loss_type', 'CE', '--train_rule', 'None')),
+    (train, ('--loss_type', 'LDAM', '--train_rule', 'DRW')),
+    (train, ('--loss_type', 'Focal', '--train_rule', 'Resample')),
+    (train_semi, ('--imb_factor_unlabel', '0.1', '--unlabel_size_factor', '1')),
+    (pretrain_rot, ()),
+])
+def test_training_and_evaluation_loops_never_wait_for_the_device(semi_digits, monkeypatch, script, extra):
+    args, exp = _captured_experiment(monkeypatch, script, _digits_argv(semi_digits, *extra))
+    with fake_cuda(monkeypatch, exp.model) as (model, recorder):
+        train_loader, sampler, val_loader = trainer._loaders(args, exp, 0, 0, 1, CUDA)
+        assert type(train_loader).__name__ == 'DeviceLoader'  # the default for the 32x32 sets
+        optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
+                                    weight_decay=args.weight_decay)
+        weights = trainer.TRAIN_RULES[args.train_rule].weights(170, exp.cls_num_list, args.lr_steps[0])
+        criterion = build_criterion(args.loss_type, exp.cls_num_list,
+                                    None if weights is None else weights.to(CUDA)).to(CUDA)
+        trainer.begin_epoch(sampler, train_loader, 0, 0, 0)
+        steps = len(train_loader)
+        assert steps >= STEPS
+        amp = engine.default_amp(CUDA)
+        with recorder:
+            stats = engine.train_one_epoch(model, criterion, recorder.steps(train_loader), optimizer, CUDA, 0,
+                                           batch_fn=exp.batch_fn, print_freq=10 ** 6, log=lambda *a, **k: None,
+                                           num_steps=steps, amp=amp, channels_last=args.channels_last)
+        assert stats['steps'] == steps
+        assert not _mixes(recorder.events), recorder.events
+        assert not _inside_steps(recorder.events, steps), dict(recorder.events)
+        recorder.events.clear()
+        val_loader.batch_size = 16  # several batches of the small test set (eval_batch_size(cuda) takes it whole)
+        batches = len(val_loader)
+        assert batches >= STEPS
+        with recorder:
+            engine.evaluate(model, torch.nn.CrossEntropyLoss().to(CUDA), recorder.steps(val_loader), CUDA,
+                            exp.num_classes, batch_fn=exp.eval_batch_fn, amp=amp, channels_last=args.channels_last)
+        assert not _mixes(recorder.events), recorder.events
+        assert not _inside_steps(recorder.events, batches), dict(recorder.events)
+
+
+@pytest.mark.filterwarnings('ignore:CUDA is not available')
+def test_moco_step_loop_never_waits_for_the_device(tmp_path, monkeypatch):
+    fixtures.shrink_digits(monkeypatch.setattr)
+    args = pretrain_moco.resolve_args(pretrain_moco.build_parser().parse_args(
+        ['--dataset', 'digits', '--data', str(tmp_path), '--moco-k', '64', '-b', '16']))
+    train_set = pretrain_moco.PRETRAIN_DATA['digits'].build(args)
+    moco = MoCo(functools.partial(build_model, args.arch), args.moco_dim, args.moco_k, args.moco_m, args.moco_t,
+                args.mlp)
+    batches = list(DataLoader(train_set, batch_size=16, shuffle=True, drop_last=True, num_workers=0))
+    with fake_cuda(monkeypatch, moco) as (model, recorder):
+        optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
+                                    weight_decay=args.weight_decay)
+        # pretrain_moco's loader pins its batches on CUDA; the pinning thread cannot run without a driver
+        pinned = [([recorder.pin(v) for v in views], recorder.pin(y)) for views, y in batches]
+        assert len(pinned) >= STEPS
+        with recorder:
+            stats = engine.train_one_epoch(model, torch.nn.CrossEntropyLoss().to(CUDA), recorder.steps(pinned),
+                                           optimizer, CUDA, 0, forward=pretrain_moco.moco_forward,
+                                           print_freq=10 ** 6, log=lambda *a, **k: None, num_steps=len(pinned))
+        assert stats['steps'] == len(pinned)
+        assert not _mixes(recorder.events), recorder.events
+        assert not _inside_steps(recorder.events, len(pinned)), dict(recorder.events)
+
+
+def test_classic_loaders_pin_host_batches_on_cuda_only(semi_digits, monkeypatch):
+    args, exp = _captured_experiment(monkeypatch, train, _digits_argv(semi_digits, '--loader', 'torchvision', '-j', '0'))
+    for device, pinned in ((torch.device('cpu'), False), (CUDA, True)):
+        train_loader, _, val_loader = trainer._loaders(args, exp, 0, 0, 1, device)
+        assert train_loader.pin_memory is pinned and val_loader.pin_memory is pinned
+
+
+# ---------------------------------------------------------------- policies: SyncBatchNorm, cuDNN
+
+@pytest.mark.parametrize('device,world,flag,synced', [
+    (CUDA, 2, (), True),                    # torchrun on GPUs: BatchNorm sees the batch of all processes
+    (CUDA, 2, ('--no-sync-bn',), False),
+    (CUDA, 1, (), False),                   # one process: plain BatchNorm, as the original
+    (torch.device('cpu'), 2, (), False),    # SyncBatchNorm has no CPU kernels
+])
+def test_sync_batchnorm_under_torchrun_on_gpus_by_default(device, world, flag, synced):
+    # (--no-channels-last: FakeTensor parameters cannot be converted a second time)
+    args = train.build_parser().parse_args(['--dataset', 'digits', '--no-channels-last', *flag])
+    model = build_model(args.arch, 10)
+    keys = set(model.state_dict())
+    with contextlib.ExitStack() as stack:
+        if device.type == 'cuda':  # the placement itself needs no GPU here
+            stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+        placed = trainer.place_model(model, args, device, world)
+    kinds = {type(m) for m in placed.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    assert kinds == ({torch.nn.SyncBatchNorm} if synced else {torch.nn.BatchNorm2d})
+    assert set(placed.state_dict()) == keys
+
+
+@pytest.mark.parametrize('seed,deterministic,benchmark', [(None, False, True), (0, True, False)])
+def test_cudnn_benchmark_without_seed_deterministic_with_it(monkeypatch, seed, deterministic, benchmark):
+    monkeypatch.setattr(torch.backends.cudnn, 'deterministic', not deterministic)
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', not benchmark)
+    trainer.seed(train.build_parser().parse_args([] if seed is None else ['--seed', str(seed)]))
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (deterministic, benchmark)
