@@ -168,21 +168,30 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
     return {'loss': loss_avg, 'top1': top1, 'top5': top5, 'lr': lr, 'steps': step, 'stopped': stopped}
 
 
+# Above this many classes evaluate() keeps no confusion matrix: iNaturalist's 8,142 would make it 530 MB
+# per process, all-reduced at every evaluation (1,000 classes: 8 MB).
+CONFUSION_MAX_CLASSES = 1000
+
+
 @exact_float32()
 @torch.inference_mode()
 def evaluate(model, criterion, loader, device, num_classes, *, batch_fn=None, amp=False, channels_last=False):
     """Loss, top-1/top-5 and the confusion matrix over `loader` (summed over ranks under DDP), in
     float32 unless `amp` (bf16 autocast, an opt-in for evaluation); `channels_last` as in train_one_epoch.
 
-    Returns {'loss', 'top1', 'top5', 'confusion' (C x C numpy, rows = true class), 'per_class'
-    (accuracy per true class, 0..1; NaN for a class absent from the data), 'count'}.
+    Returns {'loss', 'top1', 'top5', 'confusion' (C x C numpy, rows = true class; None above
+    CONFUSION_MAX_CLASSES classes), 'per_class' (accuracy per true class, 0..1; NaN for a class absent
+    from the data), 'count'}.
     """
     batch_fn = batch_fn or _identity
     model.eval()
     # Sums, not averages, so that shards of different sizes combine exactly across ranks.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     hits = torch.zeros(2, dtype=torch.float64, device=device)  # top-1, top-5 correct counts
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+    support = torch.zeros(num_classes, dtype=torch.float64, device=device)  # images per true class
+    correct = torch.zeros(num_classes, dtype=torch.float64, device=device)  # of them, predicted right
+    confusion = (torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+                 if num_classes <= CONFUSION_MAX_CLASSES else None)
     for images, targets in loader:
         images, targets = batch_fn(images.to(device, non_blocking=True), targets.to(device, non_blocking=True))
         output = autocast_forward(model, images, device, amp, channels_last).float()
@@ -192,20 +201,22 @@ def evaluate(model, criterion, loader, device, num_classes, *, batch_fn=None, am
         hits += torch.stack([acc1[0], acc5[0]]).double() * n / 100.0
         pred = output.argmax(dim=1)
         # index_add_, not bincount: bincount reads its input's range back to the host on every batch.
-        confusion.view(-1).index_add_(0, targets * num_classes + pred,
-                                      torch.ones_like(pred, dtype=confusion.dtype))
+        ones = torch.ones_like(pred, dtype=torch.float64)
+        support.index_add_(0, targets, ones)
+        correct.index_add_(0, targets, (pred == targets).double())
+        if confusion is not None:
+            confusion.view(-1).index_add_(0, targets * num_classes + pred, ones)
     # Collective: every rank evaluates its disjoint slice, once per call, and the sums combine exactly.
-    for t in (loss_sum, hits, confusion):
+    for t in (loss_sum, hits, support, correct) + ((confusion,) if confusion is not None else ()):
         dist.all_reduce_sum(t)
-    count = confusion.sum().item()
-    cm = confusion.cpu().numpy()
-    support = cm.sum(axis=1)
-    with np.errstate(invalid='ignore', divide='ignore'):
-        per_class = np.diag(cm) / support
+    count = support.sum().item()
     if count == 0:
         raise UserError("the evaluation set is empty")
+    with np.errstate(invalid='ignore', divide='ignore'):
+        per_class = correct.cpu().numpy() / support.cpu().numpy()
     return {'loss': loss_sum.item() / count, 'top1': 100.0 * hits[0].item() / count,
-            'top5': 100.0 * hits[1].item() / count, 'confusion': cm.astype(np.int64),
+            'top5': 100.0 * hits[1].item() / count,
+            'confusion': None if confusion is None else confusion.cpu().numpy().astype(np.int64),
             'per_class': per_class, 'count': int(count)}
 
 

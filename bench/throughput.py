@@ -120,9 +120,11 @@ def measure(cfg, train_set, val_set, device, train_steps):
     train_one_epoch(model, criterion, _first(train, steps), optimizer, device, 0, log=_quiet, **hooks)
     _sync(device)
     train_rate = steps * BATCH / (time.perf_counter() - start)
-    evaluate(model, criterion, _first(val, 1), device, 10, **hooks)  # eval-mode compile, kernel selection
+    # Evaluation as train.py runs it: float32 (its --amp-eval is off by default).
+    eval_hooks = dict(hooks, amp=cfg.get('amp_eval', False))
+    evaluate(model, criterion, _first(val, 1), device, 10, **eval_hooks)  # eval-mode compile, kernel selection
     start = time.perf_counter()
-    evaluate(model, criterion, val, device, 10, **hooks)
+    evaluate(model, criterion, val, device, 10, **eval_hooks)
     _sync(device)
     return train_rate, len(val_set) / (time.perf_counter() - start), first
 

@@ -138,4 +138,6 @@ class HostBatches:
     def __iter__(self):
         for start in range(0, len(self.images), self.batch_size):
             pixels = torch.from_numpy(np.ascontiguousarray(self.images[start:start + self.batch_size]))
+            if self.device.type == 'cuda':
+                pixels = pixels.pin_memory()  # else the copy below waits for the device
             yield normalize(pixels.to(self.device, non_blocking=True), self.mean, self.std, self.channels_last)

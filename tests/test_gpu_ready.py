@@ -24,6 +24,7 @@ import functools
 import os
 import traceback
 
+import numpy as np
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
@@ -384,3 +385,31 @@ def test_cudnn_benchmark_without_seed_deterministic_with_it(monkeypatch, seed, d
     monkeypatch.setattr(torch.backends.cudnn, 'benchmark', not benchmark)
     trainer.seed(train.build_parser().parse_args([] if seed is None else ['--seed', str(seed)]))
     assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (deterministic, benchmark)
+
+
+class _Fixed(torch.nn.Module):
+    """Logits that put the argmax on the class in column 0 of each input row."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot(x[:, 0].long(), self.num_classes).float() * 5
+
+
+@pytest.mark.parametrize('num_classes', [5, 8142])
+def test_evaluation_keeps_no_confusion_matrix_above_1000_classes(num_classes):
+    """iNaturalist's 8,142 classes: per-class accuracy from per-class counts, no 530 MB matrix."""
+    targets = torch.tensor([0, 0, 1, 1, 1, 4, 4, 2])
+    preds = torch.tensor([0, 1, 1, 1, 0, 4, 2, 2])
+    batches = [(preds[:5, None].float(), targets[:5]), (preds[5:, None].float(), targets[5:])]
+    m = engine.evaluate(_Fixed(num_classes), torch.nn.CrossEntropyLoss(), batches, torch.device('cpu'), num_classes)
+    expected = np.full(num_classes, np.nan)
+    expected[[0, 1, 2, 4]] = [1 / 2, 2 / 3, 1.0, 1 / 2]  # class 3 has no image
+    np.testing.assert_array_equal(m['per_class'], expected)
+    assert m['count'] == 8 and m['top1'] == pytest.approx(100 * 5 / 8)
+    if num_classes <= 1000:
+        assert m['confusion'][1].tolist() == [1, 2, 0, 0, 0] and m['confusion'].sum() == 8
+    else:
+        assert m['confusion'] is None
