@@ -7,13 +7,17 @@ written beside the paper's numbers.
     python reproduce.py --table digits-mini                           # offline miniature, CPU, < 15 min
     python reproduce.py --table cifar10-semi --collect                # re-make the results from the run folders
     python reproduce.py --table cifar10-ssp --epochs 1 --stage-args="-a resnet20 -b 16 -j 0"   # smoke run
+    python reproduce.py --table cifar10-ssp --gpus 0,1,2,3            # four stages at a time, one per GPU
+    python reproduce.py --table digits-mini --jobs 2                  # two stages at a time on the CPUs
 
 A table is a list of cells (its rows), a cell an ordered list of stages, a stage one command line of
 train.py, gen_pseudolabels.py, train_semi.py, pretrain_rot.py, pretrain_moco.py or
 `python -m imagenet_inat.main`. A stage that several cells need (one base model and one pseudo-label
 file per seed for all rho_U; one rotation pre-training per seed and rho for both SSP cells) runs once.
 A stage whose final artefact exists is skipped, one that stopped half-way is resumed from its
-checkpoint, so running the same command again continues where it stopped.
+checkpoint, so running the same command again continues where it stopped. A stage needs the stages
+whose outputs its flags name; with --jobs or --gpus, stages that do not need each other run side by
+side, each one's output going to its log file in <out>/runs/<table>/stage_logs/.
 
 Run folders go to <out>/runs/<table>/, results to <out>/<table>.md, .csv and .png (rebuilt after
 every seed and at the end, so an interrupted table shows what is finished). --collect, --dry-run and

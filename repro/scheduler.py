@@ -160,9 +160,9 @@ def run_stages(stages, slots, launcher, stage_log, on_finish):
     def launch(stage, slot):
         progress = stage.progress()
         cmd = stage.command(launcher, progress.resume)
-        where = f'{slot.name}, ' if slot.name else ''
-        print(f"[reproduce] stage {number[stage]}/{n} started at +{time.monotonic() - start:.1f} s "
-              f"({where}{progress.note}), log {stage_log(stage)}: {shlex.join(cmd)}", flush=True)
+        about = ', '.join(word for word in (slot.name, progress.resume and progress.note) if word)
+        print(f"[reproduce] stage {number[stage]}/{n} started at +{time.monotonic() - start:.1f} s"
+              f"{f' ({about})' if about else ''}, log {stage_log(stage)}: {shlex.join(cmd)}", flush=True)
         running[stage] = time.monotonic()
         threading.Thread(target=work, args=(stage, slot, cmd), daemon=True).start()
 
