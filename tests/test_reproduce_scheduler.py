@@ -8,12 +8,15 @@ import csv
 import importlib
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
+import torch
 
 import cli
 import fixtures
@@ -111,6 +114,11 @@ def test_slots_split_the_threads_and_name_one_gpu_each(monkeypatch):
     assert [s.env['CUDA_VISIBLE_DEVICES'] for s in scheduler.gpu_slots([2, 1], 1)] == ['7', '6']
 
 
+def _fake_gpus(monkeypatch, count):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: count)
+
+
 def _error(capsys, argv):
     with pytest.raises(SystemExit) as e:
         cli.run_main(reproduce.main, argv)
@@ -120,18 +128,16 @@ def _error(capsys, argv):
 
 
 def test_bad_input_starts_nothing(tmp_path, capsys, monkeypatch):
-    import torch
     started = []
     monkeypatch.setattr(scheduler, 'execute', lambda cmd, *rest: started.append(cmd) or 0)
     out = str(tmp_path / 'out')
     argv = [*DIGITS, '--out', out]
     assert "'0' is not a positive integer" in _error(capsys, [*argv, '--jobs', '0'])
     assert "'0' is not a positive integer" in _error(capsys, [*argv, '--gpus', '0', '--jobs-per-gpu', '0'])
+    _fake_gpus(monkeypatch, 0)
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 0)
     assert 'no CUDA GPU' in _error(capsys, [*argv, '--gpus', '0'])
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
-    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    _fake_gpus(monkeypatch, 2)
     msg = _error(capsys, [*argv, '--gpus', '0,2'])
     assert 'there is no GPU 2' in msg and 'torch sees 2' in msg
     assert 'distinct GPU ids' in _error(capsys, [*argv, '--gpus', '0,0'])
@@ -142,6 +148,34 @@ def test_bad_input_starts_nothing(tmp_path, capsys, monkeypatch):
     assert '--jobs-per-gpu' in _error(capsys, [*argv, '--gpus', '0', '--jobs', '2'])
     assert 'give --gpus too' in _error(capsys, [*argv, '--jobs-per-gpu', '2'])
     assert started == [] and not os.path.exists(out)
+
+
+def test_readme_side_by_side_commands_parse(tmp_path, capsys, monkeypatch):
+    """The README's --gpus and --jobs commands, on a machine with 8 GPUs (a dry run: nothing starts)."""
+    _fake_gpus(monkeypatch, 8)
+    with open(os.path.join(REPO, 'README.md')) as f:
+        commands = [shlex.split(line, comments=True)[2:] for line in f
+                    if line.startswith('python reproduce.py') and ('--gpus' in line or '--jobs' in line)]
+    assert len(commands) == 2
+    for argv in commands:
+        assert reproduce.main([*argv, '--out', str(tmp_path), '--dry-run']) == 0
+    assert not tmp_path.joinpath('runs').exists()
+
+
+def test_each_stage_sees_only_its_gpu(tmp_path, monkeypatch):
+    """--gpus 1,0: the two independent stages start at once, one on each GPU, with half the threads."""
+    _fake_gpus(monkeypatch, 2)
+    monkeypatch.setenv('OMP_NUM_THREADS', '6')
+    monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
+    seen, both = {}, threading.Barrier(2, timeout=30)
+
+    def execute(cmd, env, log, echo, children):
+        seen[cmd[cmd.index('--train_rule') + 1]] = (env['CUDA_VISIBLE_DEVICES'], env['OMP_NUM_THREADS'], echo)
+        both.wait()  # returns only once the other stage has started too
+        return 1
+    monkeypatch.setattr(scheduler, 'execute', execute)
+    assert reproduce.main([*DIGITS, '--out', str(tmp_path), '--cells', 'CE', 'Balanced', '--gpus', '1,0']) == 1
+    assert seen == {'None': ('1', '3', False), 'Resample': ('0', '3', False)}
 
 
 # ---------------------------------------------------------------- real runs, side by side
