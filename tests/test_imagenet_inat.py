@@ -781,6 +781,7 @@ def test_bad_layouts_and_tau_grids_are_one_line(world, tmp_path):
 
 def test_reproduce_checks_every_stage_of_the_inat_table_before_the_first_starts(tmp_path, monkeypatch):
     import reproduce
+    from repro import scheduler
     monkeypatch.chdir(tmp_path)
     splits = tmp_path / 'imagenet_inat' / 'data' / 'iNaturalist18'
     splits.mkdir(parents=True)
@@ -788,7 +789,7 @@ def test_reproduce_checks_every_stage_of_the_inat_table_before_the_first_starts(
         (splits / f'iNaturalist18_{split}.txt').write_text('a.jpg 0\n')
     (tmp_path / 'inat').mkdir()
     started = []
-    monkeypatch.setattr(reproduce, 'execute', lambda cmd, env: started.append(cmd) or 1)
+    monkeypatch.setattr(scheduler, 'execute', lambda cmd, *env_log_echo_children: started.append(cmd) or 1)
 
     def table(processes):
         return reproduce.main(['--table', 'inat', '--seeds', '0', '--data_path', str(tmp_path / 'inat'),

@@ -2,7 +2,7 @@
 skip finished ones on a second call, resume a stage stopped half-way; --collect marks missing cells.
 
 The tiny runs use the CIFAR fixtures, whose md5 sums are patched in this process only, so their stages
-run in-process (reproduce.execute is swapped for a call of the script's main); one digits run goes
+run in-process (repro.scheduler.execute is swapped for a call of the script's main); one digits run goes
 through the real subprocess path.
 """
 import csv
@@ -22,6 +22,7 @@ import cli
 import fixtures
 import reproduce
 import trainer
+from repro import results, scheduler, scripts, tables
 from checkpoint import load_checkpoint
 from dataset import DATASETS
 from errors import UserError
@@ -53,7 +54,7 @@ def _flag(argv, name):
     return argv[len(argv) - 1 - argv[::-1].index(name) + 1]
 
 
-@pytest.mark.parametrize('table', list(reproduce.TABLES))
+@pytest.mark.parametrize('table', list(tables.TABLES))
 def test_dry_run_commands_parse_with_their_own_parsers(table, tmp_path, capsys):
     out = tmp_path / 'out'
     commands = _commands(capsys, ['--table', table, '--seeds', '0', '1', '--out', str(out)])
@@ -61,7 +62,7 @@ def test_dry_run_commands_parse_with_their_own_parsers(table, tmp_path, capsys):
     for cmd in commands:
         assert cmd[0] == sys.executable
         script, argv = _script(cmd)
-        spec = reproduce.SCRIPTS[script]
+        spec = scripts.SCRIPTS[script]
         args = getattr(importlib.import_module(spec.module), spec.parser)().parse_args(argv)
         if hasattr(args, 'seed'):
             assert args.seed in (0, 1)
@@ -112,7 +113,7 @@ def _in_process(monkeypatch, stop_first=None):
     run is cut to one epoch and reported as killed by SIGTERM (a stage stopped half-way)."""
     ran = []
 
-    def execute(cmd, env):
+    def execute(cmd, env, *log_echo_children):
         script, argv = _script(cmd)
         ran.append((script, argv))
         if script == stop_first and sum(s == script for s, _ in ran) == 1:
@@ -124,7 +125,7 @@ def _in_process(monkeypatch, stop_first=None):
             print(f'error: {e}')
             return 2
 
-    monkeypatch.setattr(reproduce, 'execute', execute)
+    monkeypatch.setattr(scheduler, 'execute', execute)
     return ran
 
 
@@ -233,7 +234,7 @@ def test_stage_stopped_half_way_is_resumed(ssp_run):
 
 
 def test_progress_of_a_mid_epoch_checkpoint(tmp_path):
-    stage = reproduce.Stage('train.py', ('--dataset', 'digits', '--epochs', '3', '--exp_str', 'x',
+    stage = scripts.Stage('train.py', ('--dataset', 'digits', '--epochs', '3', '--exp_str', 'x',
                                          '--root_model', str(tmp_path)))
     path = stage.output()
     assert not stage.progress().done and stage.progress().resume == ()
@@ -412,7 +413,7 @@ def test_a_100_class_log_round_trips_through_the_reader(tmp_path):
         (41.25, 70.5, 2.34567, 43.0)
     counts = np.array([500 - 4 * i for i in range(100)])  # 500 .. 104: all many-shot
     assert records[-1]['shots'][0] == pytest.approx(100 * per_class[counts > 100].mean(), abs=5e-4)
-    result = reproduce.read_trainer_log(str(tmp_path / 'log_test.csv'))
+    result = results.read_trainer_log(str(tmp_path / 'log_test.csv'))
     assert result['best'] == 43.0 and result['last'] == 41.25
     np.testing.assert_allclose(result['per_class'], 100 * per_class)
 
@@ -425,5 +426,5 @@ def test_an_unreadable_log_is_named_in_one_line(tmp_path, capsys):
     assert str(log) in str(e.value) and 'line 2' in str(e.value) and '\n' not in str(e.value)
     log.write_text('garbage\n')
     with pytest.raises(UserError) as e:
-        reproduce.read_trainer_log(str(log))
+        results.read_trainer_log(str(log))
     assert str(log) in str(e.value) and 'line 1' in str(e.value) and 'Results:' in str(e.value)

@@ -1,0 +1,229 @@
+"""The tables: a registry of builders (options, seed) -> cells, each cell an ordered tuple of stages."""
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from repro.scripts import REPO, Stage
+
+
+# lr x0.01 after E1 and x0.0001 after E2 (train.py --lr_steps), as fractions of the epochs.
+SCHEDULES = {
+    # this project's schedule: 160 / 180 of 200 epochs, as LDAM-DRW's code intended
+    'current': lambda epochs: (max(1, round(0.8 * epochs)), max(1, round(0.9 * epochs))),
+    # the original's first release tested epoch > 160 before epoch > 180, so x0.01 ran from epoch 161 to
+    # the end and x0.0001 never came; E2 = epochs reproduces that (trainer.lr_at: e > E2 never holds)
+    'first-release': lambda epochs: (max(1, round(0.8 * epochs)), epochs),
+}
+
+SCHEDULE_TEXT = {
+    'current': 'x0.01 after {0} and x0.0001 after {1} of {2} epochs (this project\'s schedule)',
+    'first-release': 'x0.01 after epoch {0} until the end ({2} epochs), no x0.0001 step '
+                     '(the original\'s first release)',
+}
+
+
+@dataclass
+class Options:
+    table: str
+    data_path: str
+    out: str
+    epochs: Optional[int]        # None: the table's (or, for MoCo, the script's) default
+    schedule: str
+    rand_number: Optional[int]   # None: each seed draws its own long-tailed subset (--rand_number = seed)
+    extra: dict                  # script -> flags appended to its stages (--stage-args)
+
+    def path(self, *parts):
+        return os.path.join(self.out, 'runs', self.table, *parts)
+
+    def rand(self, seed):
+        return seed if self.rand_number is None else self.rand_number
+
+    def stage(self, script, *argv):
+        # the table's flags first, so that --stage-args (every stage's, then this script's) win
+        return Stage(script, tuple(str(a) for a in argv) + tuple(self.extra.get('', ()))
+                     + tuple(self.extra.get(script, ())))
+
+    def schedule_text(self, epochs):
+        """The LR schedule of stages of `epochs` epochs, in words (None: the scripts' own)."""
+        if not epochs:
+            return 'the scripts\' own schedules'
+        return SCHEDULE_TEXT[self.schedule].format(*SCHEDULES[self.schedule](epochs), epochs)
+
+    def stage_log(self, stage):
+        """The file a stage's console output goes to: named after its output folder, which is unique."""
+        folder = os.path.relpath(os.path.dirname(stage.output()), self.path())
+        return self.path('stage_logs', f"{stage.script.removesuffix('.py')}-{folder.replace(os.sep, '-')}.log")
+
+    def tag(self, name, seed, epochs):
+        """--exp_str: keeps cells, seeds, subsets, lengths and schedules in separate run folders."""
+        return f'{name}_s{seed}r{self.rand(seed)}e{epochs}_{self.schedule}'
+
+    def trainer(self, script, seed, name, default_epochs, *argv):
+        """A train.py / train_semi.py / pretrain_rot.py stage with the flags every one of them gets."""
+        epochs = self.epochs or default_epochs
+        return self.stage(script, *argv, '--data_path', self.data_path, '--seed', seed,
+                          '--rand_number', self.rand(seed), '--epochs', epochs,
+                          '--lr_steps', *SCHEDULES[self.schedule](epochs), '--exp_str', self.tag(name, seed, epochs),
+                          '--root_log', self.path('log'), '--root_model', self.path('checkpoint'))
+
+
+@dataclass(frozen=True)
+class Cell:
+    key: str                  # short name for --cells and the CSV
+    label: str                # the row label
+    stages: tuple             # in order; the last one's logs hold the cell's result
+    paper: Optional[float] = None   # the paper's top-1 error (%), None where it reports none
+    group: str = ''           # cells of a group share a panel of the per-class plot
+
+
+@dataclass(frozen=True)
+class Need:
+    path: str                 # relative to --data_path ('{data}') or the working directory
+    what: str                 # where to get it
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    build: Callable           # (Options, seed) -> [Cell]
+    epochs: Optional[int]     # default training epochs (None: the scripts' defaults)
+    needs: tuple = ()         # Need: files the table reads
+    note: str = ''
+    # what the numbers are: train.py-style logs (default) or imagenet_inat's final evaluation
+    measured: str = ('*best* is the best epoch\'s (the paper\'s number, the logs\' `Best Prec@1`), *last* the last '
+                     'epoch\'s. Many / medium / few: last-epoch top-1 accuracy (%) of the classes with > 100, '
+                     '20–100 and < 20 images in the labeled long-tailed training set (pseudo-labeled images not '
+                     'counted, so that the rows compare).')
+
+
+def _semi(dataset, papers, epochs=200, imb='0.02'):
+    """rho = 50 labeled; CE baseline; CE + D_U@5x for each rho_U (one base model and pseudo-label file per seed)."""
+    def build(o, seed):
+        base = o.trainer('train.py', seed, 'base', epochs, '--dataset', dataset, '--imb_factor', imb,
+                         '--loss_type', 'CE', '--train_rule', 'None')
+        pseudo = o.stage('gen_pseudolabels.py', '--dataset', dataset, '--resume', base.output(),
+                         '--data_dir', o.data_path, '--imb_factor', imb, '--rand_number', o.rand(seed),
+                         '--output_dir', o.path('pseudo_labels', o.tag('base', seed, o.epochs or epochs)))
+        cells = [Cell('CE', 'CE (no unlabeled data)', (base,))]
+        for rho_u, paper in papers.items():
+            semi = o.trainer('train_semi.py', seed, 'semi', epochs, '--dataset', dataset, '--imb_factor', imb,
+                             '--imb_factor_unlabel', f'{1 / rho_u:g}', '--pseudo_labels', pseudo.output(),
+                             '--loss_type', 'CE', '--train_rule', 'None')
+            cells.append(Cell(f'DU_rhoU{rho_u}', f'CE + D_U@5x, rho_U = {rho_u}', (base, pseudo, semi), paper))
+        return cells
+    return build
+
+
+def _ssp(dataset, papers, epochs=200):
+    """Per rho: CE (Uniform) and CE (Balanced = class-balanced sampling), each without and with rotation SSP."""
+    def build(o, seed):
+        cells = []
+        for rho, (uniform, balanced) in papers.items():
+            imb = f'{1 / rho:g}'
+            rot = o.trainer('pretrain_rot.py', seed, 'rot', epochs, '--dataset', dataset, '--imb_factor', imb)
+            weights = os.path.join(os.path.dirname(rot.output()), 'ckpt.best.pth.tar')
+            for rule, name, paper in (('None', 'Uniform', uniform), ('Resample', 'Balanced', balanced)):
+                flags = ('--dataset', dataset, '--imb_factor', imb, '--loss_type', 'CE', '--train_rule', rule)
+                plain = o.trainer('train.py', seed, 'plain', epochs, *flags)
+                ssp = o.trainer('train.py', seed, 'ssp', epochs, *flags, '--pretrained_model', weights)
+                group = f'rho = {rho}'
+                cells += [Cell(f'{name}_rho{rho}', f'rho = {rho}: CE ({name})', (plain,), group=group),
+                          Cell(f'{name}+SSP_rho{rho}', f'rho = {rho}: CE ({name}) + SSP', (rot, ssp), paper, group)]
+        return cells
+    return build
+
+
+def _decoupled(moco_dataset, config_dir, papers):
+    """MoCo -> stage 1 (instance- or class-balanced sampling) -> cRT / tau-norm / LWS (imagenet_inat)."""
+    def build(o, seed):
+        moco_flags = ('--epochs', o.epochs) if o.epochs else ()
+        moco = o.stage('pretrain_moco.py', '--dataset', moco_dataset, '--data', o.data_path, '--seed', seed,
+                       '--root_path', o.path(f'moco_s{seed}' + (f'e{o.epochs}' if o.epochs else '')), *moco_flags)
+
+        def stage(config, source):
+            cfg = os.path.relpath(os.path.join(REPO, 'imagenet_inat', 'config', config_dir, f'{config}.yaml'))
+            return o.stage('imagenet_inat', '--cfg', cfg, '--model_dir', source.output(), '--data_root', o.data_path,
+                           '--log_dir', o.path('imagenet_inat', f's{seed}', config), '--seed', seed)
+
+        uniform, balanced = stage('feat_uniform', moco), stage('feat_balance', moco)
+        return [Cell('Uniform+SSP', 'CE (Uniform) + SSP', (moco, uniform), papers[0]),
+                Cell('Balanced+SSP', 'CE (Balanced) + SSP', (moco, balanced), papers[1]),
+                Cell('cRT+SSP', 'cRT + SSP', (moco, uniform, stage('cls_crt', uniform)), papers[2]),
+                Cell('tau-norm+SSP', 'tau-norm + SSP', (moco, uniform, stage('cls_tau_norm', uniform))),
+                Cell('LWS+SSP', 'LWS + SSP', (moco, uniform, stage('cls_lws', uniform)))]
+    return build
+
+
+# Sized for <= 15 minutes on a 2-core CPU (21 stages): ResNet-20 rather than the paper's ResNet-32, 15 epochs.
+DIGITS_EPOCHS = 15
+DIGITS_FLAGS = ('--imb_factor', '0.01', '-a', 'resnet20', '-b', '64', '-j', '0')
+
+
+def _digits_mini(o, seed):
+    """Long-tailed digits (rho = 100): one base model, one pseudo-label file and one rotation
+    pre-training per seed feed all five cells."""
+    e = DIGITS_EPOCHS
+    base = o.trainer('train.py', seed, 'base', e, '--dataset', 'digits', *DIGITS_FLAGS, '--train_rule', 'None')
+    bal = o.trainer('train.py', seed, 'base', e, '--dataset', 'digits', *DIGITS_FLAGS, '--train_rule', 'Resample')
+    rot = o.trainer('pretrain_rot.py', seed, 'rot', e, '--dataset', 'digits', *DIGITS_FLAGS)
+    weights = os.path.join(os.path.dirname(rot.output()), 'ckpt.best.pth.tar')
+    ssp = o.trainer('train.py', seed, 'ssp', e, '--dataset', 'digits', *DIGITS_FLAGS, '--train_rule', 'None',
+                    '--pretrained_model', weights)
+    bal_ssp = o.trainer('train.py', seed, 'ssp', e, '--dataset', 'digits', *DIGITS_FLAGS, '--train_rule', 'Resample',
+                        '--pretrained_model', weights)
+    pseudo = o.stage('gen_pseudolabels.py', '--dataset', 'digits', '--resume', base.output(), '--imb_factor', '0.01',
+                     '--rand_number', o.rand(seed), '-a', 'resnet20', '-j', '0',
+                     '--output_dir', o.path('pseudo_labels', o.tag('base', seed, o.epochs or e)))
+    semi = o.trainer('train_semi.py', seed, 'semi', e, '--dataset', 'digits', *DIGITS_FLAGS, '--train_rule', 'None',
+                     '--imb_factor_unlabel', '0.01', '--pseudo_labels', pseudo.output())
+    return [Cell('CE', 'CE (Uniform)', (base,)),
+            Cell('CE+SSP', 'CE (Uniform) + rotation SSP', (rot, ssp)),
+            Cell('CE+DU', 'CE + pseudo-labeled digits pool (rho_U = 100)', (base, pseudo, semi)),
+            Cell('Balanced', 'CE (Balanced)', (bal,)),
+            Cell('Balanced+SSP', 'CE (Balanced) + rotation SSP', (rot, bal_ssp))]
+
+
+_DATA = 'see README "Data preparation"'
+DECOUPLED = ('*best*: the weights of the best validation epoch, evaluated after training (ImageNet-LT: test split, '
+             'iNaturalist 2018: val), as the paper reports; no last-epoch test number exists. Many / medium / few: '
+             'top-1 accuracy (%) of the classes with > 100, 20–100 and < 20 training images, same weights.')
+_TORONTO = 'python version, from https://www.cs.toronto.edu/~kriz/cifar.html'
+CIFAR10 = Need('{data}/cifar-10-batches-py', f'CIFAR-10, {_TORONTO} ({_DATA})')
+CIFAR100 = Need('{data}/cifar-100-python', f'CIFAR-100, {_TORONTO} ({_DATA})')
+SVHN = tuple(Need(f'{{data}}/{split}_32x32.mat', f'SVHN from http://ufldl.stanford.edu/housenumbers/ ({_DATA})')
+             for split in ('train', 'test', 'extra'))
+TINY = Need('{data}/ti_80M_selected.pickle', f"the authors' 80M TinyImages selection, linked from the original "
+                                            f"README ({_DATA} and docs/semi.md)")
+
+
+def _split_files(folder, splits):
+    return tuple(Need(f'imagenet_inat/data/{folder}/{folder}_{s}.txt',
+                      f'the split files of the original imagenet_inat/data/{folder}/ ({_DATA})') for s in splits)
+
+
+TABLES = {
+    'cifar10-semi': Table('CIFAR-10-LT (rho = 50): CE + unlabeled TinyImages (D_U@5x)',
+                          _semi('cifar10', {1: 16.79, 25: 16.88, 50: 18.36, 100: 19.94}), 200,
+                          (CIFAR10, TINY)),
+    'svhn-semi': Table('SVHN-LT (rho = 50): CE + unlabeled SVHN extra (D_U@5x)',
+                       _semi('svhn', {1: 13.07, 25: 13.36, 50: 13.16, 100: 14.54}), 200, SVHN),
+    'cifar10-ssp': Table('CIFAR-10-LT: CE (Uniform / Balanced) with and without rotation SSP',
+                         _ssp('cifar10', {10: (12.28, 11.57), 50: (21.80, 19.60), 100: (26.50, 23.47)}), 200,
+                         (CIFAR10,)),
+    'cifar100-ssp': Table('CIFAR-100-LT: CE (Uniform / Balanced) with and without rotation SSP',
+                          _ssp('cifar100', {10: (42.93, 41.94), 50: (54.96, 52.91), 100: (59.60, 56.94)}), 200,
+                          (CIFAR100,)),
+    'imagenet-lt': Table('ImageNet-LT: MoCo SSP, then decoupled training (ResNet-50)',
+                         _decoupled('imagenet', 'ImageNet_LT', (54.4, 52.4, 48.7)), None,
+                         (Need('{data}', f'the ImageNet images ({_DATA})'),)
+                         + _split_files('ImageNet_LT', ('train', 'val', 'test')), measured=DECOUPLED),
+    'inat': Table('iNaturalist 2018: MoCo SSP, then decoupled training (ResNet-50)',
+                  _decoupled('inat', 'iNaturalist18', (35.6, 34.1, 31.9)), None,
+                  (Need('{data}', f'the iNaturalist 2018 images ({_DATA})'),)
+                  + _split_files('iNaturalist18', ('train', 'val')), measured=DECOUPLED),
+    'digits-mini': Table('Miniature: long-tailed digits (rho = 100), ResNet-20, CPU', _digits_mini, DIGITS_EPOCHS,
+                         note='No paper numbers: the paper has no digits table. Its claims, in this setting: '
+                              'SSP and pseudo-labeled data each lower the error of CE, and SSP also helps '
+                              'CE (Balanced).'),
+}
+
