@@ -8,7 +8,7 @@
 # MoCo and semi-supervised pipelines; host waits per source line in the step loops
 # (torch.cuda.set_sync_debug_mode; on the CPU the fake-CUDA test stands in); exact resume, SIGTERM and
 # divergence; 2 ranks on one GPU with gloo incl. the merged -e; a GPU checkpoint evaluated on the CPU;
-# the throughput bench. Logs of every check: $OUT (default: a new folder under /tmp), printed at the end.
+# the throughput bench; whether two reproduce.py stages per GPU beat one. Logs of every check: $OUT (default: a new folder under /tmp), printed at the end.
 # Exit status 1 if any check failed. Record what a GPU printed in bench/README.md with the card's name.
 set -u
 cd "$(dirname "$0")/.."
@@ -239,6 +239,18 @@ bench() {
     fi
 }
 
+stages_per_slot() {  # reproduce.py --jobs-per-gpu: do 2 stages per GPU beat 1 for ResNet-32? (issue 19)
+    local slots k t0 took=()
+    if [ "$DEVICE" = cpu ]; then slots=(--jobs); else slots=(--gpus 0 --jobs-per-gpu); fi
+    for k in 1 2; do  # two independent stages (CE and CE Balanced of digits-mini), ResNet-32
+        t0=$EPOCHREALTIME
+        $PY reproduce.py --table digits-mini --seeds 0 --epochs $((EPOCHS * 5)) --cells CE Balanced \
+            --out "$OUT/stages_k$k" --stage-args="-a resnet32" "${slots[@]}" $k || return 1
+        took+=("$(awk "BEGIN {printf \"%.1f\", $EPOCHREALTIME - $t0}")")
+    done
+    echo "two ResNet-32 stages: ${took[0]} s one at a time, ${took[1]} s two at a time (${slots[*]} 1 vs 2)"
+}
+
 echo "gpu_check: DEVICE=$DEVICE quick=$QUICK logs in $OUT"
 check environment environment
 check losses_and_rules losses_and_rules
@@ -253,5 +265,6 @@ check divergence divergence
 check two_ranks_one_device two_ranks
 check checkpoint_to_cpu gpu_to_cpu
 check throughput_bench bench
+check stages_per_gpu stages_per_slot
 echo "gpu_check: $FAILED failed, $((SECONDS - START)) s; logs in $OUT"
 [ $FAILED = 0 ]
