@@ -272,6 +272,7 @@ def test_under_torchrun_every_rank_stops_with_the_line(tmp_path, name):
     assert len(lines) == 1, proc.stderr[-3000:]
     assert lines.pop().startswith(f'error: cannot write {name} into folder ') and 'No space left' in proc.stderr
     assert set(re.findall(r'exitcode\s*: (-?\d+)', proc.stderr)) <= {'2', '-15'} and proc.returncode != 0
-    assert f'File "{REPO}' not in proc.stderr  # no traceback through the project's code
+    # no traceback through the project's code (torchrun's own, from a .venv inside the checkout, may follow)
+    assert not re.search(rf'File "{re.escape(REPO)}/(?!\.venv/)', proc.stderr)
     model_dir = tmp_path / 'ckpt' / NAME
     assert not (model_dir / 'ckpt.pth.tar').exists() and not list(model_dir.glob('.*.tmp'))
