@@ -453,7 +453,7 @@ def test_evaluation_keeps_no_confusion_matrix_above_1000_classes(num_classes):
         assert m['confusion'] is None
 
 
-# ---------------------------------------------------------------- fake CUDA: imagenet_inat's stages, the prediction loops
+# ---------------------------------------------------------------- fake CUDA: imagenet_inat stages, prediction loops
 
 def _passes_waiting(recorder):
     """{pass: waits in its steps 1 .. n-1} (step n is the pass's print point, or after its loop)."""

@@ -371,7 +371,8 @@ def _spy_on_features(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize('flags,amp,nhwc', [(('--amp',), True, True), (('--no-amp', '--no-channels-last'), False, False)])
+@pytest.mark.parametrize('flags,amp,nhwc', [(('--amp',), True, True),
+                                              (('--no-amp', '--no-channels-last'), False, False)])
 def test_amp_reaches_the_training_steps_and_every_evaluation_stays_float32(world, tmp_path, monkeypatch, flags,
                                                                           amp, nhwc):
     calls = _spy_on_features(monkeypatch)
