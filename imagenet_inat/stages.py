@@ -264,7 +264,7 @@ def tau_norm(run, log):
     cfg, model = run.cfg, placed(run)
     weight = model.classifier.fc.weight.detach()
     phase = data_mod.final_split(cfg.dataset)
-    # On the device once: the 21 taus evaluate them 21 times each.
+    # On the device once: every tau of the grid evaluates them again.
     feats = {p: on_device(run, *predict(run, model.feat_model, p)) for p in dict.fromkeys(('val', phase))}
     head = nn.Linear(weight.size(1), weight.size(0), device=run.ctx.device)
     nn.init.zeros_(head.bias)
