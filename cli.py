@@ -98,29 +98,45 @@ def add_training_args(parser, batch_size=128):
     add_speed_args(parser)
 
 
+SPEED = 'speed (results change only by float rounding and the random stream)'
+
+
 def add_speed_args(parser, training=True):
     """How batches are made and run (issue 11); the measurements behind the defaults: bench/README.md.
     `training`: a training script (bf16 for its steps by default); else a prediction script (float32 by default)."""
-    group = parser.add_argument_group('speed (results change only by float rounding and the random stream)')
+    group = parser.add_argument_group(SPEED)
     group.add_argument('--loader', default='device', choices=['device', 'torchvision'],
                        help='device: the whole uint8 data set on the training device, each batch cropped, '
                             'flipped and normalised there in one operation (default for the 32x32 data sets; '
                             '-j is then unused); '
                             "torchvision: the original's per-image transforms in -j worker processes")
+    _add_layout_and_amp(group, training)
+    if training:
+        group.add_argument('--amp-eval', default=False, action=argparse.BooleanOptionalAction,
+                           help='bf16 autocast in the evaluations too (default: off: the numbers compared with '
+                                'the paper are float32)')
+    group.add_argument('--compile', default=False, action=argparse.BooleanOptionalAction,
+                       help='torch.compile the model (default: off; the first steps compile, minutes on a small CPU)')
+
+
+def add_step_speed_args(parser):
+    """--channels-last and --amp alone, as train.py's: for the training scripts with neither the device
+    loader (ImageNet-size images come from worker processes) nor an opt-in bf16 evaluation (every
+    evaluation and prediction of pretrain_moco.py and imagenet_inat stays float32)."""
+    _add_layout_and_amp(parser.add_argument_group(SPEED), training=True)
+
+
+def _add_layout_and_amp(group, training):
     group.add_argument('--channels-last', default=True, action=argparse.BooleanOptionalAction,
                        help='NHWC memory layout for model and images (default: on)')
     if training:
         group.add_argument('--amp', default=None, action=argparse.BooleanOptionalAction,
-                           help='bf16 autocast in the training steps (default: on with a GPU, and on a CPU with '
-                                'native bf16 instructions, AVX512-BF16 or AMX)')
-        group.add_argument('--amp-eval', default=False, action=argparse.BooleanOptionalAction,
-                           help='bf16 autocast in the evaluations too (default: off: the numbers compared with '
-                                'the paper are float32)')
+                           help='bf16 autocast in the training steps (default: on with a GPU of compute '
+                                'capability 8.0 or later, and on a CPU with native bf16 instructions, '
+                                'AVX512-BF16 or AMX)')
     else:
         group.add_argument('--amp', default=False, action=argparse.BooleanOptionalAction,
                            help='bf16 autocast for the prediction (default: off: float32, as the original)')
-    group.add_argument('--compile', default=False, action=argparse.BooleanOptionalAction,
-                       help='torch.compile the model (default: off; the first steps compile, minutes on a small CPU)')
 
 
 def store_name(*parts):

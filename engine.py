@@ -51,11 +51,26 @@ def default_amp(device):
     return device.type == 'cpu' and bool(caps.get('avx512_bf16') or caps.get('amx_bf16'))
 
 
+def step_hooks(args, device):
+    """train_one_epoch's `amp` and `channels_last` from a training script's --amp / --channels-last
+    (cli.add_speed_args, cli.add_step_speed_args): --amp's default is default_amp(device)."""
+    return {'amp': default_amp(device) if args.amp is None else args.amp, 'channels_last': args.channels_last}
+
+
+def _nhwc(images):
+    """4-D image batches (a tensor, or MoCo's list of two views) in channels_last memory format."""
+    if isinstance(images, (list, tuple)):
+        return [_nhwc(t) for t in images]
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        return images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
 def autocast_forward(run, images, device, amp=False, channels_last=False):
     """`run(images)` under bf16 autocast if `amp` (convolutions and matmuls in bfloat16, which needs no
     loss scaling, unlike float16), on channels_last images if asked; the logits come back in float32."""
-    if channels_last and isinstance(images, torch.Tensor) and images.dim() == 4:
-        images = images.contiguous(memory_format=torch.channels_last)
+    if channels_last:
+        images = _nhwc(images)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         return run(images)
 

@@ -36,7 +36,7 @@ from checkpoint import (load_checkpoint, load_optimizer, load_weights, save_chec
                         strip_prefix, unwrap)
 from dataset import DATASETS
 from dataset.samplers import ShuffleSampler
-from engine import train_one_epoch
+from engine import step_hooks, train_one_epoch
 from errors import UserError
 from models import MODELS, build_model
 from moco.builder import MoCo
@@ -148,6 +148,7 @@ def build_parser():
     cli.add_switch(group, '--mlp', True, 'MoCo v2 MLP projection head')
     cli.add_switch(group, '--aug-plus', True, 'MoCo v2 data augmentation (imagenet/inat)')
     cli.add_switch(group, '--cos', True, 'cosine lr schedule instead of --schedule')
+    cli.add_step_speed_args(parser)
     return parser
 
 
@@ -338,9 +339,11 @@ def _train(args, train_set, ctx, per_process_batch, log):
     device, rank, world_size = ctx.device, ctx.rank, ctx.world_size
     log(f"=> creating model '{args.arch}'")
     model = MoCo(functools.partial(build_model, args.arch), args.moco_dim, args.moco_k, args.moco_m,
-                 args.moco_t, args.mlp).to(device)
+                 args.moco_t, args.mlp).to(device, memory_format=torch.channels_last if args.channels_last
+                                           else torch.preserve_format)
     criterion = nn.CrossEntropyLoss().to(device)
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    hooks = step_hooks(args, device)
 
     ckpt, start_epoch, start_step = None, args.start_epoch, 0
     if args.resume:
@@ -388,7 +391,7 @@ def _train(args, train_set, ctx, per_process_batch, log):
                 group['lr'] = lr
             stats = train_one_epoch(model, criterion, loader, optimizer, device, epoch, forward=moco_forward,
                                     print_freq=args.print_freq, log=log, should_stop=stop, start_step=step0,
-                                    num_steps=step0 + len(loader))
+                                    num_steps=step0 + len(loader), **hooks)
             done = epoch + 1
             if stats['stopped']:
                 path = os.path.join(os.path.dirname(checkpoint_path(args, 0)), 'moco_ckpt_interrupted.pth.tar')

@@ -28,7 +28,7 @@ from checkpoint import load_optimizer, load_pretrained, load_weights, read_weigh
 from dataset import DATASETS
 from dataset.device_loader import DeviceLoader, eval_batch_size
 from dataset.samplers import ImbalancedDatasetSampler, ShuffleSampler
-from engine import default_amp, evaluate, train_one_epoch
+from engine import evaluate, step_hooks, train_one_epoch
 from errors import UserError
 from fileio import RunLock, atomic_write_bytes, user_write_errors
 from losses import build_criterion, effective_num_weights
@@ -599,7 +599,7 @@ def _run(args, exp, ctx):
             folder.write('log_train.csv', line)
 
     model = place_model(exp.model, args, device, world)
-    hooks = {'amp': default_amp(device) if args.amp is None else args.amp, 'channels_last': args.channels_last}
+    hooks = step_hooks(args, device)
     # Evaluations are what users compare with the paper: float32 unless --amp-eval asks for bf16.
     eval_hooks = {**hooks, 'amp': args.amp_eval}
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)

@@ -168,10 +168,12 @@ for script, batch_fn, classes in (('train', None, 10), ('pretrain_rot', pretrain
                       channels_last=True)
 margs = pretrain_moco.resolve_args(pretrain_moco.build_parser().parse_args(
     ['--dataset', 'digits', '--data', sys.argv[1], '--imb_factor', '0.1', '--moco-k', '64', '-b', '16']))
-moco = MoCo(functools.partial(build_model, margs.arch), 128, 64, 0.999, 0.2, True).to(device)
+moco = MoCo(functools.partial(build_model, margs.arch), 128, 64, 0.999, 0.2, True).to(
+    device, memory_format=torch.channels_last)  # pretrain_moco's defaults: channels_last, bf16 where native
 loader = DataLoader(pretrain_moco.PRETRAIN_DATA['digits'].build(margs), batch_size=16, shuffle=True,
                     drop_last=True, pin_memory=True)
-bad['pretrain_moco'] = run('pretrain_moco', moco, loader, len(loader), forward=pretrain_moco.moco_forward)
+bad['pretrain_moco'] = run('pretrain_moco', moco, loader, len(loader), forward=pretrain_moco.moco_forward,
+                           **engine.step_hooks(margs, device))
 print('waits inside the steps:', {k: v for k, v in bad.items() if v} or 'none')
 sys.exit(1 if any(bad.values()) else 0)
 EOF

@@ -60,6 +60,7 @@ def build_parser():
     parser.add_argument('-j', '--workers', default=None, type=cli.nonneg_int, metavar='N',
                         help='data loading workers per process (default: training_opt.num_workers, shared by the '
                              'processes torchrun starts on a node)')
+    cli.add_step_speed_args(parser)  # training steps only: evaluations, --test and tau-norm stay float32
     return parser
 
 

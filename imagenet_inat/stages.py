@@ -19,13 +19,12 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 import dist
 import trainer
 from checkpoint import load_optimizer, save_checkpoint, strip_prefix
-from engine import evaluate, predict as predict_batches, train_one_epoch
+from engine import evaluate, predict as predict_batches, step_hooks, train_one_epoch
 from errors import UserError
 from fileio import atomic_path, atomic_write_text
 from imagenet_inat import data as data_mod
@@ -177,14 +176,22 @@ def _eval_loader(run, phase):
     return data_mod.eval_loader(run.sets[phase], per_rank, run.cfg.num_workers, run.ctx.rank, run.ctx.world_size)
 
 
+def placed(run):
+    """The model on the run's device, in channels_last memory format unless --no-channels-last."""
+    return run.model.to(run.ctx.device, memory_format=torch.channels_last if run.args.channels_last
+                        else torch.preserve_format)
+
+
 def evaluate_phase(run, module, phase):
+    """engine.evaluate over `phase`: float32, whatever --amp (which is for the training steps)."""
     return evaluate(module, nn.CrossEntropyLoss(), _progress(_eval_loader(run, phase), run, phase),
-                    run.ctx.device, run.cfg.num_classes)
+                    run.ctx.device, run.cfg.num_classes, channels_last=run.args.channels_last)
 
 
 def predict(run, module, phase):
     """(outputs, labels) of this rank's shard of `phase`, float32 on the host, in the shard's order."""
-    return predict_batches(module, _progress(_eval_loader(run, phase), run, phase), run.ctx.device)
+    return predict_batches(module, _progress(_eval_loader(run, phase), run, phase), run.ctx.device,
+                           channels_last=run.args.channels_last)
 
 
 def gather_in_order(tensor, run, n):
@@ -199,15 +206,25 @@ def gather_in_order(tensor, run, n):
     return out
 
 
+OUTPUT_BATCH = 1024  # rows of precomputed features or logits per batch of evaluate_outputs
+
+
+def on_device(run, outputs, labels):
+    """Predicted rows and their labels moved to the run's device once (a copy the host waits for)."""
+    return outputs.to(run.ctx.device), labels.to(run.ctx.device)
+
+
 def evaluate_outputs(run, head, outputs, labels):
-    """engine.evaluate over precomputed features or logits (`head` maps them to logits)."""
-    loader = DataLoader(TensorDataset(outputs, labels), batch_size=1024)
-    return evaluate(head, nn.CrossEntropyLoss(), loader, run.ctx.device, run.cfg.num_classes)
+    """engine.evaluate over precomputed features or logits (`head` maps them to logits), batches sliced
+    where the rows are: held on the device (on_device), no batch is copied to it from unpinned memory,
+    which the host would wait for at every batch."""
+    batches = list(zip(outputs.split(OUTPUT_BATCH), labels.split(OUTPUT_BATCH)))
+    return evaluate(head, nn.CrossEntropyLoss(), batches, run.ctx.device, run.cfg.num_classes)
 
 
 def test(run, log):
     """--test: evaluate the loaded model on the final split (or --save_feat's features only)."""
-    model = run.model.to(run.ctx.device)
+    model = placed(run)
     if run.main:
         os.makedirs(run.cfg.log_dir, exist_ok=True)
     if run.args.save_feat:
@@ -224,7 +241,7 @@ def test(run, log):
     phase = data_mod.final_split(run.cfg.dataset)
     if run.args.output_logits:
         logits, labels = predict(run, model, phase)
-        metrics = evaluate_outputs(run, nn.Identity(), logits, labels)
+        metrics = evaluate_outputs(run, nn.Identity(), *on_device(run, logits, labels))
         n = len(run.sets[phase])
         logits, labels = gather_in_order(logits, run, n), gather_in_order(labels, run, n)
         if run.main:
@@ -244,11 +261,12 @@ def tau_norm(run, log):
     """Kang et al.'s tau-normalised classifier: logits = f(x) . (W_i / ||W_i||^tau), no bias, tau
     chosen by val top-1 over the config's grid, then evaluated on the final split. Every tau's val
     and final-split top-1 is kept (`tau_search`), as Kang et al.'s tau_norm.py printed them all."""
-    cfg, model = run.cfg, run.model.to(run.ctx.device)
+    cfg, model = run.cfg, placed(run)
     weight = model.classifier.fc.weight.detach()
     phase = data_mod.final_split(cfg.dataset)
-    feats = {p: predict(run, model.feat_model, p) for p in dict.fromkeys(('val', phase))}
-    head = nn.Linear(weight.size(1), weight.size(0)).to(run.ctx.device)
+    # On the device once: every tau of the grid evaluates them again.
+    feats = {p: on_device(run, *predict(run, model.feat_model, p)) for p in dict.fromkeys(('val', phase))}
+    head = nn.Linear(weight.size(1), weight.size(0), device=run.ctx.device)
     nn.init.zeros_(head.bias)
     search = {}
     for tau in cfg.taus:
@@ -278,10 +296,11 @@ def tau_norm(run, log):
 # ---------------------------------------------------------------- training
 
 def train(run, folder, log):
-    cfg, ctx, model = run.cfg, run.ctx, run.model.to(run.ctx.device)
+    cfg, ctx, model = run.cfg, run.ctx, placed(run)
     nets = list(cfg.networks.values())  # the config's order, as the original's param groups
     optimizer = torch.optim.SGD([{'params': getattr(model, n.key).parameters(), 'lr': n.lr,
                                   'momentum': n.momentum, 'weight_decay': n.weight_decay} for n in nets])
+    hooks = step_hooks(run.args, ctx.device)  # bf16 autocast (--amp) in the training steps only
     ckpt = run.ckpt
     start_epoch, start_step, best_epoch, best_acc = 0, 0, 0, 0.0
     best = {n.key: weights_mod.original_layout(getattr(model, n.key)) for n in nets}
@@ -323,8 +342,8 @@ def train(run, folder, log):
             step0 = start_step if epoch == start_epoch else 0
             trainer.begin_epoch(sampler, loader, seed, epoch, ctx.rank, step0)
             stats = train_one_epoch(trained, criterion, _progress(loader, run, f'epoch {epoch + 1}', len(loader)),
-                                    optimizer, ctx.device, epoch, print_freq=cfg.display_step, log=log, should_stop=stop, start_step=step0,
-                                    num_steps=steps)
+                                    optimizer, ctx.device, epoch, print_freq=cfg.display_step, log=log,
+                                    should_stop=stop, start_step=step0, num_steps=steps, **hooks)
             for group, net in zip(optimizer.param_groups, nets):
                 folder.scalar(f'lr/{net.key}', group['lr'], epoch + 1)
             folder.scalar('loss/train', stats['loss'], epoch + 1)

@@ -62,7 +62,7 @@ class MoCo(nn.Module):
         # columns ptr, ptr+1, ... modulo K: the queue is a ring buffer, so the write wraps around. The
         # pointer stays on the device (int(queue_ptr) would make the host wait for it every step).
         idx = (self.queue_ptr + torch.arange(batch_size, device=self.queue.device)) % self.K
-        self.queue[:, idx] = keys.T
+        self.queue[:, idx] = keys.T.to(self.queue.dtype)  # bf16 keys under --amp; the queue stays float32
         self.queue_ptr.add_(batch_size).remainder_(self.K)  # move pointer
 
     @torch.no_grad()

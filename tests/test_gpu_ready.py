@@ -6,35 +6,42 @@ The fake-CUDA runs: torch.cuda's queries are monkeypatched to describe one sm_90
 data are moved to `cuda:0` inside FakeTensorMode (shapes, dtypes and devices, no values), and a
 TorchDispatchMode above it records, with the project line that caused it, each
   _local_scalar_dense (.item(), int(), float(), .tolist()), nonzero, bincount,
-  device-to-host copy, host-to-device copy that blocks (non_blocking=False or from unpinned memory),
+  device-to-host copy (but a non_blocking copy_ into pinned memory: engine.predict's, which waits once),
+  host-to-device copy that blocks (non_blocking=False or from unpinned memory),
   operation that mixes CPU and CUDA tensors (a CPU index into a CUDA tensor is a blocking copy).
-Host reads return 1 and device-to-host copies real zeros, so the print points run through.
+Host reads of fake tensors return 1 and device-to-host copies real zeros, so the print points run through.
 What FakeTensors cannot do without a driver, and what stands in: autograd's engine needs a real CUDA
 context (pytorch/pytorch#92627), so `loss.backward()` is replaced by zero gradients (the optimizer
 step runs); a CUDA torch.Generator cannot be made, so the device loader's is a CPU one; pinning is
 not implemented, so the recorder marks tensors pinned itself (DataLoader's pinning thread cannot run:
-the MoCo batches are made beforehand and marked, the classic loader's `pin_memory` is checked
-instead); fake parameters cannot be converted twice, so the models stay NCHW (the images are
-channels_last as in a run); autocast turns itself off without CUDA, so bf16 is not exercised.
-imagenet_inat's stage loops are left out (rewritten elsewhere at the time), as are the prediction loops.
+the MoCo batches are made beforehand and marked; the loaders of imagenet_inat and tools/tsne.py are
+checked for `pin_memory` and their batches marked, made outside the fake mode with real values as
+their CPU worker processes make them; the classic loader's `pin_memory` is checked instead); host
+work on real host tensors (labels, predicted rows in pinned buffers) runs for real; fake parameters
+cannot be converted twice, so the 32x32 models stay NCHW (the images are channels_last as in a run)
+and imagenet_inat's and tools/tsne.py's are converted before they are placed, their own `.to()`
+then left out; autocast turns itself off without CUDA, so bf16 is not exercised.
 """
 import collections
 import contextlib
 import functools
+import inspect
 import os
 import traceback
+import unittest.mock
 
 import numpy as np
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils.data import DataLoader
 
 import dist
 import engine
 import fixtures
+import fixtures_jpeg
 import pretrain_moco
 import pretrain_rot
 import train
@@ -174,15 +181,25 @@ class WaitRecorder(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.events = collections.defaultdict(set)
+        self.passes = collections.defaultdict(lambda: collections.defaultdict(set))  # name -> events
+        self.lengths = {}  # name -> batches of the pass
+        self.current = None
         self.pinned = set()
         self.step = 0
+
+    @property
+    def events(self):
+        """{(kind, project line): steps} of the current pass (what happens after a pass's loop counts
+        as its last step, a print point, until the next pass starts)."""
+        return self.passes[self.current]
 
     def _note(self, kind):
         self.events[(kind, _project_line())].add(self.step)
 
-    def steps(self, loader):
-        self.step = 0
+    def steps(self, loader, name=None):
+        self.current, self.step = name, 0
+        if name is not None:
+            self.lengths[name] = len(loader)
         for batch in loader:
             self.step += 1
             yield batch
@@ -195,10 +212,25 @@ class WaitRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if func is aten._pin_memory.default:  # not implemented for FakeTensors
+        if func in (aten.pin_memory.default, aten._pin_memory.default):  # not implemented for FakeTensors
             return self.pin(args[0])
         if func is aten.is_pinned.default:
             return id(args[0]) in self.pinned
+        if kwargs.get('pin_memory'):  # torch.empty(..., pin_memory=True): host memory a copy need not wait for
+            with unset_fake_temporarily():  # (real: what is copied into it is read on the host)
+                return self.pin(func(*args, **{**kwargs, 'pin_memory': False}))
+        copy = _copy_ends(func, args, kwargs)
+        if tensors and all(t.device.type == 'cpu' and not isinstance(t, FakeTensor) for t in tensors) \
+                and (copy is None or copy[1].type == 'cpu'):
+            with unset_fake_temporarily():  # host work on host data (a loader's labels, predicted rows): real
+                return func(*args, **kwargs)
+        if copy is not None and copy[1].type == 'cuda' and not isinstance(copy[0], FakeTensor):
+            # a real host batch copied to the fake GPU (under inference_mode its .to() would run for real)
+            if copy[0].dim() > 0 and not (copy[3] and id(copy[0]) in self.pinned):
+                self._note('blocking host-to-device copy')
+            fake = self.fake_mode.from_tensor(copy[0])
+            args = (args[0], fake, *args[2:]) if func is aten.copy_.default else (fake, *args[1:])
+            return func(*args, **kwargs)
         if func in self.READS:
             if args[0].device.type == 'cuda':  # (the CPU reads: the sampler's order)
                 self._note(self.READS[func])
@@ -210,12 +242,15 @@ class WaitRecorder(TorchDispatchMode):
             if func is aten.bincount.default:
                 minlength = kwargs.get('minlength', args[2] if len(args) > 2 else 0)
                 return torch.zeros(minlength, dtype=torch.int64, device=args[0].device)
-        copy = _copy_ends(func, args, kwargs)
         if copy is not None:
             src, dst, dtype, non_blocking = copy
             if src.device.type == 'cuda' and dst.type == 'cpu':
-                self._note('device-to-host copy')
+                # Only a copy_ into pinned memory with non_blocking=True leaves the host running.
+                if not (func is aten.copy_.default and non_blocking and id(args[0]) in self.pinned):
+                    self._note('device-to-host copy')
                 with unset_fake_temporarily():  # real zeros, so that .numpy() at a print point works
+                    if func is aten.copy_.default and not isinstance(args[0], FakeTensor):
+                        return args[0].zero_()  # (into engine.predict's pinned buffers)
                     return torch.zeros(src.shape, dtype=dtype)
             if src.device.type == 'cpu' and dst.type == 'cuda' and src.dim() > 0 \
                     and not (non_blocking and id(src) in self.pinned):
@@ -233,7 +268,9 @@ def fake_cuda(monkeypatch, model):
     real_generator = torch.Generator
     # A CUDA generator needs a driver; a CPU one feeds fake CUDA draws the same way.
     monkeypatch.setattr(torch, 'Generator', lambda device='cpu': real_generator())
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    recorder = WaitRecorder()
+    monkeypatch.setattr(torch.cuda, 'synchronize', lambda device=None: recorder._note('synchronize'))
+    with FakeTensorMode(allow_non_fake_inputs=True) as recorder.fake_mode:
         model = model.to(CUDA)
 
         def zero_grads(loss, *a, **k):
@@ -250,7 +287,7 @@ def fake_cuda(monkeypatch, model):
                 real_check(*a)
 
         monkeypatch.setattr(engine, '_check_finite', check_finite)
-        yield model, WaitRecorder()
+        yield model, recorder
 
 
 def _inside_steps(events, steps):
@@ -344,7 +381,8 @@ def test_moco_step_loop_never_waits_for_the_device(tmp_path, monkeypatch):
         with recorder:
             stats = engine.train_one_epoch(model, torch.nn.CrossEntropyLoss().to(CUDA), recorder.steps(pinned),
                                            optimizer, CUDA, 0, forward=pretrain_moco.moco_forward,
-                                           print_freq=10 ** 6, log=lambda *a, **k: None, num_steps=len(pinned))
+                                           print_freq=10 ** 6, log=lambda *a, **k: None, num_steps=len(pinned),
+                                           **engine.step_hooks(args, CUDA))
         assert stats['steps'] == len(pinned)
         assert not _mixes(recorder.events), recorder.events
         assert not _inside_steps(recorder.events, len(pinned)), dict(recorder.events)
@@ -413,3 +451,216 @@ def test_evaluation_keeps_no_confusion_matrix_above_1000_classes(num_classes):
         assert m['confusion'][1].tolist() == [1, 2, 0, 0, 0] and m['confusion'].sum() == 8
     else:
         assert m['confusion'] is None
+
+
+# ---------------------------------------------------------------- fake CUDA: imagenet_inat stages, prediction loops
+
+def _passes_waiting(recorder):
+    """{pass: waits in its steps 1 .. n-1} (step n is the pass's print point, or after its loop)."""
+    waits = {name: _inside_steps(recorder.passes[name], n) for name, n in recorder.lengths.items()}
+    return {name: w for name, w in waits.items() if w}
+
+
+def _all_mixes(recorder):
+    return {name: m for name, events in recorder.passes.items() if (m := _mixes(events))}
+
+
+class _PinnedLoader:
+    """A DataLoader(pin_memory=True) as a GPU machine runs it: its batches made on the CPU with real
+    values (in its worker processes there: outside the fake mode and the recorder here), in pinned
+    memory (pinning needs a driver, so the recorder marks them)."""
+
+    def __init__(self, loader, recorder):
+        assert loader.pin_memory, 'a loader feeding a GPU must pin its batches'
+        loader.pin_memory = False  # (without a driver DataLoader would only warn)
+        self.loader, self.recorder = loader, recorder
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        with _disable_current_modes():
+            batches = iter(self.loader)
+        while True:
+            with _disable_current_modes():
+                batch = next(batches, None)
+            if batch is None:
+                return
+            yield pytree.tree_map_only(torch.Tensor, self.recorder.pin, batch)
+
+
+def _pinned_maker(make, recorder):
+    """`make` (a function returning a DataLoader, or (DataLoader, sampler, ...)) run as on a machine with a
+    GPU; its samplers are CPU objects (real tensors)."""
+    def build(*args, **kwargs):
+        with unittest.mock.patch.object(torch.cuda, 'is_available', lambda: True), _disable_current_modes():
+            made = make(*args, **kwargs)
+        if isinstance(made, tuple):
+            return (_PinnedLoader(made[0], recorder),) + made[1:]
+        return _PinnedLoader(made, recorder)
+    return build
+
+
+def _counted(fn, recorder, label):
+    """`fn` (train_one_epoch, evaluate or predict) with its `loader` counted as the steps of a pass."""
+    signature, calls = inspect.signature(fn), []
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        calls.append(1)
+        bound.arguments['loader'] = recorder.steps(bound.arguments['loader'], f'{label} {len(calls)}')
+        return fn(*bound.args, **bound.kwargs)
+    return run
+
+
+class _NoFolder:
+    """stages.train's log folder, writing nothing (FakeTensors cannot be saved)."""
+
+    def scalar(self, *args):
+        pass
+
+    def save_checkpoint(self, *args, **kwargs):
+        pass
+
+    def log_sizes(self):
+        return {}
+
+
+@pytest.fixture(scope='module')
+def inat_world(tmp_path_factory):
+    """tests/fixtures_jpeg.py's long-tailed JPEGs, a MoCo checkpoint, and a stage-1 result (untrained)
+    for cRT, LWS and tau-norm to start from."""
+    from imagenet_inat import weights
+    from imagenet_inat.networks import DotProductClassifier, ResNetFeature
+    root = tmp_path_factory.mktemp('inat')
+    images, splits = fixtures_jpeg.write_jpeg_dataset(str(root))
+    fixtures_jpeg.write_moco_checkpoint(str(root / 'moco.pth.tar'))
+    torch.manual_seed(0)
+    nets = {'feat_model': ResNetFeature(*fixtures_jpeg._resnet10()), 'classifier': DotProductClassifier(512, 3)}
+    (root / 'stage1').mkdir()
+    torch.save(weights.final_state(1, 1, {k: weights.original_layout(v) for k, v in nets.items()}, 0.5),
+               root / 'stage1' / weights.FINAL)
+    return {'images': images, 'splits': splits, 'moco': str(root / 'moco.pth.tar'), 'stage1': str(root / 'stage1')}
+
+
+STAGE_KINDS = {  # kind: (fixtures_jpeg.stage_config arguments, starts from, extra flags)
+    'stage 1, uniform': (dict(sampler=False), 'moco', ()),
+    'stage 1, class-aware, 2 BatchNorm pieces': (dict(sampler=True), 'moco', ('--bn_pieces', '2')),
+    'cRT': (dict(fix=True), 'stage1', ()),
+    'LWS': (dict(classifier='LWSClassifier', fix=True), 'stage1', ()),
+    'tau-norm': (dict(fix=True, sampler=False, epochs=0, tau=True), 'stage1', ()),
+}
+STAGE_BATCH = 16  # 9 training steps over the 145 images; 2 evaluation batches of the 18 val / test images
+
+
+@pytest.mark.filterwarnings('ignore:CUDA is not available')
+@pytest.mark.parametrize('kind', list(STAGE_KINDS))
+def test_imagenet_inat_stages_never_wait_for_the_device(inat_world, tmp_path, monkeypatch, kind):
+    from imagenet_inat import main as ii_main
+    from imagenet_inat import stages
+    config, start, extra = STAGE_KINDS[kind]
+    raw = fixtures_jpeg.stage_config(tmp_path / 'run', batch=STAGE_BATCH, **config)
+    raw['training_opt']['display_step'] = 10 ** 6  # the one print point: each epoch's last step
+    args = ii_main.build_parser().parse_args([
+        '--cfg', fixtures_jpeg.write_config(tmp_path / 'c.yaml', raw), '--data_root', inat_world['images'],
+        '--split_dir', inat_world['splits'], '--model_dir', inat_world[start], '--seed', '0', *extra])
+    cfg = ii_main.load_stage(args)
+    (tmp_path / 'run').mkdir()
+    quiet = lambda *a, **k: None  # noqa: E731
+    run = stages.build(args, cfg, dist.ProcessContext(0, 1, 0, CUDA), quiet)
+    # stages.placed's channels_last model, made before fake_cuda places it (FakeTensor parameters cannot be
+    # converted a second time)
+    run.model.to(memory_format=torch.channels_last)
+    monkeypatch.setattr(stages, 'placed', lambda run: run.model)
+    # tau-norm's searched classifier evaluates 2 rows at a time, so that the search has several batches too
+    monkeypatch.setattr(stages, 'OUTPUT_BATCH', 2)
+    with fake_cuda(monkeypatch, run.model) as (model, recorder):
+        for name in ('train_loader', 'eval_loader'):
+            monkeypatch.setattr(stages.data_mod, name, _pinned_maker(getattr(stages.data_mod, name), recorder))
+        for name in ('train_one_epoch', 'evaluate', 'predict_batches'):
+            monkeypatch.setattr(stages, name, _counted(getattr(stages, name), recorder, name))
+        monkeypatch.setattr(stages, 'save_checkpoint', quiet)  # tau-norm's result file
+        with recorder:
+            code = stages.tau_norm(run, quiet) if cfg.taus is not None else stages.train(run, _NoFolder(), quiet)
+    assert code == 0
+    taus = len(cfg.taus or ())
+    assert set(recorder.lengths) == ({f'predict_batches {i}' for i in (1, 2)} |  # val and test features
+                                     {f'evaluate {i}' for i in range(1, 2 * taus + 2)} if taus else
+                                     {'train_one_epoch 1', 'evaluate 1', 'evaluate 2'})  # val, then test
+    assert recorder.lengths.get('train_one_epoch 1', 9) == 9 and recorder.lengths['evaluate 1'] >= 2
+    assert not _all_mixes(recorder), dict(recorder.passes)
+    assert not _passes_waiting(recorder), dict(recorder.passes)
+
+
+@pytest.mark.filterwarnings('ignore:CUDA is not available')
+def test_imagenet_inat_save_feat_and_output_logits_never_wait_for_the_device(inat_world, tmp_path, monkeypatch):
+    from imagenet_inat import main as ii_main
+    from imagenet_inat import stages
+    cfg_path = fixtures_jpeg.write_config(tmp_path / 'c.yaml', fixtures_jpeg.stage_config(tmp_path / 'run',
+                                                                                          batch=STAGE_BATCH))
+    monkeypatch.setattr(stages, 'OUTPUT_BATCH', 2)
+    quiet = lambda *a, **k: None  # noqa: E731
+    for flags in (('--save_feat', 'val'), ('--output_logits',)):
+        args = ii_main.build_parser().parse_args([
+            '--cfg', cfg_path, '--data_root', inat_world['images'], '--split_dir', inat_world['splits'],
+            '--model_dir', inat_world['stage1'], '--test', *flags])
+        run = stages.build(args, ii_main.load_stage(args), dist.ProcessContext(0, 1, 0, CUDA), quiet)
+        run.model.to(memory_format=torch.channels_last)
+        with monkeypatch.context() as m, fake_cuda(m, run.model) as (model, recorder):
+            m.setattr(stages, 'placed', lambda run: run.model)  # as in the test above
+            m.setattr(stages.data_mod, 'eval_loader', _pinned_maker(stages.data_mod.eval_loader, recorder))
+            for name in ('evaluate', 'predict_batches'):
+                m.setattr(stages, name, _counted(getattr(stages, name), recorder, name))
+            with recorder:
+                assert stages.test(run, quiet) == 0
+        assert set(recorder.lengths) == {'predict_batches 1'} | ({'evaluate 1'} if '--output_logits' in flags
+                                                                 else set())
+        assert recorder.lengths['predict_batches 1'] == 2
+        assert not _all_mixes(recorder), dict(recorder.passes)
+        assert not _passes_waiting(recorder), dict(recorder.passes)
+
+
+class _Placed(torch.nn.Module):
+    """A model fake_cuda placed, whose .to(device) has nothing left to do (FakeTensor parameters cannot
+    be converted a second time)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def to(self, *args, **kwargs):
+        return self
+
+
+@pytest.mark.filterwarnings('ignore:CUDA is not available')
+def test_pseudo_labelling_and_tsne_predictions_never_wait_for_the_device(cifar10_root, monkeypatch):
+    """engine.predict as gen_pseudolabels.py drives it (HostBatches, its default --loader device) and as
+    tools/tsne.py's extract() does (a DataLoader of the data set's images)."""
+    import gen_pseudolabels
+    from dataset import DATASETS, build_transform
+    from dataset.device_loader import HostBatches
+    from tools import tsne
+    info = DATASETS['cifar10']
+    args = gen_pseudolabels.build_parser().parse_args(['--resume', 'model.pth.tar', '-b', '16'])
+    pool = np.random.RandomState(0).randint(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    classifier = build_model('resnet32', 10).to(memory_format=torch.channels_last)
+    with monkeypatch.context() as m, fake_cuda(m, classifier) as (model, recorder):
+        with recorder:  # gen_pseudolabels.main's prediction, with its defaults on a GPU
+            loader = HostBatches(pool, args.batch_size, CUDA, info.mean, info.std, args.channels_last)
+            engine.predict(model, recorder.steps(loader, 'gen_pseudolabels'), CUDA, amp=args.amp,
+                           channels_last=args.channels_last)
+    assert recorder.lengths == {'gen_pseudolabels': 3}
+    assert not _all_mixes(recorder) and not _passes_waiting(recorder), dict(recorder.passes)
+
+    with fake_cuda(monkeypatch, build_model('resnet32', 10, return_features=True)) as (model, recorder):
+        monkeypatch.setattr(tsne, 'DataLoader', _pinned_maker(DataLoader, recorder))
+        monkeypatch.setattr(tsne, 'predict', _counted(tsne.predict, recorder, 'tsne'))
+        data = info.build_val(cifar10_root, build_transform('cifar10', train=False))
+        with recorder:
+            feats, labels = tsne.extract(lambda x: model(x)[1], _Placed(model), data, CUDA, batch_size=40)
+    assert recorder.lengths == {'tsne 1': 3} and feats.shape == (100, 64) and labels.shape == (100,)
+    assert not _all_mixes(recorder) and not _passes_waiting(recorder), dict(recorder.passes)

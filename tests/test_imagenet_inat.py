@@ -357,6 +357,48 @@ def test_save_feat_writes_features_labels_and_indices(world):
     assert saved['labels'].tolist() == [int(line.split()[1]) for line in split if line]
 
 
+def _spy_on_features(monkeypatch):
+    """Every call of the feature model: (training, bf16 autocast on, NHWC images, NHWC weights, output dtype)."""
+    calls, real = [], ResNetFeature.forward
+
+    def forward(self, x):
+        out = real(self, x)
+        calls.append((self.training, torch.is_autocast_enabled('cpu'),
+                      x.is_contiguous(memory_format=torch.channels_last),
+                      self.conv1.weight.is_contiguous(memory_format=torch.channels_last), out.dtype))
+        return out
+    monkeypatch.setattr(ResNetFeature, 'forward', forward)
+    return calls
+
+
+@pytest.mark.parametrize('flags,amp,nhwc', [(('--amp',), True, True),
+                                              (('--no-amp', '--no-channels-last'), False, False)])
+def test_amp_reaches_the_training_steps_and_every_evaluation_stays_float32(world, tmp_path, monkeypatch, flags,
+                                                                          amp, nhwc):
+    calls = _spy_on_features(monkeypatch)
+    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', sampler=False, epochs=1, batch=BATCH))
+    assert ii_main.main(argv(world, cfg, '--model_dir', world['moco'], *flags)) == 0
+    # 9 training steps, then the val and the test evaluation, 2 batches of 16 and 2 images each
+    assert calls == [(True, amp, nhwc, nhwc, torch.bfloat16 if amp else torch.float32)] * STEPS + \
+        [(False, False, nhwc, nhwc, torch.float32)] * 4
+    # --test and its --save_feat / --output_logits passes, and tau-norm's: float32 under --amp too
+    calls.clear()
+    for extra in (('--output_logits',), ('--save_feat', 'val')):
+        assert ii_main.main(argv(world, cfg, '--test', '--model_dir', str(tmp_path / 'run'), '--log_dir',
+                                 str(tmp_path / extra[0]), *extra, *flags)) == 0
+    tau = fx.write_config(tmp_path / 't.yaml', fx.stage_config(tmp_path / 'tau', fix=True, epochs=0, sampler=False,
+                                                               batch=BATCH, tau=True))
+    assert ii_main.main(argv(world, tau, '--model_dir', str(tmp_path / 'run'), *flags)) == 0
+    assert calls == [(False, False, nhwc, nhwc, torch.float32)] * 8
+
+
+def test_speed_flags_offered_are_those_that_apply():
+    helps = ii_main.build_parser().format_help()
+    assert '--amp' in helps and '--channels-last' in helps
+    for flag in ('--loader', '--amp-eval', '--compile'):  # no device loader; evaluations stay float32
+        assert flag not in helps
+
+
 # ---------------------------------------------------------------- scale and reliability
 
 @pytest.mark.slow

@@ -337,6 +337,42 @@ def test_defaults_follow_the_original_script():
     assert (args.arch, args.crop_size, args.mlp) == ('resnet32', 32, True)
 
 
+@pytest.mark.parametrize('flags,native_bf16,amp,nhwc', [
+    ((), True, True, True),        # README: --amp on by default on a CPU with native bf16, as train.py
+    ((), False, False, True),      # ... off where bf16 would be emulated; --channels-last on by default
+    (('--no-amp', '--no-channels-last'), True, False, False),
+    (('--amp',), False, True, True),
+])
+def test_speed_flags_reach_the_training_step(jpeg_split, tmp_path, monkeypatch, flags, native_bf16, amp, nhwc):
+    monkeypatch.setattr(torch.cpu, 'get_capabilities', lambda: {'avx512_bf16': native_bf16, 'amx_bf16': False})
+    seen = []
+    real_forward = pretrain_moco.moco_forward
+
+    def spy(model, views, labels):
+        conv = model.encoder_q.conv1.weight
+        seen.append((torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16,
+                     [v.is_contiguous(memory_format=torch.channels_last) for v in views],
+                     conv.is_contiguous(memory_format=torch.channels_last)))
+        logits, labels = real_forward(model, views, labels)
+        seen[-1] += (logits.dtype,)
+        return logits, labels
+
+    monkeypatch.setattr(pretrain_moco, 'moco_forward', spy)
+    assert pretrain_moco.main(moco_args(jpeg_split, tmp_path / 'out', *flags)) == 0
+    assert seen == [(amp, [nhwc, nhwc], nhwc, torch.bfloat16 if amp else torch.float32)] * 4  # 16 images, -b 4
+    # the queue keeps float32 keys whatever the step's precision
+    ckpt = check_moco_checkpoint(ckpt_path(tmp_path / 'out', 1), 1)
+    assert ckpt['state_dict']['module.queue'].dtype == torch.float32
+
+
+def test_speed_flags_offered_are_those_that_apply():
+    helps = pretrain_moco.build_parser().format_help()
+    assert '--amp' in helps and '--channels-last' in helps
+    # no device loader (ImageNet-size images come from worker processes), no evaluation, no compile
+    for flag in ('--loader', '--amp-eval', '--compile'):
+        assert flag not in helps
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_queue_size_must_be_a_multiple_of_the_batch(jpeg_split, tmp_path):
