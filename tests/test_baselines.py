@@ -99,13 +99,13 @@ def _run(tmp_path_factory, name, *extra):
 
 @pytest.fixture(scope='module')
 def balanced_softmax_run(tmp_path_factory):
-    return _run(tmp_path_factory, 'bs', '--loss_type', 'BalancedSoftmax')
+    """With the per-epoch evaluations post-hoc adjusted (tau 2), which changes predictions of this model."""
+    return _run(tmp_path_factory, 'bs', '--loss_type', 'BalancedSoftmax', '--posthoc_la', '2.0')
 
 
 @pytest.fixture(scope='module')
 def logit_adjusted_run(tmp_path_factory):
-    """tau 2 in the loss, and the per-epoch evaluations post-hoc adjusted with tau 0.5."""
-    return _run(tmp_path_factory, 'la', '--loss_type', 'LogitAdjusted', '--la_tau', '2', '--posthoc_la', '0.5')
+    return _run(tmp_path_factory, 'la', '--loss_type', 'LogitAdjusted', '--la_tau', '2')
 
 
 def _folder(loss):
@@ -155,17 +155,19 @@ def _model_from_resnet32(path):
     return model
 
 
-def test_posthoc_per_epoch_evaluation_is_logged_and_scores_adjusted_logits(logit_adjusted_run):
-    root, _ = logit_adjusted_run
-    log_train = (root / 'log' / _folder('LogitAdjusted') / 'log_train.csv').read_text()
-    assert ('=> post-hoc logit adjustment on: every evaluation scores logits - 0.5 * log(prior), '
+def test_posthoc_per_epoch_evaluation_is_logged_and_scores_adjusted_logits(balanced_softmax_run):
+    root, _ = balanced_softmax_run
+    log_train = (root / 'log' / _folder('BalancedSoftmax') / 'log_train.csv').read_text()
+    assert ('=> post-hoc logit adjustment on: every evaluation scores logits - 2 * log(prior), '
             'prior = training images per class / 365 (--posthoc_la)') in log_train
-    log_test = (root / 'log' / _folder('LogitAdjusted') / 'log_test.csv').read_text()
-    top1, cm, _ = _adjusted_predictions(root / 'ckpt' / _folder('LogitAdjusted') / 'ckpt.pth.tar', 0.5)
+    log_test = (root / 'log' / _folder('BalancedSoftmax') / 'log_test.csv').read_text()
+    top1, cm, logits = _adjusted_predictions(root / 'ckpt' / _folder('BalancedSoftmax') / 'ckpt.pth.tar', 2.0)
     logged = re.findall(r'val Results: Prec@1 ([\d.]+)', log_test)
     assert len(logged) == 2 and float(logged[-1]) == pytest.approx(top1, abs=5e-4)
     logged_cm = json.loads(re.findall(r'val Confusion Matrix: (\[\[.*\]\])', log_test)[-1])
     np.testing.assert_array_equal(logged_cm, cm)
+    # the checkpoint itself is unadjusted: its plain predictions differ from the adjusted ones here
+    assert not np.array_equal(logits.argmax(1).numpy(), (logits - 2 * torch.tensor(LOG_PRIOR)).argmax(1).numpy())
 
 
 def test_evaluate_with_posthoc_la_is_the_adjusted_float32_top1(balanced_softmax_run, capsys):
@@ -181,7 +183,8 @@ def test_evaluate_with_posthoc_la_is_the_adjusted_float32_top1(balanced_softmax_
     matrix = out.split('Confusion matrix (rows: true class, columns: prediction):\n')[1]
     printed = np.array([[int(v) for v in re.findall(r'\d+', row)] for row in matrix.strip().splitlines()[:10]])
     np.testing.assert_array_equal(printed, cm)
-    # the checkpoint itself is unadjusted: its plain predictions differ from the adjusted ones here
+    # -e's own tau, not the one the run evaluated with: the predictions differ
+    assert not np.array_equal(cm, _adjusted_predictions(ckpt, 2.0)[1])
     assert not np.array_equal(logits.argmax(1).numpy(), (logits - torch.tensor(LOG_PRIOR)).argmax(1).numpy())
 
 
