@@ -71,6 +71,12 @@ def add_training_args(parser, batch_size=128):
     parser.add_argument('-a', '--arch', metavar='ARCH', default='resnet32', choices=list(MODELS),
                         help='model architecture: ' + ' | '.join(MODELS) + ' (default: resnet32)')
     parser.add_argument('--loss_type', default='CE', type=str, choices=list(LOSSES))
+    parser.add_argument('--la_tau', default=1.0, type=nonneg_float, metavar='TAU',
+                        help='tau of --loss_type LogitAdjusted: cross-entropy on logits + TAU * log(training '
+                             'class prior) (default: 1.0; the other losses ignore it)')
+    parser.add_argument('--posthoc_la', default=None, type=nonneg_float, metavar='TAU',
+                        help='post-hoc logit adjustment: the evaluations (after every epoch, and -e) score '
+                             'logits - TAU * log(training class prior); training is unchanged (default: off)')
     parser.add_argument('--train_rule', default='None', type=str, choices=list(TRAIN_RULES))
     parser.add_argument('--gpu', default=None, type=nonneg_int, help='GPU id to use (default: first GPU, else CPU)')
     parser.add_argument('--pretrained_model', type=str, default='', help='self-supervised weights to start from')

@@ -1,4 +1,5 @@
-"""Losses for class-imbalanced training: CE, Focal, LDAM, and class-balanced re-weighting.
+"""Losses for class-imbalanced training: CE, Focal, LDAM, class-balanced re-weighting, and (added,
+not in the original) Balanced Softmax, the logit-adjusted loss and post-hoc logit adjustment.
 
 All state (class weights, margins) lives in registered buffers, so `criterion.to(device)` moves
 it together with the model. Shapes: logits (N, C), target (N,) int64 class ids.
@@ -86,11 +87,77 @@ class LDAMLoss(nn.Module):
         return F.cross_entropy(self.s * (logits - margins), target, weight=self.weight)
 
 
-# name -> builder(cls_num_list, weight); `weight` is a per-class tensor (C,) or None.
+def log_prior(cls_num_list, what):
+    """log(n_c / N) per class as a float32 tensor (C,): the log of the training label distribution.
+    An empty class would get -inf (post-hoc adjustment would then predict it for every image), so
+    it is refused, as LDAM refuses it."""
+    counts = np.asarray(cls_num_list, dtype=np.float64)
+    if (counts <= 0).any():
+        raise UserError(f"{what} needs at least one training image in every class (the log prior of an "
+                        f"empty class is -inf)")
+    return torch.tensor(np.log(counts / counts.sum()), dtype=torch.float32)
+
+
+def _check_tau(tau, what):
+    if not tau >= 0:
+        raise UserError(f"{what} tau must be >= 0, got {tau}")
+
+
+class LogitAdjustedLoss(nn.Module):
+    """Logit-adjusted loss (Menon et al., ICLR 2021, "Long-tail learning via logit adjustment"):
+
+        loss = CE(logits + tau * log prior, y),   prior_c = n_c / N (training images per class)
+
+    i.e. -log(pi_y^tau e^{f_y} / sum_c pi_c^tau e^{f_c}). The logits the model outputs are used
+    unadjusted at test time. A per-class `weight` enters as in CE: F.cross_entropy's weighted mean,
+    sum_i w[y_i] l_i / sum_i w[y_i]. (The authors' TensorFlow code adds log(prior^tau + 1e-12); the
+    1e-12 only matters for a prior below about 1e-10.)
+    """
+
+    def __init__(self, cls_num_list, tau=1.0, weight=None):
+        super().__init__()
+        _check_tau(tau, 'logit adjustment')
+        self.tau = tau
+        self.register_buffer('log_prior', log_prior(cls_num_list, 'the logit-adjusted loss'))  # (C,)
+        self.register_buffer('weight', weight)
+
+    def forward(self, logits, target):
+        return F.cross_entropy(logits + self.tau * self.log_prior, target, weight=self.weight)
+
+
+class BalancedSoftmaxLoss(LogitAdjustedLoss):
+    """Balanced Softmax (Ren et al., NeurIPS 2020, "Balanced Meta-Softmax for Long-Tailed Visual
+    Recognition"): CE(logits + log prior, y), the logit-adjusted loss at tau = 1. The authors' code adds
+    log n_c rather than log(n_c / N): the same loss, since a softmax ignores a shift shared by all classes."""
+
+    def __init__(self, cls_num_list, weight=None):
+        super().__init__(cls_num_list, tau=1.0, weight=weight)
+
+
+class PosthocLogitAdjustment(nn.Module):
+    """`model` whose logits come out as logits - tau * log prior (Menon et al. 2021, post-hoc logit
+    adjustment): for evaluating a classifier trained on long-tailed data; training is unchanged.
+    (The attribute is `classifier`, not `module`: checkpoint.unwrap would take it for a DDP wrapper.)"""
+
+    def __init__(self, model, cls_num_list, tau):
+        super().__init__()
+        _check_tau(tau, 'post-hoc logit adjustment')
+        self.classifier = model
+        self.tau = tau
+        self.register_buffer('log_prior', log_prior(cls_num_list, 'post-hoc logit adjustment'))
+
+    def forward(self, images):
+        return self.classifier(images) - self.tau * self.log_prior
+
+
+# name -> builder(cls_num_list, weight, la_tau); `weight` is a per-class tensor (C,) or None, `la_tau`
+# the logit-adjusted loss's tau (--la_tau).
 LOSSES = {
-    'CE': lambda cls_num_list, weight: nn.CrossEntropyLoss(weight=weight),
-    'Focal': lambda cls_num_list, weight: FocalLoss(weight=weight, gamma=1),
-    'LDAM': lambda cls_num_list, weight: LDAMLoss(cls_num_list, max_m=0.5, s=30, weight=weight),
+    'CE': lambda cls_num_list, weight, la_tau: nn.CrossEntropyLoss(weight=weight),
+    'Focal': lambda cls_num_list, weight, la_tau: FocalLoss(weight=weight, gamma=1),
+    'LDAM': lambda cls_num_list, weight, la_tau: LDAMLoss(cls_num_list, max_m=0.5, s=30, weight=weight),
+    'BalancedSoftmax': lambda cls_num_list, weight, la_tau: BalancedSoftmaxLoss(cls_num_list, weight=weight),
+    'LogitAdjusted': lambda cls_num_list, weight, la_tau: LogitAdjustedLoss(cls_num_list, tau=la_tau, weight=weight),
 }
 
 # LDAM's margins are calibrated for cosine logits, so the model needs NormedLinear (use_norm=True).
@@ -102,8 +169,8 @@ def uses_norm(loss_type):
     return loss_type in USES_NORMED_HEAD
 
 
-def build_criterion(loss_type, cls_num_list, weight=None):
-    """Build the training loss by name ('CE', 'Focal' or 'LDAM') as an nn.Module."""
+def build_criterion(loss_type, cls_num_list, weight=None, la_tau=1.0):
+    """Build the training loss by name (a key of LOSSES) as an nn.Module."""
     if loss_type not in LOSSES:
         raise UserError(f"unknown loss type {loss_type!r}; choose one of: {', '.join(LOSSES)}")
-    return LOSSES[loss_type](cls_num_list, weight)
+    return LOSSES[loss_type](cls_num_list, weight, la_tau)

@@ -1,4 +1,5 @@
-"""Supervised long-tailed training: CE / Focal / LDAM with Resample / Reweight / DRW.
+"""Supervised long-tailed training: CE / Focal / LDAM (and, added, Balanced Softmax / logit-adjusted)
+with Resample / Reweight / DRW.
 
     python train.py --dataset cifar10 --imb_factor 0.01 --loss_type CE --train_rule None
     python train.py --dataset cifar10 --imb_factor 0.01 --pretrained_model <ssp.pth.tar> --exp_str ssp  # SSP

@@ -31,7 +31,7 @@ from dataset.samplers import ImbalancedDatasetSampler, ShuffleSampler
 from engine import evaluate, step_hooks, train_one_epoch
 from errors import UserError
 from fileio import RunLock, atomic_write_bytes, user_write_errors
-from losses import build_criterion, effective_num_weights
+from losses import PosthocLogitAdjustment, build_criterion, effective_num_weights
 from utils import derive_seed, figure_png, rng_state, seed_everything, set_rng_state, shot_accuracy
 
 WARMUP_EPOCHS = 5
@@ -623,8 +623,13 @@ def _run(args, exp, ctx):
     seed = run_seed(args, ckpt)
     train_loader, sampler, val_loader = _loaders(args, exp, seed, rank, world, device)
     eval_criterion = nn.CrossEntropyLoss().to(device)
+    # The same parameters: what training updates, the evaluations see (before any file is written:
+    # an empty class is refused here).
+    eval_model, posthoc = scored_model(model, args, exp, device)
     if args.evaluate:
-        metrics = evaluate(model, eval_criterion, val_loader, device, exp.num_classes, batch_fn=exp.eval_batch_fn,
+        if posthoc:
+            log(posthoc)
+        metrics = evaluate(eval_model, eval_criterion, val_loader, device, exp.num_classes, batch_fn=exp.eval_batch_fn,
                            **eval_hooks)
         if main:
             for line in report_lines(metrics, exp.cls_num_list, 'val', exp.task):
@@ -646,6 +651,8 @@ def _run(args, exp, ctx):
     except UserError as e:
         error = e
     dist.raise_if_any(error)  # collective: rank 0 alone opens the folder, every rank must stop if it fails
+    if posthoc:
+        log(posthoc)
     restore_rng(ckpt, seed, rank, world)
 
     def snapshot(epoch, step):
@@ -660,7 +667,7 @@ def _run(args, exp, ctx):
                     group['lr'] = lr
                 weights = TRAIN_RULES[args.train_rule].weights(epoch, exp.cls_num_list, args.lr_steps[0])
                 criterion = build_criterion(args.loss_type, exp.cls_num_list,
-                                            None if weights is None else weights.to(device)).to(device)
+                                            None if weights is None else weights.to(device), args.la_tau).to(device)
                 step0 = start_step if epoch == start_epoch else 0
                 begin_epoch(sampler, train_loader, seed, epoch, rank, step0)
                 stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch,
@@ -675,7 +682,7 @@ def _run(args, exp, ctx):
                     log(stop_notice(stop, epoch, folder.ckpt_path, stats['steps']))
                     return {'stopped_by': stop.signum, **stats}
                 dist.broadcast_buffers(unwrap(model))  # collective, every epoch: evaluate what rank 0 saves
-                metrics = evaluate(unwrap(model), eval_criterion, val_loader, device, exp.num_classes,
+                metrics = evaluate(eval_model, eval_criterion, val_loader, device, exp.num_classes,
                                    batch_fn=exp.eval_batch_fn, **eval_hooks)
                 is_best = metrics['top1'] > best_acc1
                 best_acc1 = max(best_acc1, metrics['top1'])
@@ -689,6 +696,17 @@ def _run(args, exp, ctx):
         folder.close()
     metrics['best_acc1'] = best_acc1
     return metrics
+
+
+def scored_model(model, args, exp, device):
+    """(what the evaluations score, a notice or ''): the bare `model`, or with --posthoc_la TAU the
+    model whose logits are logits - TAU * log(training class prior), the prior from exp.cls_num_list
+    (for train_semi.py, pseudo-labels included). The evaluation loss is then CE on those logits."""
+    if args.posthoc_la is None:
+        return unwrap(model), ''
+    adjusted = PosthocLogitAdjustment(unwrap(model), exp.cls_num_list, args.posthoc_la).to(device)
+    return adjusted, (f"=> post-hoc logit adjustment on: every evaluation scores logits - {args.posthoc_la:g} * "
+                      f"log(prior), prior = training images per class / {sum(exp.cls_num_list)} (--posthoc_la)")
 
 
 def _log_eval(folder, metrics, exp, epoch, best_acc1, main):

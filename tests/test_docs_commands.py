@@ -125,24 +125,30 @@ def cifar_data(cwd, no_checksum):
 
 
 def test_readme_train_commands(cifar_data, capsys):
-    """README "train.py": the CE baseline, LDAM-DRW and Focal/Reweight runs, then -e and --resume of
-    the baseline's checkpoint (the --pretrained_model ones: test_readme_rotation_ssp). LDAM needs an
-    image of every class: 100 per class before the long-tailed draw, 1 of the last class after it."""
+    """README "train.py": the CE baseline, LDAM-DRW, Focal/Reweight, Balanced Softmax and logit-adjusted
+    runs, then -e (plain and --posthoc_la) and --resume of the baseline's checkpoint (the
+    --pretrained_model ones: test_readme_rotation_ssp). LDAM and the log prior need an image of every
+    class: 100 per class before the long-tailed draw, 1 of the last class after it."""
     fixtures.write_cifar10(cifar_data / 'data', per_class=100, test_per_class=2)
     commands = [c for c in script_commands('README.md', 'train.py', ['--dataset'])
                 if '--pretrained_model' not in c and 'digits' not in c and '0.02' not in c]
-    assert len(commands) == 5
+    assert len(commands) == 8
     ckpt = 'checkpoint/cifar10_resnet32_CE_None_exp_0.01_ss_pretrained/ckpt.pth.tar'
     for argv in commands:
         if '--resume' not in argv:
             run('train.py', argv)
     for name in ('cifar10_resnet32_CE_None_exp_0.01_ss_pretrained', 'cifar10_resnet32_LDAM_DRW_exp_0.01_ss_pretrained',
-                 'cifar100_resnet32_Focal_Reweight_exp_0.01_ss_pretrained'):
+                 'cifar100_resnet32_Focal_Reweight_exp_0.01_ss_pretrained',
+                 'cifar10_resnet32_BalancedSoftmax_None_exp_0.01_ss_pretrained',
+                 'cifar10_resnet32_LogitAdjusted_None_exp_0.01_ss_pretrained'):
         assert (cifar_data / 'checkpoint' / name / 'ckpt.pth.tar').is_file(), name
-    evaluate, resume = [c for c in commands if '--resume' in c]
+    evaluate, resume, posthoc = [c for c in commands if '--resume' in c]
     capsys.readouterr()
     run('train.py', evaluate, **{'<ckpt.pth.tar>': ckpt})
     assert 'val Results: Prec@1' in capsys.readouterr().out
+    run('train.py', posthoc, **{'<ckpt.pth.tar>': ckpt})
+    out = capsys.readouterr().out
+    assert '=> post-hoc logit adjustment on' in out and 'val Results: Prec@1' in out
     run('train.py', resume, extra=['--epochs', '2'], **{'checkpoint/<run>/ckpt.pth.tar': ckpt})
     assert torch.load(ckpt, map_location='cpu', weights_only=True)['epoch'] == 2
 

@@ -1,6 +1,8 @@
-"""Losses: Focal == CE at gamma 0, numerical stability, LDAM margins, class-balanced weights."""
+"""Losses: Focal == CE at gamma 0, numerical stability, LDAM margins, class-balanced weights, Balanced
+Softmax and the logit-adjusted loss (values, gradients, the authors' formulas)."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -8,7 +10,8 @@ import torch.nn.functional as F
 
 from errors import UserError
 from losses import (
-    LOSSES, FocalLoss, LDAMLoss, build_criterion, effective_num_weights, uses_norm,
+    LOSSES, BalancedSoftmaxLoss, FocalLoss, LDAMLoss, LogitAdjustedLoss, build_criterion, effective_num_weights,
+    uses_norm,
 )
 
 
@@ -132,6 +135,120 @@ def test_ldam_rejects_empty_class():
         LDAMLoss([10, 0, 3])
 
 
+# ---------------------------------------------------------------- Balanced Softmax, logit-adjusted loss
+
+# 6, 3 and 1 training images: prior 0.6, 0.3, 0.1.
+COUNTS = [6, 3, 1]
+PRIOR = [0.6, 0.3, 0.1]
+
+
+def _adjusted_nll(row, y, tau):
+    """-log(pi_y^tau e^{f_y} / sum_c pi_c^tau e^{f_c}), written out with math on one row of logits."""
+    terms = [p ** tau * math.exp(f) for p, f in zip(PRIOR, row)]
+    return -math.log(terms[y] / sum(terms))
+
+
+def test_balanced_softmax_hand_computed_loss():
+    logits = torch.tensor([[1.0, 0.0, 2.0], [0.5, -1.0, 0.0]])
+    target = torch.tensor([2, 0])
+    expected = (_adjusted_nll([1.0, 0.0, 2.0], 2, 1) + _adjusted_nll([0.5, -1.0, 0.0], 0, 1)) / 2
+    assert BalancedSoftmaxLoss(COUNTS)(logits, target).item() == pytest.approx(expected, rel=1e-6)
+    # the prior is the training label distribution, in log space
+    torch.testing.assert_close(BalancedSoftmaxLoss(COUNTS).log_prior, torch.tensor(PRIOR).log())
+
+
+@pytest.mark.parametrize('tau', [0.0, 0.5, 2.0])
+def test_logit_adjusted_hand_computed_loss(tau):
+    logits = torch.tensor([[1.0, 0.0, 2.0], [0.5, -1.0, 0.0]])
+    target = torch.tensor([2, 1])
+    expected = (_adjusted_nll([1.0, 0.0, 2.0], 2, tau) + _adjusted_nll([0.5, -1.0, 0.0], 1, tau)) / 2
+    assert LogitAdjustedLoss(COUNTS, tau=tau)(logits, target).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_logit_adjusted_tau0_is_cross_entropy_and_tau1_is_balanced_softmax():
+    logits, target = batch(c=3)
+    torch.testing.assert_close(LogitAdjustedLoss(COUNTS, tau=0.0)(logits, target), F.cross_entropy(logits, target))
+    torch.testing.assert_close(LogitAdjustedLoss(COUNTS, tau=1.0)(logits, target),
+                               BalancedSoftmaxLoss(COUNTS)(logits, target))
+
+
+def test_logit_adjusted_gradient_is_adjusted_softmax_minus_one_hot():
+    # d/df_c of -log(pi_y^tau e^{f_y} / Z) = pi_c^tau e^{f_c} / Z - [c = y], for one image.
+    row, y, tau = [1.0, 0.0, 2.0], 0, 2.0
+    logits = torch.tensor([row], requires_grad=True)
+    LogitAdjustedLoss(COUNTS, tau=tau)(logits, torch.tensor([y])).backward()
+    terms = [p ** tau * math.exp(f) for p, f in zip(PRIOR, row)]
+    expected = [t / sum(terms) - (c == y) for c, t in enumerate(terms)]
+    np.testing.assert_allclose(logits.grad[0].numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_logit_adjusted_with_class_weights_is_the_weighted_mean():
+    # As CE takes a weight: sum_i w[y_i] l_i / sum_i w[y_i], l_i the unweighted adjusted loss.
+    rows, ys, w = [[1.0, 0.0, 2.0], [0.5, -1.0, 0.0], [0.0, 3.0, -1.0]], [2, 0, 1], [0.2, 1.0, 5.0]
+    tau = 0.5
+    expected = sum(w[y] * _adjusted_nll(r, y, tau) for r, y in zip(rows, ys)) / sum(w[y] for y in ys)
+    criterion = LogitAdjustedLoss(COUNTS, tau=tau, weight=torch.tensor(w))
+    assert criterion(torch.tensor(rows), torch.tensor(ys)).item() == pytest.approx(expected, rel=1e-6)
+    weighted_bs = BalancedSoftmaxLoss(COUNTS, weight=torch.tensor(w))(torch.tensor(rows), torch.tensor(ys))
+    assert weighted_bs.item() == pytest.approx(
+        sum(w[y] * _adjusted_nll(r, y, 1) for r, y in zip(rows, ys)) / sum(w[y] for y in ys), rel=1e-6)
+
+
+def _authors_balanced_softmax(logits, target, counts):
+    """BalancedMetaSoftmax-Classification, loss/BalancedSoftmaxLoss.py: logits + log(sample_per_class)."""
+    spc = torch.tensor(counts, dtype=logits.dtype).unsqueeze(0).expand(logits.shape[0], -1)
+    return F.cross_entropy(logits + spc.log(), target)
+
+
+def _authors_logit_adjusted(logits, target, counts, tau):
+    """google-research logit_adjustment: base_probs = counts / sum, logits + log(base_probs**tau + 1e-12)."""
+    base_probs = torch.tensor(counts, dtype=logits.dtype) / sum(counts)
+    return F.cross_entropy(logits + torch.log(base_probs ** tau + 1e-12), target)
+
+
+CASES = {
+    'random': (torch.randn(64, 5, generator=torch.Generator().manual_seed(1)) * 3,
+               torch.randint(0, 5, (64,), generator=torch.Generator().manual_seed(2)), [500, 120, 40, 9, 1]),
+    'extreme': (torch.tensor([[1e4, 0., -3.], [0., 1e4, 2.], [-1e4, 1e4, 0.]]), torch.tensor([0, 2, 0]), [100, 10, 1]),
+    'one image in a class': (torch.tensor([[0.2, 0.1], [0.0, 0.3]]), torch.tensor([1, 1]), [1000, 1]),
+}
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_balanced_softmax_equals_the_authors_formula(case):
+    logits, target, counts = CASES[case]
+    expected = _authors_balanced_softmax(logits.double(), target, counts)
+    torch.testing.assert_close(BalancedSoftmaxLoss(counts)(logits, target).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('case', list(CASES))
+@pytest.mark.parametrize('tau', [0.5, 1.0, 2.0])
+def test_logit_adjusted_equals_the_authors_formula(case, tau):
+    logits, target, counts = CASES[case]
+    logits = logits.clone().requires_grad_()
+    loss = LogitAdjustedLoss(counts, tau=tau)(logits, target)
+    expected = _authors_logit_adjusted(logits.detach().double(), target, counts, tau)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+def test_logit_adjustment_state_moves_with_to():
+    criterion = LogitAdjustedLoss([10, 5], tau=2.0, weight=torch.ones(2)).to('meta')
+    assert criterion.log_prior.device.type == 'meta' and criterion.weight.device.type == 'meta'
+
+
+@pytest.mark.parametrize('make', [lambda c: BalancedSoftmaxLoss(c), lambda c: LogitAdjustedLoss(c, tau=1.0)])
+def test_logit_adjustment_rejects_empty_class(make):
+    with pytest.raises(UserError, match='at least one training image in every class'):
+        make([10, 0, 3])
+
+
+def test_logit_adjusted_rejects_negative_tau():
+    with pytest.raises(UserError, match='tau must be >= 0'):
+        LogitAdjustedLoss([10, 1], tau=-0.5)
+
+
 # ---------------------------------------------------------------- class-balanced weights
 
 def test_effective_num_weights_sum_to_num_classes_and_favour_tail():
@@ -163,7 +280,8 @@ def test_effective_num_weights_rejects_bad_beta():
 # ---------------------------------------------------------------- registry
 
 @pytest.mark.parametrize('name,cls', [('CE', nn.CrossEntropyLoss), ('Focal', FocalLoss),
-                                      ('LDAM', LDAMLoss)])
+                                      ('LDAM', LDAMLoss), ('BalancedSoftmax', BalancedSoftmaxLoss),
+                                      ('LogitAdjusted', LogitAdjustedLoss)])
 def test_build_criterion(name, cls):
     counts = [100, 10, 1]
     weight = effective_num_weights(counts)
@@ -179,6 +297,9 @@ def test_build_criterion_settings_match_paper():
     ldam = build_criterion('LDAM', [10, 1])
     assert ldam.s == 30 and ldam.m_list.max().item() == pytest.approx(0.5)
     assert build_criterion('CE', [10, 1]).weight is None
+    assert build_criterion('BalancedSoftmax', [10, 1]).tau == 1.0
+    assert build_criterion('LogitAdjusted', [10, 1]).tau == 1.0  # --la_tau's default
+    assert build_criterion('LogitAdjusted', [10, 1], la_tau=2.5).tau == 2.5
 
 
 def test_only_ldam_uses_normed_head():

@@ -46,7 +46,7 @@ def test_drw_switches_weights_inside_a_run(cifar10_root, tmp_path, monkeypatch):
     import trainer
     seen = []
     real = trainer.build_criterion
-    monkeypatch.setattr(trainer, 'build_criterion', lambda t, c, w: seen.append(w) or real(t, c, w))
+    monkeypatch.setattr(trainer, 'build_criterion', lambda t, c, w, *tau: seen.append(w) or real(t, c, w, *tau))
     train.main(_args(cifar10_root, tmp_path, '--train_rule', 'DRW', '--epochs', '2', '--lr_steps', '1', '2'))
     assert torch.allclose(seen[0], torch.ones(10))
     assert seen[1][-1] > seen[1][0]
