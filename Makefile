@@ -21,10 +21,11 @@ demo: venv
 	$(BIN)/python train.py --dataset digits --imb_factor 0.01 --loss_type LDAM --train_rule DRW \
 		--epochs 30 --lr_steps 20 25 -b 64 -j 0 --seed 0 --exp_str demo
 
-# The whole suite: 370 tests, about 5 minutes on the idle 2-core CPU machine (2026-11-25). Slowest: the
-# torchrun tests (tests/test_distributed.py and one each in test_train, test_moco, test_imagenet_inat:
-# 9-19 s each, marked `slow`; `pytest -m "not slow"` leaves them out) and the kill/resume subprocess tests
-# of tests/test_reliability.py (10-12 s each).
+# The whole suite: 549 tests. A clean clone's `bash .ci/run` (fresh venv, then the suite) ran 512 of them
+# in 11 minutes on the 2-core CPU machine (2026-11-29, partly shared with another process). Slowest: the
+# multi-process tests (torchrun, MoCo's per-GPU launcher, reproduce.py --jobs: 33 marked `slow`, 10-60 s
+# each; `pytest -m "not slow"` leaves them out), the kill/resume subprocess tests of
+# tests/test_reliability.py and the reproduce tables run with their README commands (15-30 s each).
 test: venv
 	$(BIN)/python -m pytest -q tests
 
