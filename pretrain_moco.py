@@ -42,7 +42,6 @@ from models import MODELS, build_model
 from moco.builder import MoCo
 from moco.loader import (AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD, SplitFileDataset,
                          TwoCropsTransform)
-from utils import seed_everything
 
 
 @dataclass(frozen=True)
@@ -296,10 +295,7 @@ def worker(args, layout, rank, init_method):
         if main_process:
             print(line + console_extra, flush=True)
 
-    if args.seed is not None:
-        seed_everything(args.seed)
-    torch.backends.cudnn.deterministic = args.seed is not None
-    torch.backends.cudnn.benchmark = args.seed is None
+    trainer.seed(args)  # the seed and the cuDNN policy, as every script
 
     # Data first: a wrong path ends the run before it waits for any peer.
     train_set = PRETRAIN_DATA[args.dataset].build(args)

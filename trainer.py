@@ -402,8 +402,8 @@ def read_test_log(path):
 
     while i < len(lines):
         line = lines[i]
-        if _RESULTS.match(line):
-            m = _RESULTS.match(line)
+        m = _RESULTS.match(line)
+        if m:
             records.append({'top1': number(m[2], 'a Prec@1 number'), 'top5': number(m[3], 'a Prec@5 number'),
                             'loss': number(m[4], 'a loss'), 'per_class': None, 'shots': None, 'best': None})
         elif ' Class Accuracy: [' in line:
