@@ -35,10 +35,15 @@ through find_string / read_file; the ids are read_file ids):
   Appendix C.3 recipe. Read: read_file id 52476334927 (PDF text). The augmentation of the released code:
   jiawei-ren/BalancedMetaSoftmax-Classification README.md (credits CIFAR AutoAugment and Cutout) and
   config/CIFAR10_LT/balanced_softmax_imba200.yaml (13,000 iterations, batch 512, wd 5e-4).
-- [WB22] Alshammari, Wang, Ramanan, Kong, "Long-Tailed Recognition via Weight Balancing", CVPR 2022,
+- [WB22] Alshammari, Wang, Ramanan et al., "Long-Tailed Recognition via Weight Balancing", CVPR 2022,
   arXiv:2203.14197. Table 2 (top-1 accuracy, CIFAR-100-LT only, IF = 100, 50, 10) and Section 4.1 recipe.
   Read: find_string "**arXiv**: 2203.14197" -> read_file id 53071130289 (PDF text of this paper, filed
   under another paper's title in that repository).
+- [LADE21] Hong et al., "Disentangling Label Distribution for Long-tailed Visual Recognition" (LADE), CVPR
+  2021, arXiv:2012.00321. Table 2 (top-1 accuracy, CIFAR-100-LT only, rho = 100, 50, 10; its own runs of
+  Balanced Softmax and of "PC Softmax", which by its Eq. 26 is logits - log p_s(y) + log p_t(y), i.e.
+  post-hoc logit adjustment with tau = 1 for a uniform test prior) and Appendix 6.2 recipe; Table 10
+  repeats the rho = 50 accuracies. Read: read_file id 52898620291 (PDF text).
 - [Yang20] Yang, Xu, "Rethinking the Value of Labels for Improving Class-Imbalanced Learning", NeurIPS
   2020, arXiv:2006.07529. The paper's text was not reachable. Its CE (Uniform) + SSP and CE (Balanced) +
   SSP numbers are read from the authors' repository: YyzHarry/imbalanced-semi-self README.md at commit
@@ -47,10 +52,11 @@ through find_string / read_file; the ids are read_file ids):
   (CIFAR-100, accuracy) and the Long-Tailed-Classification-Leaderboard README (error, both data sets,
   "Source: arXiv 2006.07529"; read_file id 37224146063); the source strings say so.
 
-Not published in any source read (so absent below): rho = 50 for BalancedSoftmax, cRT, LWS ([Ren20] has
-200/100/10) and for LogitAdjusted, CE+posthocLA and tau-norm ([Menon21] has rho = 100 only, so rho = 10 is
-missing for those three too); WB on CIFAR-10-LT ([WB22] has CIFAR-100-LT only). Kang et al. (ICLR 2020;
-cRT, tau-norm, LWS) report no CIFAR numbers. Not used, on purpose: [Cui19]'s "Class-Balanced" row (a
+Not published in any source read (so absent below): rho = 50 for cRT and LWS and, on CIFAR-10-LT, for
+BalancedSoftmax ([Ren20] has 200/100/10; [LADE21] fills CIFAR-100-LT rho = 50 for BalancedSoftmax);
+rho = 50 and 10 for LogitAdjusted and tau-norm ([Menon21] has rho = 100 only) and, on CIFAR-10-LT, for
+CE+posthocLA ([LADE21] fills CIFAR-100-LT); WB on CIFAR-10-LT ([WB22] has CIFAR-100-LT only).
+Kang et al. (ICLR 2020; cRT, tau-norm, LWS) report no CIFAR numbers. Not used, on purpose: [Cui19]'s "Class-Balanced" row (a
 different loss per column: CB focal, CB sigmoid or CB softmax, picked per column), [WB22]'s rows for other
 methods ("tau-norm [38]", "LogitAjust [54]", ...: no recipe given), and MiSLAS (Zhong et al., CVPR 2021),
 whose cRT / LWS + mixup table was not reachable (its README lists MiSLAS only).
@@ -93,6 +99,9 @@ _DECOUPLED = (_BALMS + '; classifier re-trained for 2K iterations on the frozen 
 _WB = ('ResNet-32, 200 epochs, batch 64, SGD momentum 0.9, cosine lr 0.01 -> 0, flip + crop; stage 1: CE '
        'with tuned weight decay; stage 2: classifier re-trained with the class-balanced loss, tuned weight '
        'decay and MaxNorm (hyperparameters by Bayesian optimisation) ([WB22] Secs. 3.3, 4.1)')
+_LADE = ('ResNet-32 (the TDE / Causal Norm implementation), 200 epochs, SGD momentum 0.9, wd 5e-4, lr 0.2 '
+         'with 5-epoch linear warm-up, x0.01 at epochs 120 and 160, one fixed seed; batch 256 is the CIFAR-100-LT '
+         'batch its settings table gives for LADE ([LADE21] App. 6.2)')
 _YANG = ('rotation SSP on the same long-tailed train set, then ResNet-32 trained from it for 200 epochs by the '
          'authors\' train.py (defaults: batch 256, SGD momentum 0.9, lr 0.1 with the step schedule of its '
          'utils.py, wd 2e-4, pad-4 crop + flip)')
@@ -128,12 +137,18 @@ PUBLISHED = {
     **_rows('BalancedSoftmax', "Ren et al. (BALMS), NeurIPS 2020, Table 5 row (3) 'Balanced Softmax', "
             "end-to-end; error = 100 - accuracy (83.1, 90.9 / 50.3, 63.1)", _BALMS,
             cifar10=(83.1, None, 90.9), cifar100=(50.3, None, 63.1), accuracy=True),
+    **_rows('BalancedSoftmax', "Hong et al. (LADE), CVPR 2021, Table 2, row 'Balanced Softmax' (LADE's run); "
+            "error = 100 - accuracy (49.9; also Table 10)", _LADE,
+            cifar100=(None, 49.9, None), accuracy=True),
     **_rows('LogitAdjusted', "Menon et al., arXiv:2007.07314 (ICLR 2021), Table 3, row 'Logit adjustment loss "
             "(tau = 1)' (balanced error)", _MENON,
             cifar10=(22.33, None, None), cifar100=(56.11, None, None)),
     **_rows('CE+posthocLA', "Menon et al., arXiv:2007.07314 (ICLR 2021), Table 3, row 'Logit adjustment "
             "post-hoc (tau = 1)' (balanced error; tau = tau* tuned on test: 19.08 / 57.90)", _MENON,
             cifar10=(22.60, None, None), cifar100=(58.24, None, None)),
+    **_rows('CE+posthocLA', "Hong et al. (LADE), CVPR 2021, Table 2, row 'PC Softmax' = CE logits - log prior "
+            "at test time (post-hoc LA, tau = 1); error = 100 - accuracy (49.5, 61.2)", _LADE,
+            cifar100=(None, 49.5, 61.2), accuracy=True),
     **_rows('tau-norm', "Menon et al., arXiv:2007.07314 (ICLR 2021), Table 3, row 'Weight normalisation "
             "(tau = 1) [Kang et al., 2020]' = tau-normalised ERM classifier (balanced error; tau = tau* tuned "
             "on test: 21.50 / 58.76)", _MENON,
