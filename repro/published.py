@@ -103,7 +103,8 @@ _LADE = ('ResNet-32 (the TDE / Causal Norm implementation), 200 epochs, SGD mome
          'with 5-epoch linear warm-up, x0.01 at epochs 120 and 160, one fixed seed; batch 256 is the CIFAR-100-LT '
          'batch its settings table gives for LADE ([LADE21] App. 6.2)')
 _YANG = ('rotation SSP on the same long-tailed train set, then ResNet-32 trained from it for 200 epochs by the '
-         'authors\' train.py (defaults: batch 256, SGD momentum 0.9, lr 0.1 with the step schedule of its '
+         'authors\' train.py (defaults: batch 128 (256 in its first release), SGD momentum 0.9, lr 0.1 with '
+         'the step schedule of its '
          'utils.py, wd 2e-4, pad-4 crop + flip)')
 
 
