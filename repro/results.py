@@ -80,6 +80,7 @@ def summarize(table, cells, seeds):
                 if r is not None:
                     found[seed] = r
         row = {'key': cell.key, 'label': cell.label, 'group': cell.group, 'paper': cell.paper,
+               'source': cell.source,
                'n': len(found), 'seeds': ' '.join(str(s) for s in found)}
         for metric in ('best', 'last'):
             err = np.array([100 - r[metric] for r in found.values() if r[metric] is not None])
@@ -130,7 +131,8 @@ def write_results(name, table, opts, seeds, rows):
              f'{table.measured} LR schedule: {opts.schedule_text(epochs)}.', '']
     if table.note:
         lines += [table.note, '']
-    lines += ['| cell | n | best error | last error | many | medium | few | paper | best − paper |',
+    ref = table.reference
+    lines += [f'| cell | n | best error | last error | many | medium | few | {ref} | best − {ref} |',
               '| --- | :---: | :---: | :---: | :---: | :---: | :---: | :---: | :---: |']
     for r in rows:
         if r['n'] == 0:
@@ -140,6 +142,11 @@ def write_results(name, table, opts, seeds, rows):
         lines.append(f"| {r['label']} | {r['n']} | {_fmt(r['best_err'], r['best_err_std'])} | "
                      f"{_fmt(r['last_err'], r['last_err_std'])} | {_fmt(r['many'])} | {_fmt(r['medium'])} | "
                      f"{_fmt(r['few'])} | {_fmt(r['paper'])} | {diff} |")
+    sources = [(r['label'], r['source']) for r in rows if r['paper'] is not None and r['source']]
+    if sources:
+        lines += ['', f'Where each {ref} number comes from, and the recipe behind it (this table runs every row '
+                      f'under one recipe, so the two differ by more than the method):', '']
+        lines += [f'- {label}: {source}' for label, source in sources]
     lines += ['', f'![per-class accuracy]({name}.png)', '']
     markdown = '\n'.join(lines)
     os.makedirs(opts.out, exist_ok=True)

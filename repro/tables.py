@@ -74,6 +74,7 @@ class Cell:
     stages: tuple             # in order; the last one's logs hold the cell's result
     paper: Optional[float] = None   # the paper's top-1 error (%), None where it reports none
     group: str = ''           # cells of a group share a panel of the per-class plot
+    source: str = ''          # where `paper` was published and the recipe behind it (tables of other papers' numbers)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class Table:
     needs: tuple = ()         # Need: files the table reads
     note: str = ''
     # what the numbers are: train.py-style logs (default) or imagenet_inat's final evaluation
+    reference: str = 'paper'  # the column of the cells' `paper` numbers: this paper's, or 'published' ones
     measured: str = ('*best* is the best epoch\'s (the paper\'s number, the logs\' `Best Prec@1`), *last* the last '
                      'epoch\'s. Many / medium / few: last-epoch top-1 accuracy (%) of the classes with > 100, '
                      '20–100 and < 20 images in the labeled long-tailed training set (pseudo-labeled images not '
@@ -181,6 +183,64 @@ def _digits_mini(o, seed):
             Cell('CE+DU', 'CE + pseudo-labeled digits pool (rho_U = 100)', (base, pseudo, semi)),
             Cell('Balanced', 'CE (Balanced)', (bal,)),
             Cell('Balanced+SSP', 'CE (Balanced) + rotation SSP', (rot, bal_ssp))]
+
+
+# Rows of the baseline tables: (key, label, train.py flags). The key is repro.published's method name.
+ONE_STAGE = (
+    ('CE', 'CE', ('--loss_type', 'CE', '--train_rule', 'None')),
+    ('Focal', 'Focal (gamma = 1)', ('--loss_type', 'Focal', '--train_rule', 'None')),
+    ('CB', 'CB (class-balanced re-weighting, beta = 0.9999)', ('--loss_type', 'CE', '--train_rule', 'Reweight')),
+    ('LDAM-DRW', 'LDAM-DRW', ('--loss_type', 'LDAM', '--train_rule', 'DRW')),
+    ('BalancedSoftmax', 'Balanced Softmax', ('--loss_type', 'BalancedSoftmax', '--train_rule', 'None')),
+    ('LogitAdjusted', 'logit-adjusted loss (tau = 1)', ('--loss_type', 'LogitAdjusted', '--train_rule', 'None')),
+    # the CE run again (same seed, so the same training), every evaluation post-hoc adjusted
+    ('CE+posthocLA', 'CE + post-hoc logit adjustment (tau = 1)',
+     ('--loss_type', 'CE', '--train_rule', 'None', '--posthoc_la', '1')),
+)
+# train_stage2.py --stage on the CE model: (key, label, stage)
+DECOUPLED_STAGES = (('cRT', 'cRT (on CE)', 'cRT'), ('tau-norm', 'tau-norm (on CE, tau chosen on a split carved '
+                                                                'from the training set)', 'tau_norm'),
+                    ('LWS', 'LWS (on CE)', 'LWS'))
+WB_WEIGHT_DECAY = '5e-3'  # Alshammari et al.'s tuned stage-1 weight decay for CIFAR-LT (train_stage2.py docs)
+# SSP on the two strongest one-stage losses: LDAM-DRW (the paper's own SSP row) and Balanced Softmax
+SSP_ON = ('LDAM-DRW', 'BalancedSoftmax')
+
+
+def _baselines(dataset, rhos, epochs, flags=(), published=None):
+    """Every method under this project's (the paper's) recipe, per rho: one-stage losses, the decoupled
+    stages and weight balancing on a CE model, rotation SSP under the strongest two; `published`: the
+    data set's key in repro.published (None: no published numbers)."""
+    from repro.published import PUBLISHED
+
+    def cell(key, label, stages, rho):
+        ref = PUBLISHED.get((published, rho, key))
+        return Cell(f'{key}_rho{rho}', f'rho = {rho}: {label}', stages, ref and ref.error, f'rho = {rho}',
+                    ref and f'{ref.source}. Recipe: {ref.recipe}' or '')
+
+    def build(o, seed):
+        cells = []
+        for rho in rhos:
+            data = ('--dataset', dataset, '--imb_factor', f'{1 / rho:g}', *flags)
+            runs = {key: o.trainer('train.py', seed, key.replace('+', '_'), epochs, *data, *method)
+                    for key, _, method in ONE_STAGE}
+            cells += [cell(key, label, (runs[key],), rho) for key, label, _ in ONE_STAGE]
+
+            def stage2(name, stage1):
+                return o.stage2(seed, name, epochs, *data, '--stage', name, '--stage1', stage1.output())
+
+            cells += [cell(key, label, (runs['CE'], stage2(name, runs['CE'])), rho)
+                      for key, label, name in DECOUPLED_STAGES]
+            wb1 = o.trainer('train.py', seed, 'WB1', epochs, *data, '--loss_type', 'CE', '--train_rule', 'None',
+                            '--wd', WB_WEIGHT_DECAY)
+            cells.append(cell('WB', f'weight balancing (stage 1: --wd {WB_WEIGHT_DECAY})', (wb1, stage2('WB', wb1)),
+                              rho))
+            rot = o.trainer('pretrain_rot.py', seed, 'rot', epochs, *data)
+            weights = os.path.join(os.path.dirname(rot.output()), 'ckpt.best.pth.tar')
+            for key, label, method in (m for m in ONE_STAGE if m[0] in SSP_ON):
+                ssp = o.trainer('train.py', seed, f'{key}_ssp', epochs, *data, *method, '--pretrained_model', weights)
+                cells.append(cell(f'{key}+SSP', f'{label} + rotation SSP', (rot, ssp), rho))
+        return cells
+    return build
 
 
 _DATA = 'see README "Data preparation"'
