@@ -13,10 +13,12 @@ import cli
 import fixtures
 import pretrain_rot
 import train
+import train_semi
 import trainer
 from checkpoint import load_checkpoint
 from dataset import build_transform
 from dataset.augment import Cutout
+from dataset.digits import ImbalanceDigits
 from dataset.device_loader import DeviceLoader
 from engine import Mixup, train_one_epoch
 from errors import UserError
@@ -58,6 +60,20 @@ def test_each_option_adds_its_suffix_to_the_run_name():
         assert train.supervised_store_name(_args('--dataset', 'digits', *flags)) == base + suffix
 
 
+def test_train_semi_takes_the_options(tmp_path, monkeypatch):
+    fixtures.shrink_digits(monkeypatch.setattr)
+    pool = ImbalanceDigits(None, 'exp', 0.1, 0).unused_targets
+    fixtures.write_pseudo_labels(str(tmp_path / 'pseudo_labeled_digits.pickle'), pool)
+    argv = ['--dataset', 'digits', '--data_path', str(tmp_path), '--imb_factor', '0.1', '--imb_factor_unlabel', '0.1']
+    parse = train_semi.build_parser().parse_args
+    plain, recipe = parse(argv), parse(argv + ['--autoaugment', '--cutout', '4'])
+    assert train_semi.semi_store_name(plain) == 'digits_resnet32_CE_None_exp_0.1_0.1_semi'
+    assert train_semi.semi_store_name(recipe) == 'digits_resnet32_CE_None_exp_0.1_0.1_semi_aa_cutout4'
+    assert repr(train_semi.load_data(plain)[1].transform) == DIGITS_TRAIN
+    assert [type(t) for t in train_semi.load_data(recipe)[1].transform.transforms] == [
+        transforms.RandomCrop, transforms.AutoAugment, transforms.ToTensor, transforms.Normalize, Cutout]
+
+
 # ------------------------------------------------------------------------------------ schedule
 
 def test_cosine_schedule_values():
@@ -69,8 +85,8 @@ def test_cosine_schedule_values():
     got = [trainer.LR_SCHEDULES['cosine'](e, args) for e in range(10)]
     assert got == pytest.approx(expected, abs=1e-12)
     # --lr_steps leaves the cosine alone
-    assert [trainer.LR_SCHEDULES['cosine'](e, _args('--lr_schedule', 'cosine', '--epochs', '10', '--lr_steps', '6', '7'))
-            for e in range(10)] == got
+    with_steps = _args('--lr_schedule', 'cosine', '--epochs', '10', '--lr_steps', '6', '7')
+    assert [trainer.LR_SCHEDULES['cosine'](e, with_steps) for e in range(10)] == got
 
 
 # ------------------------------------------------------------------------------------ Cutout
