@@ -67,7 +67,7 @@ def add_download_arg(parser):
 def add_training_args(parser, batch_size=128):
     from losses import LOSSES
     from models import MODELS
-    from trainer import TRAIN_RULES
+    from trainer import LR_SCHEDULES, TRAIN_RULES
     parser.add_argument('-a', '--arch', metavar='ARCH', default='resnet32', choices=list(MODELS),
                         help='model architecture: ' + ' | '.join(MODELS) + ' (default: resnet32)')
     parser.add_argument('--loss_type', default='CE', type=str, choices=list(LOSSES))
@@ -101,7 +101,35 @@ def add_training_args(parser, batch_size=128):
                         help='under torchrun on GPUs, BatchNorm statistics over the batch of all processes '
                              "(SyncBatchNorm), as on the paper's single GPU (default: on; no effect on one "
                              'process or on CPUs)')
+    _add_recipe_args(parser, LR_SCHEDULES)
     add_speed_args(parser)
+
+
+def _add_recipe_args(parser, schedules):
+    group = parser.add_argument_group("recipe options (added, for modern baselines; all off by default: the "
+                                      "paper's recipe)")
+    group.add_argument('--autoaugment', action='store_true',
+                       help="torchvision's AutoAugment, CIFAR-10 policy, after crop and flip (per image on the "
+                            "host: uses --loader torchvision)")
+    group.add_argument('--cutout', default=None, type=positive_int, metavar='N',
+                       help='Cutout: zero one N x N square per training image after normalisation (DeVries & '
+                            'Taylor 2017 used 16 on CIFAR)')
+    group.add_argument('--mixup', default=None, type=positive_float, metavar='ALPHA',
+                       help='mixup (Zhang et al. 2018): one lambda ~ Beta(ALPHA, ALPHA) per batch, images mixed '
+                            'with a random permutation of the batch, loss lam * L(y) + (1 - lam) * L(y_perm)')
+    group.add_argument('--lr_schedule', default='step', choices=list(schedules),
+                       help='step: 5 warm-up epochs, then x0.01 after --lr_steps E1, x0.0001 after E2 (default); '
+                            'cosine: the same warm-up, then lr * (1 + cos(pi * (e - 5) / (epochs - 5))) / 2 for '
+                            '1-based epoch e (--lr_steps then only says when DRW switches on)')
+
+
+def recipe_suffix(args):
+    """What the recipe options add to a run folder's name: '' with none on, so default names stay the
+    original's; e.g. '_aa_cutout16_mixup0.2_cosine'."""
+    parts = (['aa'] if args.autoaugment else []) + ([f'cutout{args.cutout}'] if args.cutout else [])
+    parts += ([f'mixup{args.mixup:g}'] if args.mixup else [])
+    parts += [args.lr_schedule] if args.lr_schedule != 'step' else []
+    return ''.join('_' + p for p in parts)
 
 
 SPEED = 'speed (results change only by float rounding and the random stream)'

@@ -13,7 +13,7 @@ import torch
 
 import dist
 from errors import UserError
-from utils import accuracy
+from utils import accuracy, derive_seed
 
 
 class DivergenceError(UserError):
@@ -101,9 +101,14 @@ class _StepMeters:
         self.count = 0
 
     @torch.no_grad()
-    def update(self, loss, output, targets):
+    def update(self, loss, output, targets, mixed=None):
+        """`mixed`: (second targets, lam) of a mixup step, whose hits count lam-weighted."""
         n = targets.size(0)
         acc1, acc5 = accuracy(output, targets, topk=(1, 5))
+        if mixed is not None:
+            targets_b, lam = mixed
+            acc1, acc5 = (lam * a + (1 - lam) * b
+                          for a, b in zip((acc1, acc5), accuracy(output, targets_b, topk=(1, 5))))
         self.last = torch.cat([loss.detach().reshape(1), acc1, acc5]).double()
         self.sums += self.last * n / self.per_sample
         self.count += n
@@ -129,9 +134,33 @@ def _check_finite(first_bad, epoch):
                               f"stopped without saving (the last good checkpoint is intact); try a lower --lr")
 
 
+class Mixup:
+    """mixup (Zhang et al., ICLR 2018), as their facebookresearch/mixup-cifar10 code does it: one
+    lam ~ Beta(alpha, alpha) per batch, a random permutation `index` of the batch, images
+    lam * x + (1 - lam) * x[index], loss lam * L(out, y) + (1 - lam) * L(out, y[index]).
+
+    Both draws are seeded by (run seed, epoch, step, rank), so a run resumed mid-epoch draws for its
+    remaining steps what the uninterrupted run drew: lam on the host (numpy's Beta; torch has none that
+    takes a generator), the permutation on the device. Nothing waits for the device."""
+
+    STREAM = 0x6d6978  # keeps these seeds apart from the device loader's (seed, epoch, step, rank)
+
+    def __init__(self, alpha, seed, rank, device):
+        self.alpha, self.seed, self.rank = alpha, seed, rank
+        self.generator = torch.Generator(device=device)
+
+    def __call__(self, images, targets, epoch, step):
+        """(mixed images, the second targets y[index], lam) for 0-based `step` of `epoch`."""
+        seed = derive_seed(self.seed, self.STREAM, epoch, step, self.rank)
+        lam = float(np.random.default_rng(seed).beta(self.alpha, self.alpha))
+        self.generator.manual_seed(seed)
+        index = torch.randperm(targets.size(0), generator=self.generator, device=targets.device)
+        return lam * images + (1 - lam) * images[index], targets[index], lam
+
+
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch_fn=None, forward=classify,
                     print_freq=10, log=_print, should_stop=None, start_step=0, num_steps=None, amp=False,
-                    channels_last=False):
+                    channels_last=False, mixup=None):
     """Train for one pass over `loader`. Returns {'loss', 'top1', 'top5', 'lr', 'steps', 'stopped'}.
 
     `forward(model, images, targets) -> (logits, targets)` is one step's prediction: the default
@@ -143,6 +172,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
     (a single process may stop there; under DDP the stop is only agreed on at print points).
     Every rank must run the same number of steps (the samplers pad shards to equal length).
     `amp`: bf16 autocast for the forward pass; `channels_last`: NHWC images (for a channels_last model).
+    `mixup`: a Mixup, applied after `batch_fn`; the training top-1/top-5 then count each image's hits
+    against y and y[index] weighted lam and 1 - lam, as mixup-cifar10's training accuracy does.
     """
     batch_fn = batch_fn or _identity
     num_steps = num_steps if num_steps is not None else start_step + len(loader)
@@ -156,17 +187,24 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
     end = time.time()
     for images, targets in loader:
         images, targets = batch_fn(to_device(images, device), to_device(targets, device))
+        mixed = None
+        if mixup is not None:
+            images, targets_b, lam = mixup(images, targets, epoch, step)
+            mixed = targets_b, lam
         output, targets = autocast_forward(lambda x: forward(model, x, targets), images, device, amp,
                                            channels_last)
         output = output.float()
-        loss = criterion(output, targets)
+        if mixed is None:
+            loss = criterion(output, targets)
+        else:
+            loss = lam * criterion(output, targets) + (1 - lam) * criterion(output, targets_b)
         step += 1
         first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad < NO_BAD_STEP), first_bad,
                                 torch.full_like(first_bad, step))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        meters.update(loss, output, targets)
+        meters.update(loss, output, targets, mixed)
 
         sync = step % print_freq == 0 or step == num_steps
         if sync:

@@ -18,6 +18,7 @@ import torch
 
 import cli
 import trainer
+from errors import UserError
 from imagenet_inat.data import build_transform as split_file_transform, split_file
 from losses import uses_norm
 from models import build_model
@@ -103,6 +104,9 @@ def rot_store_name(args):
 
 def main(argv=None):
     args = resolve_arch(build_rot_parser().parse_args(argv))
+    if cli.recipe_suffix(args):
+        raise UserError("--autoaugment, --cutout, --mixup and --lr_schedule cosine are train.py's and train_semi.py's "
+                        "recipe options; rotation pre-training keeps the paper's recipe")
     split_files = args.dataset in SPLIT_FILE_DATASETS
     args.store_name = rot_store_name(args)
     trainer.seed(args)

@@ -25,16 +25,21 @@ def build_parser(description=__doc__, datasets=('cifar10', 'cifar100', 'svhn', '
 
 def supervised_store_name(args):
     return cli.store_name(args.dataset, args.arch, args.loss_type, args.train_rule,
-                          args.imb_type, args.imb_factor, args.exp_str)
+                          args.imb_type, args.imb_factor, args.exp_str) + cli.recipe_suffix(args)
 
 
 def load_data(args):
     """The long-tailed training set and the balanced test set (errors before any file is written)."""
     info = DATASETS[args.dataset]
     train_set = info.build_train(args.data_path, args.imb_type, args.imb_factor, args.rand_number,
-                                 build_transform(args.dataset, train=True), download=args.download)
+                                 train_transform(args), download=args.download)
     val_set = info.build_val(args.data_path, build_transform(args.dataset, train=False), download=args.download)
     return info, train_set, val_set
+
+
+def train_transform(args):
+    """The per-image training transform (the classic loader's), with --autoaugment / --cutout if asked."""
+    return build_transform(args.dataset, train=True, autoaugment=args.autoaugment, cutout=args.cutout)
 
 
 def exit_code(result):

@@ -42,7 +42,7 @@ def build_parser():
 
 def semi_store_name(args):
     return cli.store_name(args.dataset, args.arch, args.loss_type, args.train_rule, args.imb_type,
-                          args.imb_factor, args.imb_factor_unlabel, args.exp_str)
+                          args.imb_factor, args.imb_factor_unlabel, args.exp_str) + cli.recipe_suffix(args)
 
 
 def check_pool_args(path, args):
@@ -67,7 +67,7 @@ def load_data(args):
     pseudo_labels = args.pseudo_labels or os.path.join(args.data_path, POOLS[args.dataset].output_filename)
     check_pool_args(pseudo_labels, args)
     train_set = info.build_semi(args.data_path, args.imb_type, args.imb_factor, args.imb_factor_unlabel,
-                                args.rand_number, build_transform(args.dataset, train=True),
+                                args.rand_number, train.train_transform(args),
                                 unlabeled_data=args.unlabeled_data, pseudo_labels=pseudo_labels,
                                 unlabel_size_factor=args.unlabel_size_factor, pseudo_threshold=args.pseudo_threshold,
                                 download=args.download)

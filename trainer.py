@@ -12,6 +12,7 @@ way the uninterrupted run did.
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import signal
@@ -28,7 +29,7 @@ from checkpoint import load_optimizer, load_pretrained, load_weights, read_weigh
 from dataset import DATASETS
 from dataset.device_loader import DeviceLoader, eval_batch_size
 from dataset.samplers import ImbalancedDatasetSampler, ShuffleSampler
-from engine import evaluate, step_hooks, train_one_epoch
+from engine import Mixup, evaluate, step_hooks, train_one_epoch
 from errors import UserError
 from fileio import RunLock, atomic_write_bytes, user_write_errors
 from losses import PosthocLogitAdjustment, build_criterion, effective_num_weights
@@ -64,6 +65,25 @@ def lr_at(epoch, base_lr, lr_steps=(160, 180)):
     if e > lr_steps[0]:
         return base_lr * 1e-2
     return base_lr
+
+
+def cosine_lr_at(epoch, base_lr, epochs):
+    """--lr_schedule cosine for 0-based `epoch`: lr_at's 5 warm-up epochs, then per epoch
+    base_lr * (1 + cos(pi * (e - 5) / (epochs - 5))) / 2 for 1-based e, down to 0 in the last epoch.
+    The cosine phase is BALMS's CIFAR-LT schedule (BalancedMetaSoftmax-Classification, utils.py
+    CosineAnnealingLRWarmup, stepped at the start of each 1-based epoch in run_networks.py), which
+    also trains its last epoch at lr 0; its warm-up (from base_lr to warmup_lr) is replaced by ours."""
+    e = epoch + 1
+    if e <= WARMUP_EPOCHS:
+        return lr_at(epoch, base_lr)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * (e - WARMUP_EPOCHS) / (epochs - WARMUP_EPOCHS)))
+
+
+# --lr_schedule NAME -> (0-based epoch, args) -> the learning rate of that epoch.
+LR_SCHEDULES = {
+    'step': lambda epoch, args: lr_at(epoch, args.lr, args.lr_steps),
+    'cosine': lambda epoch, args: cosine_lr_at(epoch, args.lr, args.epochs),
+}
 
 
 @dataclasses.dataclass
@@ -537,17 +557,31 @@ def _resume(args, exp, model, optimizer, log):
     return ckpt
 
 
+def uses_device_loader(args):
+    """--loader device on the 32x32 sets (image folders stay per image), unless --autoaugment asks for
+    per-image host work (PIL operations): then the classic loader, with a notice."""
+    if args.loader != 'device' or args.dataset not in DATASETS:
+        return False
+    if args.autoaugment:
+        console(f"=> --autoaugment transforms each image on the host: using --loader torchvision "
+                f"(-j {args.workers} workers) instead of the device loader")
+        return False
+    return True
+
+
 def _loaders(args, exp, seed, rank, world, device):
     per_rank_batch = max(1, args.batch_size // world)
     if TRAIN_RULES[args.train_rule].resample:
         sampler = ImbalancedDatasetSampler(exp.train_set, seed=seed, num_replicas=world, rank=rank)
     else:
         sampler = ShuffleSampler(len(exp.train_set), shuffle=True, seed=seed, num_replicas=world, rank=rank)
-    if args.loader == 'device' and args.dataset in DATASETS:  # the 32x32 sets; image folders stay per image
-        # Crops and flips drawn per step from (seed, epoch, step, rank): exact resume needs no generator here.
+    if uses_device_loader(args):
+        # Crops, flips and Cutout drawn per step from (seed, epoch, step, rank): exact resume needs no
+        # generator here.
         info = DATASETS[args.dataset]
         train_loader = DeviceLoader.from_dataset(exp.train_set, sampler, per_rank_batch, device, info, train=True,
-                                                 flip=info.flip, seed=seed, rank=rank, channels_last=args.channels_last)
+                                                 flip=info.flip, cutout=args.cutout, seed=seed, rank=rank,
+                                                 channels_last=args.channels_last)
         val_loader = DeviceLoader.from_dataset(exp.val_set, range(rank, len(exp.val_set), world),
                                                eval_batch_size(device), device, info, train=False,
                                                channels_last=args.channels_last)
@@ -654,6 +688,7 @@ def _run(args, exp, ctx):
     if posthoc:
         log(posthoc)
     restore_rng(ckpt, seed, rank, world)
+    mixup = Mixup(args.mixup, seed, rank, device) if args.mixup else None
 
     def snapshot(epoch, step):
         return _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, world)
@@ -662,7 +697,7 @@ def _run(args, exp, ctx):
     try:
         with GracefulStop(console) as stop:
             for epoch in range(start_epoch, args.epochs):
-                lr = lr_at(epoch, args.lr, args.lr_steps)
+                lr = LR_SCHEDULES[args.lr_schedule](epoch, args)
                 for group in optimizer.param_groups:
                     group['lr'] = lr
                 weights = TRAIN_RULES[args.train_rule].weights(epoch, exp.cls_num_list, args.lr_steps[0])
@@ -673,7 +708,7 @@ def _run(args, exp, ctx):
                 stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch,
                                         batch_fn=exp.batch_fn, print_freq=args.print_freq, log=log,
                                         should_stop=stop, start_step=step0,
-                                        num_steps=step0 + len(train_loader), **hooks)
+                                        num_steps=step0 + len(train_loader), mixup=mixup, **hooks)
                 folder.scalar('loss/train', stats['loss'], epoch)
                 folder.scalar('acc/train_top1', stats['top1'], epoch)
                 folder.scalar('lr', lr, epoch)

@@ -9,6 +9,7 @@ from typing import Callable, Optional
 
 from torchvision import transforms
 
+from dataset.augment import Cutout
 from dataset.digits import ImbalanceDigits, SemiSupervisedImbalanceDigits
 from dataset.imbalance_cifar import (ImbalanceCIFAR10, ImbalanceCIFAR100, SemiSupervisedImbalanceCIFAR10,
                                      load_tinyimages)
@@ -104,14 +105,19 @@ def dataset_info(name):
     return DATASETS[name]
 
 
-def build_transform(name, train):
-    """Training: random crop with 4 px padding and (where it keeps the class) a horizontal flip."""
+def build_transform(name, train, autoaugment=False, cutout=None):
+    """Training: random crop with 4 px padding and (where it keeps the class) a horizontal flip.
+    Opt-in recipe options (--autoaugment, --cutout N), placed as the strong long-tailed CIFAR code
+    places them (e.g. PaCo's paco_cifar.py): torchvision's AutoAugment with the CIFAR-10 policy after
+    crop and flip, on the PIL image; Cutout after normalisation, as its authors' code (dataset.augment)."""
     info = dataset_info(name)
     normalize = [transforms.ToTensor(), transforms.Normalize(info.mean, info.std)]
     if not train:
         return transforms.Compose(normalize)
     flip = [transforms.RandomHorizontalFlip()] if info.flip else []
-    return transforms.Compose([transforms.RandomCrop(32, padding=4)] + flip + normalize)
+    policy = [transforms.AutoAugment(transforms.AutoAugmentPolicy.CIFAR10)] if autoaugment else []
+    erase = [Cutout(cutout)] if cutout else []
+    return transforms.Compose([transforms.RandomCrop(32, padding=4)] + flip + policy + normalize + erase)
 
 
 def load_unlabeled_pool(name, root, path=None, download=False, **digits_kwargs):

@@ -18,6 +18,7 @@ import math
 import numpy as np
 import torch
 
+from dataset.augment import cutout_mask
 from dataset.samplers import get_targets
 from utils import derive_seed
 
@@ -56,17 +57,18 @@ class DeviceLoader:
     targets: N class labels
     sampler: what yields the indices of an epoch, in order: a dataset.samplers sampler (its `epoch`
              and `skip` are honoured) or any sized iterable, e.g. range(N) to evaluate
-    train:   augment (random crop, flip if `flip`); otherwise images are only normalised
+    train:   augment (random crop, flip if `flip`, Cutout if `cutout`); otherwise images are only normalised
+    cutout:  side of the square Cutout zeroes after normalisation (dataset.augment), or None
     seed, rank: with the sampler's epoch and the step, they seed each batch's augmentations
     """
 
     def __init__(self, images, targets, sampler, batch_size, device, mean, std, *, train, flip=False,
-                 seed=0, rank=0, channels_last=False):
+                 cutout=None, seed=0, rank=0, channels_last=False):
         self.device = torch.device(device)
         self.images = torch.as_tensor(as_nhwc(np.asarray(images))).to(self.device).contiguous()
         self.targets = torch.as_tensor(np.asarray(targets, dtype=np.int64)).to(self.device)
         self.sampler, self.batch_size = sampler, batch_size
-        self.train, self.flip, self.seed, self.rank = train, flip, seed, rank
+        self.train, self.flip, self.cutout, self.seed, self.rank = train, flip, cutout, seed, rank
         self.channels_last = channels_last
         self.mean, self.std = _stats(mean, self.device), _stats(std, self.device)
         self._generator = torch.Generator(device=self.device)
@@ -91,7 +93,12 @@ class DeviceLoader:
                 pixels = self.augment(index, self._generator)
             else:
                 pixels = self.images[index]
-            yield normalize(pixels, self.mean, self.std, self.channels_last), self.targets[index]
+            images = normalize(pixels, self.mean, self.std, self.channels_last)
+            if self.train and self.cutout:
+                # Drawn after the windows and flips, so those stay what they are without Cutout.
+                centres = torch.randint(0, SIZE, (index.numel(), 2), generator=self._generator, device=self.device)
+                images = images.masked_fill(cutout_mask(centres, self.cutout, SIZE, SIZE)[:, None], 0)
+            yield images, self.targets[index]
 
     def augment(self, index, generator):
         """B x 32 x 32 x 3 uint8: random windows of the zero-padded images, flipped where drawn.
