@@ -21,14 +21,12 @@ demo: venv
 	$(BIN)/python train.py --dataset digits --imb_factor 0.01 --loss_type LDAM --train_rule DRW \
 		--epochs 30 --lr_steps 20 25 -b 64 -j 0 --seed 0 --exp_str demo
 
-# The whole suite: 549 tests. A clean clone's `bash .ci/run` (fresh venv, then the suite) ran 512 of them
-# in 11 minutes on the 2-core CPU machine (2026-11-29, partly shared); all 549 passed in 9 min 2 s on it
-# idle (fresh venv not counted). Slowest: the
-# multi-process tests (torchrun, MoCo's per-GPU launcher, reproduce.py --jobs: 33 marked `slow`, 10-60 s
-# each; `pytest -m "not slow"` leaves them out), the kill/resume subprocess tests of
-# tests/test_reliability.py and the reproduce tables run with their README commands (15-30 s each).
+# The whole suite, as tests/shards.py runs it: one pytest process per CPU core (at most 4), each a
+# disjoint share of the tests, one OpenMP thread each; `SHARDS=1 make test` runs it in one process.
+# `pytest -m "not slow"` leaves out the multi-process tests (torchrun, MoCo's per-GPU launcher,
+# reproduce.py --jobs). Timings: README "Tests".
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python tests/shards.py -q tests
 
 bench: venv
 	$(BIN)/python bench/throughput.py

@@ -63,6 +63,28 @@ def one_thread():
         yield
 
 
+def pytest_addoption(parser):
+    parser.addoption('--shard', default=None, metavar='K/N',
+                     help='run only the K-th of N disjoint shares of the collected tests (K from 0); '
+                          'tests/shards.py runs the N shares side by side')
+
+
+def pytest_collection_modifyitems(config, items):
+    """--shard K/N: the slow tests dealt out first, one each in turn, then the others, so that every
+    share gets about as many multi-process tests (most of the time) as the others."""
+    shard = config.getoption('--shard')
+    if shard is None:
+        return
+    k, _, n = shard.partition('/')
+    if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
+        raise pytest.UsageError(f'--shard {shard}: expected K/N with 0 <= K < N')
+    k, n = int(k), int(n)
+    dealt = sorted(range(len(items)), key=lambda i: items[i].get_closest_marker('slow') is None)
+    mine = {i for turn, i in enumerate(dealt) if turn % n == k}
+    config.hook.pytest_deselected(items=[item for i, item in enumerate(items) if i not in mine])
+    items[:] = [item for i, item in enumerate(items) if i in mine]
+
+
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: multi-process (torchrun) tests; `make test` runs them, '
                                        '`pytest -m "not slow"` leaves them out')
