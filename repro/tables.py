@@ -67,6 +67,15 @@ class Options:
                           '--root_log', self.path('log'), '--root_model', self.path('checkpoint'))
 
 
+    def stage2(self, seed, *argv):
+        """A train_stage2.py stage: its own epochs, lr and batch (the authors'), unless --epochs is given;
+        its run folder is named after its --stage1 run's."""
+        epochs = ('--epochs', self.epochs) if self.epochs else ()
+        return self.stage('train_stage2.py', *argv, '--data_path', self.data_path, '--seed', seed,
+                          '--rand_number', self.rand(seed), *epochs,
+                          '--root_log', self.path('log'), '--root_model', self.path('checkpoint'))
+
+
 @dataclass(frozen=True)
 class Cell:
     key: str                  # short name for --cells and the CSV
@@ -158,7 +167,8 @@ def _decoupled(moco_dataset, config_dir, papers):
 
 # Sized for <= 15 minutes on a 2-core CPU (21 stages): ResNet-20 rather than the paper's ResNet-32, 15 epochs.
 DIGITS_EPOCHS = 15
-DIGITS_FLAGS = ('--imb_factor', '0.01', '-a', 'resnet20', '-b', '64', '-j', '0')
+DIGITS_LOADER = ('-b', '64', '-j', '0')
+DIGITS_FLAGS = ('--imb_factor', '0.01', '-a', 'resnet20', *DIGITS_LOADER)
 
 
 def _digits_mini(o, seed):
@@ -206,10 +216,11 @@ WB_WEIGHT_DECAY = '5e-3'  # Alshammari et al.'s tuned stage-1 weight decay for C
 SSP_ON = ('LDAM-DRW', 'BalancedSoftmax')
 
 
-def _baselines(dataset, rhos, epochs, flags=(), published=None):
+def _baselines(dataset, rhos, epochs, flags=(), stage2_flags=(), published=None):
     """Every method under this project's (the paper's) recipe, per rho: one-stage losses, the decoupled
-    stages and weight balancing on a CE model, rotation SSP under the strongest two; `published`: the
-    data set's key in repro.published (None: no published numbers)."""
+    stages and weight balancing on a CE model, rotation SSP under the strongest two. `flags` go to the
+    train.py / pretrain_rot.py stages, `stage2_flags` to train_stage2.py's; `published`: the data set's key
+    in repro.published (None: no published numbers)."""
     from repro.published import PUBLISHED
 
     def cell(key, label, stages, rho):
@@ -226,7 +237,8 @@ def _baselines(dataset, rhos, epochs, flags=(), published=None):
             cells += [cell(key, label, (runs[key],), rho) for key, label, _ in ONE_STAGE]
 
             def stage2(name, stage1):
-                return o.stage2(seed, name, epochs, *data, '--stage', name, '--stage1', stage1.output())
+                return o.stage2(seed, '--dataset', dataset, '--imb_factor', f'{1 / rho:g}', *stage2_flags,
+                                '--stage', name, '--stage1', stage1.output())
 
             cells += [cell(key, label, (runs['CE'], stage2(name, runs['CE'])), rho)
                       for key, label, name in DECOUPLED_STAGES]
@@ -244,6 +256,11 @@ def _baselines(dataset, rhos, epochs, flags=(), published=None):
 
 
 _DATA = 'see README "Data preparation"'
+BASELINES = ('Every row runs under this project\'s recipe (the paper\'s: 200 epochs, batch 128, SGD lr 0.1 with '
+             '5 warm-up epochs and x0.01 / x0.0001 steps, wd 2e-4, crop + flip); stage 2 (cRT, tau-norm, LWS, '
+             'weight balancing) with its authors\' settings (train_stage2.py). The published numbers used other '
+             'recipes, named under the table: compare rows with each other, and a row with its published '
+             'number only as far as the recipes agree.')
 DECOUPLED = ('*best*: the weights of the best validation epoch, evaluated after training (ImageNet-LT: test split, '
              'iNaturalist 2018: val), as the paper reports; no last-epoch test number exists. Many / medium / few: '
              'top-1 accuracy (%) of the classes with > 100, 20–100 and < 20 training images, same weights.')
@@ -281,6 +298,19 @@ TABLES = {
                   _decoupled('inat', 'iNaturalist18', (35.6, 34.1, 31.9)), None,
                   (Need('{data}', f'the iNaturalist 2018 images ({_DATA})'),)
                   + _split_files('iNaturalist18', ('train', 'val')), measured=DECOUPLED),
+    'cifar10-lt-baselines': Table('CIFAR-10-LT (rho = 100, 50, 10): long-tailed baselines under one recipe (the '
+                                  'paper\'s), ResNet-32', _baselines('cifar10', (100, 50, 10), 200,
+                                                                      published='cifar10'),
+                                  200, (CIFAR10,), note=BASELINES, reference='published'),
+    'cifar100-lt-baselines': Table('CIFAR-100-LT (rho = 100, 50, 10): long-tailed baselines under one recipe (the '
+                                   'paper\'s), ResNet-32', _baselines('cifar100', (100, 50, 10), 200,
+                                                                       published='cifar100'),
+                                   200, (CIFAR100,), note=BASELINES, reference='published'),
+    'digits-baselines-mini': Table('Miniature: long-tailed digits (rho = 100), the baselines, ResNet-20, CPU',
+                                   _baselines('digits', (100,), DIGITS_EPOCHS, ('-a', 'resnet20', *DIGITS_LOADER),
+                                              DIGITS_LOADER),
+                                   DIGITS_EPOCHS, reference='published',
+                                   note='No published numbers: no paper has a digits table. ' + BASELINES),
     'digits-mini': Table('Miniature: long-tailed digits (rho = 100), ResNet-20, CPU', _digits_mini, DIGITS_EPOCHS,
                          note='No paper numbers: the paper has no digits table. Its claims, in this setting: '
                               'SSP and pseudo-labeled data each lower the error of CE, and SSP also helps '
