@@ -131,7 +131,7 @@ def _check_finite(first_bad, epoch):
 
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch_fn=None, forward=classify,
                     print_freq=10, log=_print, should_stop=None, start_step=0, num_steps=None, amp=False,
-                    channels_last=False):
+                    channels_last=False, after_step=None):
     """Train for one pass over `loader`. Returns {'loss', 'top1', 'top5', 'lr', 'steps', 'stopped'}.
 
     `forward(model, images, targets) -> (logits, targets)` is one step's prediction: the default
@@ -143,6 +143,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
     (a single process may stop there; under DDP the stop is only agreed on at print points).
     Every rank must run the same number of steps (the samplers pad shards to equal length).
     `amp`: bf16 autocast for the forward pass; `channels_last`: NHWC images (for a channels_last model).
+    `after_step()`: called after every optimizer step (a projection such as losses.MaxNorm).
     """
     batch_fn = batch_fn or _identity
     num_steps = num_steps if num_steps is not None else start_step + len(loader)
@@ -166,6 +167,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         meters.update(loss, output, targets)
 
         sync = step % print_freq == 0 or step == num_steps
