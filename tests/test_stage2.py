@@ -230,3 +230,23 @@ def test_evaluate_a_stage2_checkpoint_gives_its_top1(cwd, capsys):
     assert train_stage2.main(['--dataset', 'digits', '--imb_factor', '0.01', '--stage', 'LWS', '-j', '0',
                               '--resume', f'checkpoint/{name}/ckpt.pth.tar', '-e']) == 0
     assert f'val Results: Prec@1 {last:.3f}' in capsys.readouterr().out
+
+
+def test_readme_cifar10_commands(tmp_path, monkeypatch, no_checksum, one_thread, capsys):
+    """The README's CIFAR-10-LT commands as written, on a 40-per-class CIFAR-10 fixture (one epoch, -b 16:
+    the stage defaults' batch of 512 exceeds it): the CE stage 1 of the train.py section, the WB stage 1,
+    the four stages, then -e of the cRT checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    fixtures.write_cifar10(tmp_path / 'data', per_class=40, test_per_class=2)
+    (ce,) = script_commands('README.md', 'train.py', ['cifar10', 'CE', 'None'])
+    (wd,) = script_commands('README.md', 'train.py', ['cifar10', 'wd5e-3'])
+    for argv in (ce, wd):
+        assert train.main(argv + ['--epochs', '1', '-b', '16', '-j', '0']) == 0
+    commands = script_commands('README.md', 'train_stage2.py', ['cifar10'])
+    assert [c[c.index('--stage') + 1] for c in commands] == ['cRT', 'LWS', 'tau_norm', 'WB', 'cRT']
+    for argv in commands[:-1]:
+        assert train_stage2.main(argv + ['--epochs', '1', '-b', '16']) == 0
+    capsys.readouterr()
+    assert train_stage2.main(commands[-1]) == 0
+    log = 'log/cifar10_resnet32_CE_None_exp_0.01_ss_pretrained_cRT/log_test.csv'
+    assert f"val Results: Prec@1 {trainer.read_test_log(log)[-1]['top1']:.3f}" in capsys.readouterr().out
