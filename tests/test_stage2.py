@@ -149,7 +149,12 @@ def test_tau_norm_chooses_tau_on_training_images(cwd, monkeypatch):
         scored.append((loader, out))
         return out
     monkeypatch.setattr(train_stage2, 'predict', spy)
-    ckpt, log = run_stage('tau_norm')
+    # a stage-1 classifier of random rows with very unequal norms, so that tau changes the predictions
+    crafted = load_checkpoint(STAGE1)
+    gen = torch.Generator().manual_seed(0)
+    crafted['state_dict']['fc.weight'] = torch.randn(10, 64, generator=gen) * torch.logspace(1, -1, 10)[:, None]
+    torch.save(crafted, 'crafted.pth.tar')
+    ckpt, log = run_stage('tau_norm', '--stage1', 'crafted.pth.tar')
     ((loader, (features, labels)),) = scored
     train_set = train.load_data(train_stage2.parse(readme_stage2('tau_norm'))[0])[1]
     counts = np.bincount(train_set.targets, minlength=10)
@@ -158,12 +163,13 @@ def test_tau_norm_chooses_tau_on_training_images(cwd, monkeypatch):
     train_rows = {bytes(img) for img in train_set.data}
     assert all(bytes(img) in train_rows for img in loader.images.cpu().numpy())
     # the chosen tau: best mean per-class accuracy of W_i / ||W_i||^tau (no bias) on those images
-    w = stage1()['fc.weight']
+    w = crafted['state_dict']['fc.weight']
     accs = {}
     for tau in np.round(np.linspace(0, 2, 21), 2):
         pred = (features @ (w / w.norm(dim=1, keepdim=True) ** tau).T).argmax(1)
         accs[tau] = np.mean([(pred[labels == c] == c).float().mean().item() for c in range(10)])
-    best = max(accs, key=accs.get)
+    best = max(accs, key=accs.get)  # the first of equal ones
+    assert len(set(accs.values())) > 1
     text = open(f'{log}/log_train.csv').read()
     assert re.search(rf'tau {best:.2f} chosen on the validation split carved from the training set', text)
     torch.testing.assert_close(ckpt['state_dict']['fc.weight'], w / w.norm(dim=1, keepdim=True) ** best)
