@@ -194,6 +194,10 @@ STAGES = {
 }
 
 
+# a stage's own flag -> (the stage, its default); --tau has none: without it, tau_norm searches
+STAGE_FLAGS = {'tau': ('tau_norm', None), 'val_per_class': ('tau_norm', 20), 'maxnorm_thresh': ('WB', 0.1)}
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_data_args(parser, tuple(DATASETS), '')
@@ -206,10 +210,10 @@ def build_parser():
                             "update, as Kang et al.'s and Alshammari et al.'s code did); default: eval mode")
     group.add_argument('--tau', default=None, type=cli.nonneg_float,
                        help='tau_norm: this tau instead of the search over 0, 0.1, ..., 2')
-    group.add_argument('--val_per_class', default=20, type=cli.positive_int, metavar='K',
+    group.add_argument('--val_per_class', default=None, type=cli.positive_int, metavar='K',
                        help='tau_norm: the tau search scores K training images per class (all of a smaller '
                             'class; default 20, as ImageNet-LT\'s validation split)')
-    group.add_argument('--maxnorm_thresh', default=0.1, type=cli.probability, metavar='T',
+    group.add_argument('--maxnorm_thresh', default=None, type=cli.probability, metavar='T',
                        help='WB: MaxNorm radius min + T * (max - min) of the stage-1 classifier row norms '
                             '(default 0.1, the authors\')')
     cli.add_run_args(parser, batch_size=None, epochs=None, lr=None, weight_decay=None)
@@ -220,6 +224,11 @@ def parse(argv):
     """The arguments, the stage's defaults filled in, and what the trainer reads that stage 2 fixes."""
     args = build_parser().parse_args(argv)
     stage = STAGES[args.stage]
+    for flag, (owner, default) in STAGE_FLAGS.items():
+        if getattr(args, flag) is not None and args.stage != owner:
+            raise UserError(f"--{flag} applies to --stage {owner} only, not {args.stage}")
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
     for key in ('epochs', 'lr', 'batch_size', 'weight_decay'):
         if getattr(args, key) is None:
             setattr(args, key, getattr(stage, key))

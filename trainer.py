@@ -655,7 +655,7 @@ def _run(args, exp, ctx):
             print(np.array2string(metrics['confusion'], max_line_width=200, threshold=10 ** 6))
         return metrics
 
-    if world > 1:
+    if world > 1 and exp.trains:  # DDP refuses a model with nothing to train
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     if args.compile:
         # In place, and after DDP, as PyTorch's DDP + torch.compile notes ask (DDPOptimizer then splits
@@ -668,7 +668,9 @@ def _run(args, exp, ctx):
     except UserError as e:
         error = e
     dist.raise_if_any(error)  # collective: rank 0 alone opens the folder, every rank must stop if it fails
-    for line in ((posthoc,) if posthoc else ()) + tuple(exp.notes):
+    if posthoc:
+        log(posthoc)
+    for line in () if same_run else exp.notes:  # a resumed run's log already has them
         log(line)
     restore_rng(ckpt, seed, rank, world)
 

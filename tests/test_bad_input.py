@@ -158,6 +158,7 @@ CASES = [
                                                         '{w}/good.pth.tar'], r'does not fit'),
     ('stage 2 unknown stage', train_stage2, ['--stage', 'NCM'], r'invalid choice'),
     ('stage 2 negative tau', train_stage2, ['--stage', 'tau_norm', '--tau', '-1'], r'--tau.*not a non-negative'),
+    ('stage 2 tau for another stage', train_stage2, S + ['--stage', 'cRT', '--tau', '1'], r'--tau applies to --stage tau_norm'),
     ('stage 2 without stage 1', train_stage2, S + ['--stage', 'cRT'], r'--stage1 PATH is required'),
     ('stage 2 from 100 classes', train_stage2, S + ['--stage', 'cRT', '--stage1', '{w}/c100.pth.tar'],
      r'another number of classes \(100'),

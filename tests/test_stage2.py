@@ -2,6 +2,7 @@
 what each stage keeps, what it changes, and the formulas written out here (Kang et al. 2020; Alshammari et
 al. 2022). The bad inputs are in tests/test_bad_input.py's catalogue."""
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -256,3 +257,32 @@ def test_readme_cifar10_commands(tmp_path, monkeypatch, no_checksum, one_thread,
     assert train_stage2.main(commands[-1]) == 0
     log = 'log/cifar10_resnet32_CE_None_exp_0.01_ss_pretrained_cRT/log_test.csv'
     assert f"val Results: Prec@1 {trainer.read_test_log(log)[-1]['top1']:.3f}" in capsys.readouterr().out
+
+
+def test_train_bn_lets_the_statistics_update(cwd):
+    ckpt, log = run_stage('cRT', '--epochs', '1', '--train_bn')
+    before, after = stage1(), ckpt['state_dict']
+    assert not torch.equal(after['bn1.running_mean'], before['bn1.running_mean'])
+    fixtures.assert_same_tensors(after['conv1.weight'], before['conv1.weight'])  # parameters still frozen
+    assert 'BatchNorm of the frozen features in train mode' in open(f'{log}/log_train.csv').read()
+
+
+def test_resumed_stage2_equals_an_uninterrupted_one(cwd, monkeypatch):
+    """A 3-epoch LWS run stopped by SIGTERM at the end of epoch 1 and resumed (--stage1 again, which names the
+    run folder): the weights and logs of the uninterrupted run (class-aware sampler, cosine schedule)."""
+    whole, log = run_stage('LWS', '--epochs', '3')
+    logs = {n: open(f'{log}/{n}').read() for n in ('log_train.csv', 'log_test.csv')}
+
+    def sigterm_at_first_sync(self, sync=True):
+        if sync:
+            self.signum = signal.SIGTERM
+        return sync
+    with monkeypatch.context() as m:
+        m.setattr(trainer.GracefulStop, '__call__', sigterm_at_first_sync)
+        assert train_stage2.main(readme_stage2('LWS') + ['--epochs', '3']) == 128 + signal.SIGTERM
+    name = 'digits_resnet32_CE_None_exp_0.01_ss_pretrained_LWS'
+    assert load_checkpoint(f'checkpoint/{name}/ckpt.pth.tar')['epoch'] == 1
+    resumed, _ = run_stage('LWS', '--epochs', '3', '--resume', f'checkpoint/{name}/ckpt.pth.tar')
+    fixtures.assert_same_tensors(resumed['state_dict'], whole['state_dict'])
+    for n, text in logs.items():
+        assert open(f'{log}/{n}').read() == text, n
