@@ -11,7 +11,8 @@ the 32x32 data sets, on the shared trainer.
 
 Every stage starts from the stage-1 model and changes its classifier only: the feature extractor's
 parameters are frozen and, unless --train_bn, its BatchNorm layers stay in eval mode (running statistics
-fixed). The run folder is the stage-1 run's name plus the stage; logs and checkpoints are train.py's.
+fixed). --epochs, -b, --lr and --wd default to the stage's authors' values (STAGES). The run folder is the
+stage-1 run's name plus the stage; logs and checkpoints are train.py's.
 """
 import argparse
 import dataclasses
