@@ -1,4 +1,4 @@
-"""The run loop behind train.py, train_semi.py and pretrain_rot.py.
+"""The run loop behind train.py, train_semi.py, train_stage2.py and pretrain_rot.py.
 
 A script builds an `Experiment` (model, data, class counts) and calls `run(args, experiment)`.
 Everything else is here, once: device, optimizer, LR schedule, train rules (Resample / Reweight /
