@@ -78,18 +78,26 @@ def add_training_args(parser, batch_size=128):
                         help='post-hoc logit adjustment: the evaluations (after every epoch, and -e) score '
                              'logits - TAU * log(training class prior); training is unchanged (default: off)')
     parser.add_argument('--train_rule', default='None', type=str, choices=list(TRAIN_RULES))
-    parser.add_argument('--gpu', default=None, type=nonneg_int, help='GPU id to use (default: first GPU, else CPU)')
     parser.add_argument('--pretrained_model', type=str, default='', help='self-supervised weights to start from')
+    parser.add_argument('--lr_steps', default=[160, 180], type=positive_int, nargs=2, metavar=('E1', 'E2'),
+                        help='lr x0.01 after epoch E1, x0.0001 after E2; DRW switches on at E1 (default: 160 180)')
+    add_run_args(parser, batch_size)
+    _add_recipe_args(parser, LR_SCHEDULES)
+
+
+def add_run_args(parser, batch_size=128, epochs=200, lr=0.1, weight_decay=2e-4):
+    """The flags of a training run whatever it trains (train.py's, train_stage2.py's): device, data loading,
+    optimizer, resume, logs, speed."""
+    parser.add_argument('--gpu', default=None, type=nonneg_int, help='GPU id to use (default: first GPU, else CPU)')
     parser.add_argument('-j', '--workers', default=4, type=nonneg_int, metavar='N', help='data loading workers')
-    parser.add_argument('--epochs', default=200, type=positive_int, metavar='N')
+    parser.add_argument('--epochs', default=epochs, type=positive_int, metavar='N')
     parser.add_argument('--start-epoch', default=0, type=nonneg_int, metavar='N',
                         help='manual epoch number (useful on restarts)')
     parser.add_argument('-b', '--batch-size', default=batch_size, type=positive_int, metavar='N')
-    parser.add_argument('--lr', '--learning-rate', default=0.1, type=positive_float, metavar='LR', dest='lr')
+    parser.add_argument('--lr', '--learning-rate', default=lr, type=positive_float, metavar='LR', dest='lr')
     parser.add_argument('--momentum', default=0.9, type=nonneg_float, metavar='M')
-    parser.add_argument('--wd', '--weight-decay', default=2e-4, type=nonneg_float, metavar='W', dest='weight_decay')
-    parser.add_argument('--lr_steps', default=[160, 180], type=positive_int, nargs=2, metavar=('E1', 'E2'),
-                        help='lr x0.01 after epoch E1, x0.0001 after E2; DRW switches on at E1 (default: 160 180)')
+    parser.add_argument('--wd', '--weight-decay', default=weight_decay, type=nonneg_float, metavar='W',
+                        dest='weight_decay')
     parser.add_argument('-p', '--print-freq', default=10, type=positive_int, metavar='N')
     parser.add_argument('--resume', default='', type=str, metavar='PATH', help='checkpoint to resume from')
     parser.add_argument('-e', '--evaluate', dest='evaluate', action='store_true',
@@ -101,7 +109,6 @@ def add_training_args(parser, batch_size=128):
                         help='under torchrun on GPUs, BatchNorm statistics over the batch of all processes '
                              "(SyncBatchNorm), as on the paper's single GPU (default: on; no effect on one "
                              'process or on CPUs)')
-    _add_recipe_args(parser, LR_SCHEDULES)
     add_speed_args(parser)
 
 

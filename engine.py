@@ -160,7 +160,7 @@ class Mixup:
 
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch_fn=None, forward=classify,
                     print_freq=10, log=_print, should_stop=None, start_step=0, num_steps=None, amp=False,
-                    channels_last=False, mixup=None):
+                    channels_last=False, mixup=None, after_step=None):
     """Train for one pass over `loader`. Returns {'loss', 'top1', 'top5', 'lr', 'steps', 'stopped'}.
 
     `forward(model, images, targets) -> (logits, targets)` is one step's prediction: the default
@@ -174,6 +174,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
     `amp`: bf16 autocast for the forward pass; `channels_last`: NHWC images (for a channels_last model).
     `mixup`: a Mixup, applied after `batch_fn`; the training top-1/top-5 then count each image's hits
     against y and y[index] weighted lam and 1 - lam, as mixup-cifar10's training accuracy does.
+    `after_step()`: called after every optimizer step (a projection such as losses.MaxNorm).
     """
     batch_fn = batch_fn or _identity
     num_steps = num_steps if num_steps is not None else start_step + len(loader)
@@ -204,6 +205,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         meters.update(loss, output, targets, mixed)
 
         sync = step % print_freq == 0 or step == num_steps

@@ -150,6 +150,51 @@ class PosthocLogitAdjustment(nn.Module):
         return self.classifier(images) - self.tau * self.log_prior
 
 
+class ClassBalancedSoftmaxBCELoss(nn.Module):
+    """The class-balanced loss of weight balancing's stage 2 (Alshammari et al., CVPR 2022), as their code computes
+    it (LTR-weight-balancing utils/class_balanced_loss.py, CB_loss(..., "softmax", beta=0.9999), from Cui et al.
+    2019's reference code): binary cross-entropy between the softmax probabilities and the one-hot target, every
+    one of image i's C terms weighted by w[y_i] = effective_num_weights(cls_num_list, beta)[y_i], averaged over
+    the N x C terms:
+
+        loss = 1/(N C) sum_i sum_c w[y_i] * -(t_ic log p_ic + (1 - t_ic) log(1 - p_ic)),  p_i = softmax(z_i)
+
+    (not the weighted cross-entropy of --train_rule Reweight). Logs are clamped at -100, as
+    F.binary_cross_entropy does."""
+
+    def __init__(self, cls_num_list, beta=0.9999):
+        super().__init__()
+        self.register_buffer('weight', effective_num_weights(cls_num_list, beta))  # (C,)
+
+    def forward(self, logits, target):
+        probs = logits.softmax(dim=1)
+        one_hot = F.one_hot(target, logits.shape[1]).to(probs.dtype)
+        return F.binary_cross_entropy(probs, one_hot, weight=self.weight[target][:, None].expand_as(probs))
+
+
+class MaxNorm:
+    """MaxNorm by projected gradient descent (Alshammari et al., CVPR 2022, "Long-Tailed Recognition via Weight
+    Balancing"; their utils/regularizers.py MaxNorm_via_PGD): each row of a classifier's weight matrix (one
+    class, C x D) whose L2 norm exceeds `radius` is scaled back onto the ball of that radius; rows inside it
+    stay as they are. Call it with the weight after an optimizer step (a step hook); the bias is not
+    constrained (theirs gets an infinite threshold)."""
+
+    def __init__(self, radius):
+        self.radius = float(radius)
+
+    @classmethod
+    def from_weight(cls, weight, thresh=0.1):
+        """Their radius: min + thresh * (max - min) of the row norms of the weight training starts from."""
+        norms = weight.detach().norm(p=2, dim=1)
+        return cls(norms.min() + thresh * (norms.max() - norms.min()))
+
+    @torch.no_grad()
+    def __call__(self, weight):
+        norms = weight.norm(p=2, dim=1, keepdim=True)  # (C, 1)
+        # on the device, no host sync: rows within the ball are multiplied by 1
+        weight.mul_(torch.where(norms > self.radius, self.radius / norms, torch.ones_like(norms)))
+
+
 # name -> builder(cls_num_list, weight, la_tau); `weight` is a per-class tensor (C,) or None, `la_tau`
 # the logit-adjusted loss's tau (--la_tau).
 LOSSES = {

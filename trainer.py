@@ -1,4 +1,4 @@
-"""The run loop behind train.py, train_semi.py and pretrain_rot.py.
+"""The run loop behind train.py, train_semi.py, train_stage2.py and pretrain_rot.py.
 
 A script builds an `Experiment` (model, data, class counts) and calls `run(args, experiment)`.
 Everything else is here, once: device, optimizer, LR schedule, train rules (Resample / Reweight /
@@ -50,9 +50,23 @@ class Experiment:
     cls_num_list: list           # training images per class: losses, samplers, shot groups
     batch_fn: Optional[Callable] = None        # (images, targets) -> (images, targets), training
     eval_batch_fn: Optional[Callable] = None   # the same for evaluation (defaults to batch_fn)
+    # Stage 2 (train_stage2.py) sets these; the defaults are train.py's behaviour.
+    criterion: Optional[nn.Module] = None      # a fixed training loss instead of --loss_type / --train_rule's
+    sampler: Optional[Callable] = None         # (seed, num_replicas, rank) -> sampler, instead of --train_rule's
+    schedule: Optional[Callable] = None        # 0-based epoch -> lr, instead of lr_at(epoch, --lr, --lr_steps)
+    after_step: Optional[Callable] = None      # called after every optimizer step (losses.MaxNorm)
+    trains: bool = True                        # False: every epoch only evaluates and saves (tau-normalisation)
+    notes: tuple = ()                          # lines for log_train.csv at the start of a run
 
     def __post_init__(self):
         self.eval_batch_fn = self.eval_batch_fn or self.batch_fn
+
+
+def cosine_at_epoch_start(epoch, base_lr, num_epochs, end_lr=0.0):
+    """CosineAnnealingLR(T_max=num_epochs, eta_min=end_lr) stepped at the *start* of every epoch, as Kang et
+    al.'s and Alshammari et al.'s code did: 1-based `epoch` e trains at end_lr + (lr - end_lr)(1 + cos(pi e / E)) / 2
+    (end_lr at the last epoch)."""
+    return end_lr + (base_lr - end_lr) * (1 + math.cos(math.pi * epoch / num_epochs)) / 2
 
 
 def lr_at(epoch, base_lr, lr_steps=(160, 180)):
@@ -571,7 +585,9 @@ def uses_device_loader(args):
 
 def _loaders(args, exp, seed, rank, world, device):
     per_rank_batch = max(1, args.batch_size // world)
-    if TRAIN_RULES[args.train_rule].resample:
+    if exp.sampler is not None:
+        sampler = exp.sampler(seed, world, rank)
+    elif TRAIN_RULES[args.train_rule].resample:
         sampler = ImbalancedDatasetSampler(exp.train_set, seed=seed, num_replicas=world, rank=rank)
     else:
         sampler = ShuffleSampler(len(exp.train_set), shuffle=True, seed=seed, num_replicas=world, rank=rank)
@@ -672,7 +688,7 @@ def _run(args, exp, ctx):
             print(np.array2string(metrics['confusion'], max_line_width=200, threshold=10 ** 6))
         return metrics
 
-    if world > 1:
+    if world > 1 and exp.trains:  # DDP refuses a model with nothing to train
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     if args.compile:
         # In place, and after DDP, as PyTorch's DDP + torch.compile notes ask (DDPOptimizer then splits
@@ -687,6 +703,8 @@ def _run(args, exp, ctx):
     dist.raise_if_any(error)  # collective: rank 0 alone opens the folder, every rank must stop if it fails
     if posthoc:
         log(posthoc)
+    for line in () if same_run else exp.notes:  # a resumed run's log already has them
+        log(line)
     restore_rng(ckpt, seed, rank, world)
     mixup = Mixup(args.mixup, seed, rank, device) if args.mixup else None
 
@@ -697,25 +715,14 @@ def _run(args, exp, ctx):
     try:
         with GracefulStop(console) as stop:
             for epoch in range(start_epoch, args.epochs):
-                lr = LR_SCHEDULES[args.lr_schedule](epoch, args)
-                for group in optimizer.param_groups:
-                    group['lr'] = lr
-                weights = TRAIN_RULES[args.train_rule].weights(epoch, exp.cls_num_list, args.lr_steps[0])
-                criterion = build_criterion(args.loss_type, exp.cls_num_list,
-                                            None if weights is None else weights.to(device), args.la_tau).to(device)
-                step0 = start_step if epoch == start_epoch else 0
-                begin_epoch(sampler, train_loader, seed, epoch, rank, step0)
-                stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch,
-                                        batch_fn=exp.batch_fn, print_freq=args.print_freq, log=log,
-                                        should_stop=stop, start_step=step0,
-                                        num_steps=step0 + len(train_loader), mixup=mixup, **hooks)
-                folder.scalar('loss/train', stats['loss'], epoch)
-                folder.scalar('acc/train_top1', stats['top1'], epoch)
-                folder.scalar('lr', lr, epoch)
-                if stats['stopped']:
-                    folder.save(snapshot(epoch, stats['steps']), is_best=False)
-                    log(stop_notice(stop, epoch, folder.ckpt_path, stats['steps']))
-                    return {'stopped_by': stop.signum, **stats}
+                if exp.trains:
+                    stats = _train_epoch(args, exp, model, optimizer, train_loader, sampler, seed, epoch,
+                                         start_step if epoch == start_epoch else 0, rank, device, folder, log,
+                                         stop, hooks, mixup)
+                    if stats['stopped']:
+                        folder.save(snapshot(epoch, stats['steps']), is_best=False)
+                        log(stop_notice(stop, epoch, folder.ckpt_path, stats['steps']))
+                        return {'stopped_by': stop.signum, **stats}
                 dist.broadcast_buffers(unwrap(model))  # collective, every epoch: evaluate what rank 0 saves
                 metrics = evaluate(eval_model, eval_criterion, val_loader, device, exp.num_classes,
                                    batch_fn=exp.eval_batch_fn, **eval_hooks)
@@ -731,6 +738,27 @@ def _run(args, exp, ctx):
         folder.close()
     metrics['best_acc1'] = best_acc1
     return metrics
+
+
+def _train_epoch(args, exp, model, optimizer, train_loader, sampler, seed, epoch, step0, rank, device, folder, log,
+                 stop, hooks, mixup):
+    """One training epoch of `run` from step `step0`: its lr and loss, the data order, the steps."""
+    lr = exp.schedule(epoch) if exp.schedule is not None else LR_SCHEDULES[args.lr_schedule](epoch, args)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    criterion = exp.criterion
+    if criterion is None:
+        weights = TRAIN_RULES[args.train_rule].weights(epoch, exp.cls_num_list, args.lr_steps[0])
+        criterion = build_criterion(args.loss_type, exp.cls_num_list, None if weights is None else weights.to(device),
+                                    args.la_tau)
+    begin_epoch(sampler, train_loader, seed, epoch, rank, step0)
+    stats = train_one_epoch(model, criterion.to(device), train_loader, optimizer, device, epoch, batch_fn=exp.batch_fn,
+                            print_freq=args.print_freq, log=log, should_stop=stop, start_step=step0,
+                            num_steps=step0 + len(train_loader), mixup=mixup, after_step=exp.after_step, **hooks)
+    folder.scalar('loss/train', stats['loss'], epoch)
+    folder.scalar('acc/train_top1', stats['top1'], epoch)
+    folder.scalar('lr', lr, epoch)
+    return stats
 
 
 def scored_model(model, args, exp, device):

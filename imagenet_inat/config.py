@@ -10,13 +10,13 @@ step schedule), `shuffle`, `model_dir`. Additions of this reimplementation, all 
 stage: {min, max, step} of the tau grid searched on val; default 0, 2, 0.1 as Kang et al.).
 """
 import dataclasses
-import math
 import os
 from typing import Optional
 
 import yaml
 
 from errors import UserError
+from trainer import cosine_at_epoch_start
 from imagenet_inat.networks import LOSSES, NETWORKS, SAMPLERS, registry_name
 
 # The original shipped iNaturalist's stage-1 config as feat_unifrom.yaml.
@@ -77,7 +77,7 @@ class StageConfig:
         if base_lr == 0:
             return 0.0
         if self.coslr:
-            return self.endlr + (base_lr - self.endlr) * (1 + math.cos(math.pi * epoch / self.num_epochs)) / 2
+            return cosine_at_epoch_start(epoch, base_lr, self.num_epochs, self.endlr)
         return base_lr * self.gamma ** (epoch // self.step_size)
 
 

@@ -22,6 +22,7 @@ import pretrain_moco
 import pretrain_rot
 import train
 import train_semi
+import train_stage2
 from models import build_model
 
 RUN = 'cifar10_resnet32_CE_None_exp_0.01_ss_pretrained'
@@ -57,6 +58,10 @@ def world(tmp_path_factory):
     _ckpt(w / 'c100.pth.tar', num_classes=100)
     _ckpt(w / 'r20.pth.tar', arch='resnet20')
     _ckpt(w / 'rot.pth.tar', num_classes=4, script='pretrain_rot', task='rotation')
+    _ckpt(w / 'svhn.pth.tar', store_name='svhn_resnet32_CE_None_exp_0.01_ss_pretrained')
+    torch.save({'epoch': 1, 'arch': 'resnet32', 'state_dict': {  # MoCo's layout: a query encoder, no classifier
+        f'module.encoder_q.{k}': v for k, v in build_model('resnet32', 10).state_dict().items()
+        if not k.startswith('fc.')}}, w / 'moco.pth.tar')
     (w / 'corrupt.pth.tar').write_bytes(b'PK\x03\x04 not a checkpoint')
     torch.save({'state_dict': {}, 'x': _Evil(str(w / 'pwned'))}, w / 'evil.pth.tar')
     (w / 'evil.pickle').write_bytes(pickle.dumps({'data': _Evil(str(w / 'pwned'))}))
@@ -151,6 +156,19 @@ CASES = [
     ('moco malformed split line', pretrain_moco, M + ['--split_file', '{w}/badsplit.txt'], r'line 1'),
     ('moco resume of a classifier', pretrain_moco, M + ['-a', 'resnet32', '--split_file', '{w}/goodsplit.txt', '--resume',
                                                         '{w}/good.pth.tar'], r'does not fit'),
+    ('stage 2 unknown stage', train_stage2, ['--stage', 'NCM'], r'invalid choice'),
+    ('stage 2 negative tau', train_stage2, ['--stage', 'tau_norm', '--tau', '-1'], r'--tau.*not a non-negative'),
+    ('stage 2 tau for another stage', train_stage2, S + ['--stage', 'cRT', '--tau', '1'],
+     r'--tau applies to --stage tau_norm'),
+    ('stage 2 without stage 1', train_stage2, S + ['--stage', 'cRT'], r'--stage1 PATH is required'),
+    ('stage 2 from 100 classes', train_stage2, S + ['--stage', 'cRT', '--stage1', '{w}/c100.pth.tar'],
+     r'another number of classes \(100'),
+    ('stage 2 from another data set', train_stage2, S + ['--stage', 'LWS', '--stage1', '{w}/svhn.pth.tar'],
+     r'trained on svhn, not --dataset cifar10'),
+    ('stage 2 from rotation', train_stage2, S + ['--stage', 'WB', '--stage1', '{w}/rot.pth.tar'],
+     r'pretrain_rot\.py.*stage 2 starts from'),
+    ('stage 2 from MoCo', train_stage2, S + ['--stage', 'tau_norm', '--stage1', '{w}/moco.pth.tar'],
+     r'holds no classifier'),
 ]
 
 
@@ -179,4 +197,4 @@ def test_bad_invocation(world, script, argv, pattern, capsys, monkeypatch):
 
 def test_catalogue_is_large_enough():
     assert len(CASES) >= 25
-    assert {c[1] for c in CASES} == {train, train_semi, gen_pseudolabels, pretrain_rot, pretrain_moco}
+    assert {c[1] for c in CASES} == {train, train_semi, gen_pseudolabels, pretrain_rot, pretrain_moco, train_stage2}
