@@ -1,0 +1,311 @@
+"""Users' own images as a data set of this project: `--dataset folder --data_path ROOT`.
+
+ROOT holds `train/<class>/...` and `val/<class>/...` (torchvision's ImageFolder layout; a class
+folder may nest sub-folders; names may hold spaces), or the split files `train.txt` and `val.txt`
+of `<path relative to ROOT> <integer label>` lines as imagenet_inat reads them. Classes are the
+sorted training folder names (split files: labels 0..max). The unlabeled pool of train_semi.py
+and gen_pseudolabels.py is a folder of images, any nesting (default ROOT/unlabeled).
+
+Images are decoded once into an N x S x S x 3 uint8 array (grayscale and palette images converted
+to RGB, resized to S x S with --image_size S <= 64), cached in `.folder_cache/` beside the folder
+or split file under a key of the sorted file list, sizes and modification times, and served
+exactly as CIFAR (the device loader, the CIFAR ResNets). Start-up lists and stats every file once
+and decodes only on a cache miss. The normalisation mean/std are the training folder's pixel
+statistics; they, the class names and S go into every checkpoint, so -e and gen_pseudolabels.py
+need nothing else.
+
+The training set is made long-tailed with CIFAR's rule and seed (`--imb_type`, `--imb_factor`,
+`--rand_number`); `--imb_factor 1` takes the training folder as it is (its own imbalance).
+"""
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, replace
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from dataset.imbalance_cifar import add_pseudo_labeled, check_fraction, img_num_per_cls, select_per_class
+from errors import UserError
+from fileio import atomic_write_bytes, safe_pickle_load
+from moco.loader import SplitFileDataset
+
+MAX_SIDE = 64  # larger images would not fit the CIFAR ResNets' receptive field nor the device memory
+IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.pgm', '.png', '.ppm', '.tif', '.tiff', '.webp')
+CACHE_FOLDER = '.folder_cache'
+POOL_FOLDER = 'unlabeled'
+
+
+@dataclass
+class Listing:
+    """The images of one split, listed once: paths (absolute, in order), labels (None: a pool),
+    and the (relative path, size, mtime) triples the cache key is made of."""
+    source: str       # the split's folder or split file (messages, cache location)
+    paths: list
+    labels: object
+    classes: list
+    stamps: list
+
+
+def _stamp(path, root, entry_stat):
+    return os.path.relpath(path, root), entry_stat.st_size, entry_stat.st_mtime_ns
+
+
+def _walk_images(folder, what):
+    """(paths, stamps) of every image under `folder`, in sorted order, each stat-ed once; hidden
+    files (.DS_Store, the cache) are skipped, any other non-image file is refused."""
+    paths, stamps, stack = [], [], [folder]
+    while stack:
+        current = stack.pop()
+        with os.scandir(current) as it:
+            entries = sorted((e for e in it if not e.name.startswith('.')), key=lambda e: e.name, reverse=True)
+        for e in entries:
+            if e.is_dir():
+                stack.append(e.path)
+            elif not e.name.lower().endswith(IMAGE_EXTENSIONS):
+                raise UserError(f"{e.path} in {what} is not an image (expected {' '.join(IMAGE_EXTENSIONS)}); "
+                                f"move it out of {folder}")
+            else:
+                paths.append(e.path)
+                stamps.append(_stamp(e.path, folder, e.stat()))
+    order = sorted(range(len(paths)), key=lambda i: stamps[i][0])
+    return [paths[i] for i in order], [stamps[i] for i in order]
+
+
+def list_class_folders(split_dir, classes=None):
+    """The images of `split_dir/<class>/...`; `classes` (the training set's) fixes the label order."""
+    names = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith('.'))
+    if not names:
+        raise UserError(f"{split_dir} holds no class folders (expected {split_dir}/<class>/<images>)")
+    if classes is None:
+        classes = names
+    unknown = [n for n in names if n not in classes]
+    if unknown:
+        raise UserError(f"class folder {os.path.join(split_dir, unknown[0])} has no counterpart in the training "
+                        f"folder (training classes: {', '.join(classes)})")
+    paths, labels, stamps = [], [], []
+    for name in names:
+        class_paths, class_stamps = _walk_images(os.path.join(split_dir, name), split_dir)
+        if not class_paths:
+            raise UserError(f"class folder {os.path.join(split_dir, name)} holds no images")
+        paths += class_paths
+        stamps += [(os.path.join(name, rel), size, mtime) for rel, size, mtime in class_stamps]
+        labels += [classes.index(name)] * len(class_paths)
+    return Listing(split_dir, paths, np.asarray(labels, dtype=np.int64), list(classes), stamps)
+
+
+def list_split_file(root, split_file, num_classes=None):
+    """The images a `<path> <label>` split file lists (imagenet_inat's reader checks lines and files)."""
+    listed = SplitFileDataset(root, split_file, num_classes=num_classes, flags=(split_file, '--data_path'))
+    stamps = [_stamp(p, root, os.stat(p)) for p in listed.img_path]
+    labels = np.asarray(listed.targets, dtype=np.int64)
+    classes = [str(c) for c in range(num_classes or labels.max() + 1)]
+    return Listing(split_file, listed.img_path, labels, classes, stamps)
+
+
+def list_pool(folder):
+    if not os.path.isdir(folder):
+        raise UserError(f"unlabeled image folder {folder} not found (pass --unlabeled_data / --data_dir)")
+    paths, stamps = _walk_images(folder, folder)
+    return Listing(folder, paths, None, [], stamps)
+
+
+def list_splits(root):
+    """(train, val) listings of ROOT: class folders, else split files."""
+    if os.path.isdir(os.path.join(root, 'train')):
+        train = list_class_folders(os.path.join(root, 'train'))
+        val_dir = os.path.join(root, 'val')
+        if not os.path.isdir(val_dir):
+            raise UserError(f"{root} has train/ but no val/ (expected {val_dir}/<class>/<images>)")
+        return train, list_class_folders(val_dir, train.classes)
+    if os.path.isfile(os.path.join(root, 'train.txt')):
+        train = list_split_file(root, os.path.join(root, 'train.txt'))
+        return train, list_split_file(root, os.path.join(root, 'val.txt'), len(train.classes))
+    raise UserError(f"{root} has no train/ folder (expected {root}/train/<class>/<images> and "
+                    f"{root}/val/<class>/<images>, or train.txt and val.txt split files; pass --data_path)")
+
+
+def _cache_path(listing, image_size):
+    key = hashlib.sha256(json.dumps([image_size, listing.stamps]).encode()).hexdigest()[:16]
+    folder, base = os.path.split(os.path.abspath(listing.source))
+    return os.path.join(folder, CACHE_FOLDER, f"{base}-{image_size or 'native'}-{key}.npz")
+
+
+def _decode(listing, image_size):
+    """N x S x S x 3 uint8 images. Without `image_size` every image must have one square size <= 64."""
+    images, first = [], None
+    for path in listing.paths:
+        try:
+            with Image.open(path) as im:
+                im.load()  # a truncated file fails here, not later in a worker
+                rgb = im.convert('RGB')
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise UserError(f"cannot read image {path}: {e}") from None
+        if image_size is None:
+            first = first or (path, rgb.size)
+            if rgb.size != first[1]:
+                raise UserError(f"images of mixed sizes in {listing.source}: {first[0]} is {first[1][0]}x{first[1][1]}, "
+                                f"{path} is {rgb.size[0]}x{rgb.size[1]}; pass --image_size S to resize all to S x S")
+            if rgb.size[0] != rgb.size[1] or rgb.size[0] > MAX_SIDE:
+                raise UserError(f"{path} is {rgb.size[0]}x{rgb.size[1]}: pass --image_size S (S <= {MAX_SIDE}) to "
+                                f"resize the images to S x S")
+        elif rgb.size != (image_size, image_size):
+            rgb = rgb.resize((image_size, image_size), Image.BILINEAR)
+        images.append(np.asarray(rgb, dtype=np.uint8))
+    return np.stack(images)
+
+
+def pixel_statistics(images):
+    """Per-channel mean and std of all pixels in [0, 1], from exact 256-bin histograms (no float copy)."""
+    mean, std = [], []
+    for c in range(3):
+        counts = np.bincount(images[..., c].ravel(), minlength=256).astype(np.float64)
+        values = np.arange(256) / 255.0
+        m = (counts * values).sum() / counts.sum()
+        mean.append(float(m))
+        std.append(float(np.sqrt((counts * (values - m) ** 2).sum() / counts.sum())))
+    return tuple(mean), tuple(std)
+
+
+class CachedImages:
+    """A listing's images from the cache, or decoded; `save()` writes a decoded array (atomically) once
+    every split has decoded cleanly, so a bad image anywhere leaves no cache behind."""
+
+    def __init__(self, listing, image_size):
+        self.path = _cache_path(listing, image_size)
+        self.fresh = not os.path.isfile(self.path)
+        if self.fresh:
+            self.images = _decode(listing, image_size)
+            return
+        with np.load(self.path, allow_pickle=False) as cached:
+            self.images = cached['images']
+        if len(self.images) != len(listing.paths):
+            raise UserError(f"image cache {self.path} is corrupt; delete it")
+
+    def save(self):
+        if not self.fresh:
+            return
+        buffer = io.BytesIO()
+        np.savez(buffer, images=self.images)
+        folder = os.path.dirname(self.path)
+        stale_prefix = os.path.basename(self.path).rsplit('-', 1)[0] + '-'
+        try:
+            os.makedirs(folder, exist_ok=True)
+            atomic_write_bytes(self.path, buffer.getvalue())
+        except (OSError, UserError) as e:
+            print(f"warning: cannot cache the decoded images in {folder} ({e}); they are decoded again next time")
+            return
+        for name in os.listdir(folder):  # the caches of the files as they were before
+            if name.startswith(stale_prefix) and name.endswith('.npz') and name != os.path.basename(self.path):
+                os.unlink(os.path.join(folder, name))
+        self.fresh = False
+
+
+def load_images(*listings, image_size):
+    """The arrays of `listings`, all decoded (or read) before any cache is written."""
+    cached = [CachedImages(listing, image_size) for listing in listings]
+    for c in cached:
+        c.save()
+    return [c.images for c in cached]
+
+
+class FolderImages:
+    """uint8 images with their labels, served as CIFAR's (PIL image -> transform)."""
+
+    def __init__(self, data, targets, classes, transform=None):
+        self.data, self.targets, self.classes, self.transform = data, list(targets), classes, transform
+        self.cls_num = len(classes)
+
+    def get_cls_num_list(self):
+        return np.bincount(self.targets, minlength=self.cls_num).tolist()
+
+    def __getitem__(self, index):
+        img = Image.fromarray(self.data[index])
+        return (self.transform(img) if self.transform is not None else img), self.targets[index]
+
+    def __len__(self):
+        return len(self.data)
+
+
+def long_tailed(images, labels, classes, imb_type, imb_factor, rand_number, transform):
+    """CIFAR's rule and seed: n_i = N/C * imb_factor^(i/(C-1)) of class i, drawn from numpy's stream
+    seeded with `rand_number`. `imb_factor` 1: the folder as it is (no draw)."""
+    check_fraction(imb_factor, '--imb_factor')
+    dataset = FolderImages(images, labels, classes, transform)
+    np.random.seed(rand_number)
+    dataset.class_order = np.arange(len(classes))
+    if imb_factor == 1:
+        dataset.img_num_list = dataset.get_cls_num_list()
+        return dataset
+    counts = dataset.get_cls_num_list()
+    if len(set(counts)) > 1:
+        print(f"note: the training folder is not balanced ({min(counts)} to {max(counts)} images per class); "
+              f"--imb_factor {imb_factor} draws from it as from a balanced one; --imb_factor 1 takes it as it is")
+    dataset.img_num_list = img_num_per_cls(len(images) / len(classes), len(classes), imb_type, imb_factor)
+    keep = select_per_class(labels, dataset.class_order, dataset.img_num_list)
+    dataset.data, dataset.targets = images[keep], labels[keep].tolist()
+    return dataset
+
+
+def load_pool(path, image_size):
+    """(images, None, None, relative paths) of an unlabeled folder: no sourcing labels, no ground truth."""
+    listing = list_pool(path)
+    if not listing.paths:
+        raise UserError(f"unlabeled image folder {path} holds no images")
+    (images,) = load_images(listing, image_size=image_size)
+    return images, None, None, [rel for rel, _, _ in listing.stamps]
+
+
+def pool_pseudo_labels(pseudo_labels, paths, num_classes):
+    """The pseudo-labels of a pool, refused if gen_pseudolabels.py made them for another folder."""
+    hint = 'run gen_pseudolabels.py --dataset folder on this pool again'
+    entry = safe_pickle_load(pseudo_labels, what='pseudo-label file', hint=hint)
+    if not isinstance(entry, dict) or list(entry.get('paths', [])) != paths:
+        raise UserError(f"pseudo-label file {pseudo_labels} was not made for the {len(paths)} images of this "
+                        f"unlabeled folder ({hint})")
+    return np.asarray(entry['extrapolated_targets']).astype(np.int64).reshape(-1)
+
+
+def configure(info, root, image_size, ckpt=None):
+    """`info` (the registry's placeholder) filled in for the images at `root`, or with `ckpt` (a
+    checkpoint of a folder run) for its classes, statistics and image size alone."""
+    if ckpt is not None:
+        if 'classes' not in ckpt:
+            raise UserError("the checkpoint has no 'classes': it was not trained with --dataset folder")
+        size, classes = int(ckpt['image_size']), tuple(ckpt['classes'])
+        mean, std, arrays = tuple(ckpt['mean']), tuple(ckpt['std']), None
+    else:
+        if image_size is not None and not 0 < image_size <= MAX_SIDE:
+            raise UserError(f"--image_size must be in 1..{MAX_SIDE} (larger images are not supported)")
+        train, val = list_splits(root)
+        arrays = load_images(train, val, image_size=image_size)
+        size, classes = arrays[0].shape[1], tuple(train.classes)
+        if arrays[1].shape[1] != size:
+            raise UserError(f"val images are {arrays[1].shape[1]} px, training images {size} px; pass --image_size")
+        mean, std = pixel_statistics(arrays[0])
+        print(f"folder {root}: {len(classes)} classes, {len(train.paths)} training and {len(val.paths)} val "
+              f"images of {size}x{size} px; mean {np.round(mean, 4).tolist()}, std {np.round(std, 4).tolist()}")
+
+    def build_train(_root, imb_type, imb_factor, rand_number, transform, download=False):
+        return long_tailed(arrays[0], train.labels, classes, imb_type, imb_factor, rand_number, transform)
+
+    def build_val(_root, transform, download=False):
+        return FolderImages(arrays[1], val.labels, classes, transform)
+
+    def build_semi(_root, imb_type, imb_factor, unlabel_imb_factor, rand_number, transform, unlabeled_data=None,
+                   pseudo_labels=None, unlabel_size_factor=5, pseudo_threshold=None, download=False):
+        dataset = build_train(_root, imb_type, imb_factor, rand_number, transform)
+        pool, _, _, paths = load_pool(unlabeled_data or os.path.join(root, POOL_FOLDER), size)
+        # A user's pool has no labels of its own: the draw per class goes by the pseudo-labels.
+        sourcing = pool_pseudo_labels(pseudo_labels, paths, len(classes))
+        pseudo = add_pseudo_labeled(dataset, pool, sourcing, pseudo_labels, unlabel_imb_factor,
+                                    unlabel_size_factor, pseudo_threshold)
+        dataset.targets = dataset.targets + pseudo.tolist()
+        return dataset
+
+    def pool(_root, path, download=False, **_imbalance):
+        return load_pool(path or os.path.join(root, POOL_FOLDER), size)
+
+    return replace(info, num_classes=len(classes), mean=mean, std=std, build_train=build_train,
+                   build_val=build_val, build_semi=build_semi, load_pool=pool, image_size=size, classes=classes)
