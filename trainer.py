@@ -27,6 +27,7 @@ import dist
 from checkpoint import load_optimizer, load_pretrained, load_weights, read_weights, save_checkpoint, unwrap
 from dataset import DATASETS, DatasetInfo
 from dataset.device_loader import DeviceLoader, eval_batch_size
+from dataset.folder import checked_against_checkpoint, checkpoint_entries
 from dataset.samplers import ImbalancedDatasetSampler, ShuffleSampler
 from engine import evaluate, step_hooks, train_one_epoch
 from errors import UserError
@@ -609,7 +610,7 @@ def _run(args, exp, ctx):
     start_epoch, start_step, best_acc1 = args.start_epoch, 0, 0.0
     if args.resume:
         ckpt = _resume(args, exp, model, optimizer, log)
-        exp.info = checkpoint_data(exp.info, ckpt, args.resume)
+        exp.info = checked_against_checkpoint(exp.info, ckpt, f'--resume {args.resume}')
         start_epoch = int(ckpt.get('epoch', 0))
         start_step = int(ckpt.get('step', 0))
         best_acc1 = float(ckpt.get('best_acc1', 0.0))  # a 0-d tensor (the original's and ours) or a float
@@ -752,25 +753,6 @@ def _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, wo
         'best_acc1': torch.tensor(best_acc1), 'optimizer': optimizer.state_dict(),
         'step': step, 'seed': seed, **resume_entries(world), 'script': exp.script, 'task': exp.task,
         'num_classes': exp.num_classes, 'store_name': args.store_name, 'log_sizes': folder.log_sizes(),
-        **data_entries(exp.info),
+        **checkpoint_entries(exp.info),
     }
 
-
-def data_entries(info):
-    """A user's folder (dataset/folder.py) in the checkpoint: its class names in label order, the
-    normalisation statistics and the image side, so -e and gen_pseudolabels.py need nothing else."""
-    if info is None or info.classes is None:
-        return {}
-    return {'classes': list(info.classes), 'mean': list(info.mean), 'std': list(info.std),
-            'image_size': info.image_size}
-
-
-def checkpoint_data(info, ckpt, path):
-    """`info` for a resumed / evaluated folder run: the classes must be the checkpoint's, in its order,
-    and its normalisation statistics are used (the training folder may have changed since)."""
-    if info is None or info.classes is None or 'classes' not in ckpt:
-        return info
-    if list(ckpt['classes']) != list(info.classes) or int(ckpt['image_size']) != info.image_size:
-        raise UserError(f"--resume {path} was trained on the classes {', '.join(ckpt['classes'])} at "
-                        f"{ckpt['image_size']} px; --data_path has {', '.join(info.classes)} at {info.image_size} px")
-    return dataclasses.replace(info, mean=tuple(ckpt['mean']), std=tuple(ckpt['std']))

@@ -309,3 +309,23 @@ def configure(info, root, image_size, ckpt=None):
 
     return replace(info, num_classes=len(classes), mean=mean, std=std, build_train=build_train,
                    build_val=build_val, build_semi=build_semi, load_pool=pool, image_size=size, classes=classes)
+
+
+def checkpoint_entries(info):
+    """What a checkpoint records of a folder: its class names in label order, the normalisation
+    statistics and the image side, so -e, gen_pseudolabels.py and tools/tsne.py need nothing else."""
+    if info is None or info.classes is None:
+        return {}
+    return {'classes': list(info.classes), 'mean': list(info.mean), 'std': list(info.std),
+            'image_size': info.image_size}
+
+
+def checked_against_checkpoint(info, ckpt, source):
+    """`info` of a folder for a checkpoint trained on one (resumed, evaluated, embedded): the classes
+    and image side must be the checkpoint's, and its statistics are used (the folder may have changed)."""
+    if info is None or info.classes is None or 'classes' not in ckpt:
+        return info
+    if list(ckpt['classes']) != list(info.classes) or int(ckpt['image_size']) != info.image_size:
+        raise UserError(f"{source} was trained on the classes {', '.join(ckpt['classes'])} at {ckpt['image_size']} "
+                        f"px; --data_path has {', '.join(info.classes)} at {info.image_size} px")
+    return replace(info, mean=tuple(ckpt['mean']), std=tuple(ckpt['std']))

@@ -22,6 +22,7 @@ from fileio import safe_pickle_load
 from fixtures import REPO
 
 sys.path.insert(0, os.path.join(REPO, 'tools'))
+import tsne  # noqa: E402
 from digits_folder import write_digits_folder  # noqa: E402
 
 # Sorted folder names; 'a single' (one RGB image) sorts after the digits.
@@ -70,6 +71,16 @@ def test_train_then_evaluate_gives_the_run_s_top1(root, tmp_path, capsys, one_th
     assert len(run_top1) == 1
     assert train.main(_args(root, tmp_path, '--resume', str(ckpt_path), '-e')) == 0
     assert _top1(capsys.readouterr().out) == run_top1
+    # tools/tsne.py reads the same folder at the checkpoint's size, classes and statistics
+    png = tmp_path / 'tsne.png'
+    assert tsne.main(['--resume', str(ckpt_path), '--dataset', 'folder', '--data_path', str(root), '--imb_factor', '1',
+                      '--output', str(png)]) == 0
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and '=> 30 images, 64-d features' in capsys.readouterr().out
+    (root / 'train' / 'a single' / 'only one.png').rename(root / 'train' / '9' / 'moved.png')
+    (root / 'train' / 'a single').rmdir()
+    with pytest.raises(UserError, match=r'was trained on the classes 0, 1, .*, 9, a single at 32 px; --data_path has '
+                                        r'0, 1, .*, 9 at 32 px'):
+        train.main(_args(root, tmp_path, '--resume', str(ckpt_path), '-e'))
 
 
 def test_folder_images_are_read_as_written(root):
