@@ -532,6 +532,7 @@ def resume_entries(world):
 def _resume(args, exp, model, optimizer, log):
     """Load --resume into model (and optimizer unless evaluating). Returns the checkpoint dict."""
     ckpt, sd = read_weights(args.resume, exp.task, 'use --pretrained_model to start from it')
+    exp.info = checked_against_checkpoint(exp.info, ckpt, f"--resume {args.resume}")  # before the shapes
     load_weights(model, sd, f"--resume {args.resume}")
     if not args.evaluate:
         load_optimizer(optimizer, ckpt, args.resume)
@@ -610,7 +611,6 @@ def _run(args, exp, ctx):
     start_epoch, start_step, best_acc1 = args.start_epoch, 0, 0.0
     if args.resume:
         ckpt = _resume(args, exp, model, optimizer, log)
-        exp.info = checked_against_checkpoint(exp.info, ckpt, f'--resume {args.resume}')
         start_epoch = int(ckpt.get('epoch', 0))
         start_step = int(ckpt.get('step', 0))
         best_acc1 = float(ckpt.get('best_acc1', 0.0))  # a 0-d tensor (the original's and ours) or a float
