@@ -1,7 +1,7 @@
 """Write scikit-learn's bundled digits as an image folder for `--dataset folder` (the README's worked example).
 
     python tools/digits_folder.py data/digits_folder
-    python tools/digits_folder.py data/digits_folder --unlabeled 60   # also ROOT/unlabeled/ for train_semi.py
+    python tools/digits_folder.py data/digits_folder --unlabeled 30   # also ROOT/unlabeled/ for train_semi.py
 
 ROOT/train/<digit>/<n>.png: the training pool of `--dataset digits` (balanced, about 150 per class),
 ROOT/val/<digit>/<n>.png: its fixed balanced test set (30 per class), 32 x 32 grayscale PNGs, the
@@ -19,14 +19,14 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # noqa: E402
-from dataset.digits import balanced_test_mask, load_digit_images  # noqa: E402
+from dataset import digits  # noqa: E402
 from errors import UserError  # noqa: E402
 
 
 def write_digits_folder(root, per_class=None, val_per_class=None, unlabeled=0):
     """Write the folder; `per_class` / `val_per_class` keep only the first images of each digit (tests)."""
-    images, labels = load_digit_images()
-    in_val = balanced_test_mask(labels)
+    images, labels = digits.load_digit_images()
+    in_val = digits.balanced_test_mask(labels)
     unlabeled_index = 0
     for split, mask, keep in (('train', ~in_val, per_class), ('val', in_val, val_per_class)):
         for c in range(10):
