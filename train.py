@@ -12,6 +12,7 @@ import argparse
 import cli
 import trainer
 from dataset import build_transform, resolve_dataset
+from dataset.folder import check_model
 from losses import uses_norm
 from models import build_model
 
@@ -32,6 +33,7 @@ def supervised_store_name(args):
 def load_data(args):
     """The long-tailed training set and the balanced test set (errors before any file is written)."""
     info = resolve_dataset(args.dataset, args.data_path, getattr(args, 'image_size', None))
+    check_model(info, args.arch)
     train_set = info.build_train(args.data_path, args.imb_type, args.imb_factor, args.rand_number,
                                  build_transform(args.dataset, train=True, info=info), download=args.download)
     val_set = info.build_val(args.data_path, build_transform(args.dataset, train=False, info=info),

@@ -547,7 +547,7 @@ def _loaders(args, exp, seed, rank, world, device):
     else:
         sampler = ShuffleSampler(len(exp.train_set), shuffle=True, seed=seed, num_replicas=world, rank=rank)
     info = exp.info or DATASETS.get(args.dataset)
-    if args.loader == 'device' and info is not None:  # the 32x32 sets; split-file JPEGs stay per image
+    if args.loader == 'device' and info is not None and info.transform is None:  # streamed JPEGs stay per image
         # Crops and flips drawn per step from (seed, epoch, step, rank): exact resume needs no generator here.
         train_loader = DeviceLoader.from_dataset(exp.train_set, sampler, per_rank_batch, device, info, train=True,
                                                  flip=info.flip, seed=seed, rank=rank, channels_last=args.channels_last)

@@ -40,6 +40,9 @@ class DatasetInfo:
     # (info, root, image_size, ckpt=None) -> the DatasetInfo of the files at root (or of a checkpoint's
     # data): a data set whose classes and statistics are only known once its files are read
     configure: Optional[Callable] = None
+    # (train) -> the transform of images streamed from their files (a folder's above 64 px: no device
+    # loader); None: the 32x32 transforms below
+    transform: Optional[Callable] = None
 
 
 def _split_builders(cls, test_split):
@@ -126,6 +129,8 @@ def build_transform(name, train, info=None):
     """Training: random crop with 4 px padding and (where it keeps the class) a horizontal flip.
     `info`: a resolved DatasetInfo (a folder's), else the registry's of `name`."""
     info = info or dataset_info(name)
+    if info.transform is not None:
+        return info.transform(train)
     normalize = [transforms.ToTensor(), transforms.Normalize(info.mean, info.std)]
     if not train:
         return transforms.Compose(normalize)

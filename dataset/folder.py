@@ -220,31 +220,49 @@ class FolderImages:
     def get_cls_num_list(self):
         return np.bincount(self.targets, minlength=self.cls_num).tolist()
 
+    def image(self, index):
+        return Image.fromarray(self.data[index])
+
     def __getitem__(self, index):
-        img = Image.fromarray(self.data[index])
+        img = self.image(index)
         return (self.transform(img) if self.transform is not None else img), self.targets[index]
 
     def __len__(self):
         return len(self.data)
 
 
-def long_tailed(images, labels, classes, imb_type, imb_factor, rand_number, transform):
-    """CIFAR's rule and seed: n_i = N/C * imb_factor^(i/(C-1)) of class i, drawn from numpy's stream
-    seeded with `rand_number`. `imb_factor` 1: the folder as it is (no draw)."""
+class FolderFiles(FolderImages):
+    """Images above 64 px, read from their files at every step (`data`: their paths)."""
+
+    def image(self, index):
+        try:
+            with Image.open(self.data[index]) as im:
+                return im.convert('RGB')
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise UserError(f"cannot read image {self.data[index]}: {e}") from None
+
+
+def long_tailed(labels, num_classes, imb_type, imb_factor, rand_number):
+    """(indices kept, images per class asked) by CIFAR's rule and seed: n_i = N/C * imb_factor^(i/(C-1))
+    of class i, drawn from numpy's stream seeded with `rand_number`. `imb_factor` 1: the folder as it is."""
     check_fraction(imb_factor, '--imb_factor')
-    dataset = FolderImages(images, labels, classes, transform)
     np.random.seed(rand_number)
-    dataset.class_order = np.arange(len(classes))
+    counts = np.bincount(labels, minlength=num_classes).tolist()
     if imb_factor == 1:
-        dataset.img_num_list = dataset.get_cls_num_list()
-        return dataset
-    counts = dataset.get_cls_num_list()
+        return np.arange(len(labels)), counts
     if len(set(counts)) > 1:
         print(f"note: the training folder is not balanced ({min(counts)} to {max(counts)} images per class); "
               f"--imb_factor {imb_factor} draws from it as from a balanced one; --imb_factor 1 takes it as it is")
-    dataset.img_num_list = img_num_per_cls(len(images) / len(classes), len(classes), imb_type, imb_factor)
-    keep = select_per_class(labels, dataset.class_order, dataset.img_num_list)
-    dataset.data, dataset.targets = images[keep], labels[keep].tolist()
+    asked = img_num_per_cls(len(labels) / num_classes, num_classes, imb_type, imb_factor)
+    return select_per_class(labels, np.arange(num_classes), asked), asked
+
+
+def long_tailed_set(cls, data, labels, classes, imb_type, imb_factor, rand_number, transform):
+    """A `cls` (FolderImages, FolderFiles) of the long-tailed subset; it keeps what add_pseudo_labeled reads."""
+    keep, asked = long_tailed(labels, len(classes), imb_type, imb_factor, rand_number)
+    dataset = cls(data[keep] if isinstance(data, np.ndarray) else [data[i] for i in keep], labels[keep], classes,
+                  transform)
+    dataset.img_num_list, dataset.class_order = asked, np.arange(len(classes))
     return dataset
 
 
@@ -274,10 +292,13 @@ def configure(info, root, image_size, ckpt=None):
         if 'classes' not in ckpt:
             raise UserError("the checkpoint has no 'classes': it was not trained with --dataset folder")
         size, classes = int(ckpt['image_size']), tuple(ckpt['classes'])
+        if size > MAX_SIDE:
+            raise UserError(f"it was trained on {size} px images, streamed from their files; only train.py and "
+                            f"pretrain_rot.py take those (up to {MAX_SIDE} px: all scripts)")
         mean, std, arrays = tuple(ckpt['mean']), tuple(ckpt['std']), None
+    elif image_size is not None and image_size > MAX_SIDE:
+        return streamed(info, root, image_size)
     else:
-        if image_size is not None and not 0 < image_size <= MAX_SIDE:
-            raise UserError(f"--image_size must be in 1..{MAX_SIDE} (larger images are not supported)")
         train, val = list_splits(root)
         arrays = load_images(train, val, image_size=image_size)
         size, classes = arrays[0].shape[1], tuple(train.classes)
@@ -288,7 +309,8 @@ def configure(info, root, image_size, ckpt=None):
               f"images of {size}x{size} px; mean {np.round(mean, 4).tolist()}, std {np.round(std, 4).tolist()}")
 
     def build_train(_root, imb_type, imb_factor, rand_number, transform, download=False):
-        return long_tailed(arrays[0], train.labels, classes, imb_type, imb_factor, rand_number, transform)
+        return long_tailed_set(FolderImages, arrays[0], train.labels, classes, imb_type, imb_factor, rand_number,
+                               transform)
 
     def build_val(_root, transform, download=False):
         return FolderImages(arrays[1], val.labels, classes, transform)
@@ -329,3 +351,40 @@ def checked_against_checkpoint(info, ckpt, source):
         raise UserError(f"{source} was trained on the classes {', '.join(ckpt['classes'])} at {ckpt['image_size']} "
                         f"px; --data_path has {', '.join(info.classes)} at {info.image_size} px")
     return replace(info, mean=tuple(ckpt['mean']), std=tuple(ckpt['std']))
+
+
+def streamed(info, root, image_size):
+    """`info` for images above 64 px: listed once, never cached, each read from its file at every step with
+    imagenet_inat's ResNet-50 transforms (RandomResizedCrop(S) + flip + colour jitter; Resize(S*256/224) +
+    CenterCrop(S)) and ImageNet's statistics, for train.py and pretrain_rot.py with an ImageNet ResNet."""
+    from imagenet_inat.data import build_transform
+    from moco.loader import IMAGENET_MEAN, IMAGENET_STD
+    train, val = list_splits(root)
+    classes = tuple(train.classes)
+    print(f"folder {root}: {len(classes)} classes, {len(train.paths)} training and {len(val.paths)} val images, "
+          f"streamed at {image_size} px")
+
+    def build_train(_root, imb_type, imb_factor, rand_number, transform, download=False):
+        return long_tailed_set(FolderFiles, train.paths, train.labels, classes, imb_type, imb_factor, rand_number,
+                               transform)
+
+    def build_val(_root, transform, download=False):
+        return FolderFiles(val.paths, val.labels, classes, transform)
+
+    def not_streamed(*args, **kwargs):
+        raise UserError(f"--image_size {image_size}: images above {MAX_SIDE} px stream from their files, which only "
+                        f"train.py and pretrain_rot.py take; pass --image_size {MAX_SIDE} or less")
+
+    return replace(info, num_classes=len(classes), mean=IMAGENET_MEAN, std=IMAGENET_STD, build_train=build_train,
+                   build_val=build_val, build_semi=not_streamed, load_pool=not_streamed, image_size=image_size,
+                   classes=classes,
+                   transform=lambda train_phase: build_transform('ImageNet_LT', train_phase, image_size,
+                                                                 image_size * 256 // 224))
+
+
+def check_model(info, arch):
+    """Streamed images are ImageNet-sized: the CIFAR ResNets, which never downsample at their input, are refused."""
+    from models import MODELS
+    if info.transform is not None and MODELS[arch].__module__ == 'models.resnet_cifar':
+        raise UserError(f"-a {arch} is a CIFAR ResNet, for images up to {MAX_SIDE} px; --image_size {info.image_size} "
+                        f"needs an ImageNet ResNet: pass -a resnet50 (or resnet18, resnet34, resnet101, resnet152)")

@@ -16,7 +16,7 @@ import pretrain_rot
 import train
 import train_semi
 from checkpoint import load_checkpoint
-from dataset import folder, resolve_dataset
+from dataset import build_transform, folder, resolve_dataset
 from errors import UserError
 from fileio import safe_pickle_load
 from fixtures import REPO
@@ -254,8 +254,35 @@ def test_image_size_resizes_mixed_sizes(root):
     _mixed_sizes(root)
     info = resolve_dataset('folder', str(root), image_size=16)
     assert info.image_size == 16 and info.build_val(str(root), None).data.shape == (30, 16, 16, 3)
-    with pytest.raises(UserError, match='--image_size must be in 1..64'):
-        resolve_dataset('folder', str(root), image_size=65)
+
+
+def test_larger_images_stream_through_the_jpeg_loader(root, tmp_path, capsys, one_thread):
+    """--image_size above 64: read from the files at every step with imagenet_inat's transforms at that size,
+    nothing cached, an ImageNet ResNet (train.py, -e, tools/tsne.py); the scripts that need the array refuse
+    in one line."""
+    large = ['--image_size', '72']
+    with pytest.raises(UserError, match=r'-a resnet32 is a CIFAR ResNet, .* pass -a resnet50'):
+        train.main(_args(root, tmp_path, *large))
+    info = resolve_dataset('folder', str(root), image_size=72)
+    val = info.build_val(str(root), build_transform('folder', False, info=info))
+    assert val[0][0].shape == (3, 72, 72) and val.targets == [c for c in range(10) for _ in range(3)]
+    assert train.main(_args(root, tmp_path, *large, '-a', 'resnet18')) == 0
+    name = NAME.replace('resnet32', 'resnet18')
+    ckpt_path = str(tmp_path / 'ckpt' / name / 'ckpt.pth.tar')
+    assert load_checkpoint(ckpt_path)['image_size'] == 72
+    run_top1 = _top1((tmp_path / 'log' / name / 'log_test.csv').read_text())
+    capsys.readouterr()
+    assert train.main(_args(root, tmp_path, *large, '-a', 'resnet18', '--resume', ckpt_path, '-e')) == 0
+    assert _top1(capsys.readouterr().out) == run_top1
+    assert not (root / folder.CACHE_FOLDER).exists()
+    assert tsne.main(['--resume', ckpt_path, '--dataset', 'folder', '--data_path', str(root), '--imb_factor', '1',
+                      '--output', str(tmp_path / 'tsne.png')]) == 0
+    assert '=> 30 images, 512-d features' in capsys.readouterr().out
+    with pytest.raises(UserError, match=r'trained on 72 px images, streamed .* only train.py and pretrain_rot.py'):
+        gen_pseudolabels.main(['--dataset', 'folder', '--resume', ckpt_path, '-a', 'resnet18', '--data_dir', str(root),
+                               '--output_dir', str(tmp_path)])
+    with pytest.raises(UserError, match='only train.py and pretrain_rot.py take'):
+        train_semi.main(['--dataset', 'folder', '--data_path', str(root), *large, '-a', 'resnet18'])
 
 
 @pytest.mark.slow
