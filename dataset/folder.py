@@ -12,7 +12,8 @@ or split file under a key of the sorted file list, sizes and modification times,
 exactly as CIFAR (the device loader, the CIFAR ResNets). Start-up lists and stats every file once
 and decodes only on a cache miss. The normalisation mean/std are the training folder's pixel
 statistics; they, the class names and S go into every checkpoint, so -e and gen_pseudolabels.py
-need nothing else.
+need nothing else. Larger images (--image_size S > 64) are not cached: they stream from their files
+through imagenet_inat's ResNet-50 transforms at S px (train.py, pretrain_rot.py, tools/tsne.py).
 
 The training set is made long-tailed with CIFAR's rule and seed (`--imb_type`, `--imb_factor`,
 `--rand_number`); `--imb_factor 1` takes the training folder as it is (its own imbalance).
@@ -21,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -53,24 +55,23 @@ def _stamp(path, root, entry_stat):
 
 
 def _walk_images(folder, what):
-    """(paths, stamps) of every image under `folder`, in sorted order, each stat-ed once; hidden
+    """(paths, stamps) of every image under `folder`, sorted by relative path, each stat-ed once; hidden
     files (.DS_Store, the cache) are skipped, any other non-image file is refused."""
-    paths, stamps, stack = [], [], [folder]
+    found, stack = [], [folder]
     while stack:
-        current = stack.pop()
-        with os.scandir(current) as it:
-            entries = sorted((e for e in it if not e.name.startswith('.')), key=lambda e: e.name, reverse=True)
-        for e in entries:
-            if e.is_dir():
-                stack.append(e.path)
-            elif not e.name.lower().endswith(IMAGE_EXTENSIONS):
-                raise UserError(f"{e.path} in {what} is not an image (expected {' '.join(IMAGE_EXTENSIONS)}); "
-                                f"move it out of {folder}")
-            else:
-                paths.append(e.path)
-                stamps.append(_stamp(e.path, folder, e.stat()))
-    order = sorted(range(len(paths)), key=lambda i: stamps[i][0])
-    return [paths[i] for i in order], [stamps[i] for i in order]
+        with os.scandir(stack.pop()) as it:
+            for e in it:
+                if e.name.startswith('.'):
+                    continue
+                if e.is_dir():
+                    stack.append(e.path)
+                elif not e.name.lower().endswith(IMAGE_EXTENSIONS):
+                    raise UserError(f"{e.path} in {what} is not an image (expected {' '.join(IMAGE_EXTENSIONS)}); "
+                                    f"move it out of {folder}")
+                else:
+                    found.append((_stamp(e.path, folder, e.stat()), e.path))
+    found.sort()
+    return [path for _, path in found], [stamp for stamp, _ in found]
 
 
 def list_class_folders(split_dir, classes=None):
@@ -97,7 +98,7 @@ def list_class_folders(split_dir, classes=None):
 
 def list_split_file(root, split_file, num_classes=None):
     """The images a `<path> <label>` split file lists (imagenet_inat's reader checks lines and files)."""
-    listed = SplitFileDataset(root, split_file, num_classes=num_classes, flags=(split_file, '--data_path'))
+    listed = SplitFileDataset(root, split_file, num_classes=num_classes, flags=('--data_path', '--data_path'))
     stamps = [_stamp(p, root, os.stat(p)) for p in listed.img_path]
     labels = np.asarray(listed.targets, dtype=np.int64)
     classes = [str(c) for c in range(num_classes or labels.max() + 1)]
@@ -120,6 +121,8 @@ def list_splits(root):
             raise UserError(f"{root} has train/ but no val/ (expected {val_dir}/<class>/<images>)")
         return train, list_class_folders(val_dir, train.classes)
     if os.path.isfile(os.path.join(root, 'train.txt')):
+        if not os.path.isfile(os.path.join(root, 'val.txt')):
+            raise UserError(f"{root} has train.txt but no val.txt (lines '<path relative to {root}> <label>')")
         train = list_split_file(root, os.path.join(root, 'train.txt'))
         return train, list_split_file(root, os.path.join(root, 'val.txt'), len(train.classes))
     raise UserError(f"{root} has no train/ folder (expected {root}/train/<class>/<images> and "
@@ -134,8 +137,8 @@ def _cache_path(listing, image_size):
 
 def _decode(listing, image_size):
     """N x S x S x 3 uint8 images. Without `image_size` every image must have one square size <= 64."""
-    images, first = [], None
-    for path in listing.paths:
+    images, first = None, None
+    for n, path in enumerate(listing.paths):
         try:
             with Image.open(path) as im:
                 im.load()  # a truncated file fails here, not later in a worker
@@ -148,12 +151,14 @@ def _decode(listing, image_size):
                 raise UserError(f"images of mixed sizes in {listing.source}: {first[0]} is {first[1][0]}x{first[1][1]}, "
                                 f"{path} is {rgb.size[0]}x{rgb.size[1]}; pass --image_size S to resize all to S x S")
             if rgb.size[0] != rgb.size[1] or rgb.size[0] > MAX_SIDE:
-                raise UserError(f"{path} is {rgb.size[0]}x{rgb.size[1]}: pass --image_size S (S <= {MAX_SIDE}) to "
-                                f"resize the images to S x S")
+                raise UserError(f"{path} is {rgb.size[0]}x{rgb.size[1]}: pass --image_size S (S <= {MAX_SIDE}: resized "
+                                f"to S x S and cached; larger: streamed from the files)")
         elif rgb.size != (image_size, image_size):
             rgb = rgb.resize((image_size, image_size), Image.BILINEAR)
-        images.append(np.asarray(rgb, dtype=np.uint8))
-    return np.stack(images)
+        if images is None:  # one array, filled in place: 100k images are not held twice
+            images = np.empty((len(listing.paths), rgb.size[1], rgb.size[0], 3), dtype=np.uint8)
+        images[n] = np.asarray(rgb, dtype=np.uint8)
+    return images
 
 
 def pixel_statistics(images):
@@ -194,7 +199,8 @@ class CachedImages:
             os.makedirs(folder, exist_ok=True)
             atomic_write_bytes(self.path, buffer.getvalue())
         except (OSError, UserError) as e:
-            print(f"warning: cannot cache the decoded images in {folder} ({e}); they are decoded again next time")
+            print(f"warning: cannot cache the decoded images in {folder} ({e}); they are decoded again next time",
+                  file=sys.stderr)
             return
         for name in os.listdir(folder):  # the caches of the files as they were before
             if name.startswith(stale_prefix) and name.endswith('.npz') and name != os.path.basename(self.path):
@@ -232,7 +238,7 @@ class FolderImages:
 
 
 class FolderFiles(FolderImages):
-    """Images above 64 px, read from their files at every step (`data`: their paths)."""
+    """Images above 64 px, read from their files at every step (`data`: their paths, a numpy array of str)."""
 
     def image(self, index):
         try:
@@ -260,8 +266,7 @@ def long_tailed(labels, num_classes, imb_type, imb_factor, rand_number):
 def long_tailed_set(cls, data, labels, classes, imb_type, imb_factor, rand_number, transform):
     """A `cls` (FolderImages, FolderFiles) of the long-tailed subset; it keeps what add_pseudo_labeled reads."""
     keep, asked = long_tailed(labels, len(classes), imb_type, imb_factor, rand_number)
-    dataset = cls(data[keep] if isinstance(data, np.ndarray) else [data[i] for i in keep], labels[keep], classes,
-                  transform)
+    dataset = cls(data[keep], labels[keep], classes, transform)
     dataset.img_num_list, dataset.class_order = asked, np.arange(len(classes))
     return dataset
 
@@ -275,7 +280,7 @@ def load_pool(path, image_size):
     return images, None, None, [rel for rel, _, _ in listing.stamps]
 
 
-def pool_pseudo_labels(pseudo_labels, paths, num_classes):
+def pool_pseudo_labels(pseudo_labels, paths):
     """The pseudo-labels of a pool, refused if gen_pseudolabels.py made them for another folder."""
     hint = 'run gen_pseudolabels.py --dataset folder on this pool again'
     entry = safe_pickle_load(pseudo_labels, what='pseudo-label file', hint=hint)
@@ -286,51 +291,59 @@ def pool_pseudo_labels(pseudo_labels, paths, num_classes):
 
 
 def configure(info, root, image_size, ckpt=None):
-    """`info` (the registry's placeholder) filled in for the images at `root`, or with `ckpt` (a
-    checkpoint of a folder run) for its classes, statistics and image size alone."""
+    """`info` (the registry's placeholder) filled in for the images at `root`: cached arrays (up to 64 px)
+    or files streamed (`image_size` above 64); with `ckpt` (a checkpoint of a folder run) only its
+    classes, statistics and image size, and the unlabeled pool (gen_pseudolabels.py needs nothing else)."""
     if ckpt is not None:
-        if 'classes' not in ckpt:
-            raise UserError("the checkpoint has no 'classes': it was not trained with --dataset folder")
-        size, classes = int(ckpt['image_size']), tuple(ckpt['classes'])
-        if size > MAX_SIDE:
-            raise UserError(f"it was trained on {size} px images, streamed from their files; only train.py and "
-                            f"pretrain_rot.py take those (up to {MAX_SIDE} px: all scripts)")
-        mean, std, arrays = tuple(ckpt['mean']), tuple(ckpt['std']), None
-    elif image_size is not None and image_size > MAX_SIDE:
+        return _from_checkpoint(info, root, ckpt)
+    if image_size is not None and image_size > MAX_SIDE:
         return streamed(info, root, image_size)
-    else:
-        train, val = list_splits(root)
-        arrays = load_images(train, val, image_size=image_size)
-        size, classes = arrays[0].shape[1], tuple(train.classes)
-        if arrays[1].shape[1] != size:
-            raise UserError(f"val images are {arrays[1].shape[1]} px, training images {size} px; pass --image_size")
-        mean, std = pixel_statistics(arrays[0])
-        print(f"folder {root}: {len(classes)} classes, {len(train.paths)} training and {len(val.paths)} val "
-              f"images of {size}x{size} px; mean {np.round(mean, 4).tolist()}, std {np.round(std, 4).tolist()}")
+    train, val = list_splits(root)
+    train_images, val_images = load_images(train, val, image_size=image_size)
+    size, classes = train_images.shape[1], tuple(train.classes)
+    if val_images.shape[1] != size:
+        raise UserError(f"val images are {val_images.shape[1]} px, training images {size} px; pass --image_size")
+    mean, std = pixel_statistics(train_images)
+    print(f"folder {root}: {len(classes)} classes, {len(train.paths)} training and {len(val.paths)} val "
+          f"images of {size}x{size} px; mean {np.round(mean, 4).tolist()}, std {np.round(std, 4).tolist()}")
 
     def build_train(_root, imb_type, imb_factor, rand_number, transform, download=False):
-        return long_tailed_set(FolderImages, arrays[0], train.labels, classes, imb_type, imb_factor, rand_number,
+        return long_tailed_set(FolderImages, train_images, train.labels, classes, imb_type, imb_factor, rand_number,
                                transform)
 
     def build_val(_root, transform, download=False):
-        return FolderImages(arrays[1], val.labels, classes, transform)
+        return FolderImages(val_images, val.labels, classes, transform)
 
     def build_semi(_root, imb_type, imb_factor, unlabel_imb_factor, rand_number, transform, unlabeled_data=None,
                    pseudo_labels=None, unlabel_size_factor=5, pseudo_threshold=None, download=False):
         dataset = build_train(_root, imb_type, imb_factor, rand_number, transform)
         pool, _, _, paths = load_pool(unlabeled_data or os.path.join(root, POOL_FOLDER), size)
         # A user's pool has no labels of its own: the draw per class goes by the pseudo-labels.
-        sourcing = pool_pseudo_labels(pseudo_labels, paths, len(classes))
+        sourcing = pool_pseudo_labels(pseudo_labels, paths)
         pseudo = add_pseudo_labeled(dataset, pool, sourcing, pseudo_labels, unlabel_imb_factor,
                                     unlabel_size_factor, pseudo_threshold)
         dataset.targets = dataset.targets + pseudo.tolist()
         return dataset
 
+    return replace(info, num_classes=len(classes), mean=mean, std=std, build_train=build_train, build_val=build_val,
+                   build_semi=build_semi, load_pool=_pool_loader(root, size), image_size=size, classes=classes)
+
+
+def _pool_loader(root, size):
     def pool(_root, path, download=False, **_imbalance):
         return load_pool(path or os.path.join(root, POOL_FOLDER), size)
+    return pool
 
-    return replace(info, num_classes=len(classes), mean=mean, std=std, build_train=build_train,
-                   build_val=build_val, build_semi=build_semi, load_pool=pool, image_size=size, classes=classes)
+
+def _from_checkpoint(info, root, ckpt):
+    if 'classes' not in ckpt:
+        raise UserError("the checkpoint has no 'classes': it was not trained with --dataset folder")
+    size, classes = int(ckpt['image_size']), tuple(ckpt['classes'])
+    if size > MAX_SIDE:
+        raise UserError(f"it was trained on {size} px images, streamed from their files; only train.py and "
+                        f"pretrain_rot.py take those (up to {MAX_SIDE} px: all scripts)")
+    return replace(info, num_classes=len(classes), mean=tuple(ckpt['mean']), std=tuple(ckpt['std']),
+                   load_pool=_pool_loader(root, size), image_size=size, classes=classes)
 
 
 def checkpoint_entries(info):
@@ -365,11 +378,11 @@ def streamed(info, root, image_size):
           f"streamed at {image_size} px")
 
     def build_train(_root, imb_type, imb_factor, rand_number, transform, download=False):
-        return long_tailed_set(FolderFiles, train.paths, train.labels, classes, imb_type, imb_factor, rand_number,
-                               transform)
+        return long_tailed_set(FolderFiles, np.asarray(train.paths), train.labels, classes, imb_type, imb_factor,
+                               rand_number, transform)
 
     def build_val(_root, transform, download=False):
-        return FolderFiles(val.paths, val.labels, classes, transform)
+        return FolderFiles(np.asarray(val.paths), val.labels, classes, transform)
 
     def not_streamed(*args, **kwargs):
         raise UserError(f"--image_size {image_size}: images above {MAX_SIDE} px stream from their files, which only "
