@@ -33,7 +33,7 @@ from errors import UserError
 from fileio import atomic_write_bytes, safe_pickle_load
 from moco.loader import SplitFileDataset
 
-MAX_SIDE = 64  # larger images would not fit the CIFAR ResNets' receptive field nor the device memory
+MAX_SIDE = 64  # up to this, one cached array served as CIFAR; above, files streamed as ImageNet's
 IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.pgm', '.png', '.ppm', '.tif', '.tiff', '.webp')
 CACHE_FOLDER = '.folder_cache'
 POOL_FOLDER = 'unlabeled'
