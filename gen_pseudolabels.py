@@ -3,6 +3,7 @@
     python gen_pseudolabels.py --resume <base ckpt> --data_dir ./data --output_dir ./data
     python gen_pseudolabels.py --dataset svhn --resume <base ckpt> --data_dir ./data
     python gen_pseudolabels.py --dataset digits --imb_factor 0.01 --resume <digits ckpt>   # offline
+    python gen_pseudolabels.py --dataset folder --resume <folder ckpt> --data_dir ROOT --output_dir ROOT  # ROOT/unlabeled
 
 The pool, in the order train_semi.py expects:
   cifar10  the authors' TinyImages selection, --data_filename (ti_80M_selected.pickle) in --data_dir

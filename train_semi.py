@@ -5,6 +5,7 @@ trained with the pseudo-labels gen_pseudolabels.py made.
     python train_semi.py --dataset svhn --imb_factor 0.02 --imb_factor_unlabel 0.02
     python train_semi.py --dataset cifar10 --resume <ckpt.pth.tar> -e                 # evaluate
     python train_semi.py --dataset digits --imb_factor 0.01 --epochs 30 --lr_steps 20 25 -j 0   # offline
+    python train_semi.py --dataset folder --data_path ROOT --imb_factor 1   # own images, ROOT/unlabeled
 
 The unlabeled set is `--unlabel_size_factor` times the labeled set, long-tailed by
 `--imb_factor_unlabel` (1/rho_U), drawn per class by the pool's own labels (TinyImages: the
