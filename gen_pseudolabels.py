@@ -3,17 +3,21 @@
     python gen_pseudolabels.py --resume <base ckpt> --data_dir ./data --output_dir ./data
     python gen_pseudolabels.py --dataset svhn --resume <base ckpt> --data_dir ./data
     python gen_pseudolabels.py --dataset digits --imb_factor 0.01 --resume <digits ckpt>   # offline
+    python gen_pseudolabels.py --dataset folder --resume <folder ckpt> --data_dir ROOT --output_dir ROOT  # ROOT/unlabeled
 
 The pool, in the order train_semi.py expects:
   cifar10  the authors' TinyImages selection, --data_filename (ti_80M_selected.pickle) in --data_dir
   svhn     SVHN's extra split, --data_filename (extra_32x32.mat) in --data_dir
   digits   the training images the long-tailed draw leaves out; pass the --imb_type, --imb_factor and
            --rand_number of the base model's train.py run
+  folder   the images under --data_filename (unlabeled) in --data_dir, any nesting, sorted by path;
+           classes, image size and normalisation come from the --resume checkpoint
 The output pickle (--output_dir/--output_filename) holds one entry per pool image:
   extrapolated_targets  int64 predicted labels        prediction_model  the --resume path
   confidence            float32 max softmax prob (for train_semi.py --pseudo_threshold)
   ground_truth          the true labels (svhn, digits)
   pool_args             the flags that fix the pool (digits), so train_semi.py can refuse another pool
+  paths                 folder: each image's path relative to the pool folder, in pool order
 """
 import argparse
 import contextlib
@@ -32,7 +36,7 @@ from tqdm import tqdm
 import cli
 import dist
 from checkpoint import load_weights, read_weights
-from dataset import DATASETS, build_transform, load_unlabeled_pool
+from dataset import build_transform, load_unlabeled_pool, resolve_dataset
 from dataset.device_loader import HostBatches
 from engine import predict
 from errors import UserError
@@ -52,6 +56,7 @@ POOLS = {
     'cifar10': Pool('ti_80M_selected.pickle', 'pseudo_labeled_cifar.pickle'),
     'svhn': Pool('extra_32x32.mat', 'pseudo_labeled_svhn.pickle'),
     'digits': Pool(None, 'pseudo_labeled_digits.pickle', ('imb_type', 'imb_factor', 'rand_number')),
+    'folder': Pool('unlabeled', 'pseudo_labeled_folder.pickle'),  # a folder of images, not a file
 }
 
 
@@ -68,12 +73,13 @@ def build_parser():
     parser.add_argument('--data_dir', default='./data', help='folder holding the unlabeled pool file')
     parser.add_argument('--data_filename', default=None,
                         help='pool file in --data_dir (default: ti_80M_selected.pickle for cifar10, '
-                             'extra_32x32.mat for svhn; digits have no pool file)')
+                             'extra_32x32.mat for svhn; digits have no pool file); folder: the pool\'s '
+                             'folder of images (default: unlabeled)')
     cli.add_download_arg(parser)  # svhn: extra_32x32.mat is downloaded when missing
     parser.add_argument('--output_dir', default='./data', help='folder for the pseudo-labels and prediction.log')
     parser.add_argument('--output_filename', default=None,
-                        help='default: pseudo_labeled_cifar.pickle, pseudo_labeled_svhn.pickle or '
-                             'pseudo_labeled_digits.pickle, the names train_semi.py looks for')
+                        help='default: pseudo_labeled_<cifar, svhn, digits or folder>.pickle, the names '
+                             'train_semi.py looks for')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing output file')
     parser.add_argument('-b', '--batch-size', default=1000, type=cli.positive_int, metavar='N',
                         help='images scored per forward pass (default: 1000; the original: 200; the labels '
@@ -87,9 +93,14 @@ def build_parser():
     return parser
 
 
-def load_classifier(args, num_classes):
-    """The base classifier with the weights of --resume (any format checkpoint.py knows)."""
+def load_classifier(args):
+    """(the base classifier with the weights of --resume (any format checkpoint.py knows), the checkpoint,
+    the DatasetInfo: a folder's classes, statistics and image size are the checkpoint's)."""
     ckpt, sd = read_weights(args.resume, 'classification', 'pass a classifier checkpoint from train.py')
+    try:
+        info = resolve_dataset(args.dataset, args.data_dir, ckpt=ckpt)
+    except UserError as e:
+        raise UserError(f"--resume {args.resume}: {e}") from None
     # A cosine head stores its weight transposed and has no bias; without this check the
     # transposed shape would read as "another number of classes".
     cosine_head = 'fc.weight' in sd and 'fc.bias' not in sd
@@ -97,9 +108,9 @@ def load_classifier(args, num_classes):
         hint = 'pass --loss_type LDAM' if cosine_head else f'--loss_type {args.loss_type} needs one; leave it out'
         raise UserError(f"--resume {args.resume} has a {'cosine (LDAM)' if cosine_head else 'linear'} "
                         f"classifier head ({hint})")
-    model = build_model(args.arch, num_classes, use_norm=uses_norm(args.loss_type))
+    model = build_model(args.arch, info.num_classes, use_norm=uses_norm(args.loss_type))
     load_weights(model, sd, f"--resume {args.resume}")
-    return model, ckpt
+    return model, ckpt, info
 
 
 class PoolImages(Dataset):
@@ -214,12 +225,12 @@ def resolve_paths(args, pool):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     pool = POOLS[args.dataset]
-    info = DATASETS[args.dataset]
     out_path, pool_path = resolve_paths(args, pool)
     device = dist.setup(args.gpu).device
-    model, ckpt = load_classifier(args, info.num_classes)
+    model, ckpt, info = load_classifier(args)
     pool_args = {flag: getattr(args, flag) for flag in pool.pool_flags}
-    images, sourcing, truth = load_unlabeled_pool(args.dataset, args.data_dir, pool_path, args.download, **pool_args)
+    images, sourcing, truth, paths = load_unlabeled_pool(args.dataset, args.data_dir, pool_path, args.download,
+                                                         info=info, **pool_args)
     if len(images) == 0:
         raise UserError(f"the unlabeled pool of {args.dataset} is empty; nothing to pseudo-label")
     try:
@@ -235,7 +246,7 @@ def main(argv=None):
         if args.loader == 'device':  # the pool stays in host memory; each batch is normalised on the device
             loader = HostBatches(images, args.batch_size, device, info.mean, info.std, args.channels_last)
         else:
-            loader = DataLoader(PoolImages(images, build_transform(args.dataset, train=False)),
+            loader = DataLoader(PoolImages(images, build_transform(args.dataset, train=False, info=info)),
                                 batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                                 pin_memory=device.type == 'cuda')
         model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
@@ -248,6 +259,8 @@ def main(argv=None):
                  'pool_args': pool_args}
         if truth is not None:
             entry['ground_truth'] = np.asarray(truth, dtype=np.int64)
+        if paths is not None:
+            entry['paths'] = paths
         reference, reference_name = ((truth, 'ground truth') if truth is not None
                                      else (sourcing, 'sourcing labels'))
         for line in report(labels, confidence, reference, reference_name, info.num_classes):

@@ -1,5 +1,5 @@
 """Self-supervised pre-training by rotation prediction (Gidaris et al. 2018) on CIFAR-LT / digits-LT,
-ImageNet-LT and iNaturalist 2018.
+a user's image folder (--dataset folder), ImageNet-LT and iNaturalist 2018.
 
     python pretrain_rot.py --dataset cifar10 --imb_factor 0.01
     python train.py --dataset cifar10 --imb_factor 0.01 --exp_str ssp \
@@ -66,7 +66,7 @@ def all_rotations_batch(images, targets):
 
 
 def build_rot_parser():
-    parser = build_parser(__doc__, datasets=('cifar10', 'cifar100', 'digits', *SPLIT_FILE_DATASETS),
+    parser = build_parser(__doc__, datasets=('cifar10', 'cifar100', 'digits', 'folder', *SPLIT_FILE_DATASETS),
                           exp_str='pretrain_rot')
     parser.add_argument('--split_dir', default=None, type=str,
                         help='imagenet/inat: folder of <name>_{train,val}.txt, paths relative to --data_path '
@@ -110,18 +110,19 @@ def main(argv=None):
     split_files = args.dataset in SPLIT_FILE_DATASETS
     args.store_name = rot_store_name(args)
     trainer.seed(args)
+    info = None  # split files: no DatasetInfo (their images stream through the JPEG loader)
     if split_files:
         train_set, val_set = load_split_file_data(args)
         print(f"{len(train_set)} training and {len(val_set)} validation images (labels unused)")
     else:
-        _, train_set, val_set = load_data(args)
+        info, train_set, val_set = load_data(args)
         print(f"cls num list (labels unused): {train_set.get_cls_num_list()}")
     experiment = trainer.Experiment(
         script='pretrain_rot', task='rotation', model=build_model(args.arch, NUM_ROTATIONS, use_norm=uses_norm(args.loss_type)),
         train_set=train_set, val_set=val_set, num_classes=NUM_ROTATIONS,
         # every training image appears under each rotation: the rotation classes are balanced
         cls_num_list=[len(train_set)] * NUM_ROTATIONS,
-        batch_fn=random_rotation_batch, eval_batch_fn=all_rotations_batch)
+        batch_fn=random_rotation_batch, eval_batch_fn=all_rotations_batch, info=info)
     return exit_code(trainer.run(args, experiment))
 
 

@@ -5,17 +5,19 @@ with Resample / Reweight / DRW.
     python train.py --dataset cifar10 --imb_factor 0.01 --pretrained_model <ssp.pth.tar> --exp_str ssp  # SSP
     python train.py --dataset cifar10 --resume <ckpt.pth.tar> -e                            # evaluate
     python train.py --dataset digits --imb_factor 0.01 --epochs 30 --lr_steps 20 25 -j 0   # offline
+    python train.py --dataset folder --data_path <ROOT with train/<class>/ and val/<class>/>  # own images
 """
 import argparse
 
 import cli
 import trainer
-from dataset import DATASETS, build_transform
+from dataset import build_transform, resolve_dataset
+from dataset.folder import check_model
 from losses import uses_norm
 from models import build_model
 
 
-def build_parser(description=__doc__, datasets=('cifar10', 'cifar100', 'svhn', 'digits'),
+def build_parser(description=__doc__, datasets=('cifar10', 'cifar100', 'svhn', 'digits', 'folder'),
                  exp_str='ss_pretrained', batch_size=128):
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_data_args(parser, datasets, exp_str)
@@ -30,16 +32,19 @@ def supervised_store_name(args):
 
 def load_data(args):
     """The long-tailed training set and the balanced test set (errors before any file is written)."""
-    info = DATASETS[args.dataset]
+    info = resolve_dataset(args.dataset, args.data_path, getattr(args, 'image_size', None))
+    check_model(info, args.arch)
     train_set = info.build_train(args.data_path, args.imb_type, args.imb_factor, args.rand_number,
-                                 train_transform(args), download=args.download)
-    val_set = info.build_val(args.data_path, build_transform(args.dataset, train=False), download=args.download)
+                                 train_transform(args, info), download=args.download)
+    val_set = info.build_val(args.data_path, build_transform(args.dataset, train=False, info=info),
+                             download=args.download)
     return info, train_set, val_set
 
 
-def train_transform(args):
-    """The per-image training transform (the classic loader's), with --autoaugment / --cutout if asked."""
-    return build_transform(args.dataset, train=True, autoaugment=args.autoaugment, cutout=args.cutout)
+def train_transform(args, info=None):
+    """The per-image training transform (the classic loader's), with --autoaugment / --cutout if asked;
+    `info` as build_transform's."""
+    return build_transform(args.dataset, train=True, info=info, autoaugment=args.autoaugment, cutout=args.cutout)
 
 
 def exit_code(result):
@@ -53,7 +58,7 @@ def train_classifier(args, script, info, train_set, val_set):
     # The class counts of the training set (pseudo-labels included) drive losses, samplers, shot groups.
     experiment = trainer.Experiment(script=script, task='classification', model=model, train_set=train_set,
                                     val_set=val_set, num_classes=info.num_classes,
-                                    cls_num_list=train_set.get_cls_num_list())
+                                    cls_num_list=train_set.get_cls_num_list(), info=info)
     print(f"cls num list: {experiment.cls_num_list}")
     return exit_code(trainer.run(args, experiment))
 

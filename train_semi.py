@@ -5,10 +5,12 @@ trained with the pseudo-labels gen_pseudolabels.py made.
     python train_semi.py --dataset svhn --imb_factor 0.02 --imb_factor_unlabel 0.02
     python train_semi.py --dataset cifar10 --resume <ckpt.pth.tar> -e                 # evaluate
     python train_semi.py --dataset digits --imb_factor 0.01 --epochs 30 --lr_steps 20 25 -j 0   # offline
+    python train_semi.py --dataset folder --data_path ROOT --imb_factor 1   # own images, ROOT/unlabeled
 
 The unlabeled set is `--unlabel_size_factor` times the labeled set, long-tailed by
 `--imb_factor_unlabel` (1/rho_U), drawn per class by the pool's own labels (TinyImages: the
-authors' sourcing labels; SVHN extra, digits: the true labels) and trained with the pseudo-labels.
+authors' sourcing labels; SVHN extra, digits: the true labels; a user's folder, which has none: the
+pseudo-labels) and trained with the pseudo-labels.
 Everything else (losses, train rules, logs, checkpoints, resume, -e) is train.py's.
 """
 import os
@@ -16,7 +18,7 @@ import os
 import cli
 import train
 import trainer
-from dataset import DATASETS, build_transform
+from dataset import build_transform, resolve_dataset
 from errors import UserError
 from fileio import safe_pickle_load
 from gen_pseudolabels import POOLS
@@ -29,10 +31,11 @@ def build_parser():
                        help='imbalance factor of the unlabeled data (1/rho_U)')
     group.add_argument('--unlabeled_data', default=None, metavar='PATH',
                        help='the pool file (default: ti_80M_selected.pickle for cifar10, extra_32x32.mat for '
-                            'svhn, in --data_path; digits have no pool file)')
+                            'svhn, in --data_path; digits have no pool file); folder: a folder of images '
+                            '(default: --data_path/unlabeled)')
     group.add_argument('--pseudo_labels', default=None, metavar='PATH',
-                       help="gen_pseudolabels.py's output (default: pseudo_labeled_cifar.pickle, "
-                            "pseudo_labeled_svhn.pickle or pseudo_labeled_digits.pickle in --data_path)")
+                       help="gen_pseudolabels.py's output (default: pseudo_labeled_<cifar, svhn, digits or "
+                            "folder>.pickle in --data_path)")
     group.add_argument('--unlabel_size_factor', default=5, type=cli.positive_int,
                        help='unlabeled images per labeled image (default: 5)')
     group.add_argument('--pseudo_threshold', default=None, type=cli.probability,
@@ -63,15 +66,16 @@ def check_pool_args(path, args):
 
 def load_data(args):
     """The semi-supervised training set and the balanced test set (errors before any file is written)."""
-    info = DATASETS[args.dataset]
+    info = resolve_dataset(args.dataset, args.data_path, args.image_size)
     pseudo_labels = args.pseudo_labels or os.path.join(args.data_path, POOLS[args.dataset].output_filename)
     check_pool_args(pseudo_labels, args)
     train_set = info.build_semi(args.data_path, args.imb_type, args.imb_factor, args.imb_factor_unlabel,
-                                args.rand_number, train.train_transform(args),
+                                args.rand_number, train.train_transform(args, info),
                                 unlabeled_data=args.unlabeled_data, pseudo_labels=pseudo_labels,
                                 unlabel_size_factor=args.unlabel_size_factor, pseudo_threshold=args.pseudo_threshold,
                                 download=args.download)
-    val_set = info.build_val(args.data_path, build_transform(args.dataset, train=False), download=args.download)
+    val_set = info.build_val(args.data_path, build_transform(args.dataset, train=False, info=info),
+                             download=args.download)
     return info, train_set, val_set
 
 

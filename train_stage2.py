@@ -201,7 +201,8 @@ STAGE_FLAGS = {'tau': ('tau_norm', None), 'val_per_class': ('tau_norm', 20), 'ma
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_data_args(parser, tuple(DATASETS), '')
+    # the 32x32 data sets; a folder's resolved info (dataset.resolve_dataset) is not passed through yet
+    cli.add_data_args(parser, tuple(d for d in DATASETS if d != 'folder'), '')
     group = parser.add_argument_group('stage 2')
     group.add_argument('--stage', required=True, choices=list(STAGES))
     group.add_argument('--stage1', default='', metavar='PATH',

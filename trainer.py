@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader, Subset
 
 import dist
 from checkpoint import load_optimizer, load_pretrained, load_weights, read_weights, save_checkpoint, unwrap
-from dataset import DATASETS
+from dataset import DATASETS, DatasetInfo
 from dataset.device_loader import DeviceLoader, eval_batch_size
+from dataset.folder import checked_against_checkpoint, checkpoint_entries
 from dataset.samplers import ImbalancedDatasetSampler, ShuffleSampler
 from engine import Mixup, evaluate, step_hooks, train_one_epoch
 from errors import UserError
@@ -50,6 +51,7 @@ class Experiment:
     cls_num_list: list           # training images per class: losses, samplers, shot groups
     batch_fn: Optional[Callable] = None        # (images, targets) -> (images, targets), training
     eval_batch_fn: Optional[Callable] = None   # the same for evaluation (defaults to batch_fn)
+    info: Optional[DatasetInfo] = None         # the resolved data set (a folder's); None: DATASETS[args.dataset]
     # Stage 2 (train_stage2.py) sets these; the defaults are train.py's behaviour.
     criterion: Optional[nn.Module] = None      # a fixed training loss instead of --loss_type / --train_rule's
     sampler: Optional[Callable] = None         # (seed, num_replicas, rank) -> sampler, instead of --train_rule's
@@ -564,6 +566,7 @@ def resume_entries(world):
 def _resume(args, exp, model, optimizer, log):
     """Load --resume into model (and optimizer unless evaluating). Returns the checkpoint dict."""
     ckpt, sd = read_weights(args.resume, exp.task, 'use --pretrained_model to start from it')
+    exp.info = checked_against_checkpoint(exp.info, ckpt, f"--resume {args.resume}")  # before the shapes
     load_weights(model, sd, f"--resume {args.resume}")
     if not args.evaluate:
         load_optimizer(optimizer, ckpt, args.resume)
@@ -571,10 +574,12 @@ def _resume(args, exp, model, optimizer, log):
     return ckpt
 
 
-def uses_device_loader(args):
-    """--loader device on the 32x32 sets (image folders stay per image), unless --autoaugment asks for
-    per-image host work (PIL operations): then the classic loader, with a notice."""
-    if args.loader != 'device' or args.dataset not in DATASETS:
+def uses_device_loader(args, info=None):
+    """--loader device for images held in an array (`info`, default the registry's of --dataset; images
+    streamed from their files stay per image), unless --autoaugment asks for per-image host work (PIL
+    operations): then the classic loader, with a notice."""
+    info = info or DATASETS.get(args.dataset)
+    if args.loader != 'device' or info is None or info.transform is not None:
         return False
     if args.autoaugment:
         console(f"=> --autoaugment transforms each image on the host: using --loader torchvision "
@@ -591,10 +596,10 @@ def _loaders(args, exp, seed, rank, world, device):
         sampler = ImbalancedDatasetSampler(exp.train_set, seed=seed, num_replicas=world, rank=rank)
     else:
         sampler = ShuffleSampler(len(exp.train_set), shuffle=True, seed=seed, num_replicas=world, rank=rank)
-    if uses_device_loader(args):
+    info = exp.info or DATASETS.get(args.dataset)
+    if uses_device_loader(args, info):
         # Crops, flips and Cutout drawn per step from (seed, epoch, step, rank): exact resume needs no
         # generator here.
-        info = DATASETS[args.dataset]
         train_loader = DeviceLoader.from_dataset(exp.train_set, sampler, per_rank_batch, device, info, train=True,
                                                  flip=info.flip, cutout=args.cutout, seed=seed, rank=rank,
                                                  channels_last=args.channels_last)
@@ -813,4 +818,6 @@ def _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, wo
         'best_acc1': torch.tensor(best_acc1), 'optimizer': optimizer.state_dict(),
         'step': step, 'seed': seed, **resume_entries(world), 'script': exp.script, 'task': exp.task,
         'num_classes': exp.num_classes, 'store_name': args.store_name, 'log_sizes': folder.log_sizes(),
+        **checkpoint_entries(exp.info),
     }
+

@@ -1,7 +1,7 @@
 """The data sets by name: `DATASETS[name]` says how to build each split and how to normalise it.
 
-Every builder returns a torch Dataset of 32x32 RGB images whose labels are in `.targets` (CIFAR,
-digits) or `.labels` (SVHN); `dataset.samplers.get_targets` reads either.
+Every builder returns a torch Dataset of 32x32 RGB images (a folder's: S x S) whose labels are in
+`.targets` (CIFAR, digits, folder) or `.labels` (SVHN); `dataset.samplers.get_targets` reads either.
 """
 import os
 from dataclasses import dataclass
@@ -9,6 +9,7 @@ from typing import Callable, Optional
 
 from torchvision import transforms
 
+from dataset import folder
 from dataset.augment import Cutout
 from dataset.digits import ImbalanceDigits, SemiSupervisedImbalanceDigits
 from dataset.imbalance_cifar import (ImbalanceCIFAR10, ImbalanceCIFAR100, SemiSupervisedImbalanceCIFAR10,
@@ -35,6 +36,14 @@ class DatasetInfo:
     build_semi: Optional[Callable]
     # (root, path, download=False, imb_type=..., imb_factor=..., rand_number=...) -> see load_unlabeled_pool
     load_pool: Optional[Callable]
+    image_size: int = 32
+    classes: Optional[tuple] = None  # the class names a user's folder defines (written into checkpoints)
+    # (info, root, image_size, ckpt=None) -> the DatasetInfo of the files at root (or of a checkpoint's
+    # data): a data set whose classes and statistics are only known once its files are read
+    configure: Optional[Callable] = None
+    # (train) -> the transform of images streamed from their files (a folder's above 64 px: no device
+    # loader); None: the 32x32 transforms below
+    transform: Optional[Callable] = None
 
 
 def _split_builders(cls, test_split):
@@ -72,18 +81,22 @@ def _no_pool_file(path):
 
 def _tinyimages_pool(root, path, download=False, **_imbalance):
     data, sourcing = load_tinyimages(path or os.path.join(root, 'ti_80M_selected.pickle'))
-    return data, sourcing, None  # TinyImages has no ground truth, only the authors' sourcing labels
+    return data, sourcing, None, None  # TinyImages has no ground truth, only the authors' sourcing labels
 
 
 def _svhn_extra_pool(root, path, download=False, **_imbalance):
     data, truth = load_svhn_extra(path or os.path.join(root, 'extra_32x32.mat'), download)
-    return data.transpose(0, 2, 3, 1), truth, truth  # the semi set picks extra images by their true labels
+    return data.transpose(0, 2, 3, 1), truth, truth, None  # the semi set picks extra images by their true labels
 
 
 def _digits_pool(root, path, download=False, imb_type='exp', imb_factor=0.01, rand_number=0):
     _no_pool_file(path)
     pool = ImbalanceDigits(root, imb_type, imb_factor, rand_number)
-    return pool.unused_data, pool.unused_targets, pool.unused_targets
+    return pool.unused_data, pool.unused_targets, pool.unused_targets, None
+
+
+def _configure_first(*args, **kwargs):
+    raise RuntimeError("--dataset folder: call dataset.resolve_dataset(...) for the DatasetInfo of its files")
 
 
 DATASETS = {
@@ -96,6 +109,8 @@ DATASETS = {
     # Digits are not mirror-symmetric (a flipped 2 is no 2), so no flip.
     'digits': DatasetInfo(10, HALF, HALF, False, *_split_builders(ImbalanceDigits, {'train': False}),
                           _semi_builder(SemiSupervisedImbalanceDigits, has_pool_file=False), _digits_pool),
+    # A user's images (dataset/folder.py): everything but the flip is filled in from the files.
+    'folder': DatasetInfo(0, None, None, True, *[_configure_first] * 4, configure=folder.configure),
 }
 
 
@@ -105,27 +120,40 @@ def dataset_info(name):
     return DATASETS[name]
 
 
-def build_transform(name, train, autoaugment=False, cutout=None):
+def resolve_dataset(name, root=None, image_size=None, ckpt=None):
+    """The DatasetInfo of `name`; for a folder, of the files at `root` (or of checkpoint `ckpt`'s data)."""
+    info = dataset_info(name)
+    return info if info.configure is None else info.configure(info, root, image_size, ckpt)
+
+
+def build_transform(name, train, info=None, autoaugment=False, cutout=None):
     """Training: random crop with 4 px padding and (where it keeps the class) a horizontal flip.
+    `info`: a resolved DatasetInfo (a folder's), else the registry's of `name`.
     Opt-in recipe options (--autoaugment, --cutout N), placed as the strong long-tailed CIFAR code
     places them (e.g. PaCo's paco_cifar.py): torchvision's AutoAugment with the CIFAR-10 policy after
     crop and flip, on the PIL image; Cutout after normalisation, as its authors' code (dataset.augment)."""
-    info = dataset_info(name)
+    info = info or dataset_info(name)
+    if info.transform is not None:
+        if train and (autoaugment or cutout):
+            raise UserError("--autoaugment and --cutout apply to images decoded into an array (the 32x32 data "
+                            "sets, folders of images <= 64 px), not to images streamed from their files")
+        return info.transform(train)
     normalize = [transforms.ToTensor(), transforms.Normalize(info.mean, info.std)]
     if not train:
         return transforms.Compose(normalize)
     flip = [transforms.RandomHorizontalFlip()] if info.flip else []
     policy = [transforms.AutoAugment(transforms.AutoAugmentPolicy.CIFAR10)] if autoaugment else []
     erase = [Cutout(cutout)] if cutout else []
-    return transforms.Compose([transforms.RandomCrop(32, padding=4)] + flip + policy + normalize + erase)
+    return transforms.Compose([transforms.RandomCrop(info.image_size, padding=4)] + flip + policy + normalize + erase)
 
 
-def load_unlabeled_pool(name, root, path=None, download=False, **digits_kwargs):
-    """(images N x 32 x 32 x 3 uint8, sourcing labels or None, ground truth or None) of the pool the
-    semi-supervised set draws from, in the order pseudo-label files must follow. `path` overrides
-    the pool file (cifar10, svhn); `download` fetches SVHN's extra split when missing;
-    `digits_kwargs` (imb_type, imb_factor, rand_number) fix the digits pool."""
-    info = dataset_info(name)
+def load_unlabeled_pool(name, root, path=None, download=False, info=None, **digits_kwargs):
+    """(images N x 32 x 32 x 3 uint8, sourcing labels or None, ground truth or None, image paths or None)
+    of the pool the semi-supervised set draws from, in the order pseudo-label files must follow. `path`
+    overrides the pool file (cifar10, svhn) or folder (folder: paths relative to it); `download` fetches
+    SVHN's extra split when missing; `digits_kwargs` (imb_type, imb_factor, rand_number) fix the digits
+    pool. `info`: a resolved DatasetInfo (a folder's), else the registry's of `name`."""
+    info = info or dataset_info(name)
     if info.load_pool is None:
         raise UserError(f"{name} has no unlabeled pool in the paper; choose one of "
                         f"{', '.join(n for n, i in DATASETS.items() if i.load_pool)}")

@@ -1,4 +1,5 @@
-"""A device-resident data path for the 32x32 data sets (CIFAR-10/100, SVHN, digits, their semi sets).
+"""A device-resident data path for the 32x32 data sets (CIFAR-10/100, SVHN, digits, their semi sets),
+and a user's folder of S x S images alike (S for 32 below).
 
 The whole uint8 data set lives as one N x 32 x 32 x 3 tensor on the training device. Each batch is
 gathered by the indices a sampler yields and augmented in one batched operation there: a random
@@ -22,7 +23,7 @@ from dataset.augment import cutout_mask
 from dataset.samplers import get_targets
 from utils import derive_seed
 
-SIZE, PAD = 32, 4
+PAD = 4
 
 
 def eval_batch_size(device):
@@ -32,15 +33,15 @@ def eval_batch_size(device):
 
 
 def as_nhwc(data):
-    """N x 32 x 32 x 3 uint8 images from N x 32 x 32 x 3 (CIFAR, digits) or N x 3 x 32 x 32 (SVHN)."""
+    """N x S x S x 3 uint8 images from N x S x S x 3 (CIFAR, digits, folder) or N x 3 x S x S (SVHN)."""
     data = np.asarray(data)
     if data.dtype != np.uint8 or data.ndim != 4:
-        raise ValueError(f"expected N x 32 x 32 x 3 or N x 3 x 32 x 32 uint8 images, got {data.dtype} {data.shape}")
-    if data.shape[1:] == (SIZE, SIZE, 3):
+        raise ValueError(f"expected N x S x S x 3 or N x 3 x S x S uint8 images, got {data.dtype} {data.shape}")
+    if data.shape[3] == 3 and data.shape[1] == data.shape[2]:
         return data
-    if data.shape[1:] == (3, SIZE, SIZE):
+    if data.shape[1] == 3 and data.shape[2] == data.shape[3]:
         return data.transpose(0, 2, 3, 1)
-    raise ValueError(f"expected N x 32 x 32 x 3 or N x 3 x 32 x 32 uint8 images, got {data.shape}")
+    raise ValueError(f"expected N x S x S x 3 or N x 3 x S x S uint8 images, got {data.shape}")
 
 
 def _skipped(sampler):
@@ -72,7 +73,8 @@ class DeviceLoader:
         self.channels_last = channels_last
         self.mean, self.std = _stats(mean, self.device), _stats(std, self.device)
         self._generator = torch.Generator(device=self.device)
-        self._arange = torch.arange(SIZE, device=self.device)
+        self.size = self.images.shape[1]  # 32, or a folder's --image_size
+        self._arange = torch.arange(self.size, device=self.device)
 
     @classmethod
     def from_dataset(cls, dataset, sampler, batch_size, device, info, **kwargs):
@@ -113,9 +115,9 @@ class DeviceLoader:
         if self.flip:
             flipped = torch.rand(n, generator=generator, device=self.device) < 0.5
             cols = torch.where(flipped[:, None], cols.flip(1), cols)
-        inside = ((rows >= 0) & (rows < SIZE))[:, :, None] & ((cols >= 0) & (cols < SIZE))[:, None, :]
-        pixels = self.images[index[:, None, None], rows.clamp(0, SIZE - 1)[:, :, None],
-                             cols.clamp(0, SIZE - 1)[:, None, :]]
+        inside = ((rows >= 0) & (rows < self.size))[:, :, None] & ((cols >= 0) & (cols < self.size))[:, None, :]
+        pixels = self.images[index[:, None, None], rows.clamp(0, self.size - 1)[:, :, None],
+                             cols.clamp(0, self.size - 1)[:, None, :]]
         return pixels * inside[..., None]
 
 

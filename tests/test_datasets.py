@@ -365,14 +365,14 @@ def test_semi_digits_draws_from_the_unused_pool(tmp_path):
 # ---- the registry -------------------------------------------------------------------------
 
 def test_registry_and_transforms():
-    assert set(DATASETS) == {'cifar10', 'cifar100', 'svhn', 'digits'}
+    assert set(DATASETS) == {'cifar10', 'cifar100', 'svhn', 'digits', 'folder'}  # folder: tests/test_folder.py
     assert DATASETS['cifar100'].build_semi is None and DATASETS['cifar100'].num_classes == 100
     assert DATASETS['cifar10'].mean == (0.4914, 0.4822, 0.4465) and DATASETS['svhn'].std == (0.5, 0.5, 0.5)
     has_flip = {name: any(isinstance(t, transforms.RandomHorizontalFlip) for t in build_transform(name, True).transforms)
-                for name in DATASETS}
+                for name in ('cifar10', 'cifar100', 'svhn', 'digits')}
     assert has_flip == {'cifar10': True, 'cifar100': True, 'svhn': True, 'digits': False}
     assert [type(t) for t in build_transform('svhn', False).transforms] == [transforms.ToTensor, transforms.Normalize]
-    with pytest.raises(UserError, match="unknown dataset 'mnist'; choose one of cifar10, cifar100, svhn, digits"):
+    with pytest.raises(UserError, match="unknown dataset 'mnist'; choose one of cifar10, cifar100, svhn, digits, folder"):
         dataset_info('mnist')
 
 
@@ -389,12 +389,12 @@ def test_builders(cifar10_root, svhn_root):
 
 
 def test_load_unlabeled_pool(cifar10_semi_root, svhn_root):
-    data, sourcing, truth = load_unlabeled_pool('cifar10', cifar10_semi_root)
+    data, sourcing, truth, _ = load_unlabeled_pool('cifar10', cifar10_semi_root)
     assert data.shape == (1000, 32, 32, 3) and len(sourcing) == 1000 and truth is None
-    data, sourcing, truth = load_unlabeled_pool('svhn', svhn_root, imb_factor=0.1)
+    data, sourcing, truth, _ = load_unlabeled_pool('svhn', svhn_root, imb_factor=0.1)
     assert data.shape == (600, 32, 32, 3) and np.array_equal(colour_class(data), truth)
     assert np.array_equal(sourcing, truth) and 10 not in truth
-    data, sourcing, truth = load_unlabeled_pool('digits', None, imb_type='exp', imb_factor=0.1, rand_number=3)
+    data, sourcing, truth, _ = load_unlabeled_pool('digits', None, imb_type='exp', imb_factor=0.1, rand_number=3)
     pool = ImbalanceDigits(imb_factor=0.1, rand_number=3)
     assert np.array_equal(data, pool.unused_data) and np.array_equal(sourcing, pool.unused_targets)
     with pytest.raises(UserError, match='cifar100 has no unlabeled pool'):

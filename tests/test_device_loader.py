@@ -28,8 +28,8 @@ CPU = torch.device('cpu')
 MEAN, STD = DATASETS['cifar10'].mean, DATASETS['cifar10'].std
 
 
-def _images(n, seed=0):
-    return np.random.RandomState(seed).randint(0, 256, size=(n, 32, 32, 3)).astype(np.uint8)
+def _images(n, seed=0, size=32):
+    return np.random.RandomState(seed).randint(0, 256, size=(n, size, size, 3)).astype(np.uint8)
 
 
 def _loader(images, targets, sampler, batch_size=8, **kw):
@@ -44,15 +44,17 @@ def _epoch(loader, epoch, skip=0):
 
 
 def _torchvision_windows(image):
-    """All 81 windows of torchvision's zero-padded, normalised image, unflipped and flipped: 162 x 3 x 32 x 32."""
+    """All 81 windows of torchvision's zero-padded, normalised S x S image, unflipped and flipped: 162 x 3 x S x S."""
     padded = transforms.Compose([transforms.Pad(4), transforms.ToTensor(), transforms.Normalize(MEAN, STD)])(
         Image.fromarray(image))
-    windows = torch.stack([padded[:, i:i + 32, j:j + 32] for i in range(9) for j in range(9)])
+    size = image.shape[0]
+    windows = torch.stack([padded[:, i:i + size, j:j + size] for i in range(9) for j in range(9)])
     return torch.cat([windows, windows.flip(3)])
 
 
-def test_every_output_is_a_window_of_the_zero_padded_image_with_its_label():
-    images = _images(24)
+@pytest.mark.parametrize('size', [32, 24])  # 24: a --dataset folder --image_size 24
+def test_every_output_is_a_window_of_the_zero_padded_image_with_its_label(size):
+    images = _images(24, size=size)
     sampler = ShuffleSampler(24, seed=3)
     loader = _loader(images, np.arange(24) % 5, sampler, flip=True)
     order = list(sampler)
@@ -60,7 +62,7 @@ def test_every_output_is_a_window_of_the_zero_padded_image_with_its_label():
     assert len(loader) == len(batches) == 3
     out = torch.cat([b[0] for b in batches])
     targets = torch.cat([b[1] for b in batches])
-    assert out.shape == (24, 3, 32, 32) and out.dtype == torch.float32
+    assert out.shape == (24, 3, size, size) and out.dtype == torch.float32
     assert targets.tolist() == [i % 5 for i in order]
     for k, i in enumerate(order):
         # normalisation within 1e-6 of torchvision's, for the one window and flip that was drawn

@@ -159,7 +159,7 @@ def test_pretrain_rot_and_train_semi_two_epochs_ranks_agree(tmp_path):
     import fixtures
     from dataset import load_unlabeled_pool
     pool_args = {'imb_type': 'exp', 'imb_factor': 0.01, 'rand_number': 0}
-    _, _, truth = load_unlabeled_pool('digits', None, **pool_args)
+    _, _, truth, _ = load_unlabeled_pool('digits', None, **pool_args)
     fixtures.write_pseudo_labels(tmp_path / 'pseudo_labeled_digits.pickle', truth, extra={'pool_args': pool_args})
     probes = _probed(tmp_path, 'train_semi.py', *_train_args(tmp_path, '--epochs', '2', '--seed', '0', '--pseudo_labels',
                                                              str(tmp_path / 'pseudo_labeled_digits.pickle')),

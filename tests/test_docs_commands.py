@@ -13,6 +13,7 @@ test_distributed.py run them on small image folders and 2 processes), reproduce.
 import os
 import re
 import shlex
+import sys
 
 import pytest
 import torch
@@ -131,7 +132,8 @@ def test_readme_train_commands(cifar_data, capsys):
     class: 100 per class before the long-tailed draw, 1 of the last class after it."""
     fixtures.write_cifar10(cifar_data / 'data', per_class=100, test_per_class=2)
     commands = [c for c in script_commands('README.md', 'train.py', ['--dataset'])
-                if '--pretrained_model' not in c and 'digits' not in c and '0.02' not in c and 'wd5e-3' not in c]
+                if '--pretrained_model' not in c and 'digits' not in c and '0.02' not in c and 'wd5e-3' not in c
+                and 'folder' not in c]
     assert len(commands) == 8
     ckpt = 'checkpoint/cifar10_resnet32_CE_None_exp_0.01_ss_pretrained/ckpt.pth.tar'
     for argv in commands:
@@ -207,6 +209,27 @@ def test_readme_flags_of_train_py(cwd, small_digits, capsys):
     assert ckpt['epoch'] == 2
     group = ckpt['optimizer']['param_groups'][0]
     assert (group['lr'], group['momentum'], group['weight_decay']) == (0.02, 0.5, 1e-3)
+
+
+def test_readme_own_data_worked_example(cwd, monkeypatch, capsys):
+    """README "Your own data": digits written as a folder, then train.py, -e, gen_pseudolabels.py, train_semi.py,
+    pretrain_rot.py and the SSP fine-tuning, each as written. 100 digits per class (10 of them val) keep
+    60 labeled training images per class after --unlabeled 30."""
+    sys.path.insert(0, os.path.join(REPO, 'tools'))
+    import digits_folder
+    fixtures.shrink_digits(monkeypatch.setattr, per_class=100, test_per_class=10)
+    tool = [w[2:] for w in documented('README.md') if w[:2] == ['python', 'tools/digits_folder.py']]
+    assert len(tool) == 1 and digits_folder.main(tool[0]) == 0
+    commands = [(w[1], w[2:]) for w in documented('README.md') if w[0] == 'python' and '--dataset' in w
+                and w[w.index('--dataset') + 1] == 'folder']
+    assert [script for script, _ in commands] == ['train.py', 'train.py', 'gen_pseudolabels.py', 'train_semi.py',
+                                                  'pretrain_rot.py', 'train.py']
+    for script, argv in commands:
+        run(script, argv, extra=() if script == 'gen_pseudolabels.py' or '-e' in argv else SHORT)
+    out = capsys.readouterr().out
+    assert '10 classes, 600 training and 100 val images of 32x32 px' in out
+    assert 'wrote 300 pseudo-labels' in out and 'backbone tensors from rotation/supervised checkpoint' in out
+    assert (cwd / 'checkpoint' / 'folder_resnet32_CE_None_exp_0.01_0.01_semi' / 'ckpt.pth.tar').is_file()
 
 
 def _store_names(paths, pretrained):

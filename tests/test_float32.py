@@ -92,7 +92,7 @@ def _pseudo_labels(root, *extra):
 
 
 def test_pseudo_labels_are_float32_by_default(bf16_run):
-    images, _, _ = load_unlabeled_pool('digits', None, imb_type='exp', imb_factor=0.01, rand_number=0)
+    images, _, _, _ = load_unlabeled_pool('digits', None, imb_type='exp', imb_factor=0.01, rand_number=0)
     transform = build_transform('digits', train=False)
     batch = torch.stack([transform(img) for img in images])
     logits = _float32_logits(bf16_run / 'ckpt' / NAME / 'ckpt.pth.tar', batch)

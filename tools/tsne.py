@@ -3,6 +3,7 @@
 
     python tools/tsne.py --resume checkpoint/<run>/ckpt.pth.tar --dataset cifar10 --imb_factor 0.01
     python tools/tsne.py --resume checkpoint/<run>/ckpt.pth.tar --dataset digits --output tsne.png
+    python tools/tsne.py --resume checkpoint/<run>/ckpt.pth.tar --dataset folder --data_path <ROOT> --imb_factor 1
     python tools/tsne.py --resume logs/ImageNet_LT/<stage>/final_model_checkpoint.pth \
         --cfg imagenet_inat/config/ImageNet_LT/feat_uniform.yaml --data_root <ImageNet root> --max-points 5000
 
@@ -34,18 +35,21 @@ from utils import figure_png  # noqa: E402
 
 def _trainer_source(args, ckpt):
     """(feature model, eval split, training counts) of a train.py / train_semi.py checkpoint."""
-    from dataset import DATASETS, build_transform
+    from dataset import build_transform, resolve_dataset
+    from dataset.folder import checked_against_checkpoint
     from models import build_model
     if args.dataset is None:
         raise UserError(f"--resume {args.resume} is a train.py checkpoint: pass --dataset (and the imbalance "
                         f"flags of its run)")
-    info = DATASETS[args.dataset]
+    # A folder is read at the checkpoint's image size, with its classes and statistics.
+    info = checked_against_checkpoint(resolve_dataset(args.dataset, args.data_path, ckpt.get('image_size')), ckpt,
+                                      f"--resume {args.resume}")
     _, sd = read_weights(args.resume, 'classification', 'pass a classifier checkpoint')
     cosine_head = 'fc.weight' in sd and 'fc.bias' not in sd  # LDAM's NormedLinear
     model = build_model(args.arch or ckpt.get('arch', 'resnet32'), info.num_classes, use_norm=cosine_head,
                         return_features=True)
     load_weights(model, sd, f"--resume {args.resume}")
-    transform = build_transform(args.dataset, train=False)
+    transform = build_transform(args.dataset, train=False, info=info)
     train_set = info.build_train(args.data_path, args.imb_type, args.imb_factor, args.rand_number, transform)
     data = train_set if args.split == 'train' else info.build_val(args.data_path, transform)
     return (lambda x: model(x)[1]), model, data, np.asarray(train_set.get_cls_num_list())

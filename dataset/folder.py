@@ -1,0 +1,403 @@
+"""Users' own images as a data set of this project: `--dataset folder --data_path ROOT`.
+
+ROOT holds `train/<class>/...` and `val/<class>/...` (torchvision's ImageFolder layout; a class
+folder may nest sub-folders; names may hold spaces), or the split files `train.txt` and `val.txt`
+of `<path relative to ROOT> <integer label>` lines as imagenet_inat reads them. Classes are the
+sorted training folder names (split files: labels 0..max). The unlabeled pool of train_semi.py
+and gen_pseudolabels.py is a folder of images, any nesting (default ROOT/unlabeled).
+
+Images are decoded once into an N x S x S x 3 uint8 array (grayscale and palette images converted
+to RGB, resized to S x S with --image_size S <= 64), cached in `.folder_cache/` beside the folder
+or split file under a key of the sorted file list, sizes and modification times, and served
+exactly as CIFAR (the device loader, the CIFAR ResNets). Start-up lists and stats every file once
+and decodes only on a cache miss. The normalisation mean/std are the training folder's pixel
+statistics; they, the class names and S go into every checkpoint, so -e and gen_pseudolabels.py
+need nothing else. Larger images (--image_size S > 64) are not cached: they stream from their files
+through imagenet_inat's ResNet-50 transforms at S px (train.py, pretrain_rot.py, tools/tsne.py).
+
+The training set is made long-tailed with CIFAR's rule and seed (`--imb_type`, `--imb_factor`,
+`--rand_number`); `--imb_factor 1` takes the training folder as it is (its own imbalance).
+"""
+import hashlib
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass, replace
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from dataset.imbalance_cifar import add_pseudo_labeled, check_fraction, img_num_per_cls, select_per_class
+from errors import UserError
+from fileio import atomic_write_bytes, safe_pickle_load
+from moco.loader import SplitFileDataset
+
+MAX_SIDE = 64  # up to this, one cached array served as CIFAR; above, files streamed as ImageNet's
+IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.pgm', '.png', '.ppm', '.tif', '.tiff', '.webp')
+CACHE_FOLDER = '.folder_cache'
+POOL_FOLDER = 'unlabeled'
+
+
+@dataclass
+class Listing:
+    """The images of one split, listed once: paths (absolute, in order), labels (None: a pool),
+    and the (relative path, size, mtime) triples the cache key is made of."""
+    source: str       # the split's folder or split file (messages, cache location)
+    paths: list
+    labels: object
+    classes: list
+    stamps: list
+
+
+def _stamp(path, root, entry_stat):
+    return os.path.relpath(path, root), entry_stat.st_size, entry_stat.st_mtime_ns
+
+
+def _walk_images(folder, what):
+    """(paths, stamps) of every image under `folder`, sorted by relative path, each stat-ed once; hidden
+    files (.DS_Store, the cache) are skipped, any other non-image file is refused."""
+    found, stack = [], [folder]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for e in it:
+                if e.name.startswith('.'):
+                    continue
+                if e.is_dir():
+                    stack.append(e.path)
+                elif not e.name.lower().endswith(IMAGE_EXTENSIONS):
+                    raise UserError(f"{e.path} in {what} is not an image (expected {' '.join(IMAGE_EXTENSIONS)}); "
+                                    f"move it out of {folder}")
+                else:
+                    found.append((_stamp(e.path, folder, e.stat()), e.path))
+    found.sort()
+    return [path for _, path in found], [stamp for stamp, _ in found]
+
+
+def list_class_folders(split_dir, classes=None):
+    """The images of `split_dir/<class>/...`; `classes` (the training set's) fixes the label order."""
+    names = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith('.'))
+    if not names:
+        raise UserError(f"{split_dir} holds no class folders (expected {split_dir}/<class>/<images>)")
+    if classes is None:
+        classes = names
+    unknown = [n for n in names if n not in classes]
+    if unknown:
+        raise UserError(f"class folder {os.path.join(split_dir, unknown[0])} has no counterpart in the training "
+                        f"folder (training classes: {', '.join(classes)})")
+    paths, labels, stamps = [], [], []
+    for name in names:
+        class_paths, class_stamps = _walk_images(os.path.join(split_dir, name), split_dir)
+        if not class_paths:
+            raise UserError(f"class folder {os.path.join(split_dir, name)} holds no images")
+        paths += class_paths
+        stamps += [(os.path.join(name, rel), size, mtime) for rel, size, mtime in class_stamps]
+        labels += [classes.index(name)] * len(class_paths)
+    return Listing(split_dir, paths, np.asarray(labels, dtype=np.int64), list(classes), stamps)
+
+
+def list_split_file(root, split_file, num_classes=None):
+    """The images a `<path> <label>` split file lists (imagenet_inat's reader checks lines and files)."""
+    listed = SplitFileDataset(root, split_file, num_classes=num_classes, flags=('--data_path', '--data_path'))
+    stamps = [_stamp(p, root, os.stat(p)) for p in listed.img_path]
+    labels = np.asarray(listed.targets, dtype=np.int64)
+    classes = [str(c) for c in range(num_classes or labels.max() + 1)]
+    return Listing(split_file, listed.img_path, labels, classes, stamps)
+
+
+def list_pool(folder):
+    if not os.path.isdir(folder):
+        raise UserError(f"unlabeled image folder {folder} not found (pass --unlabeled_data / --data_dir)")
+    paths, stamps = _walk_images(folder, folder)
+    return Listing(folder, paths, None, [], stamps)
+
+
+def list_splits(root):
+    """(train, val) listings of ROOT: class folders, else split files."""
+    if os.path.isdir(os.path.join(root, 'train')):
+        train = list_class_folders(os.path.join(root, 'train'))
+        val_dir = os.path.join(root, 'val')
+        if not os.path.isdir(val_dir):
+            raise UserError(f"{root} has train/ but no val/ (expected {val_dir}/<class>/<images>)")
+        return train, list_class_folders(val_dir, train.classes)
+    if os.path.isfile(os.path.join(root, 'train.txt')):
+        if not os.path.isfile(os.path.join(root, 'val.txt')):
+            raise UserError(f"{root} has train.txt but no val.txt (lines '<path relative to {root}> <label>')")
+        train = list_split_file(root, os.path.join(root, 'train.txt'))
+        return train, list_split_file(root, os.path.join(root, 'val.txt'), len(train.classes))
+    raise UserError(f"{root} has no train/ folder (expected {root}/train/<class>/<images> and "
+                    f"{root}/val/<class>/<images>, or train.txt and val.txt split files; pass --data_path)")
+
+
+def _cache_path(listing, image_size):
+    key = hashlib.sha256(json.dumps([image_size, listing.stamps]).encode()).hexdigest()[:16]
+    folder, base = os.path.split(os.path.abspath(listing.source))
+    return os.path.join(folder, CACHE_FOLDER, f"{base}-{image_size or 'native'}-{key}.npz")
+
+
+def _decode(listing, image_size):
+    """N x S x S x 3 uint8 images. Without `image_size` every image must have one square size <= 64."""
+    images, first = None, None
+    for n, path in enumerate(listing.paths):
+        try:
+            with Image.open(path) as im:
+                im.load()  # a truncated file fails here, not later in a worker
+                rgb = im.convert('RGB')
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise UserError(f"cannot read image {path}: {e}") from None
+        if image_size is None:
+            first = first or (path, rgb.size)
+            if rgb.size != first[1]:
+                raise UserError(f"images of mixed sizes in {listing.source}: {first[0]} is {first[1][0]}x{first[1][1]}, "
+                                f"{path} is {rgb.size[0]}x{rgb.size[1]}; pass --image_size S to resize all to S x S")
+            if rgb.size[0] != rgb.size[1] or rgb.size[0] > MAX_SIDE:
+                raise UserError(f"{path} is {rgb.size[0]}x{rgb.size[1]}: pass --image_size S (S <= {MAX_SIDE}: resized "
+                                f"to S x S and cached; larger: streamed from the files)")
+        elif rgb.size != (image_size, image_size):
+            rgb = rgb.resize((image_size, image_size), Image.BILINEAR)
+        if images is None:  # one array, filled in place: 100k images are not held twice
+            images = np.empty((len(listing.paths), rgb.size[1], rgb.size[0], 3), dtype=np.uint8)
+        images[n] = np.asarray(rgb, dtype=np.uint8)
+    return images
+
+
+def pixel_statistics(images):
+    """Per-channel mean and std of all pixels in [0, 1], from exact 256-bin histograms (no float copy)."""
+    mean, std = [], []
+    for c in range(3):
+        counts = np.bincount(images[..., c].ravel(), minlength=256).astype(np.float64)
+        values = np.arange(256) / 255.0
+        m = (counts * values).sum() / counts.sum()
+        mean.append(float(m))
+        std.append(float(np.sqrt((counts * (values - m) ** 2).sum() / counts.sum())))
+    return tuple(mean), tuple(std)
+
+
+class CachedImages:
+    """A listing's images from the cache, or decoded; `save()` writes a decoded array (atomically) once
+    every split has decoded cleanly, so a bad image anywhere leaves no cache behind."""
+
+    def __init__(self, listing, image_size):
+        self.path = _cache_path(listing, image_size)
+        self.fresh = not os.path.isfile(self.path)
+        if self.fresh:
+            self.images = _decode(listing, image_size)
+            return
+        with np.load(self.path, allow_pickle=False) as cached:
+            self.images = cached['images']
+        if len(self.images) != len(listing.paths):
+            raise UserError(f"image cache {self.path} is corrupt; delete it")
+
+    def save(self):
+        if not self.fresh:
+            return
+        buffer = io.BytesIO()
+        np.savez(buffer, images=self.images)
+        folder = os.path.dirname(self.path)
+        stale_prefix = os.path.basename(self.path).rsplit('-', 1)[0] + '-'
+        try:
+            os.makedirs(folder, exist_ok=True)
+            atomic_write_bytes(self.path, buffer.getvalue())
+        except (OSError, UserError) as e:
+            print(f"warning: cannot cache the decoded images in {folder} ({e}); they are decoded again next time",
+                  file=sys.stderr)
+            return
+        for name in os.listdir(folder):  # the caches of the files as they were before
+            if name.startswith(stale_prefix) and name.endswith('.npz') and name != os.path.basename(self.path):
+                os.unlink(os.path.join(folder, name))
+        self.fresh = False
+
+
+def load_images(*listings, image_size):
+    """The arrays of `listings`, all decoded (or read) before any cache is written."""
+    cached = [CachedImages(listing, image_size) for listing in listings]
+    for c in cached:
+        c.save()
+    return [c.images for c in cached]
+
+
+class FolderImages:
+    """uint8 images with their labels, served as CIFAR's (PIL image -> transform)."""
+
+    def __init__(self, data, targets, classes, transform=None):
+        self.data, self.targets, self.classes, self.transform = data, list(targets), classes, transform
+        self.cls_num = len(classes)
+
+    def get_cls_num_list(self):
+        return np.bincount(self.targets, minlength=self.cls_num).tolist()
+
+    def image(self, index):
+        return Image.fromarray(self.data[index])
+
+    def __getitem__(self, index):
+        img = self.image(index)
+        return (self.transform(img) if self.transform is not None else img), self.targets[index]
+
+    def __len__(self):
+        return len(self.data)
+
+
+class FolderFiles(FolderImages):
+    """Images above 64 px, read from their files at every step (`data`: their paths, a numpy array of str)."""
+
+    def image(self, index):
+        try:
+            with Image.open(self.data[index]) as im:
+                return im.convert('RGB')
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise UserError(f"cannot read image {self.data[index]}: {e}") from None
+
+
+def long_tailed(labels, num_classes, imb_type, imb_factor, rand_number):
+    """(indices kept, images per class asked) by CIFAR's rule and seed: n_i = N/C * imb_factor^(i/(C-1))
+    of class i, drawn from numpy's stream seeded with `rand_number`. `imb_factor` 1: the folder as it is."""
+    check_fraction(imb_factor, '--imb_factor')
+    np.random.seed(rand_number)
+    counts = np.bincount(labels, minlength=num_classes).tolist()
+    if imb_factor == 1:
+        return np.arange(len(labels)), counts
+    if len(set(counts)) > 1:
+        print(f"note: the training folder is not balanced ({min(counts)} to {max(counts)} images per class); "
+              f"--imb_factor {imb_factor} draws from it as from a balanced one; --imb_factor 1 takes it as it is")
+    asked = img_num_per_cls(len(labels) / num_classes, num_classes, imb_type, imb_factor)
+    return select_per_class(labels, np.arange(num_classes), asked), asked
+
+
+def long_tailed_set(cls, data, labels, classes, imb_type, imb_factor, rand_number, transform):
+    """A `cls` (FolderImages, FolderFiles) of the long-tailed subset; it keeps what add_pseudo_labeled reads."""
+    keep, asked = long_tailed(labels, len(classes), imb_type, imb_factor, rand_number)
+    dataset = cls(data[keep], labels[keep], classes, transform)
+    dataset.img_num_list, dataset.class_order = asked, np.arange(len(classes))
+    return dataset
+
+
+def load_pool(path, image_size):
+    """(images, None, None, relative paths) of an unlabeled folder: no sourcing labels, no ground truth."""
+    listing = list_pool(path)
+    if not listing.paths:
+        raise UserError(f"unlabeled image folder {path} holds no images")
+    (images,) = load_images(listing, image_size=image_size)
+    return images, None, None, [rel for rel, _, _ in listing.stamps]
+
+
+def pool_pseudo_labels(pseudo_labels, paths):
+    """The pseudo-labels of a pool, refused if gen_pseudolabels.py made them for another folder."""
+    hint = 'run gen_pseudolabels.py --dataset folder on this pool again'
+    entry = safe_pickle_load(pseudo_labels, what='pseudo-label file', hint=hint)
+    if not isinstance(entry, dict) or list(entry.get('paths', [])) != paths:
+        raise UserError(f"pseudo-label file {pseudo_labels} was not made for the {len(paths)} images of this "
+                        f"unlabeled folder ({hint})")
+    return np.asarray(entry['extrapolated_targets']).astype(np.int64).reshape(-1)
+
+
+def configure(info, root, image_size, ckpt=None):
+    """`info` (the registry's placeholder) filled in for the images at `root`: cached arrays (up to 64 px)
+    or files streamed (`image_size` above 64); with `ckpt` (a checkpoint of a folder run) only its
+    classes, statistics and image size, and the unlabeled pool (gen_pseudolabels.py needs nothing else)."""
+    if ckpt is not None:
+        return _from_checkpoint(info, root, ckpt)
+    if image_size is not None and image_size > MAX_SIDE:
+        return streamed(info, root, image_size)
+    train, val = list_splits(root)
+    train_images, val_images = load_images(train, val, image_size=image_size)
+    size, classes = train_images.shape[1], tuple(train.classes)
+    if val_images.shape[1] != size:
+        raise UserError(f"val images are {val_images.shape[1]} px, training images {size} px; pass --image_size")
+    mean, std = pixel_statistics(train_images)
+    print(f"folder {root}: {len(classes)} classes, {len(train.paths)} training and {len(val.paths)} val "
+          f"images of {size}x{size} px; mean {np.round(mean, 4).tolist()}, std {np.round(std, 4).tolist()}")
+
+    def build_train(_root, imb_type, imb_factor, rand_number, transform, download=False):
+        return long_tailed_set(FolderImages, train_images, train.labels, classes, imb_type, imb_factor, rand_number,
+                               transform)
+
+    def build_val(_root, transform, download=False):
+        return FolderImages(val_images, val.labels, classes, transform)
+
+    def build_semi(_root, imb_type, imb_factor, unlabel_imb_factor, rand_number, transform, unlabeled_data=None,
+                   pseudo_labels=None, unlabel_size_factor=5, pseudo_threshold=None, download=False):
+        dataset = build_train(_root, imb_type, imb_factor, rand_number, transform)
+        pool, _, _, paths = load_pool(unlabeled_data or os.path.join(root, POOL_FOLDER), size)
+        # A user's pool has no labels of its own: the draw per class goes by the pseudo-labels.
+        sourcing = pool_pseudo_labels(pseudo_labels, paths)
+        pseudo = add_pseudo_labeled(dataset, pool, sourcing, pseudo_labels, unlabel_imb_factor,
+                                    unlabel_size_factor, pseudo_threshold)
+        dataset.targets = dataset.targets + pseudo.tolist()
+        return dataset
+
+    return replace(info, num_classes=len(classes), mean=mean, std=std, build_train=build_train, build_val=build_val,
+                   build_semi=build_semi, load_pool=_pool_loader(root, size), image_size=size, classes=classes)
+
+
+def _pool_loader(root, size):
+    def pool(_root, path, download=False, **_imbalance):
+        return load_pool(path or os.path.join(root, POOL_FOLDER), size)
+    return pool
+
+
+def _from_checkpoint(info, root, ckpt):
+    if 'classes' not in ckpt:
+        raise UserError("the checkpoint has no 'classes': it was not trained with --dataset folder")
+    size, classes = int(ckpt['image_size']), tuple(ckpt['classes'])
+    if size > MAX_SIDE:
+        raise UserError(f"it was trained on {size} px images, streamed from their files; only train.py and "
+                        f"pretrain_rot.py take those (up to {MAX_SIDE} px: all scripts)")
+    return replace(info, num_classes=len(classes), mean=tuple(ckpt['mean']), std=tuple(ckpt['std']),
+                   load_pool=_pool_loader(root, size), image_size=size, classes=classes)
+
+
+def checkpoint_entries(info):
+    """What a checkpoint records of a folder: its class names in label order, the normalisation
+    statistics and the image side, so -e, gen_pseudolabels.py and tools/tsne.py need nothing else."""
+    if info is None or info.classes is None:
+        return {}
+    return {'classes': list(info.classes), 'mean': list(info.mean), 'std': list(info.std),
+            'image_size': info.image_size}
+
+
+def checked_against_checkpoint(info, ckpt, source):
+    """`info` of a folder for a checkpoint trained on one (resumed, evaluated, embedded): the classes
+    and image side must be the checkpoint's, and its statistics are used (the folder may have changed)."""
+    if info is None or info.classes is None or 'classes' not in ckpt:
+        return info
+    if list(ckpt['classes']) != list(info.classes) or int(ckpt['image_size']) != info.image_size:
+        raise UserError(f"{source} was trained on the classes {', '.join(ckpt['classes'])} at {ckpt['image_size']} "
+                        f"px; --data_path has {', '.join(info.classes)} at {info.image_size} px")
+    return replace(info, mean=tuple(ckpt['mean']), std=tuple(ckpt['std']))
+
+
+def streamed(info, root, image_size):
+    """`info` for images above 64 px: listed once, never cached, each read from its file at every step with
+    imagenet_inat's ResNet-50 transforms (RandomResizedCrop(S) + flip + colour jitter; Resize(S*256/224) +
+    CenterCrop(S)) and ImageNet's statistics, for train.py and pretrain_rot.py with an ImageNet ResNet."""
+    from imagenet_inat.data import build_transform
+    from moco.loader import IMAGENET_MEAN, IMAGENET_STD
+    train, val = list_splits(root)
+    classes = tuple(train.classes)
+    print(f"folder {root}: {len(classes)} classes, {len(train.paths)} training and {len(val.paths)} val images, "
+          f"streamed at {image_size} px")
+
+    def build_train(_root, imb_type, imb_factor, rand_number, transform, download=False):
+        return long_tailed_set(FolderFiles, np.asarray(train.paths), train.labels, classes, imb_type, imb_factor,
+                               rand_number, transform)
+
+    def build_val(_root, transform, download=False):
+        return FolderFiles(np.asarray(val.paths), val.labels, classes, transform)
+
+    def not_streamed(*args, **kwargs):
+        raise UserError(f"--image_size {image_size}: images above {MAX_SIDE} px stream from their files, which only "
+                        f"train.py and pretrain_rot.py take; pass --image_size {MAX_SIDE} or less")
+
+    return replace(info, num_classes=len(classes), mean=IMAGENET_MEAN, std=IMAGENET_STD, build_train=build_train,
+                   build_val=build_val, build_semi=not_streamed, load_pool=not_streamed, image_size=image_size,
+                   classes=classes,
+                   transform=lambda train_phase: build_transform('ImageNet_LT', train_phase, image_size,
+                                                                 image_size * 256 // 224))
+
+
+def check_model(info, arch):
+    """Streamed images are ImageNet-sized: the CIFAR ResNets, which never downsample at their input, are refused."""
+    from models import MODELS
+    if info.transform is not None and MODELS[arch].__module__ == 'models.resnet_cifar':
+        raise UserError(f"-a {arch} is a CIFAR ResNet, for images up to {MAX_SIDE} px; --image_size {info.image_size} "
+                        f"needs an ImageNet ResNet: pass -a resnet50 (or resnet18, resnet34, resnet101, resnet152)")

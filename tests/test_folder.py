@@ -1,0 +1,298 @@
+"""--dataset folder (dataset/folder.py): a user's image folder through train.py, -e, gen_pseudolabels.py,
+train_semi.py and pretrain_rot.py; its cache; every bad input. The data: scikit-learn's digits written
+out by tools/digits_folder.py (the README's worked example), plus JPEG / RGB / nested / one-image classes."""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import fixtures
+import gen_pseudolabels
+import pretrain_rot
+import train
+import train_semi
+from checkpoint import load_checkpoint
+from dataset import build_transform, folder, resolve_dataset
+from errors import UserError
+from fileio import safe_pickle_load
+from fixtures import REPO
+
+sys.path.insert(0, os.path.join(REPO, 'tools'))
+import tsne  # noqa: E402
+from digits_folder import write_digits_folder  # noqa: E402
+
+# Sorted folder names; 'a single' (one RGB image) sorts after the digits.
+CLASSES = [str(c) for c in range(10)] + ['a single']
+TRAIN_COUNTS = [6] * 10 + [1]  # per_class 8, of which 2 per digit go to unlabeled/
+NAME = 'folder_resnet32_CE_None_exp_1.0_ss_pretrained'
+
+
+@pytest.fixture
+def root(tmp_path):
+    """Digits 32 x 32 grayscale PNGs, with class 3 re-saved as RGB JPEGs nested in 'sub dir/' under names
+    with spaces, a class with one RGB PNG (created first, so that creation order is not sorted order),
+    3 val images per digit and 20 unlabeled images."""
+    data = tmp_path / 'data'
+    os.makedirs(data / 'train' / 'a single')
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+        data / 'train' / 'a single' / 'only one.png')
+    write_digits_folder(str(data), per_class=8, val_per_class=3, unlabeled=2)
+    three = data / 'train' / '3'
+    os.makedirs(three / 'sub dir')
+    for png in sorted(three.glob('*.png')):
+        Image.open(png).convert('RGB').save(three / 'sub dir' / f'img {png.stem}.jpg', quality=95)
+        png.unlink()
+    return data
+
+
+def _args(data, tmp_path, *extra):
+    return ['--dataset', 'folder', '--data_path', str(data), '--imb_factor', '1', '--epochs', '1', '-b', '16',
+            '-j', '0', '--seed', '0', '--root_log', str(tmp_path / 'log'), '--root_model', str(tmp_path / 'ckpt'),
+            *extra]
+
+
+def _top1(text):
+    return re.findall(r'val Results: Prec@1 (\S+)', text)
+
+
+def test_train_then_evaluate_gives_the_run_s_top1(root, tmp_path, capsys, one_thread):
+    assert train.main(_args(root, tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert f'cls num list: {TRAIN_COUNTS}' in out
+    assert '11 classes, 61 training and 30 val images of 32x32 px' in out
+    ckpt_path = tmp_path / 'ckpt' / NAME / 'ckpt.pth.tar'
+    ckpt = load_checkpoint(str(ckpt_path))
+    assert ckpt['classes'] == CLASSES and ckpt['image_size'] == 32 and len(ckpt['mean']) == 3
+    run_top1 = _top1((tmp_path / 'log' / NAME / 'log_test.csv').read_text())
+    assert len(run_top1) == 1
+    assert train.main(_args(root, tmp_path, '--resume', str(ckpt_path), '-e')) == 0
+    assert _top1(capsys.readouterr().out) == run_top1
+    # tools/tsne.py reads the same folder at the checkpoint's size, classes and statistics
+    png = tmp_path / 'tsne.png'
+    assert tsne.main(['--resume', str(ckpt_path), '--dataset', 'folder', '--data_path', str(root), '--imb_factor', '1',
+                      '--output', str(png)]) == 0
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and '=> 30 images, 64-d features' in capsys.readouterr().out
+    (root / 'train' / 'a single' / 'only one.png').rename(root / 'train' / '9' / 'moved.png')
+    (root / 'train' / 'a single').rmdir()
+    with pytest.raises(UserError, match=r'was trained on the classes 0, 1, .*, 9, a single at 32 px; --data_path has '
+                                        r'0, 1, .*, 9 at 32 px'):
+        train.main(_args(root, tmp_path, '--resume', str(ckpt_path), '-e'))
+
+
+def test_folder_images_are_read_as_written(root):
+    info = resolve_dataset('folder', str(root))
+    train_set = info.build_train(str(root), 'exp', 1.0, 0, None)
+    assert info.classes == tuple(CLASSES) and info.num_classes == 11
+    assert train_set.get_cls_num_list() == TRAIN_COUNTS
+    data, labels = train_set.data, np.asarray(train_set.targets)
+    assert data.shape == (61, 32, 32, 3) and data.dtype == np.uint8
+    gray = data[labels == 0]
+    assert (gray[..., 0] == gray[..., 2]).all()  # grayscale to RGB: three equal channels
+    single = np.asarray(Image.open(root / 'train' / 'a single' / 'only one.png'))
+    assert np.array_equal(data[labels == 10][0], single)
+    assert len(data[labels == 3]) == 6  # the nested JPEGs with spaces in their names
+    val = info.build_val(str(root), None)
+    assert val.targets == [c for c in range(10) for _ in range(3)]
+
+
+def test_long_tailed_subset_of_a_balanced_folder(tmp_path):
+    write_digits_folder(str(tmp_path), per_class=12, val_per_class=2)
+    info = resolve_dataset('folder', str(tmp_path))
+    # CIFAR's rule: int(12 * 0.1 ** (i / 9)) images of class i
+    subset = info.build_train(str(tmp_path), 'exp', 0.1, 0, None)
+    assert subset.get_cls_num_list() == [12, 9, 7, 5, 4, 3, 2, 2, 1, 1]
+    assert np.array_equal(info.build_train(str(tmp_path), 'exp', 0.1, 0, None).data, subset.data)
+    assert not np.array_equal(info.build_train(str(tmp_path), 'exp', 0.1, 1, None).data, subset.data)
+    assert info.build_train(str(tmp_path), 'step', 0.1, 0, None).get_cls_num_list() == [12] * 5 + [1] * 5
+    # The same images listed in split files (in the sorted order a folder is read in) give the same data set.
+    for split in ('train', 'val'):
+        os.rename(tmp_path / split, tmp_path / f'listed {split}')
+        lines = sorted(f"listed {split}/{p.relative_to(tmp_path / f'listed {split}')} {p.parent.name}"
+                       for p in (tmp_path / f'listed {split}').rglob('*.png'))
+        (tmp_path / f'{split}.txt').write_text('\n'.join(lines) + '\n')
+    listed = resolve_dataset('folder', str(tmp_path))
+    assert listed.classes == tuple(str(c) for c in range(10))
+    assert np.array_equal(listed.build_train(str(tmp_path), 'exp', 0.1, 0, None).data, subset.data)
+
+
+def test_gen_pseudolabels_and_train_semi_on_an_unlabeled_folder(root, tmp_path, capsys, one_thread):
+    assert train.main(_args(root, tmp_path)) == 0
+    base = str(tmp_path / 'ckpt' / NAME / 'ckpt.pth.tar')
+    assert gen_pseudolabels.main(['--dataset', 'folder', '--resume', base, '--data_dir', str(root),
+                                  '--output_dir', str(root), '-j', '0']) == 0
+    entry = safe_pickle_load(str(root / 'pseudo_labeled_folder.pickle'))
+    expected_paths = sorted(f'{n}.png' for n in range(20))  # string order: 0, 1, 10, 11, ...
+    assert entry['paths'] == expected_paths and len(entry['extrapolated_targets']) == 20
+    assert entry['extrapolated_targets'].max() < 11
+    capsys.readouterr()
+    semi = ['--dataset', 'folder', '--data_path', str(root), '--imb_factor', '1', '--imb_factor_unlabel', '1',
+            '--epochs', '1', '-b', '16', '-j', '0', '--seed', '0', '--root_log', str(tmp_path / 'log'),
+            '--root_model', str(tmp_path / 'ckpt')]
+    assert train_semi.main(semi) == 0
+    # 5 x 61 asked for, 20 there: every pool image is drawn
+    assert 'training set: 61 labeled + 20 pseudo-labeled images' in capsys.readouterr().out
+    os.unlink(root / 'unlabeled' / '7.png')
+    with pytest.raises(UserError, match='not made for the 19 images of this unlabeled folder'):
+        train_semi.main(semi)
+
+
+def test_pretrain_rot_fine_tunes_into_train(root, tmp_path, capsys, one_thread):
+    assert pretrain_rot.main(_args(root, tmp_path)) == 0
+    rot = tmp_path / 'ckpt' / 'folder_resnet32_CE_None_exp_1.0_pretrain_rot' / 'ckpt.best.pth.tar'
+    assert load_checkpoint(str(rot))['classes'] == CLASSES
+    capsys.readouterr()
+    assert train.main(_args(root, tmp_path, '--pretrained_model', str(rot), '--exp_str', 'ssp')) == 0
+    assert re.search(r'loaded \d+ backbone tensors from rotation/supervised checkpoint', capsys.readouterr().out)
+
+
+def _decodes(monkeypatch):
+    calls = []
+    real = folder._decode
+    monkeypatch.setattr(folder, '_decode', lambda listing, size: calls.append(listing.source) or real(listing, size))
+    return calls
+
+
+def _caches(data):
+    return sorted(os.listdir(data / folder.CACHE_FOLDER)) if (data / folder.CACHE_FOLDER).exists() else []
+
+
+def test_cache_is_used_and_rebuilt_when_a_file_changes(root, monkeypatch):
+    calls = _decodes(monkeypatch)
+    first = resolve_dataset('folder', str(root)).build_train(str(root), 'exp', 1.0, 0, None).data
+    assert len(calls) == 2 and len(_caches(root)) == 2  # train and val, decoded once, cached
+    again = resolve_dataset('folder', str(root)).build_train(str(root), 'exp', 1.0, 0, None).data
+    assert len(calls) == 2 and np.array_equal(again, first)  # read back, not decoded
+    image = root / 'train' / '5' / '0.png'
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))  # same bytes, newer mtime
+    resolve_dataset('folder', str(root))
+    assert calls[2:] == [str(root / 'train')] and len(_caches(root)) == 2  # the stale cache is gone
+    Image.fromarray(np.full((32, 32), 255, dtype=np.uint8)).save(image)  # other pixels, other size
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))  # the mtime of the last cache
+    data = resolve_dataset('folder', str(root)).build_train(str(root), 'exp', 1.0, 0, None).data
+    assert len(calls) == 4 and (data[np.asarray(TRAIN_COUNTS).cumsum()[4]] == 255).all()
+
+
+def test_an_interrupted_cache_write_leaves_no_file(root, monkeypatch):
+    def killed(fd):
+        raise KeyboardInterrupt  # as a kill between writing the bytes and the rename
+
+    with monkeypatch.context() as m:
+        m.setattr(os, 'fsync', killed)
+        with pytest.raises(KeyboardInterrupt):
+            resolve_dataset('folder', str(root))
+    assert _caches(root) == []  # no cache, no temporary
+    calls = _decodes(monkeypatch)
+    resolve_dataset('folder', str(root))
+    assert len(calls) == 2 and len(_caches(root)) == 2
+
+
+def _empty_class(data):
+    os.makedirs(data / 'train' / '5b')
+
+
+def _val_class_training_lacks(data):
+    os.makedirs(data / 'val' / 'cat')
+    Image.new('L', (32, 32)).save(data / 'val' / 'cat' / 'x.png')
+
+
+def _corrupt(data):
+    (data / 'train' / '2' / '1.png').write_bytes(b'not a png at all')
+
+
+def _truncated(data):
+    jpeg = data / 'train' / '3' / 'sub dir' / 'img 1.jpg'
+    jpeg.write_bytes(jpeg.read_bytes()[:200])
+
+
+def _non_image(data):
+    (data / 'train' / '1' / 'notes.txt').write_text('labels checked by hand')
+
+
+def _no_train(data):
+    os.rename(data / 'train', data / 'training')
+
+
+def _split_file_missing_image(data):
+    os.rename(data / 'train', data / 'images')
+    (data / 'train.txt').write_text('images/0/0.png 0\nimages/0/99.png 0\n')
+    (data / 'val.txt').write_text('val/0/0.png 0\n')
+
+
+def _mixed_sizes(data):
+    Image.new('L', (16, 16)).save(data / 'train' / '4' / '0.png')
+
+
+BAD = {
+    _empty_class: r'class folder .*train/5b holds no images',
+    _val_class_training_lacks: r'class folder .*val/cat has no counterpart in the training folder',
+    _corrupt: r'cannot read image .*train/2/1\.png',
+    _truncated: r'cannot read image .*train/3/sub dir/img 1\.jpg',
+    _non_image: r'.*train/1/notes\.txt in .* is not an image',
+    _no_train: r'has no train/ folder',
+    _split_file_missing_image: r'1 of the 2 images listed in .*train\.txt are missing .*images/0/99\.png',
+    _mixed_sizes: r'images of mixed sizes in .*train: .* is 32x32, .*train/4/0\.png is 16x16; pass --image_size',
+}
+
+
+@pytest.mark.parametrize('spoil', BAD, ids=lambda f: f.__name__.strip('_'))
+def test_bad_input_is_one_line_and_writes_nothing(root, tmp_path, spoil):
+    spoil(root)
+    before = sorted(p for p in root.rglob('*'))
+    with pytest.raises(UserError, match=BAD[spoil]) as e:
+        train.main(_args(root, tmp_path))
+    assert '\n' not in str(e.value)
+    assert sorted(p for p in root.rglob('*')) == before  # no cache
+    assert not (tmp_path / 'log').exists() and not (tmp_path / 'ckpt').exists()
+
+
+def test_image_size_resizes_mixed_sizes(root):
+    _mixed_sizes(root)
+    info = resolve_dataset('folder', str(root), image_size=16)
+    assert info.image_size == 16 and info.build_val(str(root), None).data.shape == (30, 16, 16, 3)
+
+
+def test_larger_images_stream_through_the_jpeg_loader(root, tmp_path, capsys, one_thread):
+    """--image_size above 64: read from the files at every step with imagenet_inat's transforms at that size,
+    nothing cached, an ImageNet ResNet (train.py, -e, tools/tsne.py); the scripts that need the array refuse
+    in one line."""
+    large = ['--image_size', '72']
+    with pytest.raises(UserError, match=r'-a resnet32 is a CIFAR ResNet, .* pass -a resnet50'):
+        train.main(_args(root, tmp_path, *large))
+    info = resolve_dataset('folder', str(root), image_size=72)
+    val = info.build_val(str(root), build_transform('folder', False, info=info))
+    assert val[0][0].shape == (3, 72, 72) and val.targets == [c for c in range(10) for _ in range(3)]
+    assert train.main(_args(root, tmp_path, *large, '-a', 'resnet18')) == 0
+    name = NAME.replace('resnet32', 'resnet18')
+    ckpt_path = str(tmp_path / 'ckpt' / name / 'ckpt.pth.tar')
+    assert load_checkpoint(ckpt_path)['image_size'] == 72
+    run_top1 = _top1((tmp_path / 'log' / name / 'log_test.csv').read_text())
+    capsys.readouterr()
+    assert train.main(_args(root, tmp_path, *large, '-a', 'resnet18', '--resume', ckpt_path, '-e')) == 0
+    assert _top1(capsys.readouterr().out) == run_top1
+    assert not (root / folder.CACHE_FOLDER).exists()
+    assert tsne.main(['--resume', ckpt_path, '--dataset', 'folder', '--data_path', str(root), '--imb_factor', '1',
+                      '--output', str(tmp_path / 'tsne.png')]) == 0
+    assert '=> 30 images, 512-d features' in capsys.readouterr().out
+    with pytest.raises(UserError, match=r'trained on 72 px images, streamed .* only train.py and pretrain_rot.py'):
+        gen_pseudolabels.main(['--dataset', 'folder', '--resume', ckpt_path, '-a', 'resnet18', '--data_dir', str(root),
+                               '--output_dir', str(tmp_path)])
+    with pytest.raises(UserError, match='only train.py and pretrain_rot.py take'):
+        train_semi.main(['--dataset', 'folder', '--data_path', str(root), *large, '-a', 'resnet18'])
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_shard_the_folder(root, tmp_path):
+    cmd = fixtures.torchrun_cmd(os.path.join(REPO, 'train.py'), *_args(root, tmp_path, '-a', 'resnet20'))
+    proc = subprocess.run(cmd, cwd=REPO, env=fixtures.script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    log = (tmp_path / 'log' / NAME.replace('resnet32', 'resnet20') / 'log_test.csv').read_text()
+    confusion = np.array(eval(re.search(r'val Confusion Matrix: (.*)', log)[1]))
+    # each process evaluates half the 30 val images; the sums cover every one once
+    assert confusion.sum() == 30 and (confusion.sum(axis=1)[:10] == 3).all()
+    # 61 images, batches of 16 split 8 + 8: each process runs ceil(31 / 8) = 4 steps
+    assert 'Epoch: [0][4/4]' in (tmp_path / 'log' / NAME.replace('resnet32', 'resnet20') / 'log_train.csv').read_text()
