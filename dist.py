@@ -8,6 +8,7 @@ and never touches torch.distributed.
 Every collective here must be called by every rank at the same point of the program, or the ranks
 that called it wait for the others until the timeout: call sites say why each one is collective.
 """
+import atexit
 import contextlib
 import dataclasses
 import datetime
@@ -123,9 +124,19 @@ def setup(gpu=None, rank=None, world_size=None, init_method='env://', timeout=DE
         torch.cuda.set_device(device)
         check_arch(torch.cuda.get_device_capability(device), torch.cuda.get_arch_list(),
                    torch.cuda.get_device_name(device))
-    if world_size > 1:
+    if world_size > 1 and not is_dist():  # joined already by join_launched_group: one group per run
         _join(plan.backend, init_method, rank, world_size, timeout)
     return ProcessContext(rank, world_size, local_rank, device)
+
+
+def join_launched_group():
+    """Under torchrun with more than one process, join the process group now, before the script's setup()
+    (which then finds it joined and keeps it), so that start-up work can be shared: rank 0 decodes an image
+    folder while the others wait for its cache (dataset/folder.py). Returns whether a group is joined."""
+    if launched_by_torchrun() and int(os.environ['WORLD_SIZE']) > 1 and not is_dist():
+        setup()
+        atexit.register(cleanup)  # a run refused before its script's setup() leaves no group behind
+    return is_dist()
 
 
 def _join(backend, init_method, rank, world_size, timeout):

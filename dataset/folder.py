@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+import dist
 from dataset.imbalance_cifar import add_pseudo_labeled, check_fraction, img_num_per_cls, select_per_class
 from errors import UserError
 from fileio import atomic_write_bytes, safe_pickle_load
@@ -181,6 +182,7 @@ class CachedImages:
         self.path = _cache_path(listing, image_size)
         self.fresh = not os.path.isfile(self.path)
         if self.fresh:
+            print(f"decoding the {len(listing.paths)} images of {listing.source} (cached for later runs)", flush=True)
             self.images = _decode(listing, image_size)
             return
         with np.load(self.path, allow_pickle=False) as cached:
@@ -208,12 +210,21 @@ class CachedImages:
         self.fresh = False
 
 
-def load_images(*listings, image_size):
-    """The arrays of `listings`, all decoded (or read) before any cache is written."""
+def _read_or_decode(listings, image_size):
     cached = [CachedImages(listing, image_size) for listing in listings]
     for c in cached:
         c.save()
     return [c.images for c in cached]
+
+
+def load_images(*listings, image_size):
+    """The arrays of `listings`, all decoded (or read) before any cache is written. Under torchrun rank 0
+    decodes and caches them while the other ranks wait, then those read its caches: a folder is decoded
+    once, not once per process; a bad image stops every rank with rank 0's one line."""
+    dist.join_launched_group()
+    images = []
+    dist.on_rank0(lambda: images.extend(_read_or_decode(listings, image_size)))  # collective
+    return images if dist.is_main_process() else _read_or_decode(listings, image_size)
 
 
 class FolderImages:

@@ -287,9 +287,20 @@ def test_larger_images_stream_through_the_jpeg_loader(root, tmp_path, capsys, on
 
 @pytest.mark.slow
 def test_torchrun_two_processes_shard_the_folder(root, tmp_path):
+    """Rank 0 decodes the folder while rank 1 waits, then rank 1 reads rank 0's cache: one set of
+    decodes (train, val) for the two processes; a corrupt image stops both with rank 0's line."""
     cmd = fixtures.torchrun_cmd(os.path.join(REPO, 'train.py'), *_args(root, tmp_path, '-a', 'resnet20'))
+    good = (root / 'train' / '2' / '1.png').read_bytes()
+    _corrupt(root)
+    proc = subprocess.run(cmd, cwd=REPO, env=fixtures.script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and _caches(root) == []
+    errors = re.findall(r'error: cannot read image .*train/2/1\.png', proc.stdout + proc.stderr)
+    assert len(errors) == 2, proc.stdout[-2000:] + proc.stderr[-2000:]  # one line from each rank
+    (root / 'train' / '2' / '1.png').write_bytes(good)
     proc = subprocess.run(cmd, cwd=REPO, env=fixtures.script_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    decoded = re.findall(r'decoding the (\d+) images of (\S+)', proc.stdout + proc.stderr)
+    assert sorted(decoded) == [('30', str(root / 'val')), ('61', str(root / 'train'))]
     log = (tmp_path / 'log' / NAME.replace('resnet32', 'resnet20') / 'log_test.csv').read_text()
     confusion = np.array(eval(re.search(r'val Confusion Matrix: (.*)', log)[1]))
     # each process evaluates half the 30 val images; the sums cover every one once
