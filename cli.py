@@ -52,15 +52,20 @@ def add_data_args(parser, datasets, default_exp_str):
                         choices=[d for d in DATASETS if d in datasets] + [d for d in datasets if d not in DATASETS])
     parser.add_argument('--data_path', default='./data', type=str, help='folder holding the data set files')
     if 'folder' in datasets:
-        parser.add_argument('--image_size', default=None, type=positive_int, metavar='S',
-                            help='--dataset folder: S <= 64: every image resized to S x S px and cached (default: '
-                                 'the images\' own size, one square size <= 64); S > 64: images streamed from their '
-                                 'files with ResNet-50 transforms at S px (train.py, pretrain_rot.py; -a resnet50)')
+        add_image_size_arg(parser)
     add_download_arg(parser)
     parser.add_argument('--imb_type', default='exp', type=str, help="'exp' or 'step'; anything else is balanced")
     parser.add_argument('--imb_factor', default=0.01, type=imb_factor, help='smallest / largest class size')
     parser.add_argument('--rand_number', default=0, type=int, help='seed of the long-tailed subset selection')
     parser.add_argument('--exp_str', default=default_exp_str, type=str, help='(additional) name to indicate the experiment')
+
+
+def add_image_size_arg(parser):
+    parser.add_argument('--image_size', default=None, type=positive_int, metavar='S',
+                        help='--dataset folder: S <= 64: every image resized to S x S px and cached (default: '
+                             'the images\' own size, one square size <= 64); S > 64: images streamed from their '
+                             'files with ResNet-50 transforms at S px (train.py, pretrain_rot.py, pretrain_moco.py; '
+                             '-a resnet50)')
 
 
 def add_download_arg(parser):

@@ -6,6 +6,7 @@
         --dist-url tcp://<node 0>:10001                                       # node 0 of 2, MoCo's own launcher
     python pretrain_moco.py --dataset cifar10 --data ./data --imb_factor 0.01 --moco-k 4096
     python pretrain_moco.py --dataset digits --epochs 20 --moco-k 256 -b 64 -j 0      # offline, CPU
+    python pretrain_moco.py --dataset folder --data <ROOT with train/<class>/> --imb_factor 1   # own images
 
 Writes <root_path>/<dataset>/checkpoint/moco_ckpt_XXXX.pth.tar (XXXX = epochs done) every
 --save-freq epochs and after the last one; fine-tune from it with
@@ -34,7 +35,8 @@ import dist
 import trainer
 from checkpoint import (load_checkpoint, load_optimizer, load_weights, save_checkpoint, state_dict_of,
                         strip_prefix, unwrap)
-from dataset import DATASETS
+from dataset import resolve_dataset
+from dataset.folder import check_model
 from dataset.samplers import ShuffleSampler
 from engine import step_hooks, train_one_epoch
 from errors import UserError
@@ -60,14 +62,20 @@ def _split_file_data(split_file, mean, std):
     return PretrainData('resnet50', 224, split_file, build)
 
 
-def _long_tailed_data(name):
-    """CIFAR-10/100-LT, digits-LT: the long-tailed training split of dataset.DATASETS (labels unused)."""
+def _long_tailed_data(name, crop_size=32):
+    """CIFAR-10/100-LT, digits-LT, a user's folder: the long-tailed training split of dataset.DATASETS (labels
+    unused) with the 32x32 recipe; a folder's images above 64 px stream from their files with MoCo's ImageNet
+    augmentation (v2, or v1 with `--aug-plus false`) at --image_size, as imagenet/inat's at 224 px.
+    `crop_size` None: the folder's image side."""
     def build(args):
-        info = DATASETS[name]
-        augmentation = AUGMENTATIONS['cifar'](args.crop_size, info.mean, info.std, flip=info.flip)
+        info = resolve_dataset(name, args.data, args.image_size)
+        check_model(info, args.arch)
+        args.crop_size = args.crop_size or info.image_size
+        recipe = 'cifar' if info.transform is None else 'v2' if args.aug_plus else 'v1'
+        augmentation = AUGMENTATIONS[recipe](args.crop_size, info.mean, info.std, flip=info.flip)
         return info.build_train(args.data, args.imb_type, args.imb_factor, args.rand_number,
                                 TwoCropsTransform(augmentation), download=args.download)
-    return PretrainData('resnet32', 32, '', build)
+    return PretrainData('resnet32', crop_size, '', build)
 
 
 # Split files where the original pretrain_moco.py reads them (relative to the working directory).
@@ -77,6 +85,7 @@ PRETRAIN_DATA = {
     'cifar10': _long_tailed_data('cifar10'),
     'cifar100': _long_tailed_data('cifar100'),
     'digits': _long_tailed_data('digits'),
+    'folder': _long_tailed_data('folder', crop_size=None),  # the user's train/ (dataset/folder.py)
 }
 
 
@@ -84,7 +93,9 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--dataset', default='imagenet', choices=list(PRETRAIN_DATA))
     parser.add_argument('--data', '--data_path', dest='data', metavar='DIR', default='./data',
-                        help='image root of the split file (imagenet, inat) or folder of the CIFAR files')
+                        help='image root of the split file (imagenet, inat), folder of the CIFAR files, or a '
+                             'user\'s image folder ROOT holding train/<class>/ (folder)')
+    cli.add_image_size_arg(parser)
     cli.add_download_arg(parser)  # cifar10/cifar100 only: ImageNet-LT and iNaturalist are never downloaded
     parser.add_argument('--split_file', default=None, metavar='TXT',
                         help="'<path relative to --data> <label>' per line (default: the original's "
@@ -92,14 +103,15 @@ def build_parser():
                              "imagenet_inat/data/iNaturalist18/iNaturalist18_train.txt)")
     parser.add_argument('--root_path', type=str, default='./data',
                         help='checkpoints go to <root_path>/<dataset>/checkpoint/')
-    parser.add_argument('--imb_type', default='exp', type=str, help="cifar*/digits: 'exp' or 'step'")
-    parser.add_argument('--imb_factor', default=0.01, type=cli.imb_factor, help='cifar*/digits: smallest / largest class')
-    parser.add_argument('--rand_number', default=0, type=int, help='cifar*/digits: seed of the long-tailed subset')
+    parser.add_argument('--imb_type', default='exp', type=str, help="cifar*/digits/folder: 'exp' or 'step'")
+    parser.add_argument('--imb_factor', default=0.01, type=cli.imb_factor, help='cifar*/digits/folder: smallest / largest class')
+    parser.add_argument('--rand_number', default=0, type=int, help='cifar*/digits/folder: seed of the long-tailed subset')
     parser.add_argument('-a', '--arch', metavar='ARCH', default=None, choices=list(MODELS),
                         help='model architecture: ' + ' | '.join(MODELS) +
-                             ' (default: resnet50 for imagenet/inat, resnet32 for cifar*/digits)')
+                             ' (default: resnet50 for imagenet/inat, resnet32 for cifar*/digits/folder)')
     parser.add_argument('--crop-size', default=None, type=cli.positive_int, metavar='PX',
-                        help='side of the random crops (default: 224 for imagenet/inat, 32 for cifar*/digits)')
+                        help='side of the random crops (default: 224 for imagenet/inat, 32 for cifar*/digits, the image side '
+                             'for folder)')
     parser.add_argument('-j', '--workers', default=32, type=cli.nonneg_int, metavar='N',
                         help='data loading workers per node, shared by its processes (default: 32)')
     parser.add_argument('--epochs', default=200, type=cli.positive_int, metavar='N', help='number of total epochs to run')

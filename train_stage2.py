@@ -1,6 +1,7 @@
 """Stage 2 on a train.py / train_semi.py checkpoint (added; not in the original): decoupled classifier learning
 (Kang et al., ICLR 2020: cRT, LWS, tau-normalisation) and weight balancing (Alshammari et al., CVPR 2022) for
-the 32x32 data sets, on the shared trainer.
+the 32x32 data sets and a user's image folder (--dataset folder: its classes and image size come with the
+stage-1 checkpoint), on the shared trainer.
 
     python train_stage2.py --dataset cifar10 --imb_factor 0.01 --stage cRT --stage1 <stage-1 ckpt.pth.tar>
     python train_stage2.py --dataset cifar10 --imb_factor 0.01 --stage LWS --stage1 <stage-1 ckpt.pth.tar>
@@ -27,6 +28,7 @@ import train
 import trainer
 from checkpoint import HEAD_PREFIXES, load_weights, read_weights
 from dataset import DATASETS
+from dataset.folder import checked_against_checkpoint
 from dataset.device_loader import DeviceLoader
 from dataset.samplers import ClassAwareSampler, get_targets
 from engine import evaluate, predict
@@ -82,7 +84,7 @@ def cosine(args):
     return lambda epoch: trainer.cosine_at_epoch_start(epoch + 1, args.lr, args.epochs)
 
 
-def crt(model, args, train_set):
+def crt(model, args, train_set, _info):
     """Classifier re-training: features frozen, the classifier re-initialised as nn.Linear's default (Kang et
     al.'s DotProductClassifier), cross-entropy with class-balanced sampling."""
     freeze_all_but(model, {'fc.weight', 'fc.bias'})
@@ -91,7 +93,7 @@ def crt(model, args, train_set):
                 notes=('=> cRT: features frozen, classifier re-initialised, class-balanced sampling',))
 
 
-def lws(model, args, train_set):
+def lws(model, args, train_set, _info):
     """Learnable weight scaling: the stage-1 classifier frozen, logits (W x + b) * s with one learned s per
     class, cross-entropy with class-balanced sampling."""
     freeze_all_but(model, {'fc.scales'})
@@ -108,7 +110,7 @@ def lws_head(model):
     return model
 
 
-def weight_balancing(model, args, train_set):
+def weight_balancing(model, args, train_set, _info):
     """Alshammari et al.'s stage 2: the classifier (weight and bias) fine-tuned with their class-balanced
     loss and weight decay, MaxNorm after every step with the radius set from the stage-1 weights."""
     freeze_all_but(model, {'fc.weight', 'fc.bias'})
@@ -159,13 +161,16 @@ def features_of(model, images):
         model.return_features = False
 
 
-def tau_norm(model, args, train_set):
+def tau_norm(model, args, train_set, info):
     """tau-normalisation (no training): row i of W divided by ||W_i||^tau and no bias, as Kang et al.'s
     tau_norm.py; tau from --tau, else chosen on a validation split carved from the training set."""
     if args.tau is not None:
         tau, lines = args.tau, [f"=> tau-norm: tau {args.tau:g} given by --tau (no search)"]
+    elif info.transform is not None:
+        raise UserError("--stage tau_norm searches tau on images held in an array; images streamed from their files "
+                        "(--image_size above 64) have none: pass --tau")
     else:
-        tau, lines = choose_tau(model, args, train_set, DATASETS[args.dataset])
+        tau, lines = choose_tau(model, args, train_set, info)
     with torch.no_grad():
         model.fc.weight.copy_(tau_normalized(model.fc.weight, tau))
         model.fc.bias.zero_()
@@ -175,7 +180,7 @@ def tau_norm(model, args, train_set):
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    prepare: Callable            # (stage-1 model, args, train set) -> trainer.Experiment fields
+    prepare: Callable            # (stage-1 model, args, train set, resolved data set) -> trainer.Experiment fields
     epochs: int                  # the authors' defaults
     lr: float
     batch_size: int
@@ -201,8 +206,7 @@ STAGE_FLAGS = {'tau': ('tau_norm', None), 'val_per_class': ('tau_norm', 20), 'ma
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # the 32x32 data sets; a folder's resolved info (dataset.resolve_dataset) is not passed through yet
-    cli.add_data_args(parser, tuple(d for d in DATASETS if d != 'folder'), '')
+    cli.add_data_args(parser, tuple(DATASETS), '')
     group = parser.add_argument_group('stage 2')
     group.add_argument('--stage', required=True, choices=list(STAGES))
     group.add_argument('--stage1', default='', metavar='PATH',
@@ -244,9 +248,36 @@ def parse(argv):
     return args, stage
 
 
-def read_stage1(args, info):
-    """(checkpoint, its canonical weights), refusing one of another data set, class count, or without a
-    linear classifier, before anything is written."""
+def read_start(args):
+    """(checkpoint, its canonical weights) stage 2 starts from: --stage1's, or with -e the --resume stage-2
+    checkpoint's, read before the data: its `arch` is the model's (the data check needs it), its image side a
+    folder's default --image_size."""
+    if args.evaluate:
+        if not args.resume:
+            raise UserError("-e/--evaluate needs a checkpoint: pass --resume PATH")
+        ckpt, sd = read_weights(args.resume, 'classification', 'stage 2 evaluates a train_stage2.py checkpoint')
+        args.store_name = str(ckpt.get('store_name', 'stage2'))
+    elif not args.stage1:
+        raise UserError("--stage1 PATH is required to train (also with --resume): the stage-1 checkpoint")
+    else:
+        ckpt, sd = read_stage1(args)
+    args.arch = ckpt.get('arch', 'resnet32')  # the checkpoints' `arch`
+    args.image_size = args.image_size or ckpt.get('image_size')
+    return ckpt, sd
+
+
+def load(args):
+    """(checkpoint, its weights, data set info, training set, test set): read_start, then train.py's data,
+    a folder's classes and image side checked against the checkpoint's (its statistics used)."""
+    ckpt, sd = read_start(args)
+    info, train_set, val_set = train.load_data(args)
+    flag = f"--resume {args.resume}" if args.evaluate else f"--stage1 {args.stage1}"
+    return ckpt, sd, checked_against_checkpoint(info, ckpt, flag), train_set, val_set
+
+
+def read_stage1(args):
+    """(checkpoint, its canonical weights), refusing one of another data set or without a linear
+    classifier, before anything is written."""
     ckpt, sd = read_weights(args.stage1, 'classification', 'stage 2 starts from a train.py or train_semi.py '
                             'checkpoint (a classifier)', flag='--stage1')
     if 'fc.weight' not in sd:
@@ -255,29 +286,21 @@ def read_stage1(args, info):
     trained_on = str(ckpt.get('store_name', '')).split('_')[0]
     if trained_on in DATASETS and trained_on != args.dataset:
         raise UserError(f"--stage1 {args.stage1} was trained on {trained_on}, not --dataset {args.dataset}")
-    linear = 'fc.bias' in sd  # a cosine NormedLinear head (LDAM) has none, and its weight is D x C
-    classes = sd['fc.weight'].shape[0] if linear else sd['fc.weight'].shape[1]
-    if classes != info.num_classes:
-        raise UserError(f"--stage1 {args.stage1} was trained for another number of classes ({classes}; "
-                        f"--dataset {args.dataset} has {info.num_classes})")
-    if not linear and STAGES[args.stage].loads_head:
+    if 'fc.bias' not in sd and STAGES[args.stage].loads_head:  # a cosine NormedLinear head (LDAM) has no bias
         raise UserError(f"--stage1 {args.stage1} has a cosine (NormedLinear, LDAM) classifier; --stage "
                         f"{args.stage} rescales a linear one: use cRT, or a CE / Focal stage 1")
     return ckpt, sd
 
 
-def build(args, stage, info, train_set):
+def build(args, stage, ckpt, sd, info, train_set):
     """The stage-2 model and the Experiment fields of its stage."""
     if args.evaluate:
-        if not args.resume:
-            raise UserError("-e/--evaluate needs a checkpoint: pass --resume PATH")
-        ckpt, _ = read_weights(args.resume, 'classification', 'stage 2 evaluates a train_stage2.py checkpoint')
-        args.store_name, args.arch = str(ckpt.get('store_name', 'stage2')), ckpt.get('arch', 'resnet32')
         return stage.head(build_model(args.arch, info.num_classes)), {}
-    if not args.stage1:
-        raise UserError("--stage1 PATH is required to train (also with --resume): the stage-1 checkpoint")
-    ckpt, sd = read_stage1(args, info)
-    args.arch = ckpt.get('arch', 'resnet32')  # the checkpoints' `arch`
+    linear = 'fc.bias' in sd  # a cosine NormedLinear head (LDAM) has none, and its weight is D x C
+    classes = sd['fc.weight'].shape[0] if linear else sd['fc.weight'].shape[1]
+    if classes != info.num_classes:
+        raise UserError(f"--stage1 {args.stage1} was trained for another number of classes ({classes}; "
+                        f"--dataset {args.dataset} has {info.num_classes})")
     model = build_model(args.arch, info.num_classes)
     if stage.loads_head:
         load_weights(model, sd, f"--stage1 {args.stage1}")
@@ -288,20 +311,20 @@ def build(args, stage, info, train_set):
     args.store_name = cli.store_name(base, args.stage, *([args.exp_str] if args.exp_str else []))
     model = stage.head(model)
     # tau_norm trains nothing, so its schedule is never asked
-    return model, {'schedule': cosine(args), **stage.prepare(model, args, train_set)}
+    return model, {'schedule': cosine(args), **stage.prepare(model, args, train_set, info)}
 
 
 def main(argv=None):
     args, stage = parse(argv)
     trainer.seed(args)
-    info, train_set, val_set = train.load_data(args)
-    model, fields = build(args, stage, info, train_set)
+    ckpt, sd, info, train_set, val_set = load(args)
+    model, fields = build(args, stage, ckpt, sd, info, train_set)
     notes = fields.pop('notes', ()) + ((f"=> BatchNorm of the frozen features in "
                                         f"{'train' if args.train_bn else 'eval'} mode"),)
     experiment = trainer.Experiment(script='train_stage2', task='classification',
                                     model=model if args.train_bn else FrozenFeatures(model), train_set=train_set,
                                     val_set=val_set, num_classes=info.num_classes,
-                                    cls_num_list=train_set.get_cls_num_list(), notes=notes, **fields)
+                                    cls_num_list=train_set.get_cls_num_list(), notes=notes, info=info, **fields)
     return train.exit_code(trainer.run(args, experiment))
 
 

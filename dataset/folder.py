@@ -13,7 +13,8 @@ exactly as CIFAR (the device loader, the CIFAR ResNets). Start-up lists and stat
 and decodes only on a cache miss. The normalisation mean/std are the training folder's pixel
 statistics; they, the class names and S go into every checkpoint, so -e and gen_pseudolabels.py
 need nothing else. Larger images (--image_size S > 64) are not cached: they stream from their files
-through imagenet_inat's ResNet-50 transforms at S px (train.py, pretrain_rot.py, tools/tsne.py).
+through imagenet_inat's ResNet-50 transforms at S px (train.py, pretrain_rot.py, tools/tsne.py; pretrain_moco.py
+with MoCo's ImageNet augmentation).
 
 The training set is made long-tailed with CIFAR's rule and seed (`--imb_type`, `--imb_factor`,
 `--rand_number`); `--imb_factor 1` takes the training folder as it is (its own imbalance).
@@ -380,7 +381,8 @@ def checked_against_checkpoint(info, ckpt, source):
 def streamed(info, root, image_size):
     """`info` for images above 64 px: listed once, never cached, each read from its file at every step with
     imagenet_inat's ResNet-50 transforms (RandomResizedCrop(S) + flip + colour jitter; Resize(S*256/224) +
-    CenterCrop(S)) and ImageNet's statistics, for train.py and pretrain_rot.py with an ImageNet ResNet."""
+    CenterCrop(S)) and ImageNet's statistics, for train.py, pretrain_rot.py (and pretrain_moco.py, which brings its own
+    augmentation) with an ImageNet ResNet."""
     from imagenet_inat.data import build_transform
     from moco.loader import IMAGENET_MEAN, IMAGENET_STD
     train, val = list_splits(root)
@@ -397,7 +399,7 @@ def streamed(info, root, image_size):
 
     def not_streamed(*args, **kwargs):
         raise UserError(f"--image_size {image_size}: images above {MAX_SIDE} px stream from their files, which only "
-                        f"train.py and pretrain_rot.py take; pass --image_size {MAX_SIDE} or less")
+                        f"train.py, pretrain_rot.py and pretrain_moco.py take; pass --image_size {MAX_SIDE} or less")
 
     return replace(info, num_classes=len(classes), mean=IMAGENET_MEAN, std=IMAGENET_STD, build_train=build_train,
                    build_val=build_val, build_semi=not_streamed, load_pool=not_streamed, image_size=image_size,

@@ -24,10 +24,10 @@ def labeled_counts(args):
     """Images per class of the labeled long-tailed training set of a train.py / train_semi.py run, or
     None where its data is not at hand."""
     import numpy as np
-    from dataset import DATASETS
-    try:
-        train_set = DATASETS[args.dataset].build_train(args.data_path, args.imb_type, args.imb_factor,
-                                                       args.rand_number, None)
+    from dataset import resolve_dataset
+    try:  # a folder's from its files (read back from its cache)
+        info = resolve_dataset(args.dataset, args.data_path, getattr(args, 'image_size', None))
+        train_set = info.build_train(args.data_path, args.imb_type, args.imb_factor, args.rand_number, None)
     except (UserError, OSError):
         return None
     return np.asarray(train_set.get_cls_num_list())

@@ -195,6 +195,36 @@ def _digits_mini(o, seed):
             Cell('Balanced+SSP', 'CE (Balanced) + rotation SSP', (rot, bal_ssp))]
 
 
+FOLDER_FLAGS = ('--imb_factor', '1', '-a', 'resnet20', *DIGITS_LOADER)  # a user's folder as it is: its own imbalance
+
+
+def _folder_mini(o, seed):
+    """digits-mini's pipeline on a user's image folder (--data_path ROOT, README "Your own data"), taken as it
+    is: CE and CE (Balanced), each without and with rotation SSP, and CE + the pseudo-labeled ROOT/unlabeled
+    images where that folder exists."""
+    e = DIGITS_EPOCHS
+    data = ('--dataset', 'folder', *FOLDER_FLAGS)
+    base = o.trainer('train.py', seed, 'base', e, *data, '--train_rule', 'None')
+    bal = o.trainer('train.py', seed, 'base', e, *data, '--train_rule', 'Resample')
+    rot = o.trainer('pretrain_rot.py', seed, 'rot', e, *data)
+    weights = os.path.join(os.path.dirname(rot.output()), 'ckpt.best.pth.tar')
+    ssp = o.trainer('train.py', seed, 'ssp', e, *data, '--train_rule', 'None', '--pretrained_model', weights)
+    bal_ssp = o.trainer('train.py', seed, 'ssp', e, *data, '--train_rule', 'Resample', '--pretrained_model', weights)
+    cells = [Cell('CE', 'CE (Uniform)', (base,)),
+             Cell('CE+SSP', 'CE (Uniform) + rotation SSP', (rot, ssp)),
+             Cell('Balanced', 'CE (Balanced)', (bal,)),
+             Cell('Balanced+SSP', 'CE (Balanced) + rotation SSP', (rot, bal_ssp))]
+    if os.path.isdir(os.path.join(o.data_path, 'unlabeled')):
+        pseudo = o.stage('gen_pseudolabels.py', '--dataset', 'folder', '--resume', base.output(),
+                         '--data_dir', o.data_path, '-a', 'resnet20', '-j', '0',
+                         '--output_dir', o.path('pseudo_labels', o.tag('base', seed, o.epochs or e)))
+        # the whole pool, up to 5x the labeled set, drawn by pseudo-label without a further imbalance
+        semi = o.trainer('train_semi.py', seed, 'semi', e, *data, '--train_rule', 'None', '--imb_factor_unlabel', '1',
+                         '--pseudo_labels', pseudo.output())
+        cells.insert(2, Cell('CE+DU', 'CE + pseudo-labeled ROOT/unlabeled images', (base, pseudo, semi)))
+    return cells
+
+
 # Rows of the baseline tables: (key, label, train.py flags). The key is repro.published's method name.
 ONE_STAGE = (
     ('CE', 'CE', ('--loss_type', 'CE', '--train_rule', 'None')),
@@ -311,6 +341,14 @@ TABLES = {
                                               DIGITS_LOADER),
                                    DIGITS_EPOCHS, reference='published',
                                    note='No published numbers: no paper has a digits table. ' + BASELINES),
+    'folder-mini': Table('Your own image folder (--data_path ROOT) as it is, digits-mini\'s pipeline, ResNet-20',
+                         _folder_mini, DIGITS_EPOCHS,
+                         (Need('{data}', 'an image folder: ROOT/train/<class>/ and ROOT/val/<class>/ (or train.txt '
+                                         'and val.txt), optionally ROOT/unlabeled/ (README "Your own data")'),),
+                         note='No paper numbers: your data. Flags for the stages go in --stage-args: '
+                              '\'-a resnet32\' or \'--imb_factor 0.01\' (a balanced folder made long-tailed) for '
+                              'every stage; --image_size per script (\'train.py: --image_size 16\', the same for '
+                              'pretrain_rot.py and train_semi.py; gen_pseudolabels.py reads it from its checkpoint).'),
     'digits-mini': Table('Miniature: long-tailed digits (rho = 100), ResNet-20, CPU', _digits_mini, DIGITS_EPOCHS,
                          note='No paper numbers: the paper has no digits table. Its claims, in this setting: '
                               'SSP and pseudo-labeled data each lower the error of CE, and SSP also helps '

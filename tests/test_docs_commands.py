@@ -24,11 +24,12 @@ import pretrain_moco
 import pretrain_rot
 import train
 import train_semi
+import train_stage2
 from fixtures import REPO
 from models import build_model
 
 SCRIPTS = {'train.py': train, 'gen_pseudolabels.py': gen_pseudolabels, 'train_semi.py': train_semi,
-           'pretrain_rot.py': pretrain_rot, 'pretrain_moco.py': pretrain_moco}
+           'pretrain_rot.py': pretrain_rot, 'pretrain_moco.py': pretrain_moco, 'train_stage2.py': train_stage2}
 SHORT = ['--epochs', '1']
 
 
@@ -213,7 +214,7 @@ def test_readme_flags_of_train_py(cwd, small_digits, capsys):
 
 def test_readme_own_data_worked_example(cwd, monkeypatch, capsys):
     """README "Your own data": digits written as a folder, then train.py, -e, gen_pseudolabels.py, train_semi.py,
-    pretrain_rot.py and the SSP fine-tuning, each as written. 100 digits per class (10 of them val) keep
+    pretrain_rot.py and the SSP fine-tuning, pretrain_moco.py and its fine-tuning, cRT, each as written. 100 digits per class (10 of them val) keep
     60 labeled training images per class after --unlabeled 30."""
     sys.path.insert(0, os.path.join(REPO, 'tools'))
     import digits_folder
@@ -223,12 +224,15 @@ def test_readme_own_data_worked_example(cwd, monkeypatch, capsys):
     commands = [(w[1], w[2:]) for w in documented('README.md') if w[0] == 'python' and '--dataset' in w
                 and w[w.index('--dataset') + 1] == 'folder']
     assert [script for script, _ in commands] == ['train.py', 'train.py', 'gen_pseudolabels.py', 'train_semi.py',
-                                                  'pretrain_rot.py', 'train.py']
+                                                  'pretrain_rot.py', 'train.py', 'pretrain_moco.py', 'train.py',
+                                                  'train_stage2.py']
+    moco = {'data/folder/checkpoint/moco_ckpt_0030.pth.tar': 'data/folder/checkpoint/moco_ckpt_0001.pth.tar'}  # SHORT
     for script, argv in commands:
-        run(script, argv, extra=() if script == 'gen_pseudolabels.py' or '-e' in argv else SHORT)
+        run(script, argv, extra=() if script == 'gen_pseudolabels.py' or '-e' in argv else SHORT, **moco)
     out = capsys.readouterr().out
     assert '10 classes, 600 training and 100 val images of 32x32 px' in out
     assert 'wrote 300 pseudo-labels' in out and 'backbone tensors from rotation/supervised checkpoint' in out
+    assert 'backbone tensors from MoCo checkpoint' in out and '=> cRT: features frozen' in out
     assert (cwd / 'checkpoint' / 'folder_resnet32_CE_None_exp_0.01_0.01_semi' / 'ckpt.pth.tar').is_file()
 
 

@@ -1,6 +1,7 @@
 """--dataset folder (dataset/folder.py): a user's image folder through train.py, -e, gen_pseudolabels.py,
-train_semi.py and pretrain_rot.py; its cache; every bad input. The data: scikit-learn's digits written
-out by tools/digits_folder.py (the README's worked example), plus JPEG / RGB / nested / one-image classes."""
+train_semi.py, pretrain_rot.py, pretrain_moco.py, train_stage2.py and reproduce.py; its cache; every bad
+input. The data: scikit-learn's digits written out by tools/digits_folder.py (the README's worked example),
+plus JPEG / RGB / nested / one-image classes."""
 import os
 import re
 import subprocess
@@ -8,18 +9,23 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import fixtures
 import gen_pseudolabels
+import pretrain_moco
 import pretrain_rot
+import reproduce
 import train
 import train_semi
+import train_stage2
 from checkpoint import load_checkpoint
 from dataset import build_transform, folder, resolve_dataset
 from errors import UserError
 from fileio import safe_pickle_load
 from fixtures import REPO
+from test_reproduce import _in_process, _log_values, _rows
 
 sys.path.insert(0, os.path.join(REPO, 'tools'))
 import tsne  # noqa: E402
@@ -147,6 +153,110 @@ def test_pretrain_rot_fine_tunes_into_train(root, tmp_path, capsys, one_thread):
     capsys.readouterr()
     assert train.main(_args(root, tmp_path, '--pretrained_model', str(rot), '--exp_str', 'ssp')) == 0
     assert re.search(r'loaded \d+ backbone tensors from rotation/supervised checkpoint', capsys.readouterr().out)
+
+
+def test_pretrain_moco_fine_tunes_into_train(root, tmp_path, capsys, one_thread):
+    """MoCo v2 on the folder's training images (the 32x32 recipe at the images' own 32 px, as digits' and
+    CIFAR's), its query encoder then the backbone of train.py on the same folder."""
+    out = tmp_path / 'moco'
+    assert pretrain_moco.main(['--dataset', 'folder', '--data', str(root), '--imb_factor', '1', '--root_path', str(out),
+                               '--moco-k', '32', '-b', '16', '-j', '0', '--epochs', '1', '--seed', '0']) == 0
+    text = capsys.readouterr().out
+    # 61 images, batches of 16 (drop_last): 3 steps
+    assert '===> Training data length 61' in text and 'Epoch: [0][3/3]' in text
+    weights = out / 'folder' / 'checkpoint' / 'moco_ckpt_0001.pth.tar'
+    ckpt = load_checkpoint(str(weights))
+    assert ckpt['arch'] == 'resnet32' and ckpt['state_dict']['module.queue'].shape == (128, 32)
+    small = _moco_data(root)
+    assert [tuple(v.shape) for v in small[0][0]] == [(3, 32, 32)] * 2
+    assert 'GaussianBlur' not in repr(small.transform.base_transform)  # the 32x32 recipe has no blur
+    assert train.main(_args(root, tmp_path, '--pretrained_model', str(weights), '--exp_str', 'moco')) == 0
+    assert 'backbone tensors from MoCo checkpoint' in capsys.readouterr().out
+    # images above 64 px: streamed, MoCo's ImageNet augmentation at --image_size, an ImageNet ResNet
+    with pytest.raises(UserError, match=r'-a resnet32 is a CIFAR ResNet'):
+        _moco_data(root, '--image_size', '72')
+    large = _moco_data(root, '--image_size', '72', '-a', 'resnet18')
+    assert [tuple(v.shape) for v in large[0][0]] == [(3, 72, 72)] * 2
+    assert 'GaussianBlur' in repr(large.transform.base_transform)  # MoCo v2's ImageNet augmentation
+
+
+def _moco_data(root, *extra):
+    args = pretrain_moco.build_parser().parse_args(['--dataset', 'folder', '--data', str(root), '--imb_factor', '1',
+                                                    *extra])
+    return pretrain_moco.PRETRAIN_DATA['folder'].build(pretrain_moco.resolve_args(args))
+
+
+def test_train_stage2_crt_on_a_folder_stage1(root, tmp_path, capsys, one_thread):
+    """Stage 1 (train.py) on the folder, then cRT: the folder's classes, image side and statistics come with
+    the stage-1 checkpoint; the features stay stage 1's, the classifier is retrained; -e repeats the run's
+    top-1; a folder whose classes differ from stage 1's is refused in one line."""
+    assert train.main(_args(root, tmp_path)) == 0
+    stage1 = tmp_path / 'ckpt' / NAME / 'ckpt.pth.tar'
+    crt = ['--dataset', 'folder', '--data_path', str(root), '--imb_factor', '1', '--stage', 'cRT', '--epochs', '1',
+           '-b', '16', '-j', '0', '--seed', '0', '--root_log', str(tmp_path / 'log'),
+           '--root_model', str(tmp_path / 'ckpt')]
+    assert train_stage2.main(crt + ['--stage1', str(stage1)]) == 0
+    ckpt = load_checkpoint(str(tmp_path / 'ckpt' / f'{NAME}_cRT' / 'ckpt.pth.tar'))
+    before = load_checkpoint(str(stage1))
+    assert ckpt['classes'] == CLASSES and ckpt['image_size'] == 32 and ckpt['mean'] == before['mean']
+    assert ckpt['state_dict']['fc.weight'].shape == (11, 64)
+    assert not torch.equal(ckpt['state_dict']['fc.weight'], before['state_dict']['fc.weight'])
+    fixtures.assert_same_tensors({k: v for k, v in ckpt['state_dict'].items() if not k.startswith('fc.')},
+                                 {k: v for k, v in before['state_dict'].items() if not k.startswith('fc.')})
+    run_top1 = _top1((tmp_path / 'log' / f'{NAME}_cRT' / 'log_test.csv').read_text())
+    capsys.readouterr()
+    stage2 = str(tmp_path / 'ckpt' / f'{NAME}_cRT' / 'ckpt.pth.tar')
+    assert train_stage2.main(crt + ['--resume', stage2, '-e']) == 0
+    assert _top1(capsys.readouterr().out) == run_top1 and len(run_top1) == 1
+    (root / 'train' / 'a single' / 'only one.png').rename(root / 'train' / '9' / 'moved.png')
+    (root / 'train' / 'a single').rmdir()
+    with pytest.raises(UserError, match=r'--stage1 .* was trained on the classes 0, 1, .*, 9, a single at 32 px; '
+                                        r'--data_path has 0, 1, .*, 9 at 32 px'):
+        train_stage2.main(crt + ['--stage1', str(stage1), '--exp_str', 'again'])
+
+
+def test_reproduce_folder_mini_runs_with_its_readme_command(root, tmp_path, monkeypatch, capsys):
+    """`python reproduce.py --table folder-mini --data_path ROOT` (README), --seeds 0 --epochs 1 for time: every
+    stage runs on the folder as it is, with ROOT/unlabeled the pseudo-labeled cell too, and every row holds
+    its run's logged values; without the folder, one line before anything runs."""
+    ran = _in_process(monkeypatch)
+    out = str(tmp_path / 'out')
+    assert reproduce.main(['--table', 'folder-mini', '--data_path', str(root), '--seeds', '0', '--epochs', '1',
+                           '--out', out]) == 0
+    assert [script for script, _ in ran] == ['train.py', 'pretrain_rot.py', 'train.py', 'gen_pseudolabels.py',
+                                             'train_semi.py', 'train.py', 'train.py']
+    rows = _rows(out, 'folder-mini')
+    assert list(rows) == ['CE', 'CE+SSP', 'CE+DU', 'Balanced', 'Balanced+SSP']
+    logs = {}
+    for script, argv in ran:
+        if script in ('train.py', 'train_semi.py'):
+            args = (train if script == 'train.py' else train_semi).build_parser().parse_args(argv)
+            assert (args.dataset, args.data_path, args.imb_factor, args.arch) == ('folder', str(root), 1.0, 'resnet20')
+            name = (train.supervised_store_name if script == 'train.py' else train_semi.semi_store_name)(args)
+            cell = {('train.py', 'None', False): 'CE', ('train.py', 'None', True): 'CE+SSP',
+                    ('train_semi.py', 'None', False): 'CE+DU', ('train.py', 'Resample', False): 'Balanced',
+                    ('train.py', 'Resample', True): 'Balanced+SSP'}[(script, args.train_rule,
+                                                                    bool(args.pretrained_model))]
+            logs[cell] = os.path.join(args.root_log, name)
+    assert 'training set: 61 labeled + 20 pseudo-labeled images' in capsys.readouterr().out
+    for key, row in rows.items():
+        best, shots, n_val, per_class, last = _log_values(logs[key])
+        assert (row['n'], row['status'], n_val, len(per_class)) == ('1', 'done', 1, 11), key
+        assert float(row['best_err']) == pytest.approx(100 - best, abs=1e-4)
+        assert float(row['last_err']) == pytest.approx(100 - last, abs=1e-4)
+        # every class has fewer than 20 training images: all are few-shot (as the run's log says; 'a single' has
+        # no val image, so its accuracy and the few-shot mean are NaN: an empty cell)
+        few = float(row['few']) if row['few'] else np.nan
+        assert (row['many'], row['medium']) == ('', '') and few == pytest.approx(shots[2], abs=1e-3, nan_ok=True)
+        assert row['paper'] == ''
+    os.rename(root / 'unlabeled', tmp_path / 'elsewhere')
+    ran.clear()
+    assert reproduce.main(['--table', 'folder-mini', '--data_path', str(root), '--seeds', '0', '--epochs', '1',
+                           '--out', out]) == 0
+    assert ran == [] and list(_rows(out, 'folder-mini')) == ['CE', 'CE+SSP', 'Balanced', 'Balanced+SSP']
+    with pytest.raises(UserError, match=r'missing, and the folder-mini table needs it: an image folder: '
+                                        r'ROOT/train/<class>/ .*README "Your own data"'):
+        reproduce.main(['--table', 'folder-mini', '--data_path', str(tmp_path / 'nowhere'), '--out', out])
 
 
 def _decodes(monkeypatch):
@@ -281,7 +391,7 @@ def test_larger_images_stream_through_the_jpeg_loader(root, tmp_path, capsys, on
     with pytest.raises(UserError, match=r'trained on 72 px images, streamed .* only train.py and pretrain_rot.py'):
         gen_pseudolabels.main(['--dataset', 'folder', '--resume', ckpt_path, '-a', 'resnet18', '--data_dir', str(root),
                                '--output_dir', str(tmp_path)])
-    with pytest.raises(UserError, match='only train.py and pretrain_rot.py take'):
+    with pytest.raises(UserError, match='only train.py, pretrain_rot.py and pretrain_moco.py take'):
         train_semi.main(['--dataset', 'folder', '--data_path', str(root), *large, '-a', 'resnet18'])
 
 

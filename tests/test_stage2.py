@@ -48,6 +48,13 @@ def readme_stage2(stage):
     return argv
 
 
+def stage2_train_set(stage):
+    """The training set the README's command of `stage` trains on."""
+    args = train_stage2.parse(readme_stage2(stage))[0]
+    args.arch = 'resnet32'  # what train_stage2.py takes from the stage-1 checkpoint before the data
+    return train.load_data(args)[1]
+
+
 def run_stage(stage, *extra):
     assert train_stage2.main(readme_stage2(stage) + SHORT + list(extra)) == 0
     name = f'digits_resnet32_CE_None_exp_0.01_ss_pretrained_{stage}'
@@ -157,7 +164,7 @@ def test_tau_norm_chooses_tau_on_training_images(cwd, monkeypatch):
     torch.save(crafted, 'crafted.pth.tar')
     ckpt, log = run_stage('tau_norm', '--stage1', 'crafted.pth.tar')
     ((loader, (features, labels)),) = scored
-    train_set = train.load_data(train_stage2.parse(readme_stage2('tau_norm'))[0])[1]
+    train_set = stage2_train_set('tau_norm')
     counts = np.bincount(train_set.targets, minlength=10)
     assert np.bincount(labels.numpy(), minlength=10).tolist() == np.minimum(counts, 20).tolist()
     # every scored image is a training image (none from the test set)
@@ -216,7 +223,7 @@ def test_wb_class_balanced_loss_and_maxnorm(cwd, monkeypatch):
     # Cui et al.'s weights, as written: (1 - beta) / (1 - beta^n_c), scaled to sum to C
     criterion = seen[0]['criterion']
     assert isinstance(criterion, ClassBalancedSoftmaxBCELoss)
-    train_set = train.load_data(train_stage2.parse(readme_stage2('WB'))[0])[1]
+    train_set = stage2_train_set('WB')
     n = np.bincount(train_set.targets, minlength=10).astype(np.float64)
     w = np.where(n > 0, (1 - 0.9999) / (1 - 0.9999 ** n), 0)
     w = w / w.sum() * 10
