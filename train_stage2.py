@@ -12,11 +12,12 @@ stage-1 checkpoint), on the shared trainer.
 
 Every stage starts from the stage-1 model and changes its classifier only: the feature extractor's
 parameters are frozen and, unless --train_bn, its BatchNorm layers stay in eval mode (running statistics
-fixed). --epochs, -b, --lr and --wd default to the stage's authors' values (STAGES). The run folder is the
-stage-1 run's name plus the stage; logs and checkpoints are train.py's.
+fixed). --epochs, -b, --lr and --wd default to the stage's authors' values (STAGES). The run folder is
+the name of the folder holding --stage1 plus the stage; logs and checkpoints are train.py's.
 """
 import argparse
 import dataclasses
+import os
 from typing import Callable
 
 import numpy as np
@@ -205,7 +206,7 @@ STAGE_FLAGS = {'tau': ('tau_norm', None), 'val_per_class': ('tau_norm', 20), 'ma
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_data_args(parser, tuple(DATASETS), '')
     group = parser.add_argument_group('stage 2')
     group.add_argument('--stage', required=True, choices=list(STAGES))
@@ -226,6 +227,20 @@ def build_parser():
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """Fills in the stage's own epochs, lr, batch size and weight decay where the flags give none, so that
+    whoever parses the flags (this script, reproduce.py deciding whether a run is finished) sees the same."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        for key in ('epochs', 'lr', 'batch_size', 'weight_decay'):
+            if getattr(parsed, key) is None:
+                setattr(parsed, key, getattr(STAGES[parsed.stage], key))
+        if parsed.stage == 'tau_norm':
+            parsed.epochs = 1
+        return parsed
+
+
 def parse(argv):
     """The arguments, the stage's defaults filled in, and what the trainer reads that stage 2 fixes."""
     args = build_parser().parse_args(argv)
@@ -235,14 +250,10 @@ def parse(argv):
             raise UserError(f"--{flag} applies to --stage {owner} only, not {args.stage}")
         if getattr(args, flag) is None:
             setattr(args, flag, default)
-    for key in ('epochs', 'lr', 'batch_size', 'weight_decay'):
-        if getattr(args, key) is None:
-            setattr(args, key, getattr(stage, key))
-    if args.stage == 'tau_norm':
-        args.epochs = 1
     # train.py's method flags: stage 2 brings its own loss, sampler and schedule (trainer.Experiment).
     args.loss_type, args.train_rule, args.la_tau, args.lr_steps = 'CE', 'None', 1.0, [160, 180]
     args.pretrained_model, args.posthoc_la = '', None
+    args.arch = None  # the stage-1 checkpoint's (read_start, before the data)
     # train.py's recipe options: stage 2 trains on the paper's augmentation
     args.autoaugment, args.cutout, args.mixup, args.lr_schedule = False, None, None, 'step'
     return args, stage
@@ -267,12 +278,12 @@ def read_start(args):
 
 
 def load(args):
-    """(checkpoint, its weights, data set info, training set, test set): read_start, then train.py's data,
-    a folder's classes and image side checked against the checkpoint's (its statistics used)."""
+    """(checkpoint weights, data set info, training set, test set): read_start, then train.py's data, a
+    folder's classes and image side checked against the checkpoint's (its statistics used)."""
     ckpt, sd = read_start(args)
     info, train_set, val_set = train.load_data(args)
     flag = f"--resume {args.resume}" if args.evaluate else f"--stage1 {args.stage1}"
-    return ckpt, sd, checked_against_checkpoint(info, ckpt, flag), train_set, val_set
+    return sd, checked_against_checkpoint(info, ckpt, flag), train_set, val_set
 
 
 def read_stage1(args):
@@ -292,7 +303,15 @@ def read_stage1(args):
     return ckpt, sd
 
 
-def build(args, stage, ckpt, sd, info, train_set):
+def stage2_store_name(args):
+    """The run folder's name: the name of the folder holding --stage1 (a train.py run folder is named after
+    its run), the stage, and --exp_str if given; known from the flags alone, so reproduce.py names a
+    stage-2 run before its stage 1 has run, and a stage-2 run never writes into its stage-1 run."""
+    base = os.path.basename(os.path.dirname(os.path.abspath(args.stage1)))
+    return cli.store_name(base, args.stage, *([args.exp_str] if args.exp_str else []))
+
+
+def build(args, stage, sd, info, train_set):
     """The stage-2 model and the Experiment fields of its stage."""
     if args.evaluate:
         return stage.head(build_model(args.arch, info.num_classes)), {}
@@ -307,8 +326,7 @@ def build(args, stage, ckpt, sd, info, train_set):
     else:
         load_weights(model, {k: v for k, v in sd.items() if not k.startswith(HEAD_PREFIXES)},
                      f"--stage1 {args.stage1}", allow_missing=HEAD_PREFIXES)
-    base = ckpt.get('store_name') or cli.store_name(args.dataset, args.arch, args.imb_type, args.imb_factor)
-    args.store_name = cli.store_name(base, args.stage, *([args.exp_str] if args.exp_str else []))
+    args.store_name = stage2_store_name(args)
     model = stage.head(model)
     # tau_norm trains nothing, so its schedule is never asked
     return model, {'schedule': cosine(args), **stage.prepare(model, args, train_set, info)}
@@ -317,8 +335,8 @@ def build(args, stage, ckpt, sd, info, train_set):
 def main(argv=None):
     args, stage = parse(argv)
     trainer.seed(args)
-    ckpt, sd, info, train_set, val_set = load(args)
-    model, fields = build(args, stage, ckpt, sd, info, train_set)
+    sd, info, train_set, val_set = load(args)
+    model, fields = build(args, stage, sd, info, train_set)
     notes = fields.pop('notes', ()) + ((f"=> BatchNorm of the frozen features in "
                                         f"{'train' if args.train_bn else 'eval'} mode"),)
     experiment = trainer.Experiment(script='train_stage2', task='classification',

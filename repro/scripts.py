@@ -140,6 +140,8 @@ SCRIPTS = {
                               *_run_folder('pretrain_rot.rot_store_name')),
     'train_semi.py': Script(('train_semi.py',), 'train_semi', 'build_parser', True,
                             *_run_folder('train_semi.semi_store_name')),
+    'train_stage2.py': Script(('train_stage2.py',), 'train_stage2', 'build_parser', True,
+                              *_run_folder('train_stage2.stage2_store_name')),
     # one process: it writes one file, and it is quick
     'gen_pseudolabels.py': Script(('gen_pseudolabels.py',), 'gen_pseudolabels', 'build_parser', False,
                                   _pseudo_label_output, _file_progress),

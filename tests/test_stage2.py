@@ -1,6 +1,7 @@
 """train_stage2.py (cRT, LWS, tau-norm, weight balancing) on a digits subset, with the README's commands:
 what each stage keeps, what it changes, and the formulas written out here (Kang et al. 2020; Alshammari et
 al. 2022). The bad inputs are in tests/test_bad_input.py's catalogue."""
+import os
 import re
 import signal
 
@@ -161,8 +162,11 @@ def test_tau_norm_chooses_tau_on_training_images(cwd, monkeypatch):
     crafted = load_checkpoint(STAGE1)
     gen = torch.Generator().manual_seed(0)
     crafted['state_dict']['fc.weight'] = torch.randn(10, 64, generator=gen) * torch.logspace(1, -1, 10)[:, None]
-    torch.save(crafted, 'crafted.pth.tar')
-    ckpt, log = run_stage('tau_norm', '--stage1', 'crafted.pth.tar')
+    os.makedirs('crafted', exist_ok=True)
+    torch.save(crafted, 'crafted/ckpt.pth.tar')
+    assert train_stage2.main(readme_stage2('tau_norm') + SHORT + ['--stage1', 'crafted/ckpt.pth.tar']) == 0
+    # the run is named after the folder holding --stage1
+    log, ckpt = 'log/crafted_tau_norm', load_checkpoint('checkpoint/crafted_tau_norm/ckpt.pth.tar')
     ((loader, (features, labels)),) = scored
     train_set = stage2_train_set('tau_norm')
     counts = np.bincount(train_set.targets, minlength=10)
