@@ -398,14 +398,17 @@ def test_larger_images_stream_through_the_jpeg_loader(root, tmp_path, capsys, on
 @pytest.mark.slow
 def test_torchrun_two_processes_shard_the_folder(root, tmp_path):
     """Rank 0 decodes the folder while rank 1 waits, then rank 1 reads rank 0's cache: one set of
-    decodes (train, val) for the two processes; a corrupt image stops both with rank 0's line."""
+    decodes (train, val) for the two processes; a corrupt image stops both with rank 0's line, at once."""
     cmd = fixtures.torchrun_cmd(os.path.join(REPO, 'train.py'), *_args(root, tmp_path, '-a', 'resnet20'))
     good = (root / 'train' / '2' / '1.png').read_bytes()
     _corrupt(root)
     proc = subprocess.run(cmd, cwd=REPO, env=fixtures.script_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and _caches(root) == []
     errors = re.findall(r'error: cannot read image .*train/2/1\.png', proc.stdout + proc.stderr)
-    assert len(errors) == 2, proc.stdout[-2000:] + proc.stderr[-2000:]  # one line from each rank
+    # one line from each rank, though torchrun may end rank 1 before it prints once rank 0 has exited;
+    # never a traceback through the project's code (a rank left waiting would time out with one; torchrun's
+    # own ChildFailedError is the launcher's report)
+    assert len(errors) in (1, 2) and f'File "{REPO}' not in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
     (root / 'train' / '2' / '1.png').write_bytes(good)
     proc = subprocess.run(cmd, cwd=REPO, env=fixtures.script_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
