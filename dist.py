@@ -132,7 +132,9 @@ def setup(gpu=None, rank=None, world_size=None, init_method='env://', timeout=DE
 def join_launched_group():
     """Under torchrun with more than one process, join the process group now, before the script's setup()
     (which then finds it joined and keeps it), so that start-up work can be shared: rank 0 decodes an image
-    folder while the others wait for its cache (dataset/folder.py). Returns whether a group is joined."""
+    folder while the others wait for its cache (dataset/folder.py). Its backend and timeout are setup()'s
+    defaults (IMB_DIST_BACKEND, IMB_DIST_TIMEOUT_MIN), which the later setup() keeps whatever it is passed
+    (pretrain_moco.py's --dist-backend / --dist-timeout). Returns whether a group is joined."""
     if launched_by_torchrun() and int(os.environ['WORLD_SIZE']) > 1 and not is_dist():
         setup()
         atexit.register(cleanup)  # a run refused before its script's setup() leaves no group behind

@@ -10,7 +10,8 @@ Images are decoded once into an N x S x S x 3 uint8 array (grayscale and palette
 to RGB, resized to S x S with --image_size S <= 64), cached in `.folder_cache/` beside the folder
 or split file under a key of the sorted file list, sizes and modification times, and served
 exactly as CIFAR (the device loader, the CIFAR ResNets). Start-up lists and stats every file once
-and decodes only on a cache miss. The normalisation mean/std are the training folder's pixel
+and decodes only on a cache miss; under torchrun rank 0 decodes while the other ranks wait, then they
+read its cache. The normalisation mean/std are the training folder's pixel
 statistics; they, the class names and S go into every checkpoint, so -e and gen_pseudolabels.py
 need nothing else. Larger images (--image_size S > 64) are not cached: they stream from their files
 through imagenet_inat's ResNet-50 transforms at S px (train.py, pretrain_rot.py, tools/tsne.py; pretrain_moco.py
