@@ -70,11 +70,10 @@ def freeze_all_but(model, trained):
 
 
 def class_aware(train_set, batch_size):
-    """Kang et al.'s class-balanced sampling with their epoch of floor(N / batch) steps."""
-    steps = len(train_set) // batch_size
-    if steps == 0:
-        raise UserError(f"-b {batch_size} exceeds the {len(train_set)} training images: an epoch of "
-                        f"floor(N / batch) steps would be empty")
+    """Kang et al.'s class-balanced sampling with their epoch of floor(N / batch) steps; at least one step,
+    so that a training set smaller than one batch (theirs would train nothing) trains on one batch of
+    class-balanced draws."""
+    steps = max(1, len(train_set) // batch_size)
     return lambda seed, world, rank: ClassAwareSampler(train_set, SAMPLES_PER_CLASS, seed=seed, num_replicas=world,
                                                        rank=rank, num_samples=steps * batch_size)
 

@@ -98,8 +98,9 @@ class DeviceLoader:
             images = normalize(pixels, self.mean, self.std, self.channels_last)
             if self.train and self.cutout:
                 # Drawn after the windows and flips, so those stay what they are without Cutout.
-                centres = torch.randint(0, SIZE, (index.numel(), 2), generator=self._generator, device=self.device)
-                images = images.masked_fill(cutout_mask(centres, self.cutout, SIZE, SIZE)[:, None], 0)
+                centres = torch.randint(0, self.size, (index.numel(), 2), generator=self._generator,
+                                        device=self.device)
+                images = images.masked_fill(cutout_mask(centres, self.cutout, self.size, self.size)[:, None], 0)
             yield images, self.targets[index]
 
     def augment(self, index, generator):

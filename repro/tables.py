@@ -286,11 +286,13 @@ def _baselines(dataset, rhos, epochs, flags=(), stage2_flags=(), published=None)
 
 
 _DATA = 'see README "Data preparation"'
-BASELINES = ('Every row runs under this project\'s recipe (the paper\'s: 200 epochs, batch 128, SGD lr 0.1 with '
-             '5 warm-up epochs and x0.01 / x0.0001 steps, wd 2e-4, crop + flip); stage 2 (cRT, tau-norm, LWS, '
-             'weight balancing) with its authors\' settings (train_stage2.py). The published numbers used other '
-             'recipes, named under the table: compare rows with each other, and a row with its published '
-             'number only as far as the recipes agree.')
+BASELINES = ('Every row runs under one recipe, this table\'s (train.py\'s defaults but for the epochs, '
+             'architecture and batch the table sets); stage 2 (cRT, tau-norm, LWS, weight balancing) with its '
+             'authors\' settings (train_stage2.py\'s defaults).')
+PAPER_RECIPE = ('The recipe is the paper\'s: ResNet-32, 200 epochs, batch 128, SGD lr 0.1 with 5 warm-up epochs '
+                'and x0.01 / x0.0001 steps, wd 2e-4, crop + flip. The published numbers used other recipes, '
+                'named under the table: compare rows with each other, and a row with its published number only '
+                'as far as the recipes agree.')
 DECOUPLED = ('*best*: the weights of the best validation epoch, evaluated after training (ImageNet-LT: test split, '
              'iNaturalist 2018: val), as the paper reports; no last-epoch test number exists. Many / medium / few: '
              'top-1 accuracy (%) of the classes with > 100, 20–100 and < 20 training images, same weights.')
@@ -331,11 +333,11 @@ TABLES = {
     'cifar10-lt-baselines': Table('CIFAR-10-LT (rho = 100, 50, 10): long-tailed baselines under one recipe (the '
                                   'paper\'s), ResNet-32', _baselines('cifar10', (100, 50, 10), 200,
                                                                       published='cifar10'),
-                                  200, (CIFAR10,), note=BASELINES, reference='published'),
+                                  200, (CIFAR10,), note=f'{BASELINES} {PAPER_RECIPE}', reference='published'),
     'cifar100-lt-baselines': Table('CIFAR-100-LT (rho = 100, 50, 10): long-tailed baselines under one recipe (the '
                                    'paper\'s), ResNet-32', _baselines('cifar100', (100, 50, 10), 200,
                                                                        published='cifar100'),
-                                   200, (CIFAR100,), note=BASELINES, reference='published'),
+                                   200, (CIFAR100,), note=f'{BASELINES} {PAPER_RECIPE}', reference='published'),
     'digits-baselines-mini': Table('Miniature: long-tailed digits (rho = 100), the baselines, ResNet-20, CPU',
                                    _baselines('digits', (100,), DIGITS_EPOCHS, ('-a', 'resnet20', *DIGITS_LOADER),
                                               DIGITS_LOADER),

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')  # see conftest.py
 
 TINY = '--stage-args=-a resnet20 -b 64 -j 0'
 MODULES = {'train.py': 'train', 'gen_pseudolabels.py': 'gen_pseudolabels', 'train_semi.py': 'train_semi',
-           'pretrain_rot.py': 'pretrain_rot', 'pretrain_moco.py': 'pretrain_moco'}
+           'pretrain_rot.py': 'pretrain_rot', 'pretrain_moco.py': 'pretrain_moco', 'train_stage2.py': 'train_stage2'}
 
 
 def _commands(capsys, argv):
@@ -428,3 +428,89 @@ def test_an_unreadable_log_is_named_in_one_line(tmp_path, capsys):
     with pytest.raises(UserError) as e:
         results.read_trainer_log(str(log))
     assert str(log) in str(e.value) and 'line 1' in str(e.value) and 'Results:' in str(e.value)
+
+
+# README "Long-tailed baselines": each row's method, as train.py / train_stage2.py flags.
+BASELINE_METHODS = {
+    'CE': ('CE', 'None', None), 'Focal': ('Focal', 'None', None), 'CB': ('CE', 'Reweight', None),
+    'LDAM-DRW': ('LDAM', 'DRW', None), 'BalancedSoftmax': ('BalancedSoftmax', 'None', None),
+    'LogitAdjusted': ('LogitAdjusted', 'None', None), 'CE+posthocLA': ('CE', 'None', 1.0),
+    'LDAM-DRW+SSP': ('LDAM', 'DRW', None), 'BalancedSoftmax+SSP': ('BalancedSoftmax', 'None', None),
+}
+STAGE2 = {'cRT': 'cRT', 'tau-norm': 'tau_norm', 'LWS': 'LWS', 'WB': 'WB'}
+# A few published top-1 errors (%) as their papers print them: Cao et al. 2019 Table 2 (LDAM-DRW, and CE
+# at rho 10), Cui et al. 2019 Table 2 (softmax CE); None where no source reports one.
+PUBLISHED_SPOTS = {
+    'cifar10-lt-baselines': {'LDAM-DRW_rho100': 22.97, 'LDAM-DRW_rho10': 11.84, 'CE_rho100': 29.64,
+                             'CE_rho10': 13.61, 'LogitAdjusted_rho50': None, 'WB_rho100': None},
+    'cifar100-lt-baselines': {'LDAM-DRW_rho10': 41.29, 'CE_rho10': 44.29, 'LogitAdjusted_rho10': None},
+}
+
+
+BASELINE_KEYS = ['CE', 'Focal', 'CB', 'LDAM-DRW', 'BalancedSoftmax', 'LogitAdjusted', 'CE+posthocLA', 'cRT',
+                 'tau-norm', 'LWS', 'WB', 'LDAM-DRW+SSP', 'BalancedSoftmax+SSP']
+
+
+@pytest.mark.parametrize('table, rhos', [('cifar10-lt-baselines', (100, 50, 10)),
+                                         ('cifar100-lt-baselines', (10,))])
+def test_baseline_table_runs_with_its_readme_command(table, rhos, tmp_path, monkeypatch, no_checksum, one_thread):
+    """`python reproduce.py --table T --data_path ./data` (README "Reproducing the paper"), --seeds 0 and
+    --epochs 1 for time: every row filled from its own run's log, each run with its method's flags, stage 2
+    on the right stage-1 run, the published numbers beside. CIFAR-10: 100 training images per class, so
+    that rho = 100 leaves one in the rarest class (Balanced Softmax, LA and LDAM need one in every class);
+    CIFAR-100 (its 100-class logs): 10 per class and the rho = 10 rows (--cells), for time."""
+    if table.startswith('cifar100'):
+        fixtures.write_cifar100(tmp_path, per_class=10, test_per_class=2)
+    else:
+        fixtures.write_cifar10(tmp_path, per_class=100, test_per_class=10)
+    ran = _in_process(monkeypatch)
+    out = str(tmp_path / 'out')
+    cells = [f'{k}_rho{rho}' for rho in rhos for k in BASELINE_KEYS]
+    only = ['--cells', *cells] if len(rhos) < 3 else []
+    assert reproduce.main(['--table', table, '--data_path', str(tmp_path), '--seeds', '0', '--epochs', '1',
+                           '--out', out, *only]) == 0
+    rows = _rows(out, table)
+    assert list(rows) == cells
+    dataset, num_classes = table.split('-')[0], 100 if table.startswith('cifar100') else 10
+    runs = {}  # run folder name -> (script, args)
+    for script, argv in ran:
+        module = importlib.import_module(MODULES[script])
+        args = module.build_parser().parse_args(argv)
+        name = {'train.py': lambda: module.supervised_store_name(args),
+                'pretrain_rot.py': lambda: module.rot_store_name(args),
+                'train_stage2.py': lambda: module.stage2_store_name(args)}[script]()
+        runs[name] = (script, args)
+    assert len(runs) == len(ran) == 15 * len(rhos)  # every stage ran once
+    for key, row in rows.items():
+        method, rho = key.rsplit('_rho', 1)
+        assert (row['n'], row['status']) == ('1', 'done'), key
+        # the cell's result run: the one whose log the row holds
+        matches = [(name, script, args) for name, (script, args) in runs.items() if args.imb_factor == 1 / int(rho)
+                   and script != 'pretrain_rot.py'
+                   and ((script == 'train_stage2.py' and args.stage == STAGE2.get(method))
+                        or (script == 'train.py' and method in BASELINE_METHODS
+                            and (args.loss_type, args.train_rule, args.posthoc_la) == BASELINE_METHODS[method]
+                            and bool(args.pretrained_model) == method.endswith('+SSP')
+                            and args.weight_decay == 2e-4))]  # not weight balancing's stage 1
+        (name, script, args), = matches
+        assert args.dataset == dataset and args.epochs == 1
+        if script == 'train_stage2.py':
+            stage1 = os.path.basename(os.path.dirname(args.stage1))
+            s1_script, s1 = runs[stage1]
+            assert s1_script == 'train.py' and (s1.loss_type, s1.train_rule, s1.posthoc_la) == ('CE', 'None', None)
+            assert s1.weight_decay == (5e-3 if method == 'WB' else 2e-4) and s1.imb_factor == args.imb_factor
+        elif method.endswith('+SSP'):
+            rot = os.path.basename(os.path.dirname(args.pretrained_model))
+            assert runs[rot][0] == 'pretrain_rot.py' and runs[rot][1].imb_factor == args.imb_factor
+        else:
+            assert (args.arch, args.batch_size, args.lr_steps) == ('resnet32', 128, [1, 1])
+        best, _, n_val, per_class, last = _log_values(os.path.join(args.root_log, name))
+        assert n_val == 1 and len(per_class) == num_classes
+        assert float(row['best_err']) == pytest.approx(100 - best, abs=1e-4)
+        assert float(row['last_err']) == pytest.approx(100 - last, abs=1e-4)
+    for key, error in PUBLISHED_SPOTS[table].items():
+        if key in rows:
+            assert (float(rows[key]['paper']) if rows[key]['paper'] else None) == error, key
+    with open(os.path.join(out, f'{table}.md')) as f:
+        text = f.read()
+    assert '| published | best − published |' in text and 'Where each published number comes from' in text
