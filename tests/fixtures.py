@@ -11,6 +11,7 @@ import errno
 import fnmatch
 import os
 import pickle
+import re
 import struct
 import sys
 
@@ -207,6 +208,12 @@ def script_env(gpu=False, **extra):
     """os.environ plus `extra` for a script run as a subprocess: one OpenMP thread (see one_thread)
     and, unless `gpu`, no visible GPU, so that it computes on the CPU as the in-process tests do."""
     return {**os.environ, 'OMP_NUM_THREADS': '1', **({} if gpu else {'CUDA_VISIBLE_DEVICES': ''}), **extra}
+
+
+def project_traceback(text):
+    """Whether `text` holds a traceback frame in the project's own code (torchrun's own traceback, from a
+    .venv inside the checkout, does not count)."""
+    return re.search(rf'File "{re.escape(REPO)}/(?!\.venv/)', text) is not None
 
 
 def torchrun_cmd(*argv, nproc=2):

@@ -273,6 +273,6 @@ def test_under_torchrun_every_rank_stops_with_the_line(tmp_path, name):
     assert lines.pop().startswith(f'error: cannot write {name} into folder ') and 'No space left' in proc.stderr
     assert set(re.findall(r'exitcode\s*: (-?\d+)', proc.stderr)) <= {'2', '-15'} and proc.returncode != 0
     # no traceback through the project's code (torchrun's own, from a .venv inside the checkout, may follow)
-    assert not re.search(rf'File "{re.escape(REPO)}/(?!\.venv/)', proc.stderr)
+    assert not fixtures.project_traceback(proc.stderr)
     model_dir = tmp_path / 'ckpt' / NAME
     assert not (model_dir / 'ckpt.pth.tar').exists() and not list(model_dir.glob('.*.tmp'))
