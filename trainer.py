@@ -92,7 +92,7 @@ def cosine_lr_at(epoch, base_lr, epochs):
     e = epoch + 1
     if e <= WARMUP_EPOCHS:
         return lr_at(epoch, base_lr)
-    return base_lr * 0.5 * (1 + math.cos(math.pi * (e - WARMUP_EPOCHS) / (epochs - WARMUP_EPOCHS)))
+    return cosine_at_epoch_start(e - WARMUP_EPOCHS, base_lr, epochs - WARMUP_EPOCHS)
 
 
 # --lr_schedule NAME -> (0-based epoch, args) -> the learning rate of that epoch.
