@@ -34,11 +34,11 @@ from dataset.device_loader import DeviceLoader
 from dataset.samplers import ClassAwareSampler, get_targets
 from engine import evaluate, predict
 from errors import UserError
-from imagenet_inat.networks import LWSClassifier, tau_normalized
+from imagenet_inat.networks import LWSClassifier, tau_grid, tau_normalized
 from losses import ClassBalancedSoftmaxBCELoss, MaxNorm
 from models import build_model
 
-TAUS = tuple(np.round(np.linspace(0, 2, 21), 2).tolist())  # Kang et al.'s tau_norm.py grid
+TAUS = tuple(tau_grid())  # Kang et al.'s tau_norm.py grid: 0, 0.1, ..., 2
 VAL_SPLIT_SEED = 0  # the carved validation split depends on nothing the user passes
 SAMPLES_PER_CLASS = 4  # Kang et al.'s ClassAwareSampler num_samples_cls
 

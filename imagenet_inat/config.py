@@ -17,7 +17,7 @@ import yaml
 
 from errors import UserError
 from trainer import cosine_at_epoch_start
-from imagenet_inat.networks import LOSSES, NETWORKS, SAMPLERS, registry_name
+from imagenet_inat.networks import LOSSES, NETWORKS, SAMPLERS, registry_name, tau_grid
 
 # The original shipped iNaturalist's stage-1 config as feat_unifrom.yaml.
 ALIASES = {'feat_unifrom.yaml': 'feat_uniform.yaml'}
@@ -230,11 +230,9 @@ def _network(raw, key, path, nonneg):
 
 
 def _tau_grid(raw, path):
-    # Kang et al.'s tau_norm.py scanned np.linspace(0, 2, 21): 0, 0.1, ..., 2.0
     lo = _get(raw, 'tau_norm.min', path, (int, float), default=0.0)
     hi = _get(raw, 'tau_norm.max', path, (int, float), default=2.0)
     step = _get(raw, 'tau_norm.step', path, (int, float), default=0.1, check=lambda v: v > 0, what='a positive number')
     if hi < lo:
         _fail(path, f"tau_norm.max ({hi}) is below tau_norm.min ({lo})")
-    # Counted in steps, so 0.1-steps give exactly 0.0, 0.1, ..., 1.0 (no float drift).
-    return [round(lo + i * step, 10) for i in range(int(round((hi - lo) / step)) + 1)]
+    return tau_grid(lo, hi, step)

@@ -92,6 +92,12 @@ class LWSClassifier(nn.Module):
         return self.fc(x) * self.scales
 
 
+def tau_grid(lo=0.0, hi=2.0, step=0.1):
+    """The taus to search: lo, lo + step, ..., hi (Kang et al.'s tau_norm.py scanned np.linspace(0, 2, 21)),
+    counted in steps so that 0.1-steps give exactly 0.0, 0.1, ..., 2.0 (no float drift)."""
+    return [round(lo + i * step, 10) for i in range(int(round((hi - lo) / step)) + 1)]
+
+
 def tau_normalized(weight, tau):
     """Kang et al.'s tau-normalisation: row i of W (C x D) divided by ||W_i||_2 ** tau."""
     return weight / weight.norm(p=2, dim=1, keepdim=True).pow(tau)

@@ -61,18 +61,18 @@ class Options:
     def trainer(self, script, seed, name, default_epochs, *argv):
         """A train.py / train_semi.py / pretrain_rot.py stage with the flags every one of them gets."""
         epochs = self.epochs or default_epochs
-        return self.stage(script, *argv, '--data_path', self.data_path, '--seed', seed,
-                          '--rand_number', self.rand(seed), '--epochs', epochs,
-                          '--lr_steps', *SCHEDULES[self.schedule](epochs), '--exp_str', self.tag(name, seed, epochs),
-                          '--root_log', self.path('log'), '--root_model', self.path('checkpoint'))
-
+        return self._run(script, seed, argv, '--epochs', epochs, '--lr_steps', *SCHEDULES[self.schedule](epochs),
+                         '--exp_str', self.tag(name, seed, epochs))
 
     def stage2(self, seed, *argv):
         """A train_stage2.py stage: its own epochs, lr and batch (the authors'), unless --epochs is given;
         its run folder is named after its --stage1 run's."""
-        epochs = ('--epochs', self.epochs) if self.epochs else ()
-        return self.stage('train_stage2.py', *argv, '--data_path', self.data_path, '--seed', seed,
-                          '--rand_number', self.rand(seed), *epochs,
+        return self._run('train_stage2.py', seed, argv, *(('--epochs', self.epochs) if self.epochs else ()))
+
+    def _run(self, script, seed, argv, *middle):
+        """`script`'s stage: `argv`, then the data, seed and subset, `middle`, then the run folders' roots."""
+        return self.stage(script, *argv, '--data_path', self.data_path, '--seed', seed,
+                          '--rand_number', self.rand(seed), *middle,
                           '--root_log', self.path('log'), '--root_model', self.path('checkpoint'))
 
 
