@@ -63,13 +63,19 @@ def shot_accuracy(per_class_acc, train_cls_num_list, many_thr=MANY_SHOT_THR, few
     return {name: float(acc[mask].mean()) if mask.any() else float('nan') for name, mask in groups.items()}
 
 
+def new_figure(figsize):
+    """A matplotlib figure outside pyplot (its Agg canvas is found when saving): no global list of open
+    figures to close, nothing shared between the threads reproduce.py may run stages in, no GUI backend
+    looked for, and a plot redrawn every epoch stays cheap."""
+    from matplotlib.figure import Figure
+    return Figure(figsize=figsize)
+
+
 def figure_png(fig, dpi=80):
-    """A matplotlib figure as PNG bytes (closed afterwards), for atomic writes of plots."""
+    """A figure (from new_figure) as PNG bytes, for atomic writes of plots."""
     import io
-    import matplotlib.pyplot as plt
     buf = io.BytesIO()
     fig.savefig(buf, format='png', dpi=dpi)
-    plt.close(fig)
     return buf.getvalue()
 
 

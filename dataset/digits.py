@@ -7,11 +7,12 @@ so runs with different --rand_number values are scored on the same images. The r
 training pool, made long-tailed with CIFAR's rule; the pool images it leaves out are the unlabeled
 pool of the semi-supervised set (their true labels play the part of the sourcing labels).
 """
+import gzip
+import importlib.util
 import os
 
 import numpy as np
 from PIL import Image
-from sklearn.datasets import load_digits
 from torchvision.datasets.vision import VisionDataset
 
 from dataset.imbalance_cifar import add_pseudo_labeled, check_fraction, img_num_per_cls, select_per_class
@@ -20,12 +21,30 @@ TEST_PER_CLASS = 30
 TEST_SPLIT_SEED = 0
 
 
+def bundled_digits():
+    """(images 1797 x 8 x 8 float64 in 0..16, labels): scikit-learn's `load_digits()`, read from the
+    file it reads, sklearn/datasets/data/digits.csv.gz, as it reads it (np.loadtxt, last column the
+    label). Why not call it: importing scikit-learn costs more than reading the file, and every
+    process of a torchrun or reproduce.py run would pay it. Where a scikit-learn release keeps the
+    file elsewhere, `load_digits()` itself."""
+    spec = importlib.util.find_spec('sklearn')
+    folders = spec.submodule_search_locations if spec is not None else None
+    path = os.path.join(folders[0], 'datasets', 'data', 'digits.csv.gz') if folders else None
+    if path is None or not os.path.isfile(path):
+        from sklearn.datasets import load_digits
+        digits = load_digits()
+        return digits.images, digits.target
+    with gzip.open(path, 'rt') as f:
+        data = np.loadtxt(f, delimiter=',')
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
 def load_digit_images():
     """(images 1797 x 32 x 32 x 3 uint8, labels int64)."""
-    digits = load_digits()
-    images = np.rint(digits.images * (255 / 16)).astype(np.uint8)
+    images, labels = bundled_digits()
+    images = np.rint(images * (255 / 16)).astype(np.uint8)
     images = images.repeat(4, axis=1).repeat(4, axis=2)
-    return np.repeat(images[..., None], 3, axis=3), digits.target.astype(np.int64)
+    return np.repeat(images[..., None], 3, axis=3), labels.astype(np.int64)
 
 
 def balanced_test_mask(labels):

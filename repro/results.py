@@ -159,13 +159,11 @@ def write_results(name, table, opts, seeds, rows):
 def per_class_png(table, rows):
     """Per-class test accuracy of every cell (mean over seeds), classes from the most to the fewest
     training images; one panel per group of cells."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    from utils import figure_png
+    from utils import figure_png, new_figure
     import numpy as np
     groups = list(dict.fromkeys(r['group'] for r in rows))
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 5.2), squeeze=False)
+    fig = new_figure((5.5 * len(groups), 5.2))
+    axes = fig.subplots(1, len(groups), squeeze=False)
     for ax, group in zip(axes[0], groups):
         for r in (r for r in rows if r['group'] == group):
             if r['per_class'] is None:

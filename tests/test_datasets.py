@@ -10,6 +10,7 @@ import pytest
 import torch
 from torchvision import transforms
 
+import dataset.digits as digits_module
 import dataset.download
 import fixtures
 from conftest import SVHN_TRAIN_PER_CLASS
@@ -319,6 +320,22 @@ def test_semi_svhn_uses_extra_with_pseudo_labels(svhn_root):
 def sorted_rows(images):
     flat = images.reshape(len(images), -1)
     return flat[np.lexsort(flat.T[::-1])]
+
+
+@pytest.mark.parametrize('file_found', [True, False])
+def test_digits_are_scikit_learns_load_digits(file_found, monkeypatch):
+    """Read from scikit-learn's CSV without importing it, or (file not found) through load_digits():
+    either way its images and labels, scaled 0..16 -> 0..255 and blown up to 32x32x3."""
+    from sklearn.datasets import load_digits
+    if not file_found:
+        monkeypatch.setattr(digits_module.importlib.util, 'find_spec', lambda name: None)
+    expected = load_digits()
+    images, labels = digits_module.bundled_digits()
+    assert np.array_equal(images, expected.images) and np.array_equal(labels, expected.target)
+    big, big_labels = load_digit_images()
+    assert big.shape == (1797, 32, 32, 3) and big.dtype == np.uint8 and big_labels.dtype == np.int64
+    assert np.array_equal(big[:, ::4, ::4, 1], np.rint(expected.images * 255 / 16))
+    assert np.array_equal(big[:, 3::4, 3::4, 0], big[:, ::4, ::4, 2])
 
 
 def test_digits_test_set_is_balanced_and_fixed():

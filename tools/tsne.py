@@ -30,7 +30,7 @@ from dataset.samplers import get_targets  # noqa: E402
 from engine import predict  # noqa: E402
 from errors import UserError  # noqa: E402
 from fileio import atomic_write_bytes  # noqa: E402
-from utils import figure_png  # noqa: E402
+from utils import figure_png, new_figure  # noqa: E402
 
 
 def _trainer_source(args, ckpt):
@@ -118,12 +118,11 @@ def embed(feats, seed=0, perplexity=30.0):
 
 def plot(points, labels, counts, title):
     import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     head = head_classes(counts)
     classes = np.unique(labels)
-    cmap = plt.get_cmap('tab10' if len(counts) <= 10 else 'tab20' if len(counts) <= 20 else 'nipy_spectral')
-    fig, ax = plt.subplots(figsize=(7, 6))
+    cmap = matplotlib.colormaps['tab10' if len(counts) <= 10 else 'tab20' if len(counts) <= 20 else 'nipy_spectral']
+    fig = new_figure((7, 6))
+    ax = fig.subplots()
     for c in classes:
         xy = points[labels == c]
         color = cmap(c % 20 if len(counts) <= 20 else c / max(1, len(counts) - 1))
