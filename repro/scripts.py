@@ -1,6 +1,7 @@
 """The scripts a stage can run (how each parses its flags, what it leaves behind, how it continues
 after a stop) and the Stage: one command line of one of them."""
 import contextlib
+import functools
 import importlib
 import io
 import os
@@ -32,6 +33,21 @@ class Script:
     check: Optional[Callable] = None    # (Stage, processes) -> None; UserError where the stage could not finish
 
 
+def _position(path):
+    """(epoch, step) the checkpoint at `path` records. The table's bookkeeping asks about every stage
+    many times (before the run, after each stage, for each results file), and each read unpickles the
+    whole checkpoint: read once per version of the file (an atomic save makes a new inode)."""
+    st = os.stat(path)
+    return _read_position(path, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=1024)
+def _read_position(path, *version):
+    from checkpoint import load_checkpoint
+    ckpt = load_checkpoint(path)
+    return int(ckpt.get('epoch', 0)), int(ckpt.get('step', 0))
+
+
 def _run_folder(store_name):
     """train.py-style run folders: <root_model>/<store_name>/ckpt.pth.tar, <root_log>/<store_name>/."""
     def output(stage):
@@ -42,9 +58,7 @@ def _run_folder(store_name):
         path = stage.output()
         if not os.path.isfile(path):
             return Progress(False)
-        from checkpoint import load_checkpoint
-        ckpt = load_checkpoint(path)
-        epoch, step, epochs = int(ckpt.get('epoch', 0)), int(ckpt.get('step', 0)), stage.args().epochs
+        (epoch, step), epochs = _position(path), stage.args().epochs
         if epoch >= epochs and step == 0:
             return Progress(True, note=f'done ({epoch} epochs)')
         return Progress(False, ('--resume', path), f'stopped at epoch {epoch} step {step} of {epochs}: resuming')
@@ -86,9 +100,7 @@ def _moco_progress(stage):
     candidates = [((int(n[10:14]), 0), os.path.join(folder, n)) for n in names if n[10:14].isdigit()]
     interrupted = os.path.join(folder, 'moco_ckpt_interrupted.pth.tar')
     if os.path.isfile(interrupted):
-        from checkpoint import load_checkpoint
-        ckpt = load_checkpoint(interrupted)
-        candidates.append(((int(ckpt.get('epoch', 0)), int(ckpt.get('step', 0))), interrupted))
+        candidates.append((_position(interrupted), interrupted))
     if not candidates:
         return Progress(False)
     (epoch, step), path = max(candidates)
