@@ -8,7 +8,6 @@ import os
 from functools import partial
 
 import numpy as np
-import scipy.io
 from torchvision.datasets import SVHN
 from torchvision.datasets.utils import verify_str_arg
 from torchvision.datasets.vision import VisionDataset
@@ -26,6 +25,7 @@ def load_svhn_mat(path, what, hint):
     """(images N x 3 x 32 x 32 uint8, labels int64 with digit 0 as 0) from an SVHN .mat file."""
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path} ({hint})")
+    import scipy.io  # here, not at the top: 0.25 s of every script's start-up, needed by SVHN runs only
     try:
         mat = scipy.io.loadmat(path)  # MAT files hold arrays only: loading cannot run code
         images, labels = mat['X'], mat['y'].astype(np.int64).reshape(-1)

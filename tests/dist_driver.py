@@ -8,6 +8,8 @@ Probes, switched on by environment variables (each writes into PROBE_DIR, one fi
   PROBE_AUGMENT=1       one torch.rand() drawn in the training transform per image -> rank<R>_augment.txt
   PROBE_NAN_AT=R:S      rank R's training loss becomes NaN at its S-th training step
   PROBE_FULL_DISK=F:N:B on rank 0, writes of file F fail with ENOSPC after B bytes from its N-th opening on
+  SMALL_DIGITS=1        `--dataset digits` is fixtures.shrink_digits' 40 images per digit (10 for testing):
+                        less compute where a test needs ranks that agree, not a full data set
 """
 import os
 import runpy
@@ -93,6 +95,9 @@ if os.environ.get('PROBE_NAN_AT'):
 if os.environ.get('PROBE_FULL_DISK') and RANK == 0:
     name, nth, after = os.environ['PROBE_FULL_DISK'].split(':')
     fixtures.full_disk(setattr, name, int(after), int(nth))
+
+if os.environ.get('SMALL_DIGITS'):
+    fixtures.shrink_digits(setattr)
 
 script = sys.argv[1]
 sys.argv = sys.argv[1:]

@@ -56,7 +56,8 @@ def test_moco_epochs_between_saves_do_not_hang(tmp_path):
     after the last epoch, off the --save-freq beat (pretrain_moco.py: "every --save-freq epochs and after
     the last one")."""
     start = time.time()
-    proc = _torchrun('pretrain_moco.py', *_moco_args(tmp_path, '--epochs', '3', '--save-freq', '2'), env=_env())
+    proc = _torchrun('pretrain_moco.py', *_moco_args(tmp_path, '--epochs', '3', '--save-freq', '2'),
+                     env=_env(SMALL_DIGITS=1))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert time.time() - start < 120  # the hang waited for --dist-timeout (60 s) and then failed
     folder = tmp_path / 'digits' / 'checkpoint'
@@ -105,14 +106,14 @@ def test_moco_sigterm_to_one_rank_stops_both_after_the_same_step(tmp_path):
 
 def _probed(tmp_path, script, *args, **probes):
     """torchrun SCRIPT under tests/dist_driver.py with probes; fails the test unless it exits 0.
-    Returns the folder the probes wrote into."""
+    Returns the folder the probes wrote into and the console output (stdout)."""
     folder = tmp_path / 'probes'
     folder.mkdir(exist_ok=True)
     for f in folder.iterdir():
         f.unlink()
     proc = _torchrun(script, *args, env=_env(folder, **probes))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return folder
+    return folder, proc.stdout
 
 
 def _ranks_hold_the_same_weights(probes, epoch):
@@ -124,8 +125,10 @@ def _last(log_text, prefix):
     return [line for line in log_text.splitlines() if line.startswith(prefix)][-1]
 
 
-def test_train_two_epochs_ranks_agree_and_merged_evaluation_is_exact(tmp_path, capsys):
-    probes = _probed(tmp_path, 'train.py', *_train_args(tmp_path, '--epochs', '2', '--seed', '0'), PROBE_STATES=1)
+def test_train_two_epochs_ranks_agree_and_merged_evaluation_is_exact(tmp_path, capsys, monkeypatch):
+    fixtures.shrink_digits(monkeypatch.setattr)  # the digits the ranks train on (SMALL_DIGITS)
+    probes, _ = _probed(tmp_path, 'train.py', *_train_args(tmp_path, '--epochs', '2', '--seed', '0'), PROBE_STATES=1,
+                        SMALL_DIGITS=1)
     _ranks_hold_the_same_weights(probes, 2)
     ckpt_path = tmp_path / 'ckpt' / NAME / 'ckpt.pth.tar'
     fixtures.assert_same_tensors(load_checkpoint(str(ckpt_path))['state_dict'],
@@ -133,7 +136,7 @@ def test_train_two_epochs_ranks_agree_and_merged_evaluation_is_exact(tmp_path, c
 
     log = (tmp_path / 'log' / NAME / 'log_test.csv').read_text()
     confusion = np.array(json.loads(_last(log, 'val Confusion Matrix: ').split(': ', 1)[1]))
-    assert confusion.sum() == 300 and (confusion.sum(axis=1) == 30).all()  # digits' balanced test set
+    assert confusion.sum() == 100 and (confusion.sum(axis=1) == 10).all()  # the balanced test set: 10 per digit
     merged_top1 = float(_last(log, 'val Results: ').split()[3])
 
     import train
@@ -152,24 +155,31 @@ def test_train_two_epochs_ranks_agree_and_merged_evaluation_is_exact(tmp_path, c
     assert np.array_equal(single['confusion'], confusion)
 
 
-def test_pretrain_rot_and_train_semi_two_epochs_ranks_agree(tmp_path):
-    probes = _probed(tmp_path, 'pretrain_rot.py', *_train_args(tmp_path, '--epochs', '2', '--seed', '0'),
-                     PROBE_STATES=1)
+def test_pretrain_rot_and_train_semi_two_epochs_ranks_agree(tmp_path, monkeypatch):
+    fixtures.shrink_digits(monkeypatch.setattr)  # the digits the ranks train on (SMALL_DIGITS)
+    probes, _ = _probed(tmp_path, 'pretrain_rot.py', *_train_args(tmp_path, '--epochs', '2', '--seed', '0'),
+                        PROBE_STATES=1, SMALL_DIGITS=1)
     _ranks_hold_the_same_weights(probes, 2)
 
-    import fixtures
     from dataset import load_unlabeled_pool
     pool_args = {'imb_type': 'exp', 'imb_factor': 0.01, 'rand_number': 0}
     _, _, truth, _ = load_unlabeled_pool('digits', None, **pool_args)
     fixtures.write_pseudo_labels(tmp_path / 'pseudo_labeled_digits.pickle', truth, extra={'pool_args': pool_args})
-    probes = _probed(tmp_path, 'train_semi.py', *_train_args(tmp_path, '--epochs', '2', '--seed', '0', '--pseudo_labels',
-                                                             str(tmp_path / 'pseudo_labeled_digits.pickle')),
-                     PROBE_STATES=1)
+    semi = _train_args(tmp_path, '--epochs', '2', '--seed', '0',
+                       '--pseudo_labels', str(tmp_path / 'pseudo_labeled_digits.pickle'))
+    probes, _ = _probed(tmp_path, 'train_semi.py', *semi, PROBE_STATES=1, SMALL_DIGITS=1)
     _ranks_hold_the_same_weights(probes, 2)
 
 
-def test_without_seed_shards_are_disjoint_and_cover_the_data(tmp_path):
-    probes = _probed(tmp_path, 'train.py', *_train_args(tmp_path, '--epochs', '1'), PROBE_INDICES=1)
+def test_without_seed_shards_are_disjoint_and_cover_the_data(tmp_path, monkeypatch):
+    """... and rank 0 alone reports and writes the run folder: one evaluation line, plain weights (no
+    `module.` prefix from DistributedDataParallel)."""
+    fixtures.shrink_digits(monkeypatch.setattr)  # the digits the ranks train on (SMALL_DIGITS)
+    probes, out = _probed(tmp_path, 'train.py', *_train_args(tmp_path, '--epochs', '1'), PROBE_INDICES=1,
+                          SMALL_DIGITS=1)
+    assert out.count('val Results: Prec@1') == 1
+    ckpt = load_checkpoint(str(tmp_path / 'ckpt' / NAME / 'ckpt.pth.tar'))
+    assert ckpt['epoch'] == 1 and not any(k.startswith('module.') for k in ckpt['state_dict'])
     shards = [[int(i) for i in (probes / f'rank{r}_indices.txt').read_text().split('\n')[0].split()[1:]]
               for r in (0, 1)]
     from dataset.digits import ImbalanceDigits
@@ -183,7 +193,7 @@ def test_without_seed_shards_are_disjoint_and_cover_the_data(tmp_path):
 def test_ranks_augment_differently_with_workers(tmp_path):
     # The per-image pipeline, whose augmentations run in worker processes seeded from the loader's generator
     # (the device loader seeds its crops from (seed, epoch, step, rank) itself: tests/test_device_loader.py).
-    probes = _probed(tmp_path, 'train.py', *_train_args(tmp_path, '--epochs', '1', '--seed', '0', '-j', '2',
+    probes, _ = _probed(tmp_path, 'train.py', *_train_args(tmp_path, '--epochs', '1', '--seed', '0', '-j', '2',
                                                         '--loader', 'torchvision'), PROBE_AUGMENT=1)
     draws = [sorted((probes / f'rank{r}_augment.txt').read_text().split()) for r in (0, 1)]
     assert len(draws[0]) > 100 and not set(draws[0]) & set(draws[1])

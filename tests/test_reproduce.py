@@ -439,10 +439,9 @@ BASELINE_METHODS = {
 }
 STAGE2 = {'cRT': 'cRT', 'tau-norm': 'tau_norm', 'LWS': 'LWS', 'WB': 'WB'}
 # A few published top-1 errors (%) as their papers print them: Cao et al. 2019 Table 2 (LDAM-DRW, and CE
-# at rho 10), Cui et al. 2019 Table 2 (softmax CE); None where no source reports one.
+# at rho 10), Cui et al. 2019 Table 2 (softmax CE); None where no source reports one. Only cells the test runs.
 PUBLISHED_SPOTS = {
-    'cifar10-lt-baselines': {'LDAM-DRW_rho100': 22.97, 'LDAM-DRW_rho10': 11.84, 'CE_rho100': 29.64,
-                             'CE_rho10': 13.61, 'LogitAdjusted_rho50': None, 'WB_rho100': None},
+    'cifar10-lt-baselines': {'LDAM-DRW_rho100': 22.97, 'CE_rho100': 29.64, 'WB_rho100': None},
     'cifar100-lt-baselines': {'LDAM-DRW_rho10': 41.29, 'CE_rho10': 44.29, 'LogitAdjusted_rho10': None},
 }
 
@@ -451,24 +450,44 @@ BASELINE_KEYS = ['CE', 'Focal', 'CB', 'LDAM-DRW', 'BalancedSoftmax', 'LogitAdjus
                  'tau-norm', 'LWS', 'WB', 'LDAM-DRW+SSP', 'BalancedSoftmax+SSP']
 
 
-@pytest.mark.parametrize('table, rhos', [('cifar10-lt-baselines', (100, 50, 10)),
-                                         ('cifar100-lt-baselines', (10,))])
-def test_baseline_table_runs_with_its_readme_command(table, rhos, tmp_path, monkeypatch, no_checksum, one_thread):
+def test_baseline_table_plans_every_rho_alike(tmp_path, capsys):
+    """`python reproduce.py --table cifar10-lt-baselines --data_path ./data` (README "Reproducing the paper")
+    plans 15 stages for each of rho = 100, 50, 10: for rho 50 and 10, rho 100's commands with the
+    imbalance factor (1/50 = 0.02, 1/10 = 0.1) in its flag and in the run folders' names; so a run of
+    the rho-100 cells (below) stands for the others."""
+    commands = _commands(capsys, ['--table', 'cifar10-lt-baselines', '--data_path', str(tmp_path), '--seeds', '0',
+                                  '--epochs', '1', '--out', str(tmp_path / 'out')])
+    assert len(commands) == 45
+    by_factor = {}
+    for cmd in commands:
+        by_factor.setdefault(_flag(_script(cmd)[1], '--imb_factor'), []).append(cmd)
+    assert sorted(by_factor) == ['0.01', '0.02', '0.1'] and all(len(c) == 15 for c in by_factor.values())
+    for factor in ('0.02', '0.1'):
+        expected = [[factor if w == '0.01' else w.replace('_exp_0.01_', f'_exp_{factor}_') for w in cmd]
+                    for cmd in by_factor['0.01']]
+        assert by_factor[factor] == expected
+    assert len({shlex.join(c) for c in commands}) == 45
+
+
+@pytest.mark.parametrize('table, rho, per_class', [('cifar10-lt-baselines', 100, 100),
+                                                   ('cifar100-lt-baselines', 10, 10)])
+def test_baseline_table_runs_with_its_readme_command(table, rho, per_class, tmp_path, monkeypatch, no_checksum,
+                                                     one_thread):
     """`python reproduce.py --table T --data_path ./data` (README "Reproducing the paper"), --seeds 0 and
-    --epochs 1 for time: every row filled from its own run's log, each run with its method's flags, stage 2
-    on the right stage-1 run, the published numbers beside. CIFAR-10: 100 training images per class, so
-    that rho = 100 leaves one in the rarest class (Balanced Softmax, LA and LDAM need one in every class);
-    CIFAR-100 (its 100-class logs): 10 per class and the rho = 10 rows (--cells), for time."""
+    --epochs 1 for time, the cells of one rho (--cells; every rho plans alike: the test above): every row
+    filled from its own run's log, each run with its method's flags, stage 2 on the right stage-1 run, the
+    published numbers beside. CIFAR-10 at rho = 100 with 100 training images per class, so that one is left
+    in the rarest class (Balanced Softmax, LA and LDAM need one in every class); CIFAR-100 (its 100-class
+    logs) at rho = 10 with 10 per class."""
     if table.startswith('cifar100'):
-        fixtures.write_cifar100(tmp_path, per_class=10, test_per_class=2)
+        fixtures.write_cifar100(tmp_path, per_class=per_class, test_per_class=2)
     else:
-        fixtures.write_cifar10(tmp_path, per_class=100, test_per_class=10)
+        fixtures.write_cifar10(tmp_path, per_class=per_class, test_per_class=10)
     ran = _in_process(monkeypatch)
     out = str(tmp_path / 'out')
-    cells = [f'{k}_rho{rho}' for rho in rhos for k in BASELINE_KEYS]
-    only = ['--cells', *cells] if len(rhos) < 3 else []
+    cells = [f'{k}_rho{rho}' for k in BASELINE_KEYS]
     assert reproduce.main(['--table', table, '--data_path', str(tmp_path), '--seeds', '0', '--epochs', '1',
-                           '--out', out, *only]) == 0
+                           '--out', out, '--cells', *cells]) == 0
     rows = _rows(out, table)
     assert list(rows) == cells
     dataset, num_classes = table.split('-')[0], 100 if table.startswith('cifar100') else 10
@@ -480,12 +499,12 @@ def test_baseline_table_runs_with_its_readme_command(table, rhos, tmp_path, monk
                 'pretrain_rot.py': lambda: module.rot_store_name(args),
                 'train_stage2.py': lambda: module.stage2_store_name(args)}[script]()
         runs[name] = (script, args)
-    assert len(runs) == len(ran) == 15 * len(rhos)  # every stage ran once
+    assert len(runs) == len(ran) == 15  # every stage ran once
     for key, row in rows.items():
-        method, rho = key.rsplit('_rho', 1)
+        method = key.rsplit('_rho', 1)[0]
         assert (row['n'], row['status']) == ('1', 'done'), key
         # the cell's result run: the one whose log the row holds
-        matches = [(name, script, args) for name, (script, args) in runs.items() if args.imb_factor == 1 / int(rho)
+        matches = [(name, script, args) for name, (script, args) in runs.items() if args.imb_factor == 1 / rho
                    and script != 'pretrain_rot.py'
                    and ((script == 'train_stage2.py' and args.stage == STAGE2.get(method))
                         or (script == 'train.py' and method in BASELINE_METHODS
@@ -504,13 +523,13 @@ def test_baseline_table_runs_with_its_readme_command(table, rhos, tmp_path, monk
             assert runs[rot][0] == 'pretrain_rot.py' and runs[rot][1].imb_factor == args.imb_factor
         else:
             assert (args.arch, args.batch_size, args.lr_steps) == ('resnet32', 128, [1, 1])
-        best, _, n_val, per_class, last = _log_values(os.path.join(args.root_log, name))
-        assert n_val == 1 and len(per_class) == num_classes
+        best, _, n_val, per_class_acc, last = _log_values(os.path.join(args.root_log, name))
+        assert n_val == 1 and len(per_class_acc) == num_classes
         assert float(row['best_err']) == pytest.approx(100 - best, abs=1e-4)
         assert float(row['last_err']) == pytest.approx(100 - last, abs=1e-4)
+    assert set(PUBLISHED_SPOTS[table]) <= set(rows)
     for key, error in PUBLISHED_SPOTS[table].items():
-        if key in rows:
-            assert (float(rows[key]['paper']) if rows[key]['paper'] else None) == error, key
+        assert (float(rows[key]['paper']) if rows[key]['paper'] else None) == error, key
     with open(os.path.join(out, f'{table}.md')) as f:
         text = f.read()
     assert '| published | best − published |' in text and 'Where each published number comes from' in text

@@ -9,7 +9,6 @@ import fixtures
 import train
 from checkpoint import load_checkpoint
 from errors import UserError
-from fixtures import REPO
 from models import build_model
 
 
@@ -143,20 +142,6 @@ def test_bad_flags_exit_with_argparse_error(flag, value, capsys):
         train.main([flag, value])
     assert e.value.code == 2
     assert 'error' in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_torchrun_two_processes_on_cpu(tmp_path):
-    """The trainer's process-group path: 2 gloo processes, rank 0 alone writes the run folder."""
-    import subprocess
-    cmd = fixtures.torchrun_cmd(os.path.join(REPO, 'train.py'), '--dataset', 'digits', '-a', 'resnet20',
-                                '--epochs', '1', '-b', '64', '-j', '0', '--seed', '0',
-                                '--root_log', str(tmp_path / 'log'), '--root_model', str(tmp_path / 'ckpt'))
-    proc = subprocess.run(cmd, cwd=REPO, env=fixtures.script_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count('val Results: Prec@1') == 1  # only rank 0 reports
-    ckpt = load_checkpoint(str(tmp_path / 'ckpt' / 'digits_resnet20_CE_None_exp_0.01_ss_pretrained' / 'ckpt.pth.tar'))
-    assert ckpt['epoch'] == 1 and not any(k.startswith('module.') for k in ckpt['state_dict'])
 
 
 def test_confusion_matrix_logged_every_epoch(cifar10_root, tmp_path):
