@@ -21,8 +21,8 @@ demo: venv
 	$(BIN)/python train.py --dataset digits --imb_factor 0.01 --loss_type LDAM --train_rule DRW \
 		--epochs 30 --lr_steps 20 25 -b 64 -j 0 --seed 0 --exp_str demo
 
-# The whole suite, as tests/shards.py runs it: one pytest process per CPU core (at most 4), each a
-# disjoint share of the tests, one OpenMP thread each; `SHARDS=1 make test` runs it in one process.
+# The whole suite, as tests/shards.py runs it: one pytest process per CPU core (at most 4), each taking
+# the next test no other has taken, one OpenMP thread each; `SHARDS=1 make test` runs it in one process.
 # `pytest -m "not slow"` leaves out the multi-process tests (torchrun, MoCo's per-GPU launcher,
 # reproduce.py --jobs). Timings: README "Tests".
 test: venv

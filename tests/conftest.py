@@ -11,6 +11,7 @@ svhn_root          a folder with train_32x32.mat (SVHN_TRAIN_PER_CLASS images of
                    test_32x32.mat (10 per class) and extra_32x32.mat (60 per class).
 The *_root fixtures return the folder as a str and include no_checksum.
 """
+import hashlib
 import os
 
 import pytest
@@ -64,25 +65,53 @@ def one_thread():
 
 
 def pytest_addoption(parser):
-    parser.addoption('--shard', default=None, metavar='K/N',
-                     help='run only the K-th of N disjoint shares of the collected tests (K from 0); '
-                          'tests/shards.py runs the N shares side by side')
+    parser.addoption('--claims', default=None, metavar='DIR',
+                     help='share the collected tests with the other pytest processes given the same DIR: each '
+                          'runs the next test that none has claimed yet (tests/shards.py starts them)')
+    parser.addoption('--claims-from', default='0/1', metavar='K/N',
+                     help='with --claims: start at the K-th of N equal parts of the tests (K from 0)')
 
 
-def pytest_collection_modifyitems(config, items):
-    """--shard K/N: the slow tests dealt out first, one each in turn, then the others, so that every
-    share gets about as many multi-process tests (most of the time) as the others."""
-    shard = config.getoption('--shard')
-    if shard is None:
-        return
-    k, _, n = shard.partition('/')
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session):
+    """--claims DIR: pytest's own loop over the tests this process claims first. A claim is a file in DIR
+    created with O_EXCL (named by the test's id), so exactly one process runs each test. Each process
+    starts at its own part of the tests (--claims-from) and walks on, wrapping around, until it finds
+    none unclaimed: the processes finish within one test of each other, and each module's fixtures are
+    mostly built by one process only. The next test is claimed before the current one runs: pytest tears
+    fixtures down by the next test it will run."""
+    folder, items = session.config.getoption('--claims'), session.items
+    if folder is None or session.config.option.collectonly:
+        return None
+    if session.testsfailed and not session.config.option.continue_on_collection_errors:
+        raise session.Interrupted(f'{session.testsfailed} error(s) during collection')
+    k, _, n = session.config.getoption('--claims-from').partition('/')
     if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
-        raise pytest.UsageError(f'--shard {shard}: expected K/N with 0 <= K < N')
-    k, n = int(k), int(n)
-    dealt = sorted(range(len(items)), key=lambda i: items[i].get_closest_marker('slow') is None)
-    mine = {i for turn, i in enumerate(dealt) if turn % n == k}
-    config.hook.pytest_deselected(items=[item for i, item in enumerate(items) if i not in mine])
-    items[:] = [item for i, item in enumerate(items) if i in mine]
+        raise pytest.UsageError(f"--claims-from {k}/{n}: expected K/N with 0 <= K < N")
+    start = int(k) * len(items) // int(n)
+    order = items[start:] + items[:start]
+
+    def claim_from(i):
+        for j in range(i, len(order)):
+            name = hashlib.sha1(order[j].nodeid.encode()).hexdigest()
+            try:
+                os.close(os.open(os.path.join(folder, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                return j
+            except FileExistsError:
+                continue
+        return None
+
+    current = claim_from(0)
+    while current is not None:
+        following = claim_from(current + 1)
+        order[current].config.hook.pytest_runtest_protocol(
+            item=order[current], nextitem=None if following is None else order[following])
+        if session.shouldfail:
+            raise session.Failed(session.shouldfail)
+        if session.shouldstop:
+            raise session.Interrupted(session.shouldstop)
+        current = following
+    return True
 
 
 def pytest_configure(config):

@@ -438,8 +438,8 @@ BASELINE_METHODS = {
     'LDAM-DRW+SSP': ('LDAM', 'DRW', None), 'BalancedSoftmax+SSP': ('BalancedSoftmax', 'None', None),
 }
 STAGE2 = {'cRT': 'cRT', 'tau-norm': 'tau_norm', 'LWS': 'LWS', 'WB': 'WB'}
-# A few published top-1 errors (%) as their papers print them: Cao et al. 2019 Table 2 (LDAM-DRW, and CE
-# at rho 10), Cui et al. 2019 Table 2 (softmax CE); None where no source reports one. Only cells the test runs.
+# A few published top-1 errors (%) as their papers print them: Cao et al. 2019 Table 2 (LDAM-DRW), Cui et al.
+# 2019 Table 2 (softmax CE); None where no source reports one. Only cells the test below runs.
 PUBLISHED_SPOTS = {
     'cifar10-lt-baselines': {'LDAM-DRW_rho100': 22.97, 'CE_rho100': 29.64, 'WB_rho100': None},
     'cifar100-lt-baselines': {'LDAM-DRW_rho10': 41.29, 'CE_rho10': 44.29, 'LogitAdjusted_rho10': None},
