@@ -7,6 +7,8 @@ cifar10_root       a folder with cifar-10-batches-py/: 20 training and 10 test i
 cifar10_semi_root  cifar10_root plus ti_80M_selected.pickle (100 images per class); no
                    pseudo-label file: write one with fixtures.write_pseudo_labels.
 cifar100_root      a folder with cifar-100-python/: 5 training and 2 test images per class.
+small_digits       `--dataset digits` in this process is fixtures.shrink_digits' 40 images per
+                   digit, 10 of them for testing.
 svhn_root          a folder with train_32x32.mat (SVHN_TRAIN_PER_CLASS images of digits 0..9),
                    test_32x32.mat (10 per class) and extra_32x32.mat (60 per class).
 The *_root fixtures return the folder as a str and include no_checksum.
@@ -55,6 +57,11 @@ def svhn_root(tmp_path, no_checksum):
     fixtures.write_svhn(tmp_path, 'test', per_class=10, seed=1)
     fixtures.write_svhn(tmp_path, 'extra', per_class=60, seed=2)
     return str(tmp_path)
+
+
+@pytest.fixture
+def small_digits(monkeypatch):
+    fixtures.shrink_digits(monkeypatch.setattr)
 
 
 @pytest.fixture

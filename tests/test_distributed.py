@@ -125,8 +125,8 @@ def _last(log_text, prefix):
     return [line for line in log_text.splitlines() if line.startswith(prefix)][-1]
 
 
-def test_train_two_epochs_ranks_agree_and_merged_evaluation_is_exact(tmp_path, capsys, monkeypatch):
-    fixtures.shrink_digits(monkeypatch.setattr)  # the digits the ranks train on (SMALL_DIGITS)
+def test_train_two_epochs_ranks_agree_and_merged_evaluation_is_exact(tmp_path, capsys, small_digits):
+    # small_digits: in this process, the digits the ranks train on (SMALL_DIGITS)
     probes, _ = _probed(tmp_path, 'train.py', *_train_args(tmp_path, '--epochs', '2', '--seed', '0'), PROBE_STATES=1,
                         SMALL_DIGITS=1)
     _ranks_hold_the_same_weights(probes, 2)
@@ -155,8 +155,8 @@ def test_train_two_epochs_ranks_agree_and_merged_evaluation_is_exact(tmp_path, c
     assert np.array_equal(single['confusion'], confusion)
 
 
-def test_pretrain_rot_and_train_semi_two_epochs_ranks_agree(tmp_path, monkeypatch):
-    fixtures.shrink_digits(monkeypatch.setattr)  # the digits the ranks train on (SMALL_DIGITS)
+def test_pretrain_rot_and_train_semi_two_epochs_ranks_agree(tmp_path, small_digits):
+    # small_digits: in this process, the digits the ranks train on (SMALL_DIGITS)
     probes, _ = _probed(tmp_path, 'pretrain_rot.py', *_train_args(tmp_path, '--epochs', '2', '--seed', '0'),
                         PROBE_STATES=1, SMALL_DIGITS=1)
     _ranks_hold_the_same_weights(probes, 2)
@@ -171,10 +171,10 @@ def test_pretrain_rot_and_train_semi_two_epochs_ranks_agree(tmp_path, monkeypatc
     _ranks_hold_the_same_weights(probes, 2)
 
 
-def test_without_seed_shards_are_disjoint_and_cover_the_data(tmp_path, monkeypatch):
+def test_without_seed_shards_are_disjoint_and_cover_the_data(tmp_path, small_digits):
     """... and rank 0 alone reports and writes the run folder: one evaluation line, plain weights (no
-    `module.` prefix from DistributedDataParallel)."""
-    fixtures.shrink_digits(monkeypatch.setattr)  # the digits the ranks train on (SMALL_DIGITS)
+    `module.` prefix from DistributedDataParallel). small_digits: in this process, the digits the ranks
+    train on (SMALL_DIGITS)."""
     probes, out = _probed(tmp_path, 'train.py', *_train_args(tmp_path, '--epochs', '1'), PROBE_INDICES=1,
                           SMALL_DIGITS=1)
     assert out.count('val Results: Prec@1') == 1

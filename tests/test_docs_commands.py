@@ -66,11 +66,6 @@ def cwd(tmp_path, monkeypatch, one_thread):
     return tmp_path
 
 
-@pytest.fixture
-def small_digits(monkeypatch):
-    fixtures.shrink_digits(monkeypatch.setattr)
-
-
 def test_make_demo(cwd, monkeypatch):
     """The two train.py runs of the Makefile's demo target (LDAM needs an image of every class: 120 per
     class before the long-tailed draw, 1 of the last class after it)."""

@@ -140,11 +140,6 @@ def _without_running_averages(log):
     return re.sub(r' \([^)]*\)', '', log)
 
 
-@pytest.fixture
-def small_digits(monkeypatch):
-    fixtures.shrink_digits(monkeypatch.setattr)
-
-
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp('uninterrupted')

@@ -44,11 +44,6 @@ def _exit_line(capsys, argv):
 
 
 @pytest.fixture
-def small_digits(monkeypatch):
-    fixtures.shrink_digits(monkeypatch.setattr)
-
-
-@pytest.fixture
 def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp('whole')
     with fixtures.one_thread():
