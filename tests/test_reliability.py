@@ -22,6 +22,7 @@ import torch
 
 import fixtures
 import pretrain_rot
+import signals
 import train
 import train_semi
 import trainer
@@ -192,8 +193,11 @@ def test_second_signal_stops_at_once(tmp_path):
     proc = _pause_at(tmp_path, 2, HOLD=1, SIGNAL_MARKER=tmp_path / 'signalled')
     proc.send_signal(signal.SIGTERM)
     _wait_for(tmp_path / 'signalled', proc)  # the first one is taken: the run would finish the step
+    proc.send_signal(signal.SIGTERM)  # at once: a copy of the same request (a group's and a launcher's), ignored
+    time.sleep(signals.REPEAT_WINDOW_S + 0.5)
+    assert proc.poll() is None
     start = time.time()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # later: a second request
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGTERM, out  # ended by the signal itself, not by an exit()
     assert time.time() - start < 20  # not the 120 s the held step would take
