@@ -205,6 +205,27 @@ def test_second_signal_stops_at_once(tmp_path):
     assert not _ckpt(tmp_path).exists()
 
 
+def test_the_same_signal_again_within_a_moment_is_the_same_request(monkeypatch):
+    """A group signal and a launcher's forwarded copy of it (reproduce.py, a shell's trap, torchrun) arrive
+    together: one request, the run saves. The same signal after the moment, or another one, stops at once."""
+    now, killed = [0.0], []
+    monkeypatch.setattr(os, 'kill', lambda pid, signum: killed.append(signum))
+    monkeypatch.setattr(signal, 'signal', lambda signum, handler: None)
+    stop = trainer.GracefulStop(lambda line: None)
+    stop._repeats = signals.Repeats(clock=lambda: now[0])
+    stop._handle(signal.SIGTERM, None)
+    now[0] = signals.REPEAT_WINDOW_S - 0.1
+    stop._handle(signal.SIGTERM, None)
+    assert stop.signum == signal.SIGTERM and killed == []
+    now[0] = 2 * signals.REPEAT_WINDOW_S
+    stop._handle(signal.SIGTERM, None)
+    assert killed == [signal.SIGTERM]
+    other = trainer.GracefulStop(lambda line: None)
+    other._handle(signal.SIGTERM, None)
+    other._handle(signal.SIGINT, None)  # Ctrl-C after a SIGTERM: a second request
+    assert killed == [signal.SIGTERM, signal.SIGINT]
+
+
 def test_second_run_on_same_folder_is_refused(tmp_path, capsys):
     import cli
     holder = _pause_at(tmp_path, 1)  # holds the lock until stopped: it cannot finish first
