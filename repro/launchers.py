@@ -251,8 +251,8 @@ def submit_table(stages, needs, number, stage_log, root, slurm, collect):
         job = executor.submit(StageJob(stage, stage_launcher(stage), {}, stage_log(stage), cwd, forward=False))
         jobs[stage], new = job.job_id, new + 1
         waits = ', '.join(f"job {j}" for j in after)
-        print(f"{label} submitted as job {job.job_id} ({describe(params, waits)}; {progress.note}), "
-              f"output {stage_log(stage)}: {shlex.join(stage.command(stage_launcher(stage), progress.resume))}",
+        resuming = f"; {progress.note}" if progress.resume else ''
+        print(f"{label}: job {job.job_id} ({describe(params, waits)}){resuming}, output {stage_log(stage)}",
               flush=True)
     collect_folder = os.path.join(root, 'jobs', 'collect')
     queued = live_jobs({'collect': collect_folder}, local=False)

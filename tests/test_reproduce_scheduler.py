@@ -152,12 +152,12 @@ def test_bad_input_starts_nothing(tmp_path, capsys, monkeypatch):
 
 
 def test_readme_side_by_side_commands_parse(tmp_path, capsys, monkeypatch):
-    """The README's --gpus and --jobs commands, on a machine with 8 GPUs (a dry run: nothing starts)."""
+    """docs/reproduce.md's --gpus and --jobs commands, on a machine with 8 GPUs (a dry run: nothing starts)."""
     _fake_gpus(monkeypatch, 8)
-    with open(os.path.join(REPO, 'README.md')) as f:
+    with open(os.path.join(REPO, 'docs', 'reproduce.md')) as f:
         commands = [shlex.split(line, comments=True)[2:] for line in f
                     if line.startswith('python reproduce.py') and ('--gpus' in line or '--jobs' in line)]
-    assert len(commands) == 2
+    assert len(commands) == 3  # --gpus, --jobs, and submitit-local's --jobs
     for argv in commands:
         assert reproduce.main([*argv, '--out', str(tmp_path), '--dry-run']) == 0
     assert not tmp_path.joinpath('runs').exists()

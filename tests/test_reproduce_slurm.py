@@ -166,6 +166,7 @@ def test_slurm_submits_each_stage_after_the_jobs_it_needs_then_only_what_is_miss
     console = capsys.readouterr().out
     opts, stages = _digits_stages(out)
     needs = scheduler.dependencies(stages)
+    number = {stage: i for i, stage in enumerate(stages, 1)}
     ids = {stage: str(100 + i) for i, stage in enumerate(stages)}  # submitted in the printed order
     calls = (fake_slurm / 'calls').read_text().splitlines()
     # sbatch's own check of every option first (one GPU count: one check), then the 7 jobs and the results job
@@ -188,7 +189,7 @@ def test_slurm_submits_each_stage_after_the_jobs_it_needs_then_only_what_is_miss
             job = pickle.load(f).function  # what the node will run: this stage, as one process, output to its log
         assert (job.stage, job.launcher, job.log, job.cwd, job.forward) == (stage, (), opts.stage_log(stage),
                                                                           os.getcwd(), False)
-        assert f"submitted as job {ids[stage]}" in console
+        assert f"stage {number[stage]}/7: job {ids[stage]} (1 GPU, time 2880 min, " in console
     options, _ = _sbatch(fake_slurm / 'job107.sh')
     assert options['dependency'] == 'afterany:' + ':'.join(str(100 + i) for i in range(7))
     assert options['partition'] == 'gpu' and 'gpus-per-node' not in options
