@@ -30,7 +30,6 @@ results/local/, is one git ignores: --out results re-makes the committed tables)
 and --stage-args as the run they refer to: these decide the run folders' names.
 """
 import argparse
-import contextlib
 import difflib
 import os
 import shlex
@@ -225,20 +224,6 @@ def check_recipe(stages, args, mode, launcher):
               f"{len(multi)} stage(s) train another recipe", flush=True)
 
 
-@contextlib.contextmanager
-def _importable_jobs():
-    """submitit's local jobs unpickle repro.jobs wherever reproduce.py was started from."""
-    before = os.environ.get('PYTHONPATH')
-    os.environ['PYTHONPATH'] = os.pathsep.join(p for p in (REPO, before) if p)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop('PYTHONPATH')
-        else:
-            os.environ['PYTHONPATH'] = before
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.table not in TABLES:
@@ -265,14 +250,10 @@ def main(argv=None):
     if args.status:
         return launchers.status(stages, number, opts.stage_log, opts.path(), mode)
     if args.dry_run:
-        if mode != 'local':
+        if mode == 'local':
+            _print_commands(stages, launcher)
+        else:
             launchers.dry_run(stages, scheduler.dependencies(stages), number, opts.stage_log, slurm, mode)
-            return 0
-        for i, stage in enumerate(stages, 1):
-            status = stage.status()
-            word = 'done, skipped' if status.done else status.note
-            print(f"# stage {i}/{len(stages)}: {word}")
-            print(shlex.join(stage.command(launcher, status.resume)))
         return 0
     if mode != 'local':
         launchers.need_submitit(mode)
@@ -280,7 +261,7 @@ def main(argv=None):
     for stage in stages:  # every command must parse, and pass its script's checks, before the first one runs
         stage.args()
         if stage.spec.check is not None:
-            processes = (launcher_processes(launcher) if mode == 'local' else stage.gpus() if mode == 'slurm' else 1)
+            processes = launcher_processes(launcher) if mode == 'local' else stage.gpus() if mode == 'slurm' else 1
             stage.spec.check(stage, processes if stage.spec.distributed else 1)
     check_recipe(stages, args, mode, launcher)
     if mode == 'slurm':
@@ -291,29 +272,51 @@ def main(argv=None):
     via = ', each a submitit job on this machine' if mode == 'submitit-local' else ''
     print(f"[reproduce] {args.table}: {len(stages)} stages for {len(cells[seeds[0]])} cells x {len(seeds)} seeds"
           f"{at_once}{via}", flush=True)
+    if mode == 'submitit-local':
+        return _run_local_jobs(stages, where, opts, what, args.slurm_time)
     by_seed = [{s for c in cells[seed] for s in c.stages} for seed in seeds]
 
     def finished(stage, done):  # the results are re-made when all of a seed's stages have finished
-        if mode == 'local' and any(stage in needed and needed <= done for needed in by_seed):
+        if any(stage in needed and needed <= done for needed in by_seed):
             collect(*what, refuse_empty=False)
 
-    jobs = launchers.LocalJobs(opts.path(), args.slurm_time) if mode == 'submitit-local' else None
     message = ''
-    with _importable_jobs() if jobs else contextlib.nullcontext():
-        try:
-            code, message = scheduler.run_stages(stages, where, launcher, opts.stage_log, finished, run=jobs)
-        finally:
-            print(collect(*what, refuse_empty=False) if jobs is None else _collect_job(jobs, what), flush=True)
-            if message:
-                print(message, flush=True)
+    try:
+        code, message = scheduler.run_stages(stages, where, launcher, opts.stage_log, finished)
+    finally:
+        print(collect(*what, refuse_empty=False), flush=True)
+        if message:
+            print(message, flush=True)
     return code
 
 
-def _collect_job(jobs, what):
-    """submitit-local: the table written by a job, as SLURM's final job writes it."""
+def _print_commands(stages, launcher):
+    for i, stage in enumerate(stages, 1):
+        status = stage.status()
+        print(f"# stage {i}/{len(stages)}: {'done, skipped' if status.done else status.note}")
+        print(shlex.join(stage.command(launcher, status.resume)))
+
+
+def _run_local_jobs(stages, where, opts, what, slurm_time):
+    """--launcher submitit-local: the scheduler starts each stage as a submitit job on this machine; then
+    a job writes the table, as SLURM's final job does."""
     from submitit.core.utils import UncompletedJobError
+    jobs = launchers.LocalJobs(opts.path(), slurm_time)
+    before = os.environ.get('PYTHONPATH')  # the jobs unpickle repro.jobs wherever reproduce.py was started
+    os.environ['PYTHONPATH'] = os.pathsep.join(p for p in (REPO, before) if p)
+    message = ''
     try:
-        return jobs.collect(what)
-    except UncompletedJobError as e:
-        lines = [line for line in str(e).splitlines() if line.strip() and not line.startswith(' ')]
-        return f"[reproduce] the results job failed: {lines[-1] if lines else e}"
+        code, message = scheduler.run_stages(stages, where, (), opts.stage_log, lambda *args: None, run=jobs)
+    finally:
+        try:
+            print(jobs.collect(what), flush=True)
+        except UncompletedJobError as e:
+            lines = [line for line in str(e).splitlines() if line.strip() and not line.startswith(' ')]
+            print(f"[reproduce] the results job failed: {lines[-1] if lines else e}", flush=True)
+        if before is None:
+            os.environ.pop('PYTHONPATH')
+        else:
+            os.environ['PYTHONPATH'] = before
+        if message:
+            print(message, flush=True)
+    return code

@@ -63,15 +63,26 @@ def parse_time(text):
     return -(-seconds // 60)
 
 
+# sbatch options --slurm_extra may not set: a flag of their own, or what each stage's job must be
+OWN_FLAG = ('partition', 'time', 'account', 'qos', 'constraint')
+SET_PER_STAGE = ('nodes', 'ntasks-per-node', 'gpus-per-node', 'dependency', 'job-name', 'output', 'error',
+                 'open-mode', 'array', 'wrap')
+
+
 def parse_extra(values):
     """--slurm_extra KEY=VALUE ... -> {KEY: VALUE}: sbatch's own options (#SBATCH --KEY=VALUE)."""
     extra = {}
     for value in values:
         key, sep, val = value.partition('=')
-        key = key.strip().lstrip('-')
+        key = key.strip().lstrip('-').replace('_', '-')
         if not sep or not key or not val:
             raise UserError(f"--slurm_extra {value!r}: expected KEY=VALUE, an sbatch option without its dashes, "
                             f"e.g. cpus-per-task=10 or mem=64G")
+        if key in OWN_FLAG:
+            raise UserError(f"--slurm_extra {value!r}: use --slurm_{key} {val}")
+        if key in SET_PER_STAGE:
+            raise UserError(f"--slurm_extra {value!r}: reproduce.py sets --{key} of each stage's job itself "
+                            f"(one node, one task, the stage's GPUs, what it waits for, its folder)")
         extra[key] = val
     return extra
 

@@ -240,6 +240,8 @@ def test_bad_input_submits_nothing(tmp_path, fake_slurm, monkeypatch, capsys):
     assert 'Requested time limit is invalid' in _error(capsys, [*argv, '--slurm_time', '30-00:00:00'])
     assert "--slurm_time 'a week'" in _error(capsys, [*argv, '--slurm_time', 'a week'])
     assert 'expected KEY=VALUE' in _error(capsys, [*argv, '--slurm_extra', 'exclusive'])
+    assert 'use --slurm_time 10' in _error(capsys, [*argv, '--slurm_extra', 'time=10'])
+    assert "sets --gpus-per-node of each stage's job" in _error(capsys, [*argv, '--slurm_extra', 'gpus_per_node=2'])
     assert 'leave --gpus, --jobs and --jobs-per-gpu out' in _error(capsys, [*argv, '--jobs', '2'])
     assert 'did you mean slurm?' in _error(capsys, [*DIGITS, '--out', str(out), '--launcher', 'slrum'])
     assert '--slurm_partition sets the SLURM jobs' in _error(capsys, [*DIGITS, '--out', str(out),
