@@ -287,15 +287,6 @@ def test_reproduce_md_slurm_worked_example(cifar_data, fake_slurm, capsys):
                                                      'runs what is neither done nor queued')  # no squeue lists them
 
 
-@pytest.mark.slow
-def test_reproduce_md_submitit_local_rehearsal(cwd, capsys):
-    """docs/reproduce.md's submitit-local command, one seed and the CE cell (for time): the stage and the
-    results job run through submitit's LocalExecutor."""
-    (local,) = [w[2:] for w in _slurm_section() if w[:2] == ['python', 'reproduce.py'] and 'submitit-local' in w]
-    assert reproduce.main([*local, '--seeds', '0', '--epochs', '1', '--cells', 'CE']) == 0
-    assert '| CE (Uniform) | 1 |' in (cwd / 'results' / 'local' / 'digits-mini.md').read_text()
-
-
 def test_reproduce_md_multi_node_torchrun_parses():
     """The multi-node job script's torchrun line: its flags as torchrun reads them, the script's as it does."""
     from torch.distributed.run import get_args_parser
@@ -305,3 +296,18 @@ def test_reproduce_md_multi_node_torchrun_parses():
     assert args.rdzv_endpoint == '$head:29500' and args.training_script == 'pretrain_moco.py'
     moco = pretrain_moco.build_parser().parse_args(args.training_script_args)
     assert (moco.dataset, moco.batch_size) == ('imagenet', 128)  # a node's batch: 16 per GPU, as the recipe's
+
+
+def test_every_reproduce_md_command_parses():
+    """Each `python reproduce.py` command of docs/reproduce.md, its placeholders filled: reproduce.py's
+    parser takes it, with a known table and launcher."""
+    from repro import command
+    from repro.tables import TABLES
+    with open(os.path.join(REPO, 'docs', 'reproduce.md')) as f:
+        found = [shlex.split(re.sub(r'<[^>]*>', 'PLACE', line), comments=True)[2:] for line in f
+                 if line.startswith('python reproduce.py')]
+    assert len(found) >= 20
+    for argv in found:
+        args = command.build_parser().parse_args(argv)
+        assert args.table in TABLES and command.parse_launcher(args.launcher)[0] in ('local', 'slurm',
+                                                                                  'submitit-local')

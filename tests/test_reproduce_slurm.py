@@ -416,9 +416,10 @@ def _hooked(tmp_path):
 
 @pytest.mark.slow
 def test_a_stage_warned_by_slurm_saves_is_requeued_and_resumes_exactly(tmp_path, monkeypatch, capsys, one_thread):
-    """SLURM's warning signal (SIGUSR2) to the CE stage's job during its first epoch of two: the stage
-    saves through its own stop path, submitit requeues the job, the job resumes the stage from the
-    mid-epoch checkpoint; the run ends as an uninterrupted one does, to the bit."""
+    """SLURM's warning signal (SIGUSR2) to the CE stage's job and the stage during its first epoch of two:
+    the stage ignores it, the job stops the stage through its own stop path (it saves), submitit
+    requeues the job, the job resumes the stage from the mid-epoch checkpoint; the run ends as an
+    uninterrupted one does, to the bit."""
     argv = ['--cells', 'CE', '--epochs', '2']
     proc = _reproduce(tmp_path / 'jobs', *argv, env=_hooked(tmp_path))
     _paused(tmp_path, proc)
@@ -429,6 +430,8 @@ def test_a_stage_warned_by_slurm_saves_is_requeued_and_resumes_exactly(tmp_path,
     job, pid = _job_process(folder)
     status = _status(capsys, tmp_path / 'jobs', *argv)
     assert f'stage 1/1: running (not started); job {job} running' in status
+    # SLURM signals every process of the job: the stage ignores the warning, the job takes it
+    os.kill(int((tmp_path / 'paused' / 'paused').read_text()), signal.SIGUSR2)
     os.kill(pid, signal.SIGUSR2)
     console, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, console[-3000:]
