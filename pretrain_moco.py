@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 
 import cli
 import dist
+import signals
 import trainer
 from checkpoint import (load_checkpoint, load_optimizer, load_weights, save_checkpoint, state_dict_of,
                         strip_prefix, unwrap)
@@ -253,21 +254,25 @@ def check_layout(args, layout):
 def spawn_per_gpu(args, layout):
     """MoCo's launcher: one process per GPU of this node; --world-size nodes, this is node --rank.
 
-    A SIGTERM or SIGINT must leave the interrupted checkpoint whether it reaches the whole process group
-    (SLURM scancel, preemption, Ctrl-C), this process alone or the workers alone. So this process does
+    A SIGTERM, SIGINT or SIGUSR1 must leave the interrupted checkpoint whether it reaches the whole process
+    group (SLURM scancel, preemption, Ctrl-C), this process alone or the workers alone. So this process does
     not die of the first one (its death would send each worker SIGINT, spawn's parent-death signal: a
     second signal, which stops at once): it forwards trainer.FORWARDED_STOP, which the workers take as
-    a stop request unless a signal reached them already, and waits. A second one ends all at once. A
-    worker stopped by a signal exits 0 and leaves its exit status in `codes`, since spawn answers a
-    non-zero exit by terminating the other workers, perhaps while rank 0 writes the checkpoint.
+    a stop request unless a signal reached them already, and waits. The same signal again within a
+    moment (the group's and a parent's forwarded copy, as under reproduce.py) is that request again, as
+    is a SIGUSR1 after it; a later SIGTERM or SIGINT ends all at once. A worker stopped by a signal exits 0 and leaves its exit status in
+    `codes`, since spawn answers a non-zero exit by terminating the other workers, perhaps while rank 0
+    writes the checkpoint.
     """
     if args.rank >= args.world_size:
         raise UserError(f"--rank {args.rank} is not a node of --world-size {args.world_size}")
     codes = mp.get_context('spawn').Array('i', layout.spawn)
     context = mp.spawn(_spawned_worker, nprocs=layout.spawn, args=(layout, args, codes), join=False)
-    asked = []
+    asked, repeats = [], signals.Repeats()
 
     def forward(signum, frame):
+        if repeats.repeat(signum) or (asked and signum == trainer.FORWARDED_STOP):
+            return  # a copy of the request, or a forwarded one after it: nothing new asked
         for pid in context.pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL if asked else trainer.FORWARDED_STOP)
@@ -276,7 +281,7 @@ def spawn_per_gpu(args, layout):
             os.kill(os.getpid(), signum)
         asked.append(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, forward) for s in signals.STOP_SIGNALS}
     try:
         while not context.join():
             pass

@@ -34,6 +34,7 @@ from engine import Mixup, evaluate, step_hooks, train_one_epoch
 from errors import UserError
 from fileio import RunLock, atomic_write_bytes, user_write_errors
 from losses import PosthocLogitAdjustment, build_criterion, effective_num_weights
+from signals import FORWARDED_STOP, STOP_SIGNALS, Repeats  # FORWARDED_STOP: also read as trainer's
 from utils import derive_seed, figure_png, new_figure, rng_state, seed_everything, set_rng_state, shot_accuracy
 
 WARMUP_EPOCHS = 5
@@ -123,22 +124,19 @@ def console(line):
         print(line, flush=True)
 
 
-# A launcher that forwards its own SIGTERM/SIGINT to the processes it started sends this instead: it
-# never counts as the second signal, since a signal to the whole process group may reach them too.
-FORWARDED_STOP = getattr(signal, 'SIGUSR1', None)
-
-
 class GracefulStop:
     """First SIGTERM/SIGINT: finish the step, save, exit. Second: stop at once. FORWARDED_STOP (from
     MoCo's per-GPU launcher, or SLURM's --signal=USR1) asks like a SIGTERM if nothing asked yet, and
-    the one SIGTERM/SIGINT that may follow it (the same request, sent to the whole group) is not a second."""
+    the one SIGTERM/SIGINT that may follow it (the same request, sent to the whole group) is not a second.
+    Nor is the same signal again within a moment (signals.Repeats): a group signal and a launcher's copy."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, *([FORWARDED_STOP] if FORWARDED_STOP else []))
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self, log):
         self.log = log  # for the notice only: a console, not a run log (a resumed run's logs must not show it)
         self.signum = None
         self._forwarded = False
+        self._repeats = Repeats()
         self._previous = {}
         self._pid = os.getpid()
 
@@ -146,6 +144,8 @@ class GracefulStop:
         if os.getpid() != self._pid:
             # A data-loading worker forked during the run inherits this handler, and Ctrl-C signals
             # the whole process group: only the process that trains decides when to stop.
+            return
+        if self._repeats.repeat(signum):
             return
         if signum == FORWARDED_STOP:
             if self.signum is not None:

@@ -8,7 +8,9 @@ CIFAR/SVHN/TinyImages fixtures in ./data, a 40-per-class digits subset). Placeho
 Not run here: commands that need ImageNet / iNaturalist images or several GPUs (imagenet_inat,
 MoCo on imagenet/inat, torchrun with 8 processes: tests/test_imagenet_inat.py, test_moco.py and
 test_distributed.py run them on small image folders and 2 processes), reproduce.py's tables
-(tests/test_reproduce.py), tools/tsne.py (tests/test_tsne.py), installation and benchmarks.
+(tests/test_reproduce.py), tools/tsne.py (tests/test_tsne.py), installation and benchmarks. Of
+docs/reproduce.md's SLURM section: the worked example's commands, against a fake sbatch
+(tests/test_reproduce_slurm.py), and the multi-node torchrun line, read by torchrun's own parser.
 """
 import os
 import re
@@ -19,6 +21,7 @@ import pytest
 import torch
 
 import fixtures
+import reproduce
 import gen_pseudolabels
 import pretrain_moco
 import pretrain_rot
@@ -27,6 +30,7 @@ import train_semi
 import train_stage2
 from fixtures import REPO
 from models import build_model
+from test_reproduce_slurm import fake_slurm  # noqa: F401 (a fixture: sbatch, srun, squeue on PATH)
 
 SCRIPTS = {'train.py': train, 'gen_pseudolabels.py': gen_pseudolabels, 'train_semi.py': train_semi,
            'pretrain_rot.py': pretrain_rot, 'pretrain_moco.py': pretrain_moco, 'train_stage2.py': train_stage2}
@@ -249,3 +253,61 @@ def test_fine_tuning_from_ssp_gets_its_own_run_folder(doc):
     plain = _store_names(['README.md', 'docs/semi.md'], pretrained=False)
     clashes = {name: argv for name, argv in _store_names([doc], pretrained=True).items() if name in plain}
     assert not clashes
+
+
+def _slurm_section():
+    """docs/reproduce.md's `python reproduce.py` commands of its SLURM section, and its other commands."""
+    with open(os.path.join(REPO, 'docs', 'reproduce.md')) as f:
+        text = f.read()
+    section = text[text.index('### SLURM: `--launcher slurm`'):text.index('### The miniature')]
+    commands = []
+    for body in re.findall(r'```bash\n(.*?)```', section, flags=re.S):
+        for line in body.replace('\\\n', ' ').splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                commands.append(words)
+    return commands
+
+
+def test_reproduce_md_slurm_worked_example(cifar_data, fake_slurm, capsys):
+    """docs/reproduce.md "SLURM", as written (one seed, --seeds 0 appended, for time): the dry run prints
+    every job, the submission queues one job per stage and the results job, --status prints each stage."""
+    slurm = [w[2:] for w in _slurm_section() if w[:2] == ['python', 'reproduce.py'] and 'slurm' in w]
+    assert [('--dry-run' in a, '--status' in a) for a in slurm] == [(True, False), (False, False), (False, True)]
+    dry, submit, status = ([*a, '--seeds', '0'] for a in slurm)
+    assert reproduce.main(dry) == 0
+    out = capsys.readouterr().out
+    assert out.count('# stage ') == 15 and out.count('; job: 1 GPU, time 1440 min, partition gpu, cpus-per-task 8, '
+                                                      'mem 32G') == 15
+    assert reproduce.main(submit) == 0
+    assert '15 job(s) submitted, 0 already queued' in capsys.readouterr().out
+    assert sorted(os.listdir(fake_slurm)) == sorted(['calls', 'next', *(f'job{n}.sh' for n in range(100, 116))])
+    assert reproduce.main(status) == 0
+    assert capsys.readouterr().out.rstrip().endswith('15 stages: 15 to submit; the same command without --status '
+                                                     'runs what is neither done nor queued')  # no squeue lists them
+
+
+def test_reproduce_md_multi_node_torchrun_parses():
+    """The multi-node job script's torchrun line: its flags as torchrun reads them, the script's as it does."""
+    from torch.distributed.run import get_args_parser
+    (srun,) = [w for w in _slurm_section() if w[:2] == ['srun', 'torchrun']]
+    args = get_args_parser().parse_args(shlex.split(' '.join(srun[2:]).replace('<ImageNet root>', 'IN')))
+    assert (args.nnodes, args.nproc_per_node, args.rdzv_backend, args.shutdown_timeout) == ('2', '8', 'c10d', 300)
+    assert args.rdzv_endpoint == '$head:29500' and args.training_script == 'pretrain_moco.py'
+    moco = pretrain_moco.build_parser().parse_args(args.training_script_args)
+    assert (moco.dataset, moco.batch_size) == ('imagenet', 128)  # a node's batch: 16 per GPU, as the recipe's
+
+
+def test_every_reproduce_md_command_parses():
+    """Each `python reproduce.py` command of docs/reproduce.md, its placeholders filled: reproduce.py's
+    parser takes it, with a known table and launcher."""
+    from repro import command
+    from repro.tables import TABLES
+    with open(os.path.join(REPO, 'docs', 'reproduce.md')) as f:
+        found = [shlex.split(re.sub(r'<[^>]*>', 'PLACE', line), comments=True)[2:] for line in f
+                 if line.startswith('python reproduce.py')]
+    assert len(found) >= 20
+    for argv in found:
+        args = command.build_parser().parse_args(argv)
+        assert args.table in TABLES and command.parse_launcher(args.launcher)[0] in ('local', 'slurm',
+                                                                                  'submitit-local')

@@ -842,5 +842,5 @@ def test_reproduce_checks_every_stage_of_the_inat_table_before_the_first_starts(
     assert started == []  # refused before MoCo's 200 epochs
     # on 8: seven pieces of 13 and one of 9, as DataParallel split it: the table starts with MoCo
     assert table(8) == 1
-    assert len(started) == 1 and 'pretrain_moco.py' in started[0][2] and started[0][:2] == ['torchrun',
-                                                                                              '--nproc_per_node=8']
+    assert len(started) == 1 and 'pretrain_moco.py' in started[0][4] and started[0][:4] == [
+        'torchrun', '--nproc_per_node=8', '--shutdown_timeout', '300']  # reproduce.py's torchrun grace (B3)

@@ -468,7 +468,7 @@ def _spawned_children(pid):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('target', ['group', 'parent', 'children'])
+@pytest.mark.parametrize('target', ['group', 'parent', 'children', 'parent-usr1'])
 def test_per_gpu_launcher_leaves_a_resumable_checkpoint_whoever_gets_sigterm(tmp_path, target):
     import signal
     argv = ['--dataset', 'digits', '-a', 'resnet20', '--moco-k', '64', '-b', '32', '-j', '0', '--seed', '0',
@@ -491,6 +491,8 @@ def test_per_gpu_launcher_leaves_a_resumable_checkpoint_whoever_gets_sigterm(tmp
             os.killpg(proc.pid, signal.SIGTERM)
         elif target == 'parent':
             os.kill(proc.pid, signal.SIGTERM)
+        elif target == 'parent-usr1':  # SLURM's --signal=USR1@...: asks the launcher as SIGTERM does
+            os.kill(proc.pid, signal.SIGUSR1)
         else:
             for child in children:
                 os.kill(child, signal.SIGTERM)

@@ -104,8 +104,15 @@ def test_launcher_prefixes_multi_process_stages_only(tmp_path, capsys):
     commands = _commands(capsys, ['--table', 'cifar10-semi', '--seeds', '0', '--out', str(tmp_path),
                                   '--launcher', 'torchrun --nproc_per_node=8'])
     heads = {_script(c)[0]: c[:c.index(next(w for w in c if w.endswith('.py')))] for c in commands}
-    assert heads['train.py'] == heads['train_semi.py'] == ['torchrun', '--nproc_per_node=8']
+    # torchrun waits 300 s (not its 30 s) between the SIGTERM it passes on and a SIGKILL (gpu review B3)
+    assert heads['train.py'] == heads['train_semi.py'] == ['torchrun', '--nproc_per_node=8',
+                                                           '--shutdown_timeout', '300']
     assert heads['gen_pseudolabels.py'] == [sys.executable]
+    commands = _commands(capsys, ['--table', 'cifar10-semi', '--seeds', '0', '--out', str(tmp_path), '--launcher',
+                                  'python -m torch.distributed.run --shutdown-timeout=60 --nproc_per_node=2'])
+    heads = {_script(c)[0]: c[:c.index(next(w for w in c if w.endswith('.py')))] for c in commands}
+    assert heads['train.py'] == ['python', '-m', 'torch.distributed.run', '--shutdown-timeout=60',
+                                 '--nproc_per_node=2']  # the user's own kept
 
 
 def _in_process(monkeypatch, stop_first=None):
