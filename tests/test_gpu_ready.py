@@ -27,7 +27,10 @@ import contextlib
 import functools
 import inspect
 import os
+import sys
+import threading
 import traceback
+import types
 import unittest.mock
 
 import numpy as np
@@ -50,6 +53,7 @@ import trainer
 from dataset import digits
 from errors import UserError
 from fixtures import REPO
+from imagenet_inat import layout
 from losses import build_criterion
 from models import build_model
 from moco.builder import MoCo
@@ -423,6 +427,72 @@ def test_cudnn_benchmark_without_seed_deterministic_with_it(monkeypatch, seed, d
     monkeypatch.setattr(torch.backends.cudnn, 'benchmark', not benchmark)
     trainer.seed(train.build_parser().parse_args([] if seed is None else ['--seed', str(seed)]))
     assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (deterministic, benchmark)
+
+
+# ---------------------------------------------------------------- DataParallel (imagenet_inat's plain multi-GPU run)
+
+def _data_parallel(monkeypatch, module, gpus=2):
+    """imagenet_inat's DataParallel over `gpus` fake GPUs, and torch.accelerator described so that torch's own
+    parallel_apply runs here: a thread per replica, entering autocast as it does on CUDA."""
+    fake_gpu(monkeypatch, count=gpus)
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, 'get_device_properties',
+                        lambda device=None: types.SimpleNamespace(total_memory=80 << 30, multi_processor_count=132))
+    for attr, value in {'is_available': lambda: True, 'current_accelerator': lambda *a: torch.device('cuda'),
+                        'current_stream': lambda *a: contextlib.nullcontext(),
+                        'device_index': lambda *a: contextlib.nullcontext()}.items():
+        monkeypatch.setattr(torch.accelerator, attr, value)
+    return layout.DataParallel(module, device_ids=list(range(gpus)))
+
+
+class _AutocastProbe(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append((threading.current_thread() is not threading.main_thread(),
+                          torch.is_autocast_enabled('cuda'), torch.get_autocast_dtype('cuda')))
+        return x
+
+
+@pytest.mark.parametrize('amp', [True, False])
+def test_dataparallel_replicas_run_under_the_callers_bf16_autocast(monkeypatch, amp):
+    """torch's parallel_apply enters autocast in each replica's thread without a dtype: float16 on CUDA,
+    without a loss scaler. The replicas must compute in the training step's bf16 (or float32 without --amp)."""
+    probe = _AutocastProbe()
+    dp = _data_parallel(monkeypatch, probe)
+    with torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
+        dp.parallel_apply([probe, probe], [(torch.ones(2),), (torch.ones(2),)], [{}, {}])
+    assert probe.seen == [(True, amp, torch.bfloat16)] * 2
+
+
+def _nchw_broadcast(tensors, devices, detach=False):
+    """What replicate's coalesced broadcast gives on GPUs (torch/csrc/cuda/comm.cpp): the tensors themselves
+    for the first device, and for the others views of one flat copy, contiguous (NCHW), still differentiable."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+    if not tensors:
+        return []
+    copies = [list(tensors)] + [list(_unflatten_dense_tensors(_flatten_dense_tensors(tensors), tensors))
+                                for _ in devices[1:]]
+    return [[t.detach() for t in c] for c in copies] if detach else copies
+
+
+def test_dataparallel_replicas_keep_channels_last_weights(monkeypatch):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 2)).to(memory_format=torch.channels_last)
+    monkeypatch.setattr(sys.modules['torch.nn.parallel.replicate'], '_broadcast_coalesced_reshape', _nchw_broadcast)
+    dp = _data_parallel(monkeypatch, model)
+    plain = torch.nn.DataParallel.replicate(dp, model, [0, 1])
+    assert not plain[1][0].weight.is_contiguous(memory_format=torch.channels_last)  # the stand-in shows the defect
+    replicas = dp.replicate(model, [0, 1])
+    for replica in replicas:
+        assert replica[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert replica[3].weight.shape == (2, 144)  # 2-D weights as they were
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(replicas[1](x), model(x))
+    replicas[1](x).sum().backward()  # the replica's gradient reaches the module's weights
+    assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
 
 
 class _Fixed(torch.nn.Module):
