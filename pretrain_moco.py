@@ -217,7 +217,7 @@ def main(argv=None):
     args = resolve_args(build_parser().parse_args(argv))
     torchrun_env = ((int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE'])))
                     if dist.launched_by_torchrun() else None)
-    num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    num_gpus = dist.visible_gpus()
     layout = launch_layout(num_gpus, torchrun_env, args.multiprocessing_distributed, args.world_size,
                            args.batch_size)
     check_layout(args, layout)

@@ -18,6 +18,7 @@ was the mean over the whole gathered batch. Three launches give that layout here
 import torch
 import torch.nn as nn
 
+import dist
 from errors import UserError
 
 
@@ -32,7 +33,7 @@ def plan_pieces(batch, world, bn_pieces, gpu, num_gpus=None):
     `world` processes (torchrun), else `--bn_pieces`, else the visible GPUs of a one-process run
     without --gpu (DataParallel; `num_gpus` defaults to this machine's), else one piece."""
     if num_gpus is None:
-        num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        num_gpus = dist.visible_gpus()
     if world > 1:
         if bn_pieces is not None:
             raise UserError("--bn_pieces splits the batch of one process; under torchrun each process already "

@@ -140,6 +140,79 @@ def test_gpu_without_kernels_and_gpu_beyond_the_count_stop_train_before_writing(
     assert not (tmp_path / 'log').exists() and not (tmp_path / 'ckpt').exists()
 
 
+R535 = 'NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.154.05  Thu Dec 28 15:37:48 UTC 2023\nGCC version:  gcc\n'
+R580_OPEN = 'NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build  (dvs-builder@U16)\n'
+
+
+def no_usable_gpu(monkeypatch, tmp_path, version_text=None, cuda='13.0', control_device=True):
+    """A machine with an NVIDIA driver (its /proc version file, its control device) whose GPUs torch cannot use."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.version, 'cuda', cuda)
+    version = tmp_path / 'nvidia_version'
+    if version_text is not None:
+        version.write_text(version_text)
+    control = tmp_path / 'nvidiactl'
+    if control_device:
+        control.write_text('')
+    monkeypatch.setattr(dist, 'NVIDIA_VERSION_FILE', str(version))
+    monkeypatch.setattr(dist, 'NVIDIA_CONTROL_DEVICE', str(control))
+
+
+@pytest.mark.parametrize('text,cuda,visible,expected', [
+    # the pinned cu130 wheel on a CUDA 12 driver: torch.cuda.is_available() is False, with a warning at most
+    (R535, '13.0', None, 'the NVIDIA driver 535.154.05 is older than this PyTorch (2.14.1+cu130) needs for its CUDA '
+                         '13.0 (driver 580 or later), so torch cannot use the GPU: install a cu12x wheel of PyTorch '
+                         '(docs/gpu.md) or a newer driver, or set CUDA_VISIBLE_DEVICES= to train on the CPU on purpose'),
+    (R535.replace('535.154.05', '440.33.01'), '13.0', None, 'install a newer driver, or set CUDA_VISIBLE_DEVICES='),
+    (R535, None, None, 'driver 535.154.05 but this PyTorch (2.14.1+cu130) is a CPU-only build: install a CUDA build'),
+    # a new enough driver (the open modules' line): no GPU granted to the job, or the index does not exist
+    (R580_OPEN, '13.0', None, 'driver 580.65.06 but torch (2.14.1+cu130, CUDA 13.0) sees no usable GPU (none granted'),
+    (R580_OPEN, '13.0', '3', 'sees no usable GPU with CUDA_VISIBLE_DEVICES=3 (none granted'),
+    (None, '13.0', None, 'NVIDIA driver (version unknown) but torch'),  # /dev/nvidiactl only (a container)
+    (R535, '13.0', '', None),   # hidden on purpose: the CPU
+    (R535, '13.0', '-1', None),
+])
+def test_gpu_that_torch_cannot_use_is_refused_unless_hidden_on_purpose(monkeypatch, tmp_path, text, cuda, visible,
+                                                                        expected):
+    no_usable_gpu(monkeypatch, tmp_path, text, cuda)
+    monkeypatch.setattr(torch, '__version__', '2.14.1+cu130')
+    if visible is None:
+        monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
+    else:
+        monkeypatch.setenv('CUDA_VISIBLE_DEVICES', visible)
+    if expected is None:
+        assert dist.setup().device == torch.device('cpu')
+        return
+    with pytest.raises(UserError) as e:
+        dist.setup()
+    assert expected in str(e.value) and '\n' not in str(e.value)
+
+
+def test_no_nvidia_driver_is_a_cpu_machine(monkeypatch, tmp_path):
+    no_usable_gpu(monkeypatch, tmp_path, None, control_device=False)
+    monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
+    assert dist.setup().device == torch.device('cpu') and dist.visible_gpus() == 0
+
+
+@pytest.mark.parametrize('script', ['train', 'pretrain_moco'])
+def test_old_driver_stops_a_run_in_one_line_before_writing(tmp_path, monkeypatch, capsys, script):
+    fixtures.shrink_digits(monkeypatch.setattr)
+    no_usable_gpu(monkeypatch, tmp_path, R535)
+    monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
+    import cli
+    if script == 'train':
+        main, argv = train.main, ['--dataset', 'digits', '--data_path', str(tmp_path / 'data'), '--root_log',
+                                  str(tmp_path / 'log'), '--root_model', str(tmp_path / 'ckpt'), '--epochs', '1', '-j', '0']
+    else:  # refused before the launch layout is chosen (one CPU process otherwise)
+        main, argv = pretrain_moco.main, ['--dataset', 'digits', '--root_path', str(tmp_path / 'log'), '--epochs', '1',
+                                          '--moco-k', '64', '-b', '16', '-j', '0']
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and 'driver 535.154.05 is older than' in err[0], err
+    assert not (tmp_path / 'log').exists() and not (tmp_path / 'ckpt').exists()
+
+
 @pytest.mark.parametrize('capability,expected', [((7, 5), False), ((7, 0), False), ((8, 0), True), ((9, 0), True),
                                                  ((12, 0), True)])
 def test_bf16_autocast_by_default_only_where_bf16_is_native(monkeypatch, capability, expected):

@@ -417,6 +417,7 @@ def test_multiprocessing_distributed_flag_spellings(value, expected):
 
 def test_cpu_run_prints_its_layout_and_trains_in_one_process(jpeg_split, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')  # on a GPU machine: hidden on purpose (dist.visible_gpus)
     assert pretrain_moco.main(moco_args(jpeg_split, tmp_path, '--multiprocessing-distributed')) == 0
     out = capsys.readouterr().out
     assert '=> one process; 4 images per process and step, 4 in all' in out
