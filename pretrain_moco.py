@@ -233,7 +233,10 @@ def main(argv=None):
 
 def check_layout(args, layout):
     """Refuse, before any process starts, what the layout cannot run."""
-    procs_per_node = max(layout.spawn, 1) if layout.world_size > 1 else 1
+    if dist.launched_by_torchrun():
+        procs_per_node = int(os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE']))
+    else:
+        procs_per_node = max(layout.spawn, 1) if layout.world_size > 1 else 1
     if args.batch_size % procs_per_node or layout.per_process_batch == 0:
         raise UserError(f"-b {args.batch_size} is the batch of one node and must divide evenly over its "
                         f"{procs_per_node} processes")

@@ -591,6 +591,9 @@ def uses_device_loader(args, info=None):
 
 
 def _loaders(args, exp, seed, rank, world, device):
+    if args.batch_size % world and not args.evaluate:  # -b 128 on 3 ranks would train 3 x 42 = 126
+        raise UserError(f"-b {args.batch_size} is the batch of all {world} processes and must divide evenly over "
+                        f"them (as in pretrain_moco.py), e.g. -b {args.batch_size - args.batch_size % world or world}")
     per_rank_batch = max(1, args.batch_size // world)
     if exp.sampler is not None:
         sampler = exp.sampler(seed, world, rank)

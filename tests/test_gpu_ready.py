@@ -472,6 +472,36 @@ def test_classic_loaders_pin_host_batches_on_cuda_only(semi_digits, monkeypatch)
         assert train_loader.pin_memory is pinned and val_loader.pin_memory is pinned
 
 
+@pytest.mark.parametrize('world,batch,extra,per_rank', [(4, 128, (), 32), (3, 128, (), None), (2, 1, (), None),
+                                                         (3, 128, ('-e',), 42)])  # -e trains nothing
+def test_batch_that_does_not_divide_over_the_ranks_is_refused(semi_digits, monkeypatch, world, batch, extra, per_rank):
+    """-b is the batch of all processes: 128 on 3 GPUs would train 3 x 42 = 126, another lr / batch ratio."""
+    args, exp = _captured_experiment(monkeypatch, train, _digits_argv(semi_digits, '--loader', 'torchvision', '-j', '0',
+                                                                       '-b', str(batch), *extra))
+    if per_rank is None:
+        with pytest.raises(UserError, match=rf'^-b {batch} is the batch of all {world} processes and must divide '
+                                            rf'evenly over them .*e.g. -b {batch - batch % world or world}$'):
+            trainer._loaders(args, exp, 0, 0, world, torch.device('cpu'))
+    else:
+        assert trainer._loaders(args, exp, 0, 0, world, torch.device('cpu'))[0].batch_size == per_rank
+
+
+@pytest.mark.parametrize('local,batch,ok', [('2', 128, True), ('3', 128, False), ('3', 129, True)])
+def test_moco_batch_under_torchrun_must_divide_over_the_nodes_processes(monkeypatch, local, batch, ok):
+    monkeypatch.setenv('RANK', '0')
+    monkeypatch.setenv('WORLD_SIZE', local)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', local)
+    args = pretrain_moco.resolve_args(pretrain_moco.build_parser().parse_args(
+        ['--dataset', 'digits', '-b', str(batch), '--moco-k', str(batch * 8)]))
+    layout = pretrain_moco.launch_layout(1, (int(local), int(local)), True, 1, batch)
+    if ok:
+        pretrain_moco.check_layout(args, layout)
+    else:
+        with pytest.raises(UserError, match=f'-b {batch} is the batch of one node and must divide evenly over its '
+                                            f'{local} processes'):
+            pretrain_moco.check_layout(args, layout)
+
+
 # ---------------------------------------------------------------- policies: SyncBatchNorm, cuDNN
 
 @pytest.mark.parametrize('device,world,flag,synced', [
