@@ -524,6 +524,47 @@ def test_sync_batchnorm_under_torchrun_on_gpus_by_default(device, world, flag, s
     assert set(placed.state_dict()) == keys
 
 
+class _RecordingDDP(torch.nn.Module):
+    """DistributedDataParallel's place in the run, without a process group: records what it wraps."""
+    wrapped = []
+
+    def __init__(self, module, device_ids=None):
+        super().__init__()
+        self.module = module
+        _RecordingDDP.wrapped.append(type(module).__name__)
+
+    def forward(self, *inputs, **kwargs):
+        return self.module(*inputs, **kwargs)
+
+
+def test_compile_wraps_the_ddp_model_not_the_other_way_round(tmp_path, monkeypatch):
+    """PyTorch's DDP + torch.compile notes: compile the DDP-wrapped model (DDPOptimizer splits its graph at
+    the gradient buckets); a model compiled first, then wrapped, hides its parameters' hooks from DDP."""
+    fixtures.shrink_digits(monkeypatch.setattr)
+    monkeypatch.setattr(dist, 'setup', lambda gpu=None: dist.ProcessContext(0, 2, 0, torch.device('cpu')))
+    monkeypatch.setattr(torch.nn.parallel, 'DistributedDataParallel', _RecordingDDP)
+    monkeypatch.setattr(_RecordingDDP, 'wrapped', [])
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, 'compile', lambda self, *a, **k: compiled.append(type(self).__name__))
+    assert train.main(_digits_argv(tmp_path, '--epochs', '1', '-j', '0', '--compile', '--root_log',
+                                   str(tmp_path / 'log'), '--root_model', str(tmp_path / 'ckpt'))) == 0
+    assert _RecordingDDP.wrapped == ['ResNetCifar'] and compiled == ['_RecordingDDP']
+
+
+@pytest.mark.parametrize('sync_bn', [True, False])
+def test_compile_is_skipped_with_a_notice_where_syncbatchnorm_would_break_every_graph(monkeypatch, capsys, sync_bn):
+    model = build_model('resnet32', 10)
+    if sync_bn:  # what place_model makes under torchrun on GPUs
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, 'compile', lambda self, *a, **k: compiled.append(self))
+    assert trainer.compile_in_place(model) is not sync_bn
+    assert compiled == ([] if sync_bn else [model])
+    out = capsys.readouterr().out
+    assert ('=> --compile skipped: torch.compile would break the graph at each of the 31 SyncBatchNorm layers'
+            in out) is sync_bn and ('--no-sync-bn compiles' in out) is sync_bn
+
+
 @pytest.mark.parametrize('seed,deterministic,benchmark', [(None, False, True), (0, True, False)])
 def test_cudnn_benchmark_without_seed_deterministic_with_it(monkeypatch, seed, deterministic, benchmark):
     monkeypatch.setattr(torch.backends.cudnn, 'deterministic', not deterministic)
