@@ -99,7 +99,11 @@ def add_run_args(parser, batch_size=128, epochs=200, lr=0.1, weight_decay=2e-4):
     """The flags of a training run whatever it trains (train.py's, train_stage2.py's): device, data loading,
     optimizer, resume, logs, speed."""
     parser.add_argument('--gpu', default=None, type=nonneg_int, help='GPU id to use (default: first GPU, else CPU)')
-    parser.add_argument('-j', '--workers', default=4, type=nonneg_int, metavar='N', help='data loading workers')
+    parser.add_argument('-j', '--workers', default=None, type=nonneg_int, metavar='N',
+                        help='data loading workers of the per-image loader (default: 4; for images read from '
+                             'their files (ImageNet, iNaturalist, a streamed folder) the CPU cores this process may '
+                             'use less one where there are more, shared by torchrun\'s processes on a node; '
+                             'docs/gpu.md)')
     parser.add_argument('--epochs', default=epochs, type=positive_int, metavar='N')
     parser.add_argument('--start-epoch', default=0, type=nonneg_int, metavar='N',
                         help='manual epoch number (useful on restarts)')

@@ -27,6 +27,18 @@ from errors import UserError
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get('IMB_DIST_TIMEOUT_MIN', '30')))
 
 
+def loader_workers(per_node):
+    """This process's data-loading workers when -j is left out: the larger of `per_node` (the script's own
+    default, the workers of a node) and the CPU cores this process may use (os.sched_getaffinity: SLURM's
+    --cpus-per-task, taskset) less one for itself, each shared by the processes of its node (LOCAL_WORLD_SIZE,
+    torchrun's or MoCo's launcher's). JPEG decoding plus the ResNet-50 training transform runs at about 300
+    images/s per core (bench/README.md), while one H100 trains ResNet-50 on thousands per second
+    (docs/gpu.md): every core decoding is still the bottleneck there."""
+    procs = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return max(-(-per_node // procs), cores // procs - 1)
+
+
 def launched_by_torchrun():
     return 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
 

@@ -112,8 +112,9 @@ def build_parser():
     parser.add_argument('--crop-size', default=None, type=cli.positive_int, metavar='PX',
                         help='side of the random crops (default: 224 for imagenet/inat, 32 for cifar*/digits, the image side '
                              'for folder)')
-    parser.add_argument('-j', '--workers', default=32, type=cli.nonneg_int, metavar='N',
-                        help='data loading workers per node, shared by its processes (default: 32)')
+    parser.add_argument('-j', '--workers', default=None, type=cli.nonneg_int, metavar='N',
+                        help='data loading workers per node, shared by its processes (default: 32, or the CPU cores '
+                             'this process may use less one where there are more; docs/gpu.md)')
     parser.add_argument('--epochs', default=200, type=cli.positive_int, metavar='N', help='number of total epochs to run')
     parser.add_argument('--start-epoch', default=0, type=cli.nonneg_int, metavar='N',
                         help='manual epoch number (useful on restarts; --resume sets it)')
@@ -369,9 +370,7 @@ def _train(args, train_set, ctx, per_process_batch, log):
     # seeds from its own generator, so a run resumed from a checkpoint replays what it would have done.
     seed = trainer.run_seed(args, ckpt)
     sampler = ShuffleSampler(len(train_set), shuffle=True, seed=seed, num_replicas=world_size, rank=rank)
-    procs_per_node = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
-    workers = -(-args.workers // procs_per_node)
-    loader = DataLoader(train_set, batch_size=per_process_batch, sampler=sampler, num_workers=workers,
+    loader = DataLoader(train_set, batch_size=per_process_batch, sampler=sampler, num_workers=loader_workers(args),
                         pin_memory=device.type == 'cuda', drop_last=True, generator=torch.Generator())
     if len(loader) == 0:
         raise UserError(f"the training set has {len(train_set)} images, fewer than one step's "
@@ -417,6 +416,14 @@ def _train(args, train_set, ctx, per_process_batch, log):
                 log(trainer.stop_notice(stop, epoch, checkpoint_path(args, done)))
                 return 128 + stop.signum
     return 0
+
+
+def loader_workers(args):
+    """This process's loader workers: -j is the node's (the original divided it over its GPUs), by default
+    32 or more where the cores allow (dist.loader_workers)."""
+    if args.workers is None:
+        return dist.loader_workers(32)
+    return -(-args.workers // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
 
 
 def resume(args, model, optimizer):

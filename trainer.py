@@ -585,9 +585,18 @@ def uses_device_loader(args, info=None):
         return False
     if args.autoaugment:
         console(f"=> --autoaugment transforms each image on the host: using --loader torchvision "
-                f"(-j {args.workers} workers) instead of the device loader")
+                f"(-j {loader_workers(args, info)} workers) instead of the device loader")
         return False
     return True
+
+
+def loader_workers(args, info):
+    """-j, else its default: the original's 4 for images held in memory (`info` of a registered data set),
+    and for images read from their files (ImageNet / iNaturalist split files, a streamed folder), whose
+    decoding feeds a GPU too slowly with 4, at least one per CPU core of this process (dist.loader_workers)."""
+    if args.workers is not None:
+        return args.workers
+    return dist.loader_workers(4) if info is None or info.transform is not None else 4
 
 
 def _loaders(args, exp, seed, rank, world, device):
@@ -616,12 +625,13 @@ def _loaders(args, exp, seed, rank, world, device):
     # Own generators: the loaders draw their worker seeds from these, not from the global RNG,
     # so the global stream (augmentations with -j 0, rotations) is the same whether or not a run
     # was resumed mid-epoch. `run` re-seeds the training one per epoch.
+    workers = loader_workers(args, info)
     train_loader = DataLoader(exp.train_set, batch_size=per_rank_batch, sampler=sampler,
-                              num_workers=args.workers, pin_memory=pin, drop_last=False,
+                              num_workers=workers, pin_memory=pin, drop_last=False,
                               generator=torch.Generator())
     # Every rank evaluates a disjoint slice, without padding, so summed counts are exact.
     val_set = exp.val_set if world == 1 else Subset(exp.val_set, range(rank, len(exp.val_set), world))
-    val_loader = DataLoader(val_set, batch_size=100, shuffle=False, num_workers=args.workers, pin_memory=pin,
+    val_loader = DataLoader(val_set, batch_size=100, shuffle=False, num_workers=workers, pin_memory=pin,
                             generator=torch.Generator().manual_seed(seed))
     return train_loader, sampler, val_loader
 

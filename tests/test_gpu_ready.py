@@ -50,7 +50,7 @@ import pretrain_rot
 import train
 import train_semi
 import trainer
-from dataset import digits
+from dataset import DATASETS, digits
 from errors import UserError
 from fixtures import REPO
 from imagenet_inat import layout
@@ -502,7 +502,29 @@ def test_moco_batch_under_torchrun_must_divide_over_the_nodes_processes(monkeypa
             pretrain_moco.check_layout(args, layout)
 
 
-# ---------------------------------------------------------------- policies: SyncBatchNorm, cuDNN
+# ---------------------------------------------------------------- policies: loader workers, SyncBatchNorm, cuDNN
+
+STREAMED = types.SimpleNamespace(transform=lambda train: None)  # a folder above 64 px: images read from their files
+
+
+@pytest.mark.parametrize('cores,local,info,flag,train_workers,moco_workers', [
+    (2, '1', None, (), 4, 32),         # this 2-core machine: the scripts' own defaults
+    (2, '8', STREAMED, (), 1, 4),      # 4 and 32 per node over 8 processes
+    (64, '8', None, (), 7, 7),         # 8 H100s, 64 cores: 7 workers each (~300 JPEGs/s per worker)
+    (96, '1', STREAMED, (), 95, 95),   # one process (DataParallel's, or --gpu)
+    (96, '8', 'digits', (), 4, 11),    # images held in memory: train.py keeps the original's 4
+    (96, '8', None, ('-j', '16'), 16, 2),  # an explicit -j: per process (train.py), per node (MoCo, as the original)
+])
+def test_jpeg_loader_workers_default_from_the_cores_each_process_may_use(monkeypatch, cores, local, info, flag,
+                                                                           train_workers, moco_workers):
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', local)
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(cores)))
+    args = train.build_parser().parse_args(['--dataset', 'digits', *flag])
+    assert trainer.loader_workers(args, DATASETS['digits'] if info == 'digits' else info) == train_workers
+    margs = pretrain_moco.build_parser().parse_args(['--dataset', 'digits', *flag])
+    assert pretrain_moco.loader_workers(margs) == moco_workers
+
+
 
 @pytest.mark.parametrize('device,world,flag,synced', [
     (CUDA, 2, (), True),                    # torchrun on GPUs: BatchNorm sees the batch of all processes
