@@ -189,6 +189,10 @@ def _add_layout_and_amp(group, training):
                            help='bf16 autocast in the training steps (default: on with a GPU of compute '
                                 'capability 8.0 or later, and on a CPU with native bf16 instructions, '
                                 'AVX512-BF16 or AMX)')
+        group.add_argument('--cudnn-benchmark', default=None, action=argparse.BooleanOptionalAction,
+                           help="cuDNN's search for the fastest convolution algorithms (default: on without "
+                                '--seed; off with it, for deterministic algorithms, so that a resumed GPU run is '
+                                'bit-exact; reproduce.py turns it on for its ResNet-50 stages)')
     else:
         group.add_argument('--amp', default=False, action=argparse.BooleanOptionalAction,
                            help='bf16 autocast for the prediction (default: off: float32, as the original)')

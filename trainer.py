@@ -487,11 +487,12 @@ def seed(args):
     """Call first thing after parsing: model initialisation must already be reproducible. cuDNN: with
     --seed, deterministic algorithms and no benchmark search (which may pick other algorithms in a
     resumed or repeated run, so exact resume would no longer be exact); without it, the original's
-    benchmark search, the fastest kernels."""
+    benchmark search, the fastest kernels. --cudnn-benchmark / --no-cudnn-benchmark choose either way."""
     if args.seed is not None:
         seed_everything(args.seed)
-    torch.backends.cudnn.deterministic = args.seed is not None
-    torch.backends.cudnn.benchmark = args.seed is None
+    benchmark = args.seed is None if args.cudnn_benchmark is None else args.cudnn_benchmark
+    torch.backends.cudnn.deterministic = not benchmark
+    torch.backends.cudnn.benchmark = benchmark
 
 
 def run_seed(args, ckpt):

@@ -587,12 +587,46 @@ def test_compile_is_skipped_with_a_notice_where_syncbatchnorm_would_break_every_
             in out) is sync_bn and ('--no-sync-bn compiles' in out) is sync_bn
 
 
-@pytest.mark.parametrize('seed,deterministic,benchmark', [(None, False, True), (0, True, False)])
-def test_cudnn_benchmark_without_seed_deterministic_with_it(monkeypatch, seed, deterministic, benchmark):
+@pytest.mark.parametrize('argv,deterministic,benchmark', [
+    ([], False, True), (['--seed', '0'], True, False),
+    (['--seed', '0', '--cudnn-benchmark'], False, True), (['--no-cudnn-benchmark'], True, False)])
+def test_cudnn_benchmark_without_seed_deterministic_with_it(monkeypatch, argv, deterministic, benchmark):
     monkeypatch.setattr(torch.backends.cudnn, 'deterministic', not deterministic)
     monkeypatch.setattr(torch.backends.cudnn, 'benchmark', not benchmark)
-    trainer.seed(train.build_parser().parse_args([] if seed is None else ['--seed', str(seed)]))
+    trainer.seed(train.build_parser().parse_args(argv))
     assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (deterministic, benchmark)
+
+
+@pytest.mark.parametrize('table,benchmarked', [('imagenet-lt', {'pretrain_moco': 2, 'imagenet_inat.main': 10}),
+                                               ('inat', {'pretrain_moco': 2, 'imagenet_inat.main': 10}),
+                                               ('cifar10-ssp', {})])
+def test_reproduce_benchmarks_cudnn_in_its_resnet50_stages_only(monkeypatch, capsys, tmp_path, table, benchmarked):
+    """reproduce.py always passes --seed, which alone keeps cuDNN deterministic and unsearched: for the ResNet-50
+    stages (MoCo, imagenet_inat, where GPU bit-exactness is not claimed) it asks for the benchmark search."""
+    import importlib
+    import shlex
+    import reproduce
+    from repro import scripts
+    for flag in ('deterministic', 'benchmark'):
+        monkeypatch.setattr(torch.backends.cudnn, flag, torch.backends.cudnn.benchmark)  # restored afterwards
+    assert reproduce.main(['--table', table, '--seeds', '0', '1', '--out', str(tmp_path), '--dry-run']) == 0
+    seen = collections.Counter()
+    for line in capsys.readouterr().out.splitlines():
+        if not line or line.startswith('#'):
+            continue
+        cmd = shlex.split(line)
+        start = cmd.index('-m') + 1 if '-m' in cmd else next(i for i, w in enumerate(cmd) if w.endswith('.py'))
+        module, argv = os.path.basename(cmd[start]).removesuffix('.py'), cmd[start + 1:]
+        spec = scripts.SCRIPTS['imagenet_inat' if module == 'imagenet_inat.main' else module + '.py']
+        args = getattr(importlib.import_module(spec.module), spec.parser)().parse_args(argv)
+        if not hasattr(args, 'cudnn_benchmark'):
+            continue  # gen_pseudolabels.py: no training, no cuDNN policy
+        assert args.seed in (0, 1)
+        trainer.seed(args)
+        if torch.backends.cudnn.benchmark:
+            seen[module] += 1
+        assert torch.backends.cudnn.deterministic is not torch.backends.cudnn.benchmark
+    assert dict(seen) == benchmarked
 
 
 # ---------------------------------------------------------------- DataParallel (imagenet_inat's plain multi-GPU run)
