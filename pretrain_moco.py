@@ -364,7 +364,7 @@ def _train(args, train_set, ctx, per_process_batch, log):
         trainer.check_resume_layout(ckpt, args.resume, world_size)
         log(f"=> loaded checkpoint '{args.resume}' (epoch {start_epoch}, step {start_step})")
     if world_size > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+        model = wrap_ddp(model, device)
 
     # As in trainer.py: the data order is a function of (seed, epoch) and the loader draws its worker
     # seeds from its own generator, so a run resumed from a checkpoint replays what it would have done.
@@ -416,6 +416,18 @@ def _train(args, train_set, ctx, per_process_batch, log):
                 log(trainer.stop_notice(stop, epoch, checkpoint_path(args, done)))
                 return 128 + stop.signum
     return 0
+
+
+def wrap_ddp(model, device):
+    """DDP with rank 0's buffers broadcast once, here, instead of before every forward (the original's default:
+    the 64k-key queue, 32 MB for ResNet-50's 128-d keys, and every BatchNorm statistic, each step). Rank 0's
+    state, the one saved, is the same to the bit: the broadcast only copies rank 0's buffers to the others; the
+    queue and its pointer then stay equal on every rank (the same all-gathered keys go in); and the other
+    ranks' running statistics, which drift, are never read (both encoders normalise by batch statistics in
+    training, and only rank 0's are saved). Collective. tests/test_moco.py checks all three."""
+    dist.broadcast_buffers(model)  # the queue drawn by each rank (without --seed, another one per rank)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
+                                               broadcast_buffers=False)
 
 
 def loader_workers(args):
