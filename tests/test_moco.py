@@ -185,11 +185,13 @@ def _ddp_buffers_worker(rank, init_file, results):
         dist.cleanup()
 
 
+@pytest.mark.slow
 def test_moco_ddp_broadcasts_no_buffers_per_step_and_rank_0_saves_the_same_state(tmp_path):
     """The original's DDP broadcast the queue and every BatchNorm buffer from rank 0 before each step; without
     it rank 0's state (the one saved) is the same to the bit and the queue the same on every rank."""
     results = mp.Manager().dict()
-    mp.start_processes(_ddp_buffers_worker, nprocs=2, args=(str(tmp_path / 'init'), results), start_method='fork')
+    # spawn: autograd refuses to run in a child forked from a process that ran a backward pass already
+    mp.start_processes(_ddp_buffers_worker, nprocs=2, args=(str(tmp_path / 'init'), results), start_method='spawn')
     (every, original), (none, ours) = results['every step', 0], results['at the start', 0]
     assert every == 4 and none == 0
     fixtures.assert_same_tensors(ours, original)
