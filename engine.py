@@ -84,14 +84,19 @@ def exact_float32():
     agree: "a mix of the legacy and new APIs") are set along, so that the state stays readable."""
     cudnn = torch.backends.cudnn
     knobs = cudnn.conv, cudnn.rnn, torch.backends.cuda.matmul
-    saved, legacy = [k.fp32_precision for k in knobs], cudnn.allow_tf32
+    saved = [k.fp32_precision for k in knobs]
+    try:
+        legacy = cudnn.allow_tf32
+    except RuntimeError:  # mixed up before (not by this project): restored as far as it can be read
+        legacy = None
     cudnn.allow_tf32 = False  # the flag first: its setter also resets convolutions and RNNs
     for k in knobs:
         k.fp32_precision = 'ieee'
     try:
         yield
     finally:
-        cudnn.allow_tf32 = legacy
+        if legacy is not None:
+            cudnn.allow_tf32 = legacy
         for k, precision in zip(knobs, saved):
             k.fp32_precision = precision
 

@@ -129,6 +129,20 @@ class _Probe(nn.Module):
         return self.fc(x)
 
 
+def test_exact_float32_from_a_state_another_library_mixed_up():
+    cudnn = torch.backends.cudnn
+    try:
+        cudnn.conv.fp32_precision = 'ieee'  # the new API on convolutions alone: the legacy getter raises
+        with pytest.raises(RuntimeError, match='mix of the legacy and new APIs'):
+            _precisions()
+        with engine.exact_float32():
+            assert _precisions() == ('ieee', 'ieee', 'ieee', False)
+        assert (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision) == ('ieee', 'tf32')
+    finally:
+        cudnn.allow_tf32 = True  # torch's defaults: 'tf32' for both, the legacy flag on
+    assert _precisions()[:2] == ('tf32', 'tf32') and cudnn.allow_tf32
+
+
 def test_tf32_is_off_inside_evaluation_and_prediction_only():
     before = _precisions()
     probe = _Probe()
