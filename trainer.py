@@ -654,12 +654,12 @@ def compile_in_place(model):
     """--compile: torch.compile `model` in place, after DDP, as PyTorch's DDP + torch.compile notes ask
     (DDPOptimizer then splits the graph at gradient buckets); state_dict keys stay the bare model's. Not
     with SyncBatchNorm (torchrun on GPUs): its statistics come from an op with no FakeTensor kernel
-    (batch_norm_stats) and a data-dependent mask, so the graph breaks at every such layer (TORCH_LOGS=
-    graph_breaks, 2 gloo ranks, ResNet-32: 22 graphs and 26 recompiles instead of one graph, steps no
-    faster than eager; docs/gpu.md). Returns whether it compiled."""
+    (batch_norm_stats) and a data-dependent mask, so the graph breaks at its layers (TORCH_LOGS=graph_breaks,
+    2 gloo ranks, ResNet-32: 22 graphs and 13 recompilations per rank instead of one graph, steps no faster
+    than eager; docs/gpu.md). Returns whether it compiled."""
     synced = sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
     if synced:
-        console(f"=> --compile skipped: torch.compile would break the graph at each of the {synced} SyncBatchNorm "
+        console(f"=> --compile skipped: torch.compile would break the graph at the {synced} SyncBatchNorm "
                 f"layers, no faster than without it; --no-sync-bn compiles (BatchNorm then normalises each "
                 f"process's batch alone)")
         return False

@@ -583,7 +583,7 @@ def test_compile_is_skipped_with_a_notice_where_syncbatchnorm_would_break_every_
     assert trainer.compile_in_place(model) is not sync_bn
     assert compiled == ([] if sync_bn else [model])
     out = capsys.readouterr().out
-    assert ('=> --compile skipped: torch.compile would break the graph at each of the 31 SyncBatchNorm layers'
+    assert ('=> --compile skipped: torch.compile would break the graph at the 31 SyncBatchNorm layers'
             in out) is sync_bn and ('--no-sync-bn compiles' in out) is sync_bn
 
 
