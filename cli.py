@@ -99,7 +99,11 @@ def add_run_args(parser, batch_size=128, epochs=200, lr=0.1, weight_decay=2e-4):
     """The flags of a training run whatever it trains (train.py's, train_stage2.py's): device, data loading,
     optimizer, resume, logs, speed."""
     parser.add_argument('--gpu', default=None, type=nonneg_int, help='GPU id to use (default: first GPU, else CPU)')
-    parser.add_argument('-j', '--workers', default=4, type=nonneg_int, metavar='N', help='data loading workers')
+    parser.add_argument('-j', '--workers', default=None, type=nonneg_int, metavar='N',
+                        help='data loading workers of the per-image loader (default: 4; for images read from '
+                             'their files (ImageNet, iNaturalist, a streamed folder) the CPU cores this process may '
+                             'use less one where there are more, shared by torchrun\'s processes on a node; '
+                             'docs/gpu.md)')
     parser.add_argument('--epochs', default=epochs, type=positive_int, metavar='N')
     parser.add_argument('--start-epoch', default=0, type=nonneg_int, metavar='N',
                         help='manual epoch number (useful on restarts)')
@@ -185,6 +189,10 @@ def _add_layout_and_amp(group, training):
                            help='bf16 autocast in the training steps (default: on with a GPU of compute '
                                 'capability 8.0 or later, and on a CPU with native bf16 instructions, '
                                 'AVX512-BF16 or AMX)')
+        group.add_argument('--cudnn-benchmark', default=None, action=argparse.BooleanOptionalAction,
+                           help="cuDNN's search for the fastest convolution algorithms (default: on without "
+                                '--seed; off with it, for deterministic algorithms, so that a resumed GPU run is '
+                                'bit-exact; reproduce.py turns it on for its ResNet-50 stages)')
     else:
         group.add_argument('--amp', default=False, action=argparse.BooleanOptionalAction,
                            help='bf16 autocast for the prediction (default: off: float32, as the original)')

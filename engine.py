@@ -79,14 +79,26 @@ def autocast_forward(run, images, device, amp=False, channels_last=False):
 def exact_float32():
     """float32 convolutions and matrix products computed in float32 ('ieee'), for the numbers users compare
     with the paper: on Ampere and newer GPUs cuDNN otherwise runs float32 convolutions in TF32 (a 10-bit
-    mantissa). Also a decorator. No effect on a CPU."""
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    saved = conv.fp32_precision, matmul.fp32_precision
-    conv.fp32_precision = matmul.fp32_precision = 'ieee'
+    mantissa). Also a decorator. No effect on a CPU. cuDNN's RNN precision and its legacy flag
+    (`torch.backends.cudnn.allow_tf32`, whose getter raises unless convolutions, RNNs and the flag all
+    agree: "a mix of the legacy and new APIs") are set along, so that the state stays readable."""
+    cudnn = torch.backends.cudnn
+    knobs = cudnn.conv, cudnn.rnn, torch.backends.cuda.matmul
+    saved = [k.fp32_precision for k in knobs]
+    try:
+        legacy = cudnn.allow_tf32
+    except RuntimeError:  # mixed up before (not by this project): restored as far as it can be read
+        legacy = None
+    cudnn.allow_tf32 = False  # the flag first: its setter also resets convolutions and RNNs
+    for k in knobs:
+        k.fp32_precision = 'ieee'
     try:
         yield
     finally:
-        conv.fp32_precision, matmul.fp32_precision = saved
+        if legacy is not None:
+            cudnn.allow_tf32 = legacy
+        for k, precision in zip(knobs, saved):
+            k.fp32_precision = precision
 
 
 class _StepMeters:

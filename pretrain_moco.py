@@ -113,8 +113,9 @@ def build_parser():
     parser.add_argument('--crop-size', default=None, type=cli.positive_int, metavar='PX',
                         help='side of the random crops (default: 224 for imagenet/inat, 32 for cifar*/digits, the image side '
                              'for folder)')
-    parser.add_argument('-j', '--workers', default=32, type=cli.nonneg_int, metavar='N',
-                        help='data loading workers per node, shared by its processes (default: 32)')
+    parser.add_argument('-j', '--workers', default=None, type=cli.nonneg_int, metavar='N',
+                        help='data loading workers per node, shared by its processes (default: 32, or the CPU cores '
+                             'this process may use less one where there are more; docs/gpu.md)')
     parser.add_argument('--epochs', default=200, type=cli.positive_int, metavar='N', help='number of total epochs to run')
     parser.add_argument('--start-epoch', default=0, type=cli.nonneg_int, metavar='N',
                         help='manual epoch number (useful on restarts; --resume sets it)')
@@ -218,7 +219,7 @@ def main(argv=None):
     args = resolve_args(build_parser().parse_args(argv))
     torchrun_env = ((int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE'])))
                     if dist.launched_by_torchrun() else None)
-    num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    num_gpus = dist.visible_gpus()
     layout = launch_layout(num_gpus, torchrun_env, args.multiprocessing_distributed, args.world_size,
                            args.batch_size)
     check_layout(args, layout)
@@ -234,7 +235,10 @@ def main(argv=None):
 
 def check_layout(args, layout):
     """Refuse, before any process starts, what the layout cannot run."""
-    procs_per_node = max(layout.spawn, 1) if layout.world_size > 1 else 1
+    if dist.launched_by_torchrun():
+        procs_per_node = int(os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE']))
+    else:
+        procs_per_node = max(layout.spawn, 1) if layout.world_size > 1 else 1
     if args.batch_size % procs_per_node or layout.per_process_batch == 0:
         raise UserError(f"-b {args.batch_size} is the batch of one node and must divide evenly over its "
                         f"{procs_per_node} processes")
@@ -365,15 +369,13 @@ def _train(args, train_set, ctx, per_process_batch, log):
         trainer.check_resume_layout(ckpt, args.resume, world_size)
         log(f"=> loaded checkpoint '{args.resume}' (epoch {start_epoch}, step {start_step})")
     if world_size > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+        model = wrap_ddp(model, device)
 
     # As in trainer.py: the data order is a function of (seed, epoch) and the loader draws its worker
     # seeds from its own generator, so a run resumed from a checkpoint replays what it would have done.
     seed = trainer.run_seed(args, ckpt)
     sampler = ShuffleSampler(len(train_set), shuffle=True, seed=seed, num_replicas=world_size, rank=rank)
-    procs_per_node = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
-    workers = -(-args.workers // procs_per_node)
-    loader = DataLoader(train_set, batch_size=per_process_batch, sampler=sampler, num_workers=workers,
+    loader = DataLoader(train_set, batch_size=per_process_batch, sampler=sampler, num_workers=loader_workers(args),
                         pin_memory=device.type == 'cuda', drop_last=True, generator=torch.Generator())
     if len(loader) == 0:
         raise UserError(f"the training set has {len(train_set)} images, fewer than one step's "
@@ -419,6 +421,26 @@ def _train(args, train_set, ctx, per_process_batch, log):
                 log(trainer.stop_notice(stop, epoch, checkpoint_path(args, done)))
                 return 128 + stop.signum
     return 0
+
+
+def wrap_ddp(model, device):
+    """DDP with rank 0's buffers broadcast once, here, instead of before every forward (the original's default:
+    the 64k-key queue, 32 MB for ResNet-50's 128-d keys, and every BatchNorm statistic, each step). Rank 0's
+    state, the one saved, is the same to the bit: the broadcast only copies rank 0's buffers to the others; the
+    queue and its pointer then stay equal on every rank (the same all-gathered keys go in); and the other
+    ranks' running statistics, which drift, are never read (both encoders normalise by batch statistics in
+    training, and only rank 0's are saved). Collective. tests/test_moco.py checks all three."""
+    dist.broadcast_buffers(model)  # the queue drawn by each rank (without --seed, another one per rank)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
+                                               broadcast_buffers=False)
+
+
+def loader_workers(args):
+    """This process's loader workers: -j is the node's (the original divided it over its GPUs), by default
+    32 or more where the cores allow (dist.loader_workers)."""
+    if args.workers is None:
+        return dist.loader_workers(32)
+    return -(-args.workers // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
 
 
 def resume(args, model, optimizer):

@@ -487,11 +487,12 @@ def seed(args):
     """Call first thing after parsing: model initialisation must already be reproducible. cuDNN: with
     --seed, deterministic algorithms and no benchmark search (which may pick other algorithms in a
     resumed or repeated run, so exact resume would no longer be exact); without it, the original's
-    benchmark search, the fastest kernels."""
+    benchmark search, the fastest kernels. --cudnn-benchmark / --no-cudnn-benchmark choose either way."""
     if args.seed is not None:
         seed_everything(args.seed)
-    torch.backends.cudnn.deterministic = args.seed is not None
-    torch.backends.cudnn.benchmark = args.seed is None
+    benchmark = args.seed is None if args.cudnn_benchmark is None else args.cudnn_benchmark
+    torch.backends.cudnn.deterministic = not benchmark
+    torch.backends.cudnn.benchmark = benchmark
 
 
 def run_seed(args, ckpt):
@@ -585,12 +586,24 @@ def uses_device_loader(args, info=None):
         return False
     if args.autoaugment:
         console(f"=> --autoaugment transforms each image on the host: using --loader torchvision "
-                f"(-j {args.workers} workers) instead of the device loader")
+                f"(-j {loader_workers(args, info)} workers) instead of the device loader")
         return False
     return True
 
 
+def loader_workers(args, info):
+    """-j, else its default: the original's 4 for images held in memory (`info` of a registered data set),
+    and for images read from their files (ImageNet / iNaturalist split files, a streamed folder), whose
+    decoding feeds a GPU too slowly with 4, at least one per CPU core of this process (dist.loader_workers)."""
+    if args.workers is not None:
+        return args.workers
+    return dist.loader_workers(4) if info is None or info.transform is not None else 4
+
+
 def _loaders(args, exp, seed, rank, world, device):
+    if args.batch_size % world and not args.evaluate:  # -b 128 on 3 ranks would train 3 x 42 = 126
+        raise UserError(f"-b {args.batch_size} is the batch of all {world} processes and must divide evenly over "
+                        f"them (as in pretrain_moco.py), e.g. -b {args.batch_size - args.batch_size % world or world}")
     per_rank_batch = max(1, args.batch_size // world)
     if exp.sampler is not None:
         sampler = exp.sampler(seed, world, rank)
@@ -613,12 +626,13 @@ def _loaders(args, exp, seed, rank, world, device):
     # Own generators: the loaders draw their worker seeds from these, not from the global RNG,
     # so the global stream (augmentations with -j 0, rotations) is the same whether or not a run
     # was resumed mid-epoch. `run` re-seeds the training one per epoch.
+    workers = loader_workers(args, info)
     train_loader = DataLoader(exp.train_set, batch_size=per_rank_batch, sampler=sampler,
-                              num_workers=args.workers, pin_memory=pin, drop_last=False,
+                              num_workers=workers, pin_memory=pin, drop_last=False,
                               generator=torch.Generator())
     # Every rank evaluates a disjoint slice, without padding, so summed counts are exact.
     val_set = exp.val_set if world == 1 else Subset(exp.val_set, range(rank, len(exp.val_set), world))
-    val_loader = DataLoader(val_set, batch_size=100, shuffle=False, num_workers=args.workers, pin_memory=pin,
+    val_loader = DataLoader(val_set, batch_size=100, shuffle=False, num_workers=workers, pin_memory=pin,
                             generator=torch.Generator().manual_seed(seed))
     return train_loader, sampler, val_loader
 
@@ -634,6 +648,23 @@ def place_model(model, args, device, world):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def compile_in_place(model):
+    """--compile: torch.compile `model` in place, after DDP, as PyTorch's DDP + torch.compile notes ask
+    (DDPOptimizer then splits the graph at gradient buckets); state_dict keys stay the bare model's. Not
+    with SyncBatchNorm (torchrun on GPUs): its statistics come from an op with no FakeTensor kernel
+    (batch_norm_stats) and a data-dependent mask, so the graph breaks at its layers (TORCH_LOGS=graph_breaks,
+    2 gloo ranks, ResNet-32: 22 graphs and 13 recompilations per rank instead of one graph, steps no faster
+    than eager; docs/gpu.md). Returns whether it compiled."""
+    synced = sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    if synced:
+        console(f"=> --compile skipped: torch.compile would break the graph at the {synced} SyncBatchNorm "
+                f"layers, no faster than without it; --no-sync-bn compiles (BatchNorm then normalises each "
+                f"process's batch alone)")
+        return False
+    model.compile()
+    return True
 
 
 def run(args, exp):
@@ -698,9 +729,7 @@ def _run(args, exp, ctx):
     if world > 1 and exp.trains:  # DDP refuses a model with nothing to train
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     if args.compile:
-        # In place, and after DDP, as PyTorch's DDP + torch.compile notes ask (DDPOptimizer then splits
-        # the graph at gradient buckets); state_dict keys stay those of the bare model.
-        model.compile()
+        compile_in_place(model)
     same_run = ckpt is not None and ckpt.get('store_name') == args.store_name
     error = None
     try:

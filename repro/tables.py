@@ -148,13 +148,17 @@ def _decoupled(moco_dataset, config_dir, papers):
     """MoCo -> stage 1 (instance- or class-balanced sampling) -> cRT / tau-norm / LWS (imagenet_inat)."""
     def build(o, seed):
         moco_flags = ('--epochs', o.epochs) if o.epochs else ()
+        # ResNet-50 at 224 px: cuDNN's benchmark search, whatever --seed (bit-exact resume across GPU runs
+        # is not claimed for these stages; docs/gpu.md).
         moco = o.stage('pretrain_moco.py', '--dataset', moco_dataset, '--data', o.data_path, '--seed', seed,
-                       '--root_path', o.path(f'moco_s{seed}' + (f'e{o.epochs}' if o.epochs else '')), *moco_flags)
+                       '--root_path', o.path(f'moco_s{seed}' + (f'e{o.epochs}' if o.epochs else '')), *moco_flags,
+                       '--cudnn-benchmark')
 
         def stage(config, source):
             cfg = os.path.relpath(os.path.join(REPO, 'imagenet_inat', 'config', config_dir, f'{config}.yaml'))
             return o.stage('imagenet_inat', '--cfg', cfg, '--model_dir', source.output(), '--data_root', o.data_path,
-                           '--log_dir', o.path('imagenet_inat', f's{seed}', config), '--seed', seed)
+                           '--log_dir', o.path('imagenet_inat', f's{seed}', config), '--seed', seed,
+                           '--cudnn-benchmark')
 
         uniform, balanced = stage('feat_uniform', moco), stage('feat_balance', moco)
         return [Cell('Uniform+SSP', 'CE (Uniform) + SSP', (moco, uniform), papers[0]),

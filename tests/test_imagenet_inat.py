@@ -430,10 +430,15 @@ def test_torchrun_two_processes_match_a_single_process_evaluation(world, tmp_pat
     np.testing.assert_allclose(two['feats'], one['feats'], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('local, flag, workers', [('1', (), 12), ('8', (), 2), ('5', (), 3), ('8', ('-j', '7'), 7)])
-def test_config_workers_are_shared_by_a_nodes_processes(world, monkeypatch, local, flag, workers):
-    """The shipped configs' 12 workers fed the original's one process; 8 torchrun processes get 2 each."""
+@pytest.mark.parametrize('cores, local, flag, workers', [
+    (2, '1', (), 12), (2, '8', (), 2), (2, '5', (), 3), (2, '8', ('-j', '7'), 7),
+    # a GPU node: every core decodes (~300 JPEGs/s each; docs/gpu.md), one left to each process
+    (64, '8', (), 7), (64, '1', (), 63), (96, '8', (), 11), (96, '8', ('-j', '3'), 3), (16, '8', (), 2)])
+def test_config_workers_are_shared_by_a_nodes_processes(world, monkeypatch, cores, local, flag, workers):
+    """The shipped configs' 12 workers fed the original's one process; 8 torchrun processes get 2 each, or
+    their share of the node's cores less one where that is more."""
     monkeypatch.setenv('LOCAL_WORLD_SIZE', local)
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(cores)))
     args = ii_main.build_parser().parse_args(['--cfg', 'imagenet_inat/config/ImageNet_LT/cls_crt.yaml',
                                               '--data_root', world['images'], *flag])
     assert ii_main.load_stage(args).num_workers == workers

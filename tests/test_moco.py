@@ -161,6 +161,46 @@ def test_shuffle_bn_and_queue_across_two_processes(tmp_path):
     assert results[0][3] == results[1][3] == [[0.] * 3 + [1.] * 3] * 4
 
 
+def _ddp_buffers_worker(rank, init_file, results):
+    dist.setup(None, rank, 2, f'file://{init_file}', datetime.timedelta(seconds=30))
+    broadcasts, real = [], torch.distributed._broadcast_coalesced
+    torch.distributed._broadcast_coalesced = lambda *a, **k: broadcasts.append(1) or real(*a, **k)
+    try:
+        for name, wrap in (('every step', nn.parallel.DistributedDataParallel),  # the original's DDP
+                           ('at the start', lambda m: pretrain_moco.wrap_ddp(m, torch.device('cpu')))):
+            torch.manual_seed(rank)  # other weights and queue per rank: DDP's start-up broadcast makes them rank 0's
+            model = wrap(tiny_moco(K=48))  # half of it written in 4 steps: the rest is the queue drawn
+            del broadcasts[:]
+            optimizer = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9)
+            images = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
+            for _ in range(4):
+                logits, labels = pretrain_moco.moco_forward(model, [torch.randn(3, 3, 6, 6, generator=images)
+                                                                    for _ in range(2)], None)
+                F.cross_entropy(logits, labels).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            results[name, rank] = len(broadcasts), {k: v.clone() for k, v in model.module.state_dict().items()}
+    finally:
+        torch.distributed._broadcast_coalesced = real
+        dist.cleanup()
+
+
+@pytest.mark.slow
+def test_moco_ddp_broadcasts_no_buffers_per_step_and_rank_0_saves_the_same_state(tmp_path):
+    """The original's DDP broadcast the queue and every BatchNorm buffer from rank 0 before each step; without
+    it rank 0's state (the one saved) is the same to the bit and the queue the same on every rank."""
+    results = mp.Manager().dict()
+    # spawn: autograd refuses to run in a child forked from a process that ran a backward pass already
+    mp.start_processes(_ddp_buffers_worker, nprocs=2, args=(str(tmp_path / 'init'), results), start_method='spawn')
+    (every, original), (none, ours) = results['every step', 0], results['at the start', 0]
+    assert every == 4 and none == 0
+    fixtures.assert_same_tensors(ours, original)
+    other = results['at the start', 1][1]
+    for key in ('queue', 'queue_ptr', 'encoder_q.conv.weight', 'encoder_k.conv.weight'):
+        assert torch.equal(other[key], ours[key]), key
+    assert not torch.equal(other['encoder_q.bn.running_mean'], ours['encoder_q.bn.running_mean'])  # never read
+
+
 # ---------------------------------------------------------------- data
 
 @pytest.fixture
@@ -417,6 +457,7 @@ def test_multiprocessing_distributed_flag_spellings(value, expected):
 
 def test_cpu_run_prints_its_layout_and_trains_in_one_process(jpeg_split, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')  # on a GPU machine: hidden on purpose (dist.visible_gpus)
     assert pretrain_moco.main(moco_args(jpeg_split, tmp_path, '--multiprocessing-distributed')) == 0
     out = capsys.readouterr().out
     assert '=> one process; 4 images per process and step, 4 in all' in out
