@@ -421,3 +421,76 @@ def test_torchrun_two_processes_shard_the_folder(root, tmp_path):
     assert confusion.sum() == 30 and (confusion.sum(axis=1)[:10] == 3).all()
     # 61 images, batches of 16 split 8 + 8: each process runs ceil(31 / 8) = 4 steps
     assert 'Epoch: [0][4/4]' in (tmp_path / 'log' / NAME.replace('resnet32', 'resnet20') / 'log_train.csv').read_text()
+
+
+# ---------------------------------------------------------------- val splits that differ from train
+
+def _shade(split, name, n):
+    """A uniform 8 x 8 grey level that names its image: train 'ant' image 0 -> 10, 'bee' 1 -> 21, ...;
+    val images 100 more."""
+    return (100 if split == 'val' else 0) + 10 * (1 + ['ant', 'bee', 'cat'].index(name)) + n
+
+
+def _write_named(data, layout):
+    """`layout`: {split: {class folder: images}}; each image a uniform grey PNG of its _shade."""
+    for split, classes in layout.items():
+        for name, count in classes.items():
+            os.makedirs(data / split / name)
+            for n in range(count):
+                Image.fromarray(np.full((8, 8), _shade(split, name.lower(), n), np.uint8)).save(
+                    data / split / name / f'{n}.png')
+
+
+def test_val_folder_missing_the_first_class_keeps_the_training_labels(tmp_path):
+    """Labels are the training folder's sorted names: a val/ without 'ant' (which sorts first) labels
+    its 'bee' images 1 and its 'cat' images 2, as train/'s, and serves val/'s own images."""
+    _write_named(tmp_path, {'train': {'ant': 2, 'bee': 3, 'cat': 2}, 'val': {'bee': 2, 'cat': 1}})
+    info = resolve_dataset('folder', str(tmp_path))
+    assert info.classes == ('ant', 'bee', 'cat') and info.num_classes == 3
+    train_set = info.build_train(str(tmp_path), 'exp', 1.0, 0, None)
+    assert train_set.targets == [0, 0, 1, 1, 1, 2, 2] and train_set.data[:, 0, 0, 0].tolist() == [10, 11, 20, 21, 22,
+                                                                                                    30, 31]
+    val = info.build_val(str(tmp_path), None)
+    assert val.targets == [1, 1, 2] and val.get_cls_num_list() == [0, 2, 1]
+    assert val.data[:, 0, 0, 0].tolist() == [120, 121, 130] and val.data.shape == (3, 8, 8, 3)
+    # and the reverse: a val class the training folder lacks, sorting first, is refused in one line
+    _write_named(tmp_path / 'other', {'train': {'bee': 1, 'cat': 1}, 'val': {'ant': 1, 'bee': 1, 'cat': 1}})
+    with pytest.raises(UserError, match=r'^class folder .*other/val/ant has no counterpart in the training folder '
+                                        r'\(training classes: bee, cat\)$'):
+        resolve_dataset('folder', str(tmp_path / 'other'))
+
+
+def test_val_folder_naming_a_class_otherwise_is_refused(tmp_path):
+    """val/Ant for train/ant: class folders match by exact name, so the renamed one (sorting first) is
+    refused with one line, not given another class's label."""
+    _write_named(tmp_path, {'train': {'ant': 1, 'bee': 1, 'cat': 1}, 'val': {'Ant': 1, 'bee': 1, 'cat': 1}})
+    with pytest.raises(UserError, match=r'^class folder .*val/Ant has no counterpart in the training folder '
+                                        r'\(training classes: ant, bee, cat\)$'):
+        resolve_dataset('folder', str(tmp_path))
+    assert not (tmp_path / folder.CACHE_FOLDER).exists()
+
+
+def _write_split_files(data, train_lines, val_lines):
+    """The images of _write_named's layout under images/, listed in train.txt / val.txt."""
+    _write_named(data / 'images', {'train': {'ant': 2, 'bee': 2, 'cat': 2}, 'val': {'ant': 1, 'bee': 1, 'cat': 1}})
+    (data / 'train.txt').write_text(''.join(f'{line}\n' for line in train_lines))
+    (data / 'val.txt').write_text(''.join(f'{line}\n' for line in val_lines))
+
+
+def test_split_file_val_split_is_read_from_val_txt(tmp_path):
+    """train.txt and val.txt (README "Your own data"): labels are the files' integers, classes 0..the
+    largest training label; val.txt's images and labels are its own, a label missing from it (0, the
+    first) shifts nothing, and a label beyond the training classes is refused naming its line."""
+    train_lines = ['images/train/ant/0.png 0', 'images/train/ant/1.png 0', 'images/train/bee/0.png 1',
+                   'images/train/cat/0.png 2', 'images/train/cat/1.png 2']
+    val_lines = ['images/val/cat/0.png 2', 'images/val/bee/0.png 1']
+    _write_split_files(tmp_path, train_lines, val_lines)
+    info = resolve_dataset('folder', str(tmp_path))
+    assert info.classes == ('0', '1', '2') and info.num_classes == 3
+    train_set = info.build_train(str(tmp_path), 'exp', 1.0, 0, None)
+    assert train_set.targets == [0, 0, 1, 2, 2] and train_set.data[:, 0, 0, 0].tolist() == [10, 11, 20, 30, 31]
+    val = info.build_val(str(tmp_path), None)
+    assert val.targets == [2, 1] and val.data[:, 0, 0, 0].tolist() == [130, 120]
+    (tmp_path / 'val.txt').write_text('images/val/ant/0.png 0\nimages/val/bee/0.png 3\n')
+    with pytest.raises(UserError, match=r'val\.txt line 2: label 3 is outside 0\.\.2'):
+        resolve_dataset('folder', str(tmp_path))
