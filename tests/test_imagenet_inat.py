@@ -844,3 +844,52 @@ def test_reproduce_checks_every_stage_of_the_inat_table_before_the_first_starts(
     assert table(8) == 1
     assert len(started) == 1 and 'pretrain_moco.py' in started[0][2] and started[0][:2] == ['torchrun',
                                                                                               '--nproc_per_node=8']
+
+
+# ---------------------------------------------------------------- per-data-set transforms, as the original's
+
+def _steps(transform):
+    """Each step of a Compose as (name, its parameters), lists made tuples."""
+    def params(t):
+        keys = {'RandomResizedCrop': ('size', 'scale', 'ratio', 'interpolation'), 'RandomHorizontalFlip': ('p',),
+                'ColorJitter': ('brightness', 'contrast', 'saturation', 'hue'), 'Resize': ('size', 'interpolation'),
+                'CenterCrop': ('size',), 'ToTensor': (), 'Normalize': ('mean', 'std')}[type(t).__name__]
+        return tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in (getattr(t, k) for k in keys))
+    return [(type(t).__name__, params(t)) for t in transform.transforms]
+
+
+def _original_transform(phase, mean, std, jitter):
+    """The original's imagenet_inat/data/dataloader.py get_data_transform, its values written out:
+    train RandomResizedCrop(224), RandomHorizontalFlip(), ColorJitter(brightness=0.4, contrast=0.4,
+    saturation=0.4, hue=0) except for iNaturalist18; val / test Resize(256), CenterCrop(224); then
+    ToTensor() and Normalize(mean, std)."""
+    from torchvision import transforms as T
+    head = ([T.RandomResizedCrop(224), T.RandomHorizontalFlip()] +
+            ([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0)] if jitter else [])
+            if phase == 'train' else [T.Resize(256), T.CenterCrop(224)])
+    return T.Compose(head + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+# The original's RGB_statistics: iNaturalist18's own, ImageNet's ('default') for ImageNet_LT.
+ORIGINAL_STATS = {'iNaturalist18': ([0.466, 0.471, 0.380], [0.195, 0.194, 0.192]),
+                  'ImageNet_LT': ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}
+
+
+@pytest.mark.parametrize('dataset', ['ImageNet_LT', 'iNaturalist18'])
+def test_each_data_set_s_phases_get_the_original_s_transforms(dataset, tmp_path):
+    """The shipped stage-1 config of each data set, its phases loaded as a stage loads them (load_phase):
+    ImageNet-LT trains with colour jitter, iNaturalist 2018 without; each normalises with its own
+    statistics; train_plain (features) and val / test use the evaluation transform."""
+    from PIL import Image
+    from imagenet_inat.data import load_phase
+    Image.new('RGB', (8, 8)).save(tmp_path / 'a.jpg')
+    for split in ('train', 'val', 'test'):
+        (tmp_path / f'{dataset}_{split}.txt').write_text('a.jpg 0\n')
+    cfg = load_config(os.path.join(CONFIGS, dataset, 'feat_uniform.yaml'))
+    assert cfg.dataset == dataset and (cfg.crop_size, cfg.resize_size) == (224, 256)
+    mean, std = ORIGINAL_STATS[dataset]
+    for phase in ('train', 'train_plain', 'val', 'test'):
+        got = load_phase(cfg, phase, str(tmp_path), str(tmp_path)).transform
+        expected = _original_transform('train' if phase == 'train' else 'test', mean, std,
+                                       jitter=dataset != 'iNaturalist18')
+        assert _steps(got) == _steps(expected), phase
