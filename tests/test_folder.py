@@ -494,3 +494,20 @@ def test_split_file_val_split_is_read_from_val_txt(tmp_path):
     (tmp_path / 'val.txt').write_text('images/val/ant/0.png 0\nimages/val/bee/0.png 3\n')
     with pytest.raises(UserError, match=r'val\.txt line 2: label 3 is outside 0\.\.2'):
         resolve_dataset('folder', str(tmp_path))
+
+
+def test_normalisation_uses_the_whole_training_folder_s_pixel_statistics(tmp_path):
+    """README "Your own data": the mean / std are the training folder's pixel statistics (every pixel of every
+    training image, the whole folder whatever --imb_factor keeps; population std), not val's; the
+    evaluation transform and the checkpoint use them. Grey images, so the three channels agree."""
+    _write_named(tmp_path, {'train': {'ant': 2, 'bee': 3, 'cat': 2}, 'val': {'bee': 2, 'cat': 1}})
+    shades = np.array([10, 11, 20, 21, 22, 30, 31]) / 255  # each image uniform, 64 pixels each
+    mean, std = shades.mean(), shades.std()
+    info = resolve_dataset('folder', str(tmp_path))
+    assert info.mean == pytest.approx((mean,) * 3, abs=1e-12) and info.std == pytest.approx((std,) * 3, abs=1e-12)
+    assert folder.checkpoint_entries(info) == {'classes': ['ant', 'bee', 'cat'], 'mean': list(info.mean),
+                                               'std': list(info.std), 'image_size': 8}
+    val = info.build_val(str(tmp_path), build_transform('folder', train=False, info=info))
+    image, label = val[2]  # cat/0.png: 130
+    assert label == 2 and image.shape == (3, 8, 8)
+    assert torch.allclose(image, torch.full((3, 8, 8), (130 / 255 - mean) / std), atol=1e-6)

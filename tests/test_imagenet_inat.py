@@ -893,3 +893,26 @@ def test_each_data_set_s_phases_get_the_original_s_transforms(dataset, tmp_path)
         expected = _original_transform('train' if phase == 'train' else 'test', mean, std,
                                        jitter=dataset != 'iNaturalist18')
         assert _steps(got) == _steps(expected), phase
+
+
+def test_of_equal_best_val_top1s_the_first_epoch_is_kept(world, tmp_path, monkeypatch):
+    """The original's run_networks.py: `if self.eval_acc_mic_top1 > best_acc`: val top-1 50, 80, 80, 70 keeps
+    epoch 2's weights (best_epoch 2), not epoch 3's (4 epochs: the cosine's last, at lr 0, would not move them)."""
+    from imagenet_inat import stages
+    scores, classifiers = [50.0, 80.0, 80.0, 70.0], []
+
+    def fake_evaluate(run, module, phase):
+        top1 = scores[len(classifiers)] if phase == 'val' else 42.0
+        if phase == 'val':
+            classifiers.append(module.classifier.fc.weight.detach().clone())
+        return {'top1': top1, 'top5': 100.0, 'loss': 1.0, 'count': 18, 'per_class': np.full(3, top1 / 100)}
+    monkeypatch.setattr(stages, 'evaluate_phase', fake_evaluate)
+    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', sampler=False, epochs=4,
+                                                                batch=BATCH))
+    assert ii_main.main(argv(world, cfg, '--model_dir', world['moco'])) == 0
+    final = load(tmp_path / 'run' / 'final_model_checkpoint.pth')
+    results = json.loads((tmp_path / 'run' / 'results_test.json').read_text())
+    assert final['best_epoch'] == results['best_epoch'] == 2 and final['best_acc'] == 0.8
+    assert torch.equal(final['state_dict_best']['classifier']['module.fc.weight'], classifiers[1])
+    assert not torch.equal(classifiers[1], classifiers[2])
+    assert 'Best validation accuracy is 80.000 at epoch 2' in log_text(tmp_path / 'run')

@@ -2,6 +2,7 @@
 --lr_schedule step|cosine. With none of them every transform, learning rate and run folder name is
 what it was; each one computes what its authors' code does."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -334,3 +335,17 @@ def test_mixup_lam_follows_beta_alpha_alpha(alpha):
     other = 1.0 if alpha != 1.0 else 0.2
     assert stats.kstest(lams, stats.beta(other, other).cdf).pvalue < 1e-6
     assert lams.var() == pytest.approx({0.2: 0.1786, 1.0: 0.0833}[alpha], abs=0.012)
+
+
+def test_lr_schedule_cosine_sets_the_lr_each_epoch_trains_at(cifar10_root, tmp_path, one_thread):
+    """`--lr_schedule cosine --lr 0.1 --epochs 7`, epochs 6 and 7 run (--start-epoch 5): after the 5 warm-up
+    epochs BALMS's cosine, 0.1 * (1 + cos(pi * (e - 5) / 2)) / 2 for 1-based e: 0.05, then 0 in the last epoch
+    (the step schedule would train both at 0.1); every logged step of an epoch shows its lr."""
+    argv = ['--dataset', 'cifar10', '--data_path', cifar10_root, '--imb_factor', '0.1', '-a', 'resnet20', '-b', '32',
+            '-j', '0', '--seed', '0', '-p', '1', '--root_log', str(tmp_path / 'log'),
+            '--root_model', str(tmp_path / 'ckpt'), '--lr_schedule', 'cosine', '--lr', '0.1', '--epochs', '7',
+            '--start-epoch', '5']
+    assert train.main(argv) == 0
+    log = (tmp_path / 'log' / 'cifar10_resnet20_CE_None_exp_0.1_ss_pretrained_cosine' / 'log_train.csv').read_text()
+    lrs = re.findall(r'^Epoch: \[(\d+)\]\[\d+/3\], lr: (\S+)\t', log, re.M)
+    assert lrs == [('5', '0.05000')] * 3 + [('6', '0.00000')] * 3
