@@ -770,3 +770,54 @@ def test_a_stage_that_exits_0_without_its_output_fails_and_blocks_what_needs_it(
     assert _flag(ran[3][1], '--pretrained_model') == os.path.join(os.path.dirname(rot.output()), 'ckpt.best.pth.tar')
     assert [(k, r['n'], r['status']) for k, r in _rows(out, 'digits-mini').items()] == \
         [('CE', '1', 'done'), ('CE+SSP', '1', 'done')]
+
+
+def _decoupled_stages(tmp_path, epochs=None):
+    """imagenet-lt's stages of seed 0: MoCo, then imagenet_inat's feat_uniform, feat_balance, cRT, tau-norm, LWS."""
+    opts = tables.Options('imagenet-lt', str(tmp_path / 'data'), str(tmp_path / 'out'), epochs, 'current', None, {})
+    from repro.command import plan
+    return plan(tables.TABLES['imagenet-lt'], opts, [0])[1]
+
+
+def test_a_moco_stage_resumes_from_its_furthest_checkpoint(tmp_path):
+    """README "Runs and resuming": MoCo is finished by moco_ckpt_<epochs>.pth.tar; before, it resumes from the
+    furthest of its numbered checkpoints (moco_ckpt_0020: 20 epochs done) and the interrupted one, whose
+    (epoch, step) it records: (15, 3) is behind 0020, (20, 7) beyond it."""
+    moco = _decoupled_stages(tmp_path, epochs=30)[0]
+    assert moco.script == 'pretrain_moco.py'
+    final = moco.output()
+    folder = os.path.dirname(final)
+    assert os.path.basename(final) == 'moco_ckpt_0030.pth.tar'
+    assert moco.progress() == scripts.Progress(False)
+    os.makedirs(folder)
+    for epoch in (10, 20):
+        torch.save({'epoch': epoch}, os.path.join(folder, f'moco_ckpt_{epoch:04d}.pth.tar'))
+    interrupted = os.path.join(folder, 'moco_ckpt_interrupted.pth.tar')
+    torch.save({'epoch': 15, 'step': 3}, interrupted)
+    p = moco.progress()
+    assert not p.done and p.resume == ('--resume', os.path.join(folder, 'moco_ckpt_0020.pth.tar'))
+    assert p.note == 'stopped at epoch 20 step 0: resuming'
+    torch.save({'epoch': 20, 'step': 7}, interrupted)
+    p = moco.progress()
+    assert (p.done, p.resume, p.note) == (False, ('--resume', interrupted), 'stopped at epoch 20 step 7: resuming')
+    torch.save({'epoch': 30}, final)
+    assert moco.progress().done
+
+
+def test_a_decoupled_stage_is_finished_by_its_results_file_too(tmp_path):
+    """An imagenet_inat stage is finished when final_model_checkpoint.pth and its results_<split>.json exist
+    (the JSON is written after the checkpoint: a run that ended between them has no result); with only
+    latest_model_checkpoint.pth it resumes from its log folder."""
+    crt = next(s for s in _decoupled_stages(tmp_path) if s.script == 'imagenet_inat' and
+               os.path.basename(s.flag('--cfg')) == 'cls_crt.yaml')
+    log_dir = crt.flag('--log_dir')
+    assert crt.output() == os.path.join(log_dir, 'final_model_checkpoint.pth')
+    assert crt.progress() == scripts.Progress(False)
+    os.makedirs(log_dir)
+    torch.save({'epoch': 3}, os.path.join(log_dir, 'latest_model_checkpoint.pth'))
+    assert crt.progress() == scripts.Progress(False, ('--resume', log_dir), 'stopped half-way: resuming')
+    torch.save({'epoch': 10}, crt.output())
+    assert not crt.progress().done  # the final checkpoint without its results file
+    with open(os.path.join(log_dir, 'results_test.json'), 'w') as f:
+        f.write('{}')
+    assert crt.progress().done
