@@ -511,3 +511,51 @@ def test_normalisation_uses_the_whole_training_folder_s_pixel_statistics(tmp_pat
     image, label = val[2]  # cat/0.png: 130
     assert label == 2 and image.shape == (3, 8, 8)
     assert torch.allclose(image, torch.full((3, 8, 8), (130 / 255 - mean) / std), atol=1e-6)
+
+
+def _steps(transform):
+    """Each step of a Compose as (name, its parameters), sequences made tuples."""
+    keys = {'RandomCrop': ('size', 'padding'), 'RandomResizedCrop': ('size', 'scale', 'ratio', 'interpolation'),
+            'RandomHorizontalFlip': ('p',), 'ColorJitter': ('brightness', 'contrast', 'saturation', 'hue'),
+            'Resize': ('size', 'interpolation'), 'CenterCrop': ('size',), 'ToTensor': (), 'Normalize': ('mean', 'std')}
+    return [(type(t).__name__, tuple(tuple(v) if isinstance(v, (list, tuple)) else v
+                                     for v in (getattr(t, k) for k in keys[type(t).__name__])))
+            for t in transform.transforms]
+
+
+def test_image_size_resizes_bilinearly_and_folders_flip(tmp_path):
+    """README "Your own data": --image_size S <= 64 resizes every image to S x S, bilinear, aspect ratio not
+    kept (PIL's resize is the reference); a folder's images are served as CIFAR's, flips on for every
+    folder: RandomCrop(S, padding=4), RandomHorizontalFlip, ToTensor, Normalize (and the device loader
+    flips where info.flip)."""
+    from torchvision import transforms as T
+    rng = np.random.RandomState(0)
+    for split in ('train', 'val'):
+        for name in ('ant', 'bee'):
+            os.makedirs(tmp_path / split / name)
+            Image.fromarray(rng.randint(0, 256, (12, 20, 3), dtype=np.uint8)).save(tmp_path / split / name / '0.png')
+    info = resolve_dataset('folder', str(tmp_path), image_size=8)
+    data = info.build_train(str(tmp_path), 'exp', 1.0, 0, None).data
+    for k, name in enumerate(('ant', 'bee')):
+        expected = np.asarray(Image.open(tmp_path / 'train' / name / '0.png').convert('RGB').resize((8, 8),
+                                                                                                Image.BILINEAR))
+        assert np.array_equal(data[k], expected)
+    assert info.flip and info.image_size == 8
+    expected = T.Compose([T.RandomCrop(8, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                          T.Normalize(info.mean, info.std)])
+    assert _steps(build_transform('folder', train=True, info=info)) == _steps(expected)
+
+
+def test_larger_images_get_imagenet_inat_s_transforms_at_their_size(root):
+    """README "Larger images": at --image_size 72, training RandomResizedCrop(72), flip, colour jitter 0.4;
+    evaluation Resize(72 * 256 / 224 = 82), CenterCrop(72); ImageNet's mean and std."""
+    from torchvision import transforms as T
+    info = resolve_dataset('folder', str(root), image_size=72)
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    train_steps = T.Compose([T.RandomResizedCrop(72), T.RandomHorizontalFlip(),
+                             T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0), T.ToTensor(),
+                             T.Normalize(*imagenet)])
+    eval_steps = T.Compose([T.Resize(82), T.CenterCrop(72), T.ToTensor(), T.Normalize(*imagenet)])
+    assert _steps(build_transform('folder', train=True, info=info)) == _steps(train_steps)
+    assert _steps(build_transform('folder', train=False, info=info)) == _steps(eval_steps)
+    assert (info.mean, info.std) == imagenet
