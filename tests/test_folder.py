@@ -559,3 +559,21 @@ def test_larger_images_get_imagenet_inat_s_transforms_at_their_size(root):
     assert _steps(build_transform('folder', train=True, info=info)) == _steps(train_steps)
     assert _steps(build_transform('folder', train=False, info=info)) == _steps(eval_steps)
     assert (info.mean, info.std) == imagenet
+
+
+def test_evaluate_normalises_with_the_checkpoint_s_statistics_after_the_folder_changed(tmp_path, capsys, one_thread):
+    """README: the statistics stored in the checkpoint are the ones -e uses, so an image added to train/ after
+    training (other pixel statistics, the same classes) leaves -e's numbers those of the run's last evaluation."""
+    _write_named(tmp_path / 'data', {'train': {'ant': 4, 'bee': 4, 'cat': 4}, 'val': {'ant': 2, 'bee': 2, 'cat': 2}})
+    assert train.main(_args(tmp_path / 'data', tmp_path, '-a', 'resnet20')) == 0
+    name = NAME.replace('resnet32', 'resnet20')
+    logged = [line for line in (tmp_path / 'log' / name / 'log_test.csv').read_text().splitlines()
+              if line.startswith('val Results')]
+    Image.fromarray(np.full((8, 8), 250, np.uint8)).save(tmp_path / 'data' / 'train' / 'ant' / 'bright.png')
+    assert resolve_dataset('folder', str(tmp_path / 'data')).mean != \
+        tuple(load_checkpoint(str(tmp_path / 'ckpt' / name / 'ckpt.pth.tar'))['mean'])
+    capsys.readouterr()
+    assert train.main(_args(tmp_path / 'data', tmp_path, '-a', 'resnet20', '-e', '--resume',
+                            str(tmp_path / 'ckpt' / name / 'ckpt.pth.tar'))) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith('val Results')]
+    assert printed == logged and len(printed) == 1
