@@ -421,3 +421,159 @@ def test_torchrun_two_processes_shard_the_folder(root, tmp_path):
     assert confusion.sum() == 30 and (confusion.sum(axis=1)[:10] == 3).all()
     # 61 images, batches of 16 split 8 + 8: each process runs ceil(31 / 8) = 4 steps
     assert 'Epoch: [0][4/4]' in (tmp_path / 'log' / NAME.replace('resnet32', 'resnet20') / 'log_train.csv').read_text()
+
+
+# ---------------------------------------------------------------- val splits that differ from train
+
+def _shade(split, name, n):
+    """A uniform 8 x 8 grey level that names its image: train 'ant' image 0 -> 10, 'bee' 1 -> 21, ...;
+    val images 100 more."""
+    return (100 if split == 'val' else 0) + 10 * (1 + ['ant', 'bee', 'cat'].index(name)) + n
+
+
+def _write_named(data, layout):
+    """`layout`: {split: {class folder: images}}; each image a uniform grey PNG of its _shade."""
+    for split, classes in layout.items():
+        for name, count in classes.items():
+            os.makedirs(data / split / name)
+            for n in range(count):
+                Image.fromarray(np.full((8, 8), _shade(split, name.lower(), n), np.uint8)).save(
+                    data / split / name / f'{n}.png')
+
+
+def test_val_folder_missing_the_first_class_keeps_the_training_labels(tmp_path):
+    """Labels are the training folder's sorted names: a val/ without 'ant' (which sorts first) labels
+    its 'bee' images 1 and its 'cat' images 2, as train/'s, and serves val/'s own images."""
+    _write_named(tmp_path, {'train': {'ant': 2, 'bee': 3, 'cat': 2}, 'val': {'bee': 2, 'cat': 1}})
+    info = resolve_dataset('folder', str(tmp_path))
+    assert info.classes == ('ant', 'bee', 'cat') and info.num_classes == 3
+    train_set = info.build_train(str(tmp_path), 'exp', 1.0, 0, None)
+    assert train_set.targets == [0, 0, 1, 1, 1, 2, 2] and train_set.data[:, 0, 0, 0].tolist() == [10, 11, 20, 21, 22,
+                                                                                                    30, 31]
+    val = info.build_val(str(tmp_path), None)
+    assert val.targets == [1, 1, 2] and val.get_cls_num_list() == [0, 2, 1]
+    assert val.data[:, 0, 0, 0].tolist() == [120, 121, 130] and val.data.shape == (3, 8, 8, 3)
+    # and the reverse: a val class the training folder lacks, sorting first, is refused in one line
+    _write_named(tmp_path / 'other', {'train': {'bee': 1, 'cat': 1}, 'val': {'ant': 1, 'bee': 1, 'cat': 1}})
+    with pytest.raises(UserError, match=r'^class folder .*other/val/ant has no counterpart in the training folder '
+                                        r'\(training classes: bee, cat\)$'):
+        resolve_dataset('folder', str(tmp_path / 'other'))
+
+
+def test_val_folder_naming_a_class_otherwise_is_refused(tmp_path):
+    """val/Ant for train/ant: class folders match by exact name, so the renamed one (sorting first) is
+    refused with one line, not given another class's label."""
+    _write_named(tmp_path, {'train': {'ant': 1, 'bee': 1, 'cat': 1}, 'val': {'Ant': 1, 'bee': 1, 'cat': 1}})
+    with pytest.raises(UserError, match=r'^class folder .*val/Ant has no counterpart in the training folder '
+                                        r'\(training classes: ant, bee, cat\)$'):
+        resolve_dataset('folder', str(tmp_path))
+    assert not (tmp_path / folder.CACHE_FOLDER).exists()
+
+
+def _write_split_files(data, train_lines, val_lines):
+    """The images of _write_named's layout under images/, listed in train.txt / val.txt."""
+    _write_named(data / 'images', {'train': {'ant': 2, 'bee': 2, 'cat': 2}, 'val': {'ant': 1, 'bee': 1, 'cat': 1}})
+    (data / 'train.txt').write_text(''.join(f'{line}\n' for line in train_lines))
+    (data / 'val.txt').write_text(''.join(f'{line}\n' for line in val_lines))
+
+
+def test_split_file_val_split_is_read_from_val_txt(tmp_path):
+    """train.txt and val.txt (README "Your own data"): labels are the files' integers, classes 0..the
+    largest training label; val.txt's images and labels are its own, a label missing from it (0, the
+    first) shifts nothing, and a label beyond the training classes is refused naming its line."""
+    train_lines = ['images/train/ant/0.png 0', 'images/train/ant/1.png 0', 'images/train/bee/0.png 1',
+                   'images/train/cat/0.png 2', 'images/train/cat/1.png 2']
+    val_lines = ['images/val/cat/0.png 2', 'images/val/bee/0.png 1']
+    _write_split_files(tmp_path, train_lines, val_lines)
+    info = resolve_dataset('folder', str(tmp_path))
+    assert info.classes == ('0', '1', '2') and info.num_classes == 3
+    train_set = info.build_train(str(tmp_path), 'exp', 1.0, 0, None)
+    assert train_set.targets == [0, 0, 1, 2, 2] and train_set.data[:, 0, 0, 0].tolist() == [10, 11, 20, 30, 31]
+    val = info.build_val(str(tmp_path), None)
+    assert val.targets == [2, 1] and val.data[:, 0, 0, 0].tolist() == [130, 120]
+    (tmp_path / 'val.txt').write_text('images/val/ant/0.png 0\nimages/val/bee/0.png 3\n')
+    with pytest.raises(UserError, match=r'val\.txt line 2: label 3 is outside 0\.\.2'):
+        resolve_dataset('folder', str(tmp_path))
+
+
+def test_normalisation_uses_the_whole_training_folder_s_pixel_statistics(tmp_path):
+    """README "Your own data": the mean / std are the training folder's pixel statistics (every pixel of every
+    training image, the whole folder whatever --imb_factor keeps; population std), not val's; the
+    evaluation transform and the checkpoint use them. Grey images, so the three channels agree."""
+    _write_named(tmp_path, {'train': {'ant': 2, 'bee': 3, 'cat': 2}, 'val': {'bee': 2, 'cat': 1}})
+    shades = np.array([10, 11, 20, 21, 22, 30, 31]) / 255  # each image uniform, 64 pixels each
+    mean, std = shades.mean(), shades.std()
+    info = resolve_dataset('folder', str(tmp_path))
+    assert info.mean == pytest.approx((mean,) * 3, abs=1e-12) and info.std == pytest.approx((std,) * 3, abs=1e-12)
+    assert folder.checkpoint_entries(info) == {'classes': ['ant', 'bee', 'cat'], 'mean': list(info.mean),
+                                               'std': list(info.std), 'image_size': 8}
+    val = info.build_val(str(tmp_path), build_transform('folder', train=False, info=info))
+    image, label = val[2]  # cat/0.png: 130
+    assert label == 2 and image.shape == (3, 8, 8)
+    assert torch.allclose(image, torch.full((3, 8, 8), (130 / 255 - mean) / std), atol=1e-6)
+
+
+def _steps(transform):
+    """Each step of a Compose as (name, its parameters), sequences made tuples."""
+    keys = {'RandomCrop': ('size', 'padding'), 'RandomResizedCrop': ('size', 'scale', 'ratio', 'interpolation'),
+            'RandomHorizontalFlip': ('p',), 'ColorJitter': ('brightness', 'contrast', 'saturation', 'hue'),
+            'Resize': ('size', 'interpolation'), 'CenterCrop': ('size',), 'ToTensor': (), 'Normalize': ('mean', 'std')}
+    return [(type(t).__name__, tuple(tuple(v) if isinstance(v, (list, tuple)) else v
+                                     for v in (getattr(t, k) for k in keys[type(t).__name__])))
+            for t in transform.transforms]
+
+
+def test_image_size_resizes_bilinearly_and_folders_flip(tmp_path):
+    """README "Your own data": --image_size S <= 64 resizes every image to S x S, bilinear, aspect ratio not
+    kept (PIL's resize is the reference); a folder's images are served as CIFAR's, flips on for every
+    folder: RandomCrop(S, padding=4), RandomHorizontalFlip, ToTensor, Normalize (and the device loader
+    flips where info.flip)."""
+    from torchvision import transforms as T
+    rng = np.random.RandomState(0)
+    for split in ('train', 'val'):
+        for name in ('ant', 'bee'):
+            os.makedirs(tmp_path / split / name)
+            Image.fromarray(rng.randint(0, 256, (12, 20, 3), dtype=np.uint8)).save(tmp_path / split / name / '0.png')
+    info = resolve_dataset('folder', str(tmp_path), image_size=8)
+    data = info.build_train(str(tmp_path), 'exp', 1.0, 0, None).data
+    for k, name in enumerate(('ant', 'bee')):
+        expected = np.asarray(Image.open(tmp_path / 'train' / name / '0.png').convert('RGB').resize((8, 8),
+                                                                                                Image.BILINEAR))
+        assert np.array_equal(data[k], expected)
+    assert info.flip and info.image_size == 8
+    expected = T.Compose([T.RandomCrop(8, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                          T.Normalize(info.mean, info.std)])
+    assert _steps(build_transform('folder', train=True, info=info)) == _steps(expected)
+
+
+def test_larger_images_get_imagenet_inat_s_transforms_at_their_size(root):
+    """README "Larger images": at --image_size 72, training RandomResizedCrop(72), flip, colour jitter 0.4;
+    evaluation Resize(72 * 256 / 224 = 82), CenterCrop(72); ImageNet's mean and std."""
+    from torchvision import transforms as T
+    info = resolve_dataset('folder', str(root), image_size=72)
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    train_steps = T.Compose([T.RandomResizedCrop(72), T.RandomHorizontalFlip(),
+                             T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0), T.ToTensor(),
+                             T.Normalize(*imagenet)])
+    eval_steps = T.Compose([T.Resize(82), T.CenterCrop(72), T.ToTensor(), T.Normalize(*imagenet)])
+    assert _steps(build_transform('folder', train=True, info=info)) == _steps(train_steps)
+    assert _steps(build_transform('folder', train=False, info=info)) == _steps(eval_steps)
+    assert (info.mean, info.std) == imagenet
+
+
+def test_evaluate_normalises_with_the_checkpoint_s_statistics_after_the_folder_changed(tmp_path, capsys, one_thread):
+    """README: the statistics stored in the checkpoint are the ones -e uses, so an image added to train/ after
+    training (other pixel statistics, the same classes) leaves -e's numbers those of the run's last evaluation."""
+    _write_named(tmp_path / 'data', {'train': {'ant': 4, 'bee': 4, 'cat': 4}, 'val': {'ant': 2, 'bee': 2, 'cat': 2}})
+    assert train.main(_args(tmp_path / 'data', tmp_path, '-a', 'resnet20')) == 0
+    name = NAME.replace('resnet32', 'resnet20')
+    logged = [line for line in (tmp_path / 'log' / name / 'log_test.csv').read_text().splitlines()
+              if line.startswith('val Results')]
+    Image.fromarray(np.full((8, 8), 250, np.uint8)).save(tmp_path / 'data' / 'train' / 'ant' / 'bright.png')
+    assert resolve_dataset('folder', str(tmp_path / 'data')).mean != \
+        tuple(load_checkpoint(str(tmp_path / 'ckpt' / name / 'ckpt.pth.tar'))['mean'])
+    capsys.readouterr()
+    assert train.main(_args(tmp_path / 'data', tmp_path, '-a', 'resnet20', '-e', '--resume',
+                            str(tmp_path / 'ckpt' / name / 'ckpt.pth.tar'))) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith('val Results')]
+    assert printed == logged and len(printed) == 1

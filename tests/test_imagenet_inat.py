@@ -849,3 +849,75 @@ def test_reproduce_checks_every_stage_of_the_inat_table_before_the_first_starts(
     assert table(8) == 1
     assert len(started) == 1 and 'pretrain_moco.py' in started[0][4] and started[0][:4] == [
         'torchrun', '--nproc_per_node=8', '--shutdown_timeout', '300']  # reproduce.py's torchrun grace (B3)
+
+
+# ---------------------------------------------------------------- per-data-set transforms, as the original's
+
+def _steps(transform):
+    """Each step of a Compose as (name, its parameters), lists made tuples."""
+    def params(t):
+        keys = {'RandomResizedCrop': ('size', 'scale', 'ratio', 'interpolation'), 'RandomHorizontalFlip': ('p',),
+                'ColorJitter': ('brightness', 'contrast', 'saturation', 'hue'), 'Resize': ('size', 'interpolation'),
+                'CenterCrop': ('size',), 'ToTensor': (), 'Normalize': ('mean', 'std')}[type(t).__name__]
+        return tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in (getattr(t, k) for k in keys))
+    return [(type(t).__name__, params(t)) for t in transform.transforms]
+
+
+def _original_transform(phase, mean, std, jitter):
+    """The original's imagenet_inat/data/dataloader.py get_data_transform, its values written out:
+    train RandomResizedCrop(224), RandomHorizontalFlip(), ColorJitter(brightness=0.4, contrast=0.4,
+    saturation=0.4, hue=0) except for iNaturalist18; val / test Resize(256), CenterCrop(224); then
+    ToTensor() and Normalize(mean, std)."""
+    from torchvision import transforms as T
+    head = ([T.RandomResizedCrop(224), T.RandomHorizontalFlip()] +
+            ([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0)] if jitter else [])
+            if phase == 'train' else [T.Resize(256), T.CenterCrop(224)])
+    return T.Compose(head + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+# The original's RGB_statistics: iNaturalist18's own, ImageNet's ('default') for ImageNet_LT.
+ORIGINAL_STATS = {'iNaturalist18': ([0.466, 0.471, 0.380], [0.195, 0.194, 0.192]),
+                  'ImageNet_LT': ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}
+
+
+@pytest.mark.parametrize('dataset', ['ImageNet_LT', 'iNaturalist18'])
+def test_each_data_set_s_phases_get_the_original_s_transforms(dataset, tmp_path):
+    """The shipped stage-1 config of each data set, its phases loaded as a stage loads them (load_phase):
+    ImageNet-LT trains with colour jitter, iNaturalist 2018 without; each normalises with its own
+    statistics; train_plain (features) and val / test use the evaluation transform."""
+    from PIL import Image
+    from imagenet_inat.data import load_phase
+    Image.new('RGB', (8, 8)).save(tmp_path / 'a.jpg')
+    for split in ('train', 'val', 'test'):
+        (tmp_path / f'{dataset}_{split}.txt').write_text('a.jpg 0\n')
+    cfg = load_config(os.path.join(CONFIGS, dataset, 'feat_uniform.yaml'))
+    assert cfg.dataset == dataset and (cfg.crop_size, cfg.resize_size) == (224, 256)
+    mean, std = ORIGINAL_STATS[dataset]
+    for phase in ('train', 'train_plain', 'val', 'test'):
+        got = load_phase(cfg, phase, str(tmp_path), str(tmp_path)).transform
+        expected = _original_transform('train' if phase == 'train' else 'test', mean, std,
+                                       jitter=dataset != 'iNaturalist18')
+        assert _steps(got) == _steps(expected), phase
+
+
+def test_of_equal_best_val_top1s_the_first_epoch_is_kept(world, tmp_path, monkeypatch):
+    """The original's run_networks.py: `if self.eval_acc_mic_top1 > best_acc`: val top-1 50, 80, 80, 70 keeps
+    epoch 2's weights (best_epoch 2), not epoch 3's (4 epochs: the cosine's last, at lr 0, would not move them)."""
+    from imagenet_inat import stages
+    scores, classifiers = [50.0, 80.0, 80.0, 70.0], []
+
+    def fake_evaluate(run, module, phase):
+        top1 = scores[len(classifiers)] if phase == 'val' else 42.0
+        if phase == 'val':
+            classifiers.append(module.classifier.fc.weight.detach().clone())
+        return {'top1': top1, 'top5': 100.0, 'loss': 1.0, 'count': 18, 'per_class': np.full(3, top1 / 100)}
+    monkeypatch.setattr(stages, 'evaluate_phase', fake_evaluate)
+    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', sampler=False, epochs=4,
+                                                                batch=BATCH))
+    assert ii_main.main(argv(world, cfg, '--model_dir', world['moco'])) == 0
+    final = load(tmp_path / 'run' / 'final_model_checkpoint.pth')
+    results = json.loads((tmp_path / 'run' / 'results_test.json').read_text())
+    assert final['best_epoch'] == results['best_epoch'] == 2 and final['best_acc'] == 0.8
+    assert torch.equal(final['state_dict_best']['classifier']['module.fc.weight'], classifiers[1])
+    assert not torch.equal(classifiers[1], classifiers[2])
+    assert 'Best validation accuracy is 80.000 at epoch 2' in log_text(tmp_path / 'run')

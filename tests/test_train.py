@@ -197,3 +197,29 @@ def test_per_class_plot_is_drawn_for_any_class_count(num_classes, size):
     accuracy, counts = np.linspace(0, 1, num_classes), np.arange(num_classes, 0, -1)
     png = trainer.per_class_plot(accuracy, counts, 'epoch 1: top-1 50.00%')
     assert Image.open(io.BytesIO(png)).size == size
+
+
+def test_best_checkpoint_is_the_first_epoch_of_the_best_top1(cifar10_root, tmp_path, monkeypatch, one_thread):
+    """The original's `is_best = acc1 > best_acc1`: of equal best top-1s the first epoch's weights stay in
+    ckpt.best.pth.tar. Top-1 0, 80, 80 over three epochs (the evaluations' top-1 replaced): the best file
+    holds epoch 1 after epoch 1 (written even at 0 %, unlike the original, which then wrote none), epoch 2
+    after epochs 2 and 3; the logs' Best Prec@1 reads 0, 80, 80."""
+    import trainer
+    scores, best_epochs = [0.0, 80.0, 80.0], []
+    real = trainer.evaluate
+    name = 'cifar10_resnet20_CE_None_exp_0.1_ss_pretrained'
+    log_dir, model_dir = tmp_path / 'log' / name, tmp_path / 'ckpt' / name
+    best = model_dir / 'ckpt.best.pth.tar'
+
+    def evaluate(*args, **kwargs):
+        best_epochs.append(load_checkpoint(str(best))['epoch'] if best.exists() else None)
+        return {**real(*args, **kwargs), 'top1': scores[len(best_epochs) - 1]}
+
+    monkeypatch.setattr(trainer, 'evaluate', evaluate)
+    assert train.main(_args(cifar10_root, tmp_path, '-a', 'resnet20', '--epochs', '3')) == 0
+    assert best_epochs == [None, 1, 2]
+    saved = load_checkpoint(str(best))
+    assert saved['epoch'] == 2 and float(saved['best_acc1']) == 80.0
+    assert load_checkpoint(str(model_dir / 'ckpt.pth.tar'))['epoch'] == 3
+    logged = [line for line in (log_dir / 'log_test.csv').read_text().splitlines() if line.startswith('Best Prec@1')]
+    assert logged == ['Best Prec@1: 0.000', 'Best Prec@1: 80.000', 'Best Prec@1: 80.000']
