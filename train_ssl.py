@@ -6,7 +6,7 @@ imbalance add-ons ABC and DARP, or the labeled data alone, on the shared trainer
     python train_ssl.py --dataset cifar10 --protocol daso --imb_alg darp --num_max 500 --num_max_u 4000
     python train_ssl.py --dataset cifar10 --imb_alg abc --resume <ckpt.pth.tar> -e   # the EMA weights, ABC's head
     python train_ssl.py --dataset digits --num_max 40 --num_max_u 100 --imb_factor 0.1 -a resnet20 \\
-        --epochs 15 --eval_step 100 -b 16 --ema_decay 0.99                          # offline miniature, CPU
+        --epochs 15 --eval_step 50 -b 16 --ema_decay 0.99                           # offline miniature, CPU
 
 An "epoch" is one evaluation period of --eval_step steps; --epochs of them make the run. Each step trains on
 -b labeled images and --mu times as many unlabeled ones. --protocol fills every recipe knob left unset with
@@ -24,8 +24,21 @@ from ltssl.protocols import PRESETS, apply
 from models import MODELS
 
 
+class _Parser(argparse.ArgumentParser):
+    """parse_args also resolves what the flags leave open: --imb_factor_unlabel, the --protocol preset (its lines
+    in args.preset_notes) and the run folder's name, so every reader of the flags (reproduce.py) sees the run's."""
+
+    def parse_args(self, args=None, namespace=None):
+        args = super().parse_args(args, namespace)
+        if args.imb_factor_unlabel is None:
+            args.imb_factor_unlabel = args.imb_factor
+        args.preset_notes = apply(args)
+        args.store_name = ssl_store_name(args)
+        return args
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_data_args(parser, ('cifar10', 'cifar100', 'digits'), 'ssl')
     parser.add_argument('-a', '--arch', metavar='ARCH', default='wrn28_2', choices=list(MODELS),
                         help='model architecture: ' + ' | '.join(MODELS) + ' (default: wrn28_2)')
@@ -89,25 +102,15 @@ def ssl_store_name(args):
                           args.imb_factor, f'{args.imb_factor_unlabel}{order}', args.protocol, args.exp_str)
 
 
-def parse(argv=None):
-    """The flags with the preset applied (no file read), and the preset's lines."""
-    args = build_parser().parse_args(argv)
-    if args.imb_factor_unlabel is None:
-        args.imb_factor_unlabel = args.imb_factor
-    lines = apply(args)
-    args.store_name = ssl_store_name(args)
-    return args, lines
-
-
 def main(argv=None):
     from ltssl.experiment import build
     from train import exit_code
-    args, lines = parse(argv)
+    args = build_parser().parse_args(argv)
     if args.imb_type != 'exp':
         raise UserError(f"--imb_type {args.imb_type}: the LT-SSL splits are exponential (their protocols' rule)")
     trainer.seed(args)
     experiment, split = build(args)
-    for line in lines:
+    for line in args.preset_notes:
         print(line)
     unused = ', unused by --ssl_alg supervised' if args.ssl_alg == 'supervised' else ''
     print(f"labeled per class: {split.counts_l} ({sum(split.counts_l)} images)")

@@ -23,5 +23,5 @@ COMBINATIONS = {
 def check_combination(ssl_alg, imb_alg):
     if (ssl_alg, imb_alg) not in COMBINATIONS:
         rows = ', '.join(f"--ssl_alg {s} --imb_alg {i}" for s, i in COMBINATIONS)
-        raise UserError(f"--ssl_alg {ssl_alg} --imb_alg {imb_alg} was never published (the add-ons change pseudo-labels "
-                        f"of unlabeled data, which {ssl_alg} has none of); choose one of: {rows}")
+        raise UserError(f"--ssl_alg {ssl_alg} --imb_alg {imb_alg} was never published (the add-ons change "
+                        f"pseudo-labels of unlabeled data, which {ssl_alg} has none of); choose one of: {rows}")

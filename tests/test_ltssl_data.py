@@ -125,8 +125,8 @@ def test_every_op_at_every_level_and_sign_equals_pil():
             for negate in (False, True):
                 views = _one_op(len(images), name, level, negate)
                 op = views.op[:, 0]
-                out = aug._blend(aug._lookup(aug._geometric(torch.from_numpy(images), aug.geometry[op, level, int(negate)]),
-                                             op, views.level[:, 0]), op, aug.factor[op, level])
+                moved = aug._geometric(torch.from_numpy(images), aug.geometry[op, level, int(negate)])
+                out = aug._blend(aug._lookup(moved, op, views.level[:, 0]), op, aug.factor[op, level])
                 ref = np.stack([np.asarray(rp.apply_op(Image.fromarray(im), name, level, negate)) for im in images])
                 assert np.array_equal(out.numpy(), ref), (name, level, negate)
 
@@ -134,7 +134,8 @@ def test_every_op_at_every_level_and_sign_equals_pil():
 def test_whole_strong_views_equal_pil_at_the_drawn_parameters():
     images = _images(300, seed=1)
     views = ra.draw(len(images), torch.Generator().manual_seed(3), strong=True)
-    pixels = ra.RandAugment(32, 'cpu')(ra.weak_pixels(torch.from_numpy(images), torch.arange(len(images)), views), views)
+    weak = ra.weak_pixels(torch.from_numpy(images), torch.arange(len(images)), views)
+    pixels = ra.RandAugment(32, 'cpu')(weak, views)
     for i in range(len(images)):
         assert np.array_equal(pixels[i].numpy(), np.asarray(rp.strong(Image.fromarray(images[i]), views.row(i)))), i
 

@@ -182,3 +182,61 @@ def test_torchrun_two_processes_agree_and_evaluate_like_one(tmp_path, small_digi
     assert last in capsys.readouterr().out
     record = json.loads(log['log_pseudo.csv'].splitlines()[-1].split(' ', 2)[2])
     assert sum(record['raw_counts']) == 6 * 8
+
+
+# ---------------------------------------------------------------- reproduce.py
+
+def test_ltssl_tables_plan_their_rows_with_the_published_column():
+    """ltssl-cifar10-usb: 4 settings x (supervised, FixMatch, + DARP, + ABC), USB's CSV numbers as errors."""
+    from repro.tables import TABLES, Options
+    cells = TABLES['ltssl-cifar10-usb'].build(Options('ltssl-cifar10-usb', 'data', 'out', None, 'current', None, {}), 2)
+    assert len(cells) == 16
+    papers = {c.key: c.paper for c in cells}
+    # results/classic_cv_imb.csv, lb1500/ulb3000 100/100 and lb500/ulb4000 150/150
+    assert papers['supervised_N1500_M3000_g100'] == pytest.approx(100 - 63.83)
+    assert papers['fixmatch_N1500_M3000_g100'] == pytest.approx(100 - 76.69)
+    assert papers['fixmatch+darp_N1500_M3000_g100'] == pytest.approx(100 - 78.49)
+    assert papers['fixmatch+abc_N1500_M3000_g100'] == pytest.approx(100 - 83.88)
+    assert papers['fixmatch+abc_N500_M4000_g150'] == pytest.approx(100 - 77.15)
+    args = cells[6].stages[0].args()  # FixMatch + DARP, N1 1500, gamma 150
+    assert (args.imb_alg, args.num_max, args.imb_factor, args.epochs, args.seed, args.rand_number) == \
+        ('darp', 1500, 1 / 150, 256, 2, 2)
+    assert 'classic_cv_imb.csv' in cells[6].source
+
+
+def test_digits_table_runs_and_reports_tail_recall_and_kl(tmp_path, monkeypatch, small_digits, one_thread):
+    """`reproduce.py --table ltssl-digits-mini` (one seed, 2 steps per period, a smaller split for the small
+    digits): every row runs, and the tail recall and KL columns are the logs' values."""
+    import csv
+
+    import numpy as np
+
+    import reproduce
+    from repro import scheduler
+
+    def execute(cmd, env, *rest):
+        i = next(k for k, w in enumerate(cmd) if w.endswith('.py'))
+        return train_ssl.main(cmd[i + 1:]) or 0
+
+    monkeypatch.setattr(scheduler, 'execute', execute)
+    out = tmp_path / 'out'
+    assert reproduce.main(['--table', 'ltssl-digits-mini', '--seeds', '0', '--epochs', '1', '--out', str(out),
+                           '--stage-args=--eval_step 2 --num_max 12 --num_max_u 16 -b 4']) == 0
+    with open(out / 'ltssl-digits-mini.csv') as f:
+        rows = {r['cell']: r for r in csv.DictReader(f)}
+    assert list(rows) == [f'{k}_N40_M100_g10' for k in ('supervised', 'fixmatch', 'fixmatch+darp', 'fixmatch+abc')]
+    for key, row in rows.items():
+        assert (row['n'], row['status'], row['paper']) == ('1', 'done', '')
+        method = key.split('_')[0].split('+')
+        log = tmp_path / 'out' / 'runs' / 'ltssl-digits-mini' / 'log' / \
+            f"digits_resnet20_{'supervised' if method[0] == 'supervised' else 'fixmatch'}_" \
+            f"{method[1] if len(method) > 1 else 'none'}_N12_M16_0.1_0.1_usb_ssl_s0r0e1"
+        text = (log / 'log_test.csv').read_text()
+        per_class = [float(v) for v in text.split('Class Accuracy: [')[-1].split(']')[0].split(',')]
+        assert float(row['tail']) == pytest.approx(100 * np.mean(per_class[7:]), abs=1e-4)
+        if method[0] == 'supervised':
+            assert row['kl'] == '' and not (log / 'log_pseudo.csv').exists()
+        else:
+            assert float(row['kl']) == pytest.approx(read_pseudo_log(str(log / 'log_pseudo.csv'))[-1]['kl_used'],
+                                                     abs=1e-4)
+    assert 'Per seed' in (out / 'ltssl-digits-mini.md').read_text()

@@ -38,7 +38,8 @@ WEAK = [[10., 0., 0.], [0., 0., 0.], [0., 10., 0.], [0., 0., 1.]]
 STRONG = [[0., 0., 0.], [5., 5., 5.], [1., 2., 3.], [9., 9., 9.]]
 # CE of the labeled rows: log(1 + 2 e^-2) and log(e + 2)
 SUP = (math.log(1 + 2 * math.exp(-2)) + math.log(math.e + 2)) / 2
-# weak rows 0 and 2 are confident (1 / (1 + 2 e^-10) >= 0.95) with labels 0 and 1; rows 1 and 3 are not (1/3, e / (e + 2))
+# weak rows 0 and 2 are confident (1 / (1 + 2 e^-10) >= 0.95) with labels 0 and 1; rows 1 and 3 are not
+# (1/3, e / (e + 2))
 # strong row 0 against class 0: log 3; strong row 2 against class 1: log(e^-1 + 1 + e); the mean is over all 4 rows
 UNSUP = (math.log(3) + math.log(math.exp(-1) + 1 + math.e)) / 4
 
@@ -206,13 +207,16 @@ def test_lr_schedule_and_optimizer_groups():
 
 
 def test_presets_fill_what_is_not_given_and_split_usbs_recipes():
-    args, lines = train_ssl.parse(['--protocol', 'usb'])
+    args = train_ssl.build_parser().parse_args(['--protocol', 'usb'])
+    lines = args.preset_notes
     assert (args.epochs, args.eval_step, args.batch_size, args.mu, args.lr) == (256, 1024, 64, 2, 0.03)
     assert (args.lr_schedule, args.wd_bn_bias, args.ema_style, args.metric) == ('cosine', False, 'copy', 'best')
     assert args.imb_factor_unlabel == 0.01 and 'protocol usb' in lines[0]
-    args, _ = train_ssl.parse(['--protocol', 'usb', '--imb_alg', 'abc', '-b', '16'])
+    args = train_ssl.build_parser().parse_args(['--protocol', 'usb', '--imb_alg', 'abc', '-b', '16'])
     assert (args.lr_schedule, args.wd_bn_bias, args.batch_size) == ('constant', True, 16)
-    args, lines = train_ssl.parse(['--protocol', 'daso', '--imb_alg', 'darp', '--lr_schedule', 'cosine'])
+    args = train_ssl.build_parser().parse_args(['--protocol', 'daso', '--imb_alg', 'darp',
+                                                '--lr_schedule', 'cosine'])
+    lines = args.preset_notes
     assert (args.epochs, args.eval_step, args.darp_warmup, args.darp_mask, args.ema_style) == (500, 500, 0.4, 'refined',
                                                                                                'daso')
     assert args.lr_schedule == 'cosine' and 'lr_schedule cosine' in lines[1]
