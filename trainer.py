@@ -778,8 +778,12 @@ def _train_epoch(args, exp, model, optimizer, train_loader, sampler, seed, epoch
     begin_epoch(sampler, train_loader, seed, epoch, rank, step0)
     num_steps = step0 + len(train_loader)
     set_lr = per_step_lr(exp, optimizer, epoch * num_steps)
-    lr = exp.schedule(epoch) if exp.schedule is not None else (
-        exp.step_lr(epoch * num_steps + step0) if exp.step_lr is not None else LR_SCHEDULES[args.lr_schedule](epoch, args))
+    if exp.schedule is not None:
+        lr = exp.schedule(epoch)
+    elif exp.step_lr is not None:  # the epoch's first step's, for the log; set again before every step
+        lr = exp.step_lr(epoch * num_steps + step0)
+    else:
+        lr = LR_SCHEDULES[args.lr_schedule](epoch, args)
     for group in optimizer.param_groups:
         group['lr'] = lr
     criterion = exp.criterion
