@@ -115,6 +115,20 @@ def _one_op(n, name, level, negate):
     return views
 
 
+def test_magnitudes_are_fixmatchs():
+    """kekmodel's RandAugmentMC(2, 10) at levels v = 1..9: float(v) * max / 10 + bias, int(v * max / 10) + bias."""
+    levels = range(1, 10)
+    assert [ra.enhance_factor(v) for v in levels] == pytest.approx([0.05 + 0.09 * v for v in levels])
+    assert [ra.posterize_bits(v) for v in levels] == [4, 4, 5, 5, 6, 6, 6, 7, 7]
+    assert [ra.rotate_degrees(v, False) for v in levels] == [3, 6, 9, 12, 15, 18, 21, 24, 27]
+    assert [ra.rotate_degrees(v, True) for v in levels] == [-3, -6, -9, -12, -15, -18, -21, -24, -27]
+    assert [ra.shear(v, True) for v in levels] == pytest.approx([-0.03 * v for v in levels])
+    assert [ra.solarize_threshold(v) for v in levels] == [231, 205, 180, 154, 128, 103, 77, 52, 26]
+    assert [ra.translate_pixels(v, False, 32) for v in levels] == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert [ra.translate_pixels(v, True, 32) for v in levels] == [0, -1, -2, -3, -4, -5, -6, -7, -8]
+    assert (ra.NUM_OPS, ra.LEVELS, ra.CUTOUT, ra.CUTOUT_FILL, len(ra.OPS)) == (2, 10, 16, 127, 14)
+
+
 def test_every_op_at_every_level_and_sign_equals_pil():
     """Bit for bit, all 14 ops x levels 1..9 x both signs, against Pillow itself (Pillow 13 here; the module
     docstring says where a different Pillow might round Sharpness otherwise)."""
@@ -194,9 +208,10 @@ def test_streams_are_permutation_passes_and_ranks_split_each_global_batch():
     assert sorted(labeled[:10].tolist()) == list(range(10)) and sorted(labeled[10:].tolist()) == list(range(10))
     ranks = [_source(world=2, rank=r) for r in (0, 1)]
     for t in range(6):
-        whole = one.batch(t, 0).idx_ulb
-        parts = [s.batch(t, 0).idx_ulb for s in ranks]
-        assert torch.equal(whole[0::2], parts[0]) and torch.equal(whole[1::2], parts[1])
+        whole, parts = one.batch(t, 0), [s.batch(t, 0) for s in ranks]
+        for name in ('idx_ulb', 'y_lb'):
+            a, b = getattr(parts[0], name), getattr(parts[1], name)
+            assert torch.equal(getattr(whole, name)[0::2], a) and torch.equal(getattr(whole, name)[1::2], b)
 
 
 def test_torchvision_path_equals_the_device_path_and_a_resumed_epoch_replays_it():
