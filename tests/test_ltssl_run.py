@@ -243,21 +243,22 @@ def test_digits_table_runs_and_reports_tail_recall_and_kl(tmp_path, monkeypatch,
 
 
 def test_cifar_fixtures_with_wrn28_2_and_the_torchvision_loader(cifar10_root, cifar100_root, tmp_path, one_thread):
-    """The real CIFAR loading code and the Wide ResNet: CIFAR-10 with --loader torchvision in 2 worker processes
+    """The real CIFAR loading code: CIFAR-10 with the Wide ResNet and --loader torchvision in 2 worker processes
     (USB's split and ImageNet statistics), CIFAR-100 (100 classes; USB's balanced rule: N1 200 over 100 classes)
-    with the device loader; each one period of 2 steps, evaluated and logged."""
+    with the device loader and a ResNet-20; each one period of 2 steps, evaluated and logged."""
     common = ['--epochs', '1', '--eval_step', '2', '-b', '4', '--mu', '1', '--seed', '0', '-p', '1',
               '--data_path', cifar10_root, '--root_log', str(tmp_path / 'log'), '--root_model', str(tmp_path / 'ckpt')]
     assert train_ssl.main([*common, '--dataset', 'cifar10', '--num_max', '8', '--num_max_u', '10', '--imb_factor',
                            '0.1', '--imb_alg', 'abc', '--loader', 'torchvision', '-j', '2']) == 0
     assert train_ssl.main([*common, '--dataset', 'cifar100', '--num_max', '200', '--num_max_u', '200',
-                           '--imb_factor', '1', '-j', '0']) == 0
-    for name, classes in (('cifar10_wrn28_2_fixmatch_abc_N8_M10_0.1_0.1_usb_ssl', 10),
-                          ('cifar100_wrn28_2_fixmatch_none_N200_M200_1.0_1.0_usb_ssl', 100)):
+                           '--imb_factor', '1', '-j', '0', '-a', 'resnet20']) == 0
+    for name, classes, arch, width in (('cifar10_wrn28_2_fixmatch_abc_N8_M10_0.1_0.1_usb_ssl', 10, 'wrn28_2', 128),
+                                       ('cifar100_resnet20_fixmatch_none_N200_M200_1.0_1.0_usb_ssl', 100, 'resnet20',
+                                        64)):
         records = read_pseudo_log(str(tmp_path / 'log' / name / 'log_pseudo.csv'))
         assert len(records) == 1 and len(records[0]['raw_counts']) == classes
         from trainer import read_test_log
         (record,) = read_test_log(str(tmp_path / 'log' / name / 'log_test.csv'))
         assert len(record['per_class']) == classes
         ckpt = load_checkpoint(str(tmp_path / 'ckpt' / name / 'ckpt.pth.tar'))
-        assert ckpt['arch'] == 'wrn28_2' and ckpt['state_dict']['fc.weight'].shape == (classes, 128)
+        assert ckpt['arch'] == arch and ckpt['state_dict']['fc.weight'].shape == (classes, width)

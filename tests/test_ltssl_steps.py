@@ -230,3 +230,25 @@ def test_unpublished_combinations_are_refused():
     for imb in ('abc', 'darp'):
         with pytest.raises(UserError, match=f'--ssl_alg supervised --imb_alg {imb} was never published'):
             check_combination('supervised', imb)
+
+
+def test_darp_targets(tmp_path):
+    """labeled: the labeled distribution scaled to the unlabeled images (USB); configured: the unlabeled counts (DASO,
+    consistent settings); a file: a saved estimate (DASO's darp_estim/*.npyz hold a 10-vector), scaled likewise."""
+    from dataset.ltssl_split import Split
+    from ltssl.experiment import darp_target
+    split = Split(None, None, [30, 10], [40, 20])
+    args = types.SimpleNamespace(darp_target='labeled', unlabel_order='same')
+    assert darp_target(args, split).tolist() == [45.0, 15.0]
+    args.darp_target = 'configured'
+    assert darp_target(args, split).tolist() == [40.0, 20.0]
+    np.save(tmp_path / 'estimate.npy', np.array([1.0, 3.0]))
+    args.darp_target = str(tmp_path / 'estimate.npy')
+    assert darp_target(args, split).tolist() == [15.0, 45.0]
+    np.save(tmp_path / 'bad.npy', np.array([1.0, 2.0, 3.0]))
+    args.darp_target = str(tmp_path / 'bad.npy')
+    with pytest.raises(UserError, match='expected 2 non-negative class weights'):
+        darp_target(args, split)
+    args.darp_target, args.unlabel_order = 'labeled', 'reversed'
+    with pytest.raises(UserError, match='reversed turns around'):
+        darp_target(args, split)
