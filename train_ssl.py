@@ -6,7 +6,7 @@ imbalance add-ons ABC and DARP, or the labeled data alone, on the shared trainer
     python train_ssl.py --dataset cifar10 --protocol daso --imb_alg darp --num_max 500 --num_max_u 4000
     python train_ssl.py --dataset cifar10 --imb_alg abc --resume <ckpt.pth.tar> -e   # the EMA weights, ABC's head
     python train_ssl.py --dataset digits --num_max 40 --num_max_u 100 --imb_factor 0.1 -a resnet20 \\
-        --epochs 15 --eval_step 50 -b 16 --ema_decay 0.99                           # offline miniature, CPU
+        --epochs 10 --eval_step 50 -b 8 --ema_decay 0.99                            # offline miniature, CPU
 
 An "epoch" is one evaluation period of --eval_step steps; --epochs of them make the run. Each step trains on
 -b labeled images and --mu times as many unlabeled ones. --protocol fills every recipe knob left unset with
