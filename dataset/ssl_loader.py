@@ -70,6 +70,8 @@ class Streams:
     def indices(self, stream, n, start, stop, step=1):
         """Set indices at stream positions start, start + step, ... < stop."""
         first, last = start // n, (stop - 1) // n
+        if first == last:  # within one pass (most steps): no copy of the permutation
+            return self._perm(stream, n, first)[start - first * n:stop - first * n:step]
         perms = torch.cat([self._perm(stream, n, p) for p in range(first, last + 1)])
         return perms[torch.arange(start - first * n, stop - first * n, step, device=self.device)]
 
