@@ -252,3 +252,16 @@ def test_darp_targets(tmp_path):
     args.darp_target, args.unlabel_order = 'labeled', 'reversed'
     with pytest.raises(UserError, match='reversed turns around'):
         darp_target(args, split)
+
+
+def test_darp_stores_every_ranks_rows(monkeypatch):
+    """Under torchrun each rank gathers the others' weak probabilities and indices before writing its stored
+    rows, so every rank refines the same matrix (USB's hook stores its own rank's rows only)."""
+    other_idx, other_rows = torch.tensor([4, 5]), torch.tensor([[0.1, 0.1, 0.8], [0.3, 0.4, 0.3]])
+    monkeypatch.setattr('dist.all_gather_cat', lambda t: torch.cat([t, other_idx if t.dtype == torch.int64
+                                                                     else other_rows]))
+    darp = DARP(6, 3, [2., 2., 2.], start_step=100)
+    mine = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
+    darp.pseudo_probs(mine, _batch([], 2, idx=torch.tensor([0, 1])))
+    assert torch.equal(darp.pseudo_orig[[0, 1]], mine) and torch.equal(darp.pseudo_orig[[4, 5]], other_rows)
+    assert torch.equal(darp.pseudo_orig[[2, 3]], torch.full((2, 3), 1 / 3))
