@@ -172,7 +172,7 @@ class Mixup:
 
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch_fn=None, forward=classify,
                     print_freq=10, log=_print, should_stop=None, start_step=0, num_steps=None, amp=False,
-                    channels_last=False, mixup=None, after_step=None):
+                    channels_last=False, mixup=None, after_step=None, step_fn=None, before_step=None):
     """Train for one pass over `loader`. Returns {'loss', 'top1', 'top5', 'lr', 'steps', 'stopped'}.
 
     `forward(model, images, targets) -> (logits, targets)` is one step's prediction: the default
@@ -187,6 +187,10 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
     `mixup`: a Mixup, applied after `batch_fn`; the training top-1/top-5 then count each image's hits
     against y and y[index] weighted lam and 1 - lam, as mixup-cifar10's training accuracy does.
     `after_step()`: called after every optimizer step (a projection such as losses.MaxNorm).
+    `step_fn(run, batch, epoch, step) -> (loss, logits, targets)`: a step over whatever the loader yields (a
+    semi-supervised batch of labeled and unlabeled images), instead of batch_fn / mixup / forward / criterion;
+    `run(x)` is the model's forward pass with `amp` and `channels_last`; the meters count `logits` against
+    `targets`. `before_step(step)`: called before every step with its 0-based index (a per-step lr).
     """
     batch_fn = batch_fn or _identity
     num_steps = num_steps if num_steps is not None else start_step + len(loader)
@@ -198,19 +202,25 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
     model.train()
     step, stopped = start_step, False
     end = time.time()
-    for images, targets in loader:
-        images, targets = batch_fn(to_device(images, device), to_device(targets, device))
+    for batch in loader:
+        if before_step is not None:
+            before_step(step)
         mixed = None
-        if mixup is not None:
-            images, targets_b, lam = mixup(images, targets, epoch, step)
-            mixed = targets_b, lam
-        output, targets = autocast_forward(lambda x: forward(model, x, targets), images, device, amp,
-                                           channels_last)
-        output = output.float()
-        if mixed is None:
-            loss = criterion(output, targets)
+        if step_fn is not None:
+            loss, output, targets = step_fn(lambda x: autocast_forward(model, x, device, amp, channels_last), batch,
+                                            epoch, step)
         else:
-            loss = lam * criterion(output, targets) + (1 - lam) * criterion(output, targets_b)
+            images, targets = batch_fn(to_device(batch[0], device), to_device(batch[1], device))
+            if mixup is not None:
+                images, targets_b, lam = mixup(images, targets, epoch, step)
+                mixed = targets_b, lam
+            output, targets = autocast_forward(lambda x: forward(model, x, targets), images, device, amp,
+                                               channels_last)
+            output = output.float()
+            if mixed is None:
+                loss = criterion(output, targets)
+            else:
+                loss = lam * criterion(output, targets) + (1 - lam) * criterion(output, targets_b)
         step += 1
         first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad < NO_BAD_STEP), first_bad,
                                 torch.full_like(first_bad, step))
@@ -224,6 +234,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
         sync = step % print_freq == 0 or step == num_steps
         if sync:
             _check_finite(first_bad, epoch)
+            lr = optimizer.param_groups[-1]['lr']  # the latest step's (constant over an epoch but with before_step)
             log(f"Epoch: [{epoch}][{step}/{num_steps}], lr: {lr:.5f}\t{meters.line()}",
                 console_extra=f"\tTime {time.time() - end:.3f}")
             end = time.time()

@@ -60,6 +60,15 @@ class Experiment:
     after_step: Optional[Callable] = None      # called after every optimizer step (losses.MaxNorm)
     trains: bool = True                        # False: every epoch only evaluates and saves (tau-normalisation)
     notes: tuple = ()                          # lines for log_train.csv at the start of a run
+    # A semi-supervised step (train_ssl.py, ltssl.method) sets these; None keeps the behaviour above.
+    optimizer: Optional[Callable] = None       # model -> optimizer, instead of SGD(--lr, --momentum, --wd)
+    step_fn: Optional[Callable] = None         # engine.train_one_epoch's step over the loader's batches
+    step_lr: Optional[Callable] = None         # 0-based global step -> lr, set before every step
+    train_loader: Optional[Callable] = None    # (seed, rank, world, device) -> loader with set_epoch / skip
+    eval_model: Optional[nn.Module] = None     # what evaluations score (weight average, its head), not the model
+    state: Optional[object] = None            # state_dict() -> checkpoint entries; load_state_dict(ckpt, source)
+    logs: tuple = ()                           # more text logs of the run folder (cut back on resume like the others)
+    epoch_lines: Optional[Callable] = None     # 0-based epoch -> {log: [lines]} after its evaluation (collective)
 
     def __post_init__(self):
         self.eval_batch_fn = self.eval_batch_fn or self.batch_fn
@@ -365,12 +374,12 @@ class LogFolder:
 class RunFolder(LogFolder):
     """root_log/store_name (logs, args.txt, tensorboard, plot) and root_model/store_name (checkpoints)."""
 
-    def __init__(self, args):
+    def __init__(self, args, logs=()):
         self.model_dir = os.path.join(args.root_model, args.store_name)
         self.ckpt_path = os.path.join(self.model_dir, 'ckpt.pth.tar')
         self.best_path = os.path.join(self.model_dir, 'ckpt.best.pth.tar')
         super().__init__(os.path.join(args.root_log, args.store_name), self.model_dir,
-                         ('log_train.csv', 'log_test.csv'), folders=(self.model_dir,))
+                         ('log_train.csv', 'log_test.csv', *logs), folders=(self.model_dir,))
 
     def open(self, args, truncate_to=None, fresh=False):
         super().open(truncate_to, fresh)
@@ -571,6 +580,8 @@ def _resume(args, exp, model, optimizer, log):
     ckpt, sd = read_weights(args.resume, exp.task, 'use --pretrained_model to start from it')
     exp.info = checked_against_checkpoint(exp.info, ckpt, f"--resume {args.resume}")  # before the shapes
     load_weights(model, sd, f"--resume {args.resume}")
+    if exp.state is not None:
+        exp.state.load_state_dict(ckpt, f"--resume {args.resume}")
     if not args.evaluate:
         load_optimizer(optimizer, ckpt, args.resume)
     log(f"=> loaded checkpoint '{args.resume}' (epoch {ckpt.get('epoch', '?')})")
@@ -604,6 +615,9 @@ def _loaders(args, exp, seed, rank, world, device):
     if args.batch_size % world and not args.evaluate:  # -b 128 on 3 ranks would train 3 x 42 = 126
         raise UserError(f"-b {args.batch_size} is the batch of all {world} processes and must divide evenly over "
                         f"them (as in pretrain_moco.py), e.g. -b {args.batch_size - args.batch_size % world or world}")
+    if exp.train_loader is not None:  # its own order: the loader is its sampler
+        train_loader = exp.train_loader(seed, rank, world, device)
+        return train_loader, train_loader, _val_loader(args, exp, seed, rank, world, device, args.loader == 'device')
     per_rank_batch = max(1, args.batch_size // world)
     if exp.sampler is not None:
         sampler = exp.sampler(seed, world, rank)
@@ -618,10 +632,7 @@ def _loaders(args, exp, seed, rank, world, device):
         train_loader = DeviceLoader.from_dataset(exp.train_set, sampler, per_rank_batch, device, info, train=True,
                                                  flip=info.flip, cutout=args.cutout, seed=seed, rank=rank,
                                                  channels_last=args.channels_last)
-        val_loader = DeviceLoader.from_dataset(exp.val_set, range(rank, len(exp.val_set), world),
-                                               eval_batch_size(device), device, info, train=False,
-                                               channels_last=args.channels_last)
-        return train_loader, sampler, val_loader
+        return train_loader, sampler, _val_loader(args, exp, seed, rank, world, device, True)
     pin = device.type == 'cuda'  # a copy from unpinned memory makes the host wait for it
     # Own generators: the loaders draw their worker seeds from these, not from the global RNG,
     # so the global stream (augmentations with -j 0, rotations) is the same whether or not a run
@@ -630,11 +641,20 @@ def _loaders(args, exp, seed, rank, world, device):
     train_loader = DataLoader(exp.train_set, batch_size=per_rank_batch, sampler=sampler,
                               num_workers=workers, pin_memory=pin, drop_last=False,
                               generator=torch.Generator())
-    # Every rank evaluates a disjoint slice, without padding, so summed counts are exact.
+    return train_loader, sampler, _val_loader(args, exp, seed, rank, world, device, False)
+
+
+def _val_loader(args, exp, seed, rank, world, device, on_device):
+    """The evaluation loader (`on_device`: a DeviceLoader): every rank evaluates a disjoint slice, without padding,
+    so summed counts are exact."""
+    if on_device:
+        return DeviceLoader.from_dataset(exp.val_set, range(rank, len(exp.val_set), world), eval_batch_size(device),
+                                         device, exp.info or DATASETS.get(args.dataset), train=False,
+                                         channels_last=args.channels_last)
     val_set = exp.val_set if world == 1 else Subset(exp.val_set, range(rank, len(exp.val_set), world))
-    val_loader = DataLoader(val_set, batch_size=100, shuffle=False, num_workers=workers, pin_memory=pin,
-                            generator=torch.Generator().manual_seed(seed))
-    return train_loader, sampler, val_loader
+    return DataLoader(val_set, batch_size=100, shuffle=False,
+                      num_workers=loader_workers(args, exp.info or DATASETS.get(args.dataset)),
+                      pin_memory=device.type == 'cuda', generator=torch.Generator().manual_seed(seed))
 
 
 def place_model(model, args, device, world):
@@ -679,7 +699,7 @@ def run(args, exp):
 def _run(args, exp, ctx):
     rank, world, device = ctx.rank, ctx.world_size, ctx.device
     main = rank == 0
-    folder = RunFolder(args)
+    folder = RunFolder(args, exp.logs)
 
     def log(line, console_extra=''):
         if main:
@@ -690,7 +710,8 @@ def _run(args, exp, ctx):
     hooks = step_hooks(args, device)
     # Evaluations are what users compare with the paper: float32 unless --amp-eval asks for bf16.
     eval_hooks = {**hooks, 'amp': args.amp_eval}
-    optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = (exp.optimizer(model) if exp.optimizer is not None else
+                 torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay))
 
     ckpt = None
     start_epoch, start_step, best_acc1 = args.start_epoch, 0, 0.0
@@ -760,11 +781,16 @@ def _run(args, exp, ctx):
                         log(stop_notice(stop, epoch, folder.ckpt_path, stats['steps']))
                         return {'stopped_by': stop.signum, **stats}
                 dist.broadcast_buffers(unwrap(model))  # collective, every epoch: evaluate what rank 0 saves
+                if exp.eval_model is not None:
+                    dist.broadcast_buffers(eval_model)
                 metrics = evaluate(eval_model, eval_criterion, val_loader, device, exp.num_classes,
                                    batch_fn=exp.eval_batch_fn, **eval_hooks)
                 is_best = metrics['top1'] > best_acc1
                 best_acc1 = max(best_acc1, metrics['top1'])
                 _log_eval(folder, metrics, exp, epoch, best_acc1, main)
+                for name, lines in (exp.epoch_lines(epoch) if exp.epoch_lines is not None else {}).items():
+                    for line in lines:
+                        folder.write(name, line)
                 folder.save(snapshot(epoch + 1, 0), is_best)
                 # Collective, at every epoch end; after the save, so a resumed run's logs hold no trace of the stop.
                 if stop():
@@ -779,28 +805,52 @@ def _run(args, exp, ctx):
 def _train_epoch(args, exp, model, optimizer, train_loader, sampler, seed, epoch, step0, rank, device, folder, log,
                  stop, hooks, mixup):
     """One training epoch of `run` from step `step0`: its lr and loss, the data order, the steps."""
-    lr = exp.schedule(epoch) if exp.schedule is not None else LR_SCHEDULES[args.lr_schedule](epoch, args)
+    begin_epoch(sampler, train_loader, seed, epoch, rank, step0)
+    num_steps = step0 + len(train_loader)
+    set_lr = per_step_lr(exp, optimizer, epoch * num_steps)
+    if exp.schedule is not None:
+        lr = exp.schedule(epoch)
+    elif exp.step_lr is not None:  # the epoch's first step's, for the log; set again before every step
+        lr = exp.step_lr(epoch * num_steps + step0)
+    else:
+        lr = LR_SCHEDULES[args.lr_schedule](epoch, args)
     for group in optimizer.param_groups:
         group['lr'] = lr
     criterion = exp.criterion
-    if criterion is None:
+    if criterion is None and exp.step_fn is None:
         weights = TRAIN_RULES[args.train_rule].weights(epoch, exp.cls_num_list, args.lr_steps[0])
         criterion = build_criterion(args.loss_type, exp.cls_num_list, None if weights is None else weights.to(device),
                                     args.la_tau)
-    begin_epoch(sampler, train_loader, seed, epoch, rank, step0)
-    stats = train_one_epoch(model, criterion.to(device), train_loader, optimizer, device, epoch, batch_fn=exp.batch_fn,
-                            print_freq=args.print_freq, log=log, should_stop=stop, start_step=step0,
-                            num_steps=step0 + len(train_loader), mixup=mixup, after_step=exp.after_step, **hooks)
+    stats = train_one_epoch(model, criterion and criterion.to(device), train_loader, optimizer, device, epoch,
+                            batch_fn=exp.batch_fn, print_freq=args.print_freq, log=log, should_stop=stop,
+                            start_step=step0, num_steps=num_steps, mixup=mixup, after_step=exp.after_step,
+                            step_fn=exp.step_fn, before_step=set_lr, **hooks)
     folder.scalar('loss/train', stats['loss'], epoch)
     folder.scalar('acc/train_top1', stats['top1'], epoch)
     folder.scalar('lr', lr, epoch)
     return stats
 
 
+def per_step_lr(exp, optimizer, first):
+    """engine.train_one_epoch's before_step for exp.step_lr (None without one): the lr of global step
+    `first` + the epoch's 0-based step, on every parameter group."""
+    if exp.step_lr is None:
+        return None
+
+    def set_lr(step):
+        lr = exp.step_lr(first + step)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+    return set_lr
+
+
 def scored_model(model, args, exp, device):
-    """(what the evaluations score, a notice or ''): the bare `model`, or with --posthoc_la TAU the
-    model whose logits are logits - TAU * log(training class prior), the prior from exp.cls_num_list
-    (for train_semi.py, pseudo-labels included). The evaluation loss is then CE on those logits."""
+    """(what the evaluations score, a notice or ''): exp.eval_model placed as the model is; the bare
+    `model`; or with --posthoc_la TAU the model whose logits are logits - TAU * log(training class prior), the
+    prior from exp.cls_num_list (for train_semi.py, pseudo-labels included). The evaluation loss is then CE on
+    those logits."""
+    if exp.eval_model is not None:
+        return place_model(exp.eval_model, args, device, 1), ''
     if args.posthoc_la is None:
         return unwrap(model), ''
     adjusted = PosthocLogitAdjustment(unwrap(model), exp.cls_num_list, args.posthoc_la).to(device)
@@ -849,6 +899,6 @@ def _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, wo
         'best_acc1': torch.tensor(best_acc1), 'optimizer': optimizer.state_dict(),
         'step': step, 'seed': seed, **resume_entries(world), 'script': exp.script, 'task': exp.task,
         'num_classes': exp.num_classes, 'store_name': args.store_name, 'log_sizes': folder.log_sizes(),
-        **checkpoint_entries(exp.info),
+        **checkpoint_entries(exp.info), **(exp.state.state_dict() if exp.state is not None else {}),
     }
 

@@ -1,4 +1,5 @@
-"""Model zoo: CIFAR ResNets (resnet20..resnet1202) and ImageNet ResNets (resnet18..resnet152).
+"""Model zoo: CIFAR ResNets (resnet20..resnet1202), ImageNet ResNets (resnet18..resnet152) and the Wide
+ResNets of semi-supervised learning (wrn28_2, wrn28_8).
 
 Every builder has the signature `fn(num_classes, use_norm=False, return_features=False)`, and
 every model exposes its classifier as `model.fc` (with `.in_features`), so callers can swap the
@@ -9,11 +10,12 @@ from models.resnet import resnet18, resnet34, resnet50, resnet101, resnet152
 from models.resnet_cifar import (
     NormedLinear, resnet20, resnet32, resnet44, resnet56, resnet110, resnet1202,
 )
+from models.wrn import wrn28_2, wrn28_8
 
 __all__ = [
     'MODELS', 'NormedLinear', 'build_model',
     'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'resnet1202',
-    'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152',
+    'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'wrn28_2', 'wrn28_8',
 ]
 
 MODELS = {
@@ -28,6 +30,8 @@ MODELS = {
     'resnet50': resnet50,
     'resnet101': resnet101,
     'resnet152': resnet152,
+    'wrn28_2': wrn28_2,
+    'wrn28_8': wrn28_8,
 }
 
 

@@ -168,7 +168,13 @@ def launcher_processes(launcher):
     return counts['--nproc_per_node'] * counts['--nproc-per-node'] * counts['--nnodes']
 
 
+def _ssl_result(stage):
+    a = stage.args()
+    return _call('repro.published_ltssl.read_ssl_result', a, os.path.join(a.root_log, a.store_name))
+
+
 _TRAIN = _run_folder('train.supervised_store_name')
+_SSL = _run_folder('train_ssl.ssl_store_name')
 SCRIPTS = {
     'train.py': Script(('train.py',), 'train', 'build_parser', True, *_TRAIN),
     'pretrain_rot.py': Script(('pretrain_rot.py',), 'pretrain_rot', 'build_rot_parser', True,
@@ -187,6 +193,7 @@ SCRIPTS = {
     'imagenet_inat': Script(('-m', 'imagenet_inat.main'), 'imagenet_inat.main', 'build_parser', True,
                             _decoupled_output, _decoupled_progress, _decoupled_result, _decoupled_check,
                             gpus=lambda stage: RECIPE_GPUS, alone=('--bn_pieces', str(RECIPE_GPUS))),
+    'train_ssl.py': Script(('train_ssl.py',), 'train_ssl', 'build_parser', True, _SSL[0], _SSL[1], _ssl_result),
 }
 
 

@@ -101,6 +101,7 @@ class Table:
     note: str = ''
     # what the numbers are: train.py-style logs (default) or imagenet_inat's final evaluation
     reference: str = 'paper'  # the column of the cells' `paper` numbers: this paper's, or 'published' ones
+    extra: tuple = ()         # (key, header, what): more columns, from the results' 'extra' dicts, listed per seed too
     measured: str = ('*best* is the best epoch\'s (the paper\'s number, the logs\' `Best Prec@1`), *last* the last '
                      'epoch\'s. Many / medium / few: last-epoch top-1 accuracy (%) of the classes with > 100, '
                      '20–100 and < 20 images in the labeled long-tailed training set (pseudo-labeled images not '
@@ -361,3 +362,64 @@ TABLES = {
                               'CE (Balanced).'),
 }
 
+
+
+# ---------------------------------------------------------------- long-tailed semi-supervised learning (train_ssl.py)
+
+LTSSL_ROWS = (('supervised', 'supervised (labeled data only)', ('--ssl_alg', 'supervised')),
+              ('fixmatch', 'FixMatch', ()),
+              ('fixmatch+darp', 'FixMatch + DARP', ('--imb_alg', 'darp')),
+              ('fixmatch+abc', 'FixMatch + ABC', ('--imb_alg', 'abc')))
+LTSSL_EXTRA = (('tail', 'tail recall', 'mean last-evaluation accuracy (%) of the 30 % classes with the fewest labeled '
+                                       'images (CIFAR-10, digits: 7, 8, 9).'),
+               ('kl', 'KL to truth', "KL(histogram of the pseudo-labels the last evaluation period trained with || "
+                                     "the true unlabeled class distribution), nats, from log_pseudo.csv (DARP: its "
+                                     "refined labels); none for the labeled-only row."))
+LTSSL_MEASURED = ("*best* is the best evaluation's (the weight average's) top-1 error, USB's metric; *last* the last "
+                  "evaluation's. Many / medium / few: last-evaluation accuracy (%) of the classes with > 100, 20–100 "
+                  "and < 20 labeled images.")
+# the digits miniature (docs/ltssl.md): one recipe for every row
+LTSSL_DIGITS = ('-a', 'resnet20', '--epochs', '10', '--eval_step', '50', '-b', '8', '--mu', '2',
+                '--ema_decay', '0.99', '--lr_schedule', 'constant', '--wd_bn_bias', 'true', '--darp_warmup', '0.4', '-j', '0')
+
+
+def _ltssl(dataset, settings, flags=(), protocol='usb'):
+    """Per (N1, M1, gamma), gamma_u = gamma_l: supervised, FixMatch, + DARP, + ABC, one train_ssl.py stage each; the
+    published column from the same protocol (repro.published_ltssl)."""
+    from repro.published_ltssl import PUBLISHED
+
+    def build(o, seed):
+        cells = []
+        for n, m, gamma in settings:
+            group = f'N1 = {n}, M1 = {m}, gamma = {gamma}'
+            data = ('--dataset', dataset, '--protocol', protocol, '--num_max', n, '--num_max_u', m,
+                    '--imb_factor', repr(1 / gamma), '--imb_factor_unlabel', repr(1 / gamma), *flags)
+            epochs = ('--epochs', o.epochs) if o.epochs else ()
+            for key, label, method in LTSSL_ROWS:
+                tag = f'ssl_s{seed}r{o.rand(seed)}' + (f'e{o.epochs}' if o.epochs else '')
+                stage = o._run('train_ssl.py', seed, (*data, *method), *epochs, '--exp_str', tag)
+                ref = PUBLISHED.get((protocol, dataset, n, m, gamma, gamma, key))
+                cells.append(Cell(f'{key}_N{n}_M{m}_g{gamma}', f'{group}: {label}', (stage,), ref and ref.error, group,
+                                  ref and f'{ref.source}; ± {ref.std}' or ''))
+        return cells
+    return build
+
+
+TABLES.update({
+    'ltssl-cifar10-usb': Table('CIFAR-10-LT semi-supervised, USB protocol (classic_cv_imb): supervised, FixMatch, '
+                               '+ DARP, + ABC; WRN-28-2',
+                               _ltssl('cifar10', ((1500, 3000, 100), (1500, 3000, 150), (500, 4000, 100),
+                                                  (500, 4000, 150))),
+                               None, (CIFAR10,), reference='published', measured=LTSSL_MEASURED, extra=LTSSL_EXTRA,
+                               note="USB's recipe per row, as its CSV ran them (train_ssl.py --protocol usb: FixMatch "
+                                    "and supervised with the cosine schedule and no decay on BatchNorm and biases, "
+                                    "the add-ons with a constant lr and decay on every parameter); its strong "
+                                    "augmentation is RandAugment(3, 5), ours FixMatch's (docs/ltssl.md). 256 x 1024 "
+                                    "steps per cell: a GPU table (--gpus)."),
+    'ltssl-digits-mini': Table('Miniature: long-tailed digits semi-supervised (N1 = 40, M1 = 100, gamma = 10), '
+                               'ResNet-20, CPU', _ltssl('digits', ((40, 100, 10),), LTSSL_DIGITS), None,
+                               reference='published', measured=LTSSL_MEASURED, extra=LTSSL_EXTRA,
+                               note='No published numbers: no paper has digits. One recipe for every row (constant lr '
+                                    '0.03, decay on every parameter, 10 x 50 steps, B 8, mu 2, EMA 0.99, DARP from '
+                                    '40 %); the criteria it is judged by, set before it ran: docs/ltssl.md.'),
+})

@@ -27,13 +27,15 @@ import pretrain_moco
 import pretrain_rot
 import train
 import train_semi
+import train_ssl
 import train_stage2
 from fixtures import REPO
 from models import build_model
 from test_reproduce_slurm import fake_slurm  # noqa: F401 (a fixture: sbatch, srun, squeue on PATH)
 
 SCRIPTS = {'train.py': train, 'gen_pseudolabels.py': gen_pseudolabels, 'train_semi.py': train_semi,
-           'pretrain_rot.py': pretrain_rot, 'pretrain_moco.py': pretrain_moco, 'train_stage2.py': train_stage2}
+           'pretrain_rot.py': pretrain_rot, 'pretrain_moco.py': pretrain_moco, 'train_stage2.py': train_stage2,
+           'train_ssl.py': train_ssl}
 SHORT = ['--epochs', '1']
 
 
@@ -105,6 +107,17 @@ def test_semi_md_offline_digits(cwd, small_digits):
     assert (cwd / 'data' / 'pseudo_labeled_digits.pickle').is_file() and (cwd / 'data' / 'prediction.log').is_file()
     run('train_semi.py', semi)
     assert (cwd / 'checkpoint' / 'digits_resnet32_CE_None_exp_0.01_0.01_semi' / 'ckpt.pth.tar').is_file()
+
+
+def test_ltssl_md_offline_digits(cwd, small_digits, one_thread):
+    """docs/ltssl.md's digits miniature command, then -e on its checkpoint; a smaller split for the small digits
+    (30 pool images per digit) and 2 steps."""
+    (mini,) = script_commands('docs/ltssl.md', 'train_ssl.py', ['digits'])
+    run('train_ssl.py', mini, extra=('--epochs', '1', '--eval_step', '2', '--num_max', '12', '--num_max_u', '16'))
+    ckpt = cwd / 'checkpoint' / 'digits_resnet20_fixmatch_abc_N12_M16_0.1_0.1_usb_ssl' / 'ckpt.pth.tar'
+    assert ckpt.is_file()
+    run('train_ssl.py', mini, extra=('--epochs', '1', '--num_max', '12', '--num_max_u', '16', '--resume', str(ckpt),
+                                     '-e'))
 
 
 def test_moco_md_offline_digits(cwd, small_digits):
