@@ -102,7 +102,7 @@ def build(args):
         source = SSLSource(lb, labels[split.labeled], ulb, args.batch_size, args.mu, info.mean, info.std,
                            flip=info.flip, seed=seed, rank=rank, world=world, device='cpu' if pil else device,
                            pil=pil, unlabeled=semi)
-        return SSLLoader(source, args.eval_step, device, args.workers if pil else 0)
+        return SSLLoader(source, args.eval_step, device, trainer.loader_workers(args, info) if pil else 0)
 
     return trainer.Experiment(
         script='train_ssl', task='classification', model=net, train_set=None, val_set=val_set,
