@@ -136,9 +136,9 @@ def training_features(model, train_set, info):
 
 
 def held_out_features(model, args, info):
-    """(features, labels) of the images of --tau_search DIR (DIR/<class>/...), decoded at the stage-1 image size
-    and normalised as its data; class folders are named after the stage-1 classes (a folder's names; 0, 1, ...
-    for the built-in data sets)."""
+    """(features (N, D), labels (N,), how many classes have images) of --tau_search DIR (DIR/<class>/...), decoded
+    at the stage-1 image size and normalised as its data; class folders are named after the stage-1 classes (a
+    folder's names; 0, 1, ... for the built-in data sets)."""
     root = args.tau_search
     if not os.path.isdir(root):
         raise UserError(f"--tau_search {root}: no such folder (expected {root}/<class>/<images>)")

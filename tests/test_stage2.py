@@ -433,8 +433,42 @@ def test_resumed_stage2_equals_an_uninterrupted_one(cwd, monkeypatch):
         assert open(f'{log}/{n}').read() == text, n
 
 
+def test_wb_resumed_mid_epoch_equals_an_uninterrupted_one(cwd, monkeypatch):
+    """Weight balancing stopped by SIGTERM after step 2 of epoch 1 (-p 2: a print point there) and resumed: the
+    rest of the epoch, then its MaxNorm, then the others: the weights and test log of the uninterrupted run (the
+    training log's running averages restart with the process)."""
+    argv = ['--stage1', STAGE1, '--epochs', '3', '-p', '2']
+    whole, log = run_stage('WB', *argv)
+    logs = {n: open(f'{log}/{n}').read() for n in ('log_test.csv',)}
+
+    def sigterm_at_first_sync(self, sync=True):
+        if sync:
+            self.signum = signal.SIGTERM
+        return sync
+    with monkeypatch.context() as m:
+        m.setattr(trainer.GracefulStop, '__call__', sigterm_at_first_sync)
+        assert train_stage2.main(readme_stage2('WB') + argv) == 128 + signal.SIGTERM
+    name = 'digits_resnet32_CE_None_exp_0.01_ss_pretrained_WB'
+    stopped = load_checkpoint(f'checkpoint/{name}/ckpt.pth.tar')
+    assert (stopped['epoch'], stopped['step']) == (0, 2)
+    resumed, _ = run_stage('WB', *argv, '--resume', f'checkpoint/{name}/ckpt.pth.tar')
+    fixtures.assert_same_tensors(resumed['state_dict'], whole['state_dict'])
+    for n, text in logs.items():
+        assert open(f'{log}/{n}').read() == text, n
+
+
 def test_ncm_refuses_a_class_without_training_images():
     from imagenet_inat.networks import NCMClassifier
     with pytest.raises(UserError, match=r'the nearest-class-mean classifier needs a training image of every class; '
                                         r'class 2 has none'):
         NCMClassifier(4, 3).fit(torch.randn(5, 4), torch.tensor([0, 1, 1, 0, 1]))
+
+
+def test_tau_search_refuses_the_evaluation_split(tmp_path):
+    """A folder's val/ is what the test results are measured on: tau is never chosen there."""
+    os.makedirs(tmp_path / 'val' / 'a')
+    args = train_stage2.parse(['--dataset', 'folder', '--data_path', str(tmp_path), '--stage', 'tau_norm',
+                               '--tau_search', str(tmp_path / 'val' / '..' / 'val')])[0]
+    with pytest.raises(UserError, match=r'--tau_search .* is the folder the test results are measured on; tau is '
+                                        r'never chosen on the test set'):
+        train_stage2.held_out_features(None, args, None)
