@@ -120,11 +120,13 @@ def weight_balancing(model, args, train_set, _info):
     at the end of the training phase, line 142), before the epoch's evaluation."""
     freeze_all_but(model, {'fc.weight', 'fc.bias'})
     maxnorm = MaxNorm.from_weight(model.fc.weight, args.maxnorm_thresh)
+    when = 'after_step' if args.maxnorm_per_step else 'after_epoch'
     return dict(criterion=ClassBalancedSoftmaxBCELoss(train_set.get_cls_num_list()),
-                after_epoch=lambda: maxnorm(model.fc.weight),
+                **{when: lambda: maxnorm(model.fc.weight)},
                 notes=(f"=> WB: features frozen, classifier fine-tuned with the class-balanced loss (beta 0.9999), "
                        f"MaxNorm radius {maxnorm.radius:.6g} (thresh {args.maxnorm_thresh:g} of the stage-1 row "
-                       f"norms' range) after each epoch's last step",))
+                       f"norms' range) " + ("after every step (--maxnorm_per_step)" if args.maxnorm_per_step else
+                                            "after each epoch's last step"),))
 
 
 def training_features(model, train_set, info):
@@ -258,7 +260,8 @@ STAGES = {
 
 # a stage's own flag -> (the stage, its default); --tau stays None when not given (tau_norm then uses DEFAULT_TAU
 # and says so in its log)
-STAGE_FLAGS = {'tau': ('tau_norm', None), 'tau_search': ('tau_norm', None), 'maxnorm_thresh': ('WB', 0.1)}
+STAGE_FLAGS = {'tau': ('tau_norm', None), 'tau_search': ('tau_norm', None), 'maxnorm_thresh': ('WB', 0.1),
+               'maxnorm_per_step': ('WB', False)}
 
 
 def build_parser():
@@ -281,6 +284,9 @@ def build_parser():
     group.add_argument('--maxnorm_thresh', default=None, type=cli.probability, metavar='T',
                        help='WB: MaxNorm radius min + T * (max - min) of the stage-1 classifier row norms '
                             '(default 0.1, the authors\')')
+    group.add_argument('--maxnorm_per_step', default=None, action='store_const', const=True,
+                       help="WB: MaxNorm after every optimizer step, as the paper's text says, instead of once per "
+                            "epoch after its last step, as the authors' code does (default)")
     cli.add_run_args(parser, batch_size=None, epochs=None, lr=None, weight_decay=None)
     return parser
 

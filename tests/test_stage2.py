@@ -310,6 +310,29 @@ def test_wb_class_balanced_loss_and_maxnorm_after_each_epoch(cwd, monkeypatch):
     torch.testing.assert_close(criterion(logits, y), expected)
 
 
+def test_wb_maxnorm_per_step_projects_after_every_step(cwd, monkeypatch):
+    """--maxnorm_per_step (the paper's "after each batch update"): every step's weights within the radius."""
+    norms_after = []
+    real = trainer.train_one_epoch
+
+    def spy(model, criterion, loader, optimizer, *args, after_step=None, **kwargs):
+        fc = trainer.unwrap(model).fc
+
+        def hook():
+            after_step()
+            norms_after.append(fc.weight.detach().norm(dim=1).max().item())
+        return real(model, criterion, loader, optimizer, *args, after_step=hook, **kwargs)
+    monkeypatch.setattr(trainer, 'train_one_epoch', spy)
+    _, log = run_stage('WB', '--stage1', STAGE1, '--maxnorm_per_step')
+    norms = stage1()['fc.weight'].norm(dim=1)
+    radius = (norms.min() + 0.1 * (norms.max() - norms.min())).item()
+    steps = -(-len(stage2_train_set('WB')) // 64)
+    assert len(norms_after) == 2 * steps and max(norms_after) <= radius + 1e-5
+    assert 'after every step (--maxnorm_per_step)' in open(f'{log}/log_train.csv').read()
+    with pytest.raises(UserError, match=r'--maxnorm_per_step applies to --stage WB only, not cRT'):
+        train_stage2.main(readme_stage2('cRT') + ['--maxnorm_per_step'])
+
+
 @pytest.mark.parametrize('stage, epochs, lrs', [
     # Kang et al.'s cls_crt.yaml: lr 0.2, coslr to 0, stepped at each epoch's start; 4 epochs here
     ('cRT', 4, [0.1707107, 0.1, 0.0292893, 0.0]),
