@@ -82,8 +82,8 @@ def add_training_args(parser, batch_size=128):
                         help='model architecture: ' + ' | '.join(MODELS) + ' (default: resnet32)')
     parser.add_argument('--loss_type', default='CE', type=str, choices=list(LOSSES))
     parser.add_argument('--la_tau', default=1.0, type=nonneg_float, metavar='TAU',
-                        help='tau of --loss_type LogitAdjusted: cross-entropy on logits + TAU * log(training '
-                             'class prior) (default: 1.0; the other losses ignore it)')
+                        help='tau of --loss_type LogitAdjusted and LogitAdjustedAdaptive: cross-entropy on logits + '
+                             'TAU * log(training class prior) (default: 1.0; the other losses ignore it)')
     parser.add_argument('--posthoc_la', default=None, type=nonneg_float, metavar='TAU',
                         help='post-hoc logit adjustment: the evaluations (after every epoch, and -e) score '
                              'logits - TAU * log(training class prior); training is unchanged (default: off)')
@@ -141,7 +141,8 @@ def _add_recipe_args(parser, schedules):
     group.add_argument('--lr_schedule', default='step', choices=list(schedules),
                        help='step: 5 warm-up epochs, then x0.01 after --lr_steps E1, x0.0001 after E2 (default); '
                             'cosine: the same warm-up, then lr * (1 + cos(pi * (e - 5) / (epochs - 5))) / 2 for '
-                            '1-based epoch e (--lr_steps then only says when DRW switches on)')
+                            '1-based epoch e (--lr_steps then only says when DRW switches on); cosine_nowarmup: '
+                            'lr * (1 + cos(pi * e / epochs)) / 2 from the first epoch (weight balancing\'s stage 1)')
 
 
 def recipe_suffix(args):

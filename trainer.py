@@ -57,7 +57,8 @@ class Experiment:
     criterion: Optional[nn.Module] = None      # a fixed training loss instead of --loss_type / --train_rule's
     sampler: Optional[Callable] = None         # (seed, num_replicas, rank) -> sampler, instead of --train_rule's
     schedule: Optional[Callable] = None        # 0-based epoch -> lr, instead of lr_at(epoch, --lr, --lr_steps)
-    after_step: Optional[Callable] = None      # called after every optimizer step (losses.MaxNorm)
+    after_step: Optional[Callable] = None      # called after every optimizer step
+    after_epoch: Optional[Callable] = None     # called after an epoch's last step, before its evaluation (MaxNorm)
     trains: bool = True                        # False: every epoch only evaluates and saves (tau-normalisation)
     notes: tuple = ()                          # lines for log_train.csv at the start of a run
     # A semi-supervised step (train_ssl.py, ltssl.method) sets these; None keeps the behaviour above.
@@ -109,6 +110,9 @@ def cosine_lr_at(epoch, base_lr, epochs):
 LR_SCHEDULES = {
     'step': lambda epoch, args: lr_at(epoch, args.lr, args.lr_steps),
     'cosine': lambda epoch, args: cosine_lr_at(epoch, args.lr, args.epochs),
+    # weight balancing's stage 1 (Alshammari et al.'s demo1 / utils/trainval.py): CosineAnnealingLR stepped at
+    # each epoch's start, no warm-up
+    'cosine_nowarmup': lambda epoch, args: cosine_at_epoch_start(epoch + 1, args.lr, args.epochs),
 }
 
 
@@ -780,6 +784,8 @@ def _run(args, exp, ctx):
                         folder.save(snapshot(epoch, stats['steps']), is_best=False)
                         log(stop_notice(stop, epoch, folder.ckpt_path, stats['steps']))
                         return {'stopped_by': stop.signum, **stats}
+                    if exp.after_epoch is not None:
+                        exp.after_epoch()
                 dist.broadcast_buffers(unwrap(model))  # collective, every epoch: evaluate what rank 0 saves
                 if exp.eval_model is not None:
                     dist.broadcast_buffers(eval_model)

@@ -156,7 +156,7 @@ CASES = [
     ('moco malformed split line', pretrain_moco, M + ['--split_file', '{w}/badsplit.txt'], r'line 1'),
     ('moco resume of a classifier', pretrain_moco, M + ['-a', 'resnet32', '--split_file', '{w}/goodsplit.txt', '--resume',
                                                         '{w}/good.pth.tar'], r'does not fit'),
-    ('stage 2 unknown stage', train_stage2, ['--stage', 'NCM'], r'invalid choice'),
+    ('stage 2 unknown stage', train_stage2, ['--stage', 'BBN'], r'invalid choice'),
     ('stage 2 negative tau', train_stage2, ['--stage', 'tau_norm', '--tau', '-1'], r'--tau.*not a non-negative'),
     ('stage 2 tau for another stage', train_stage2, S + ['--stage', 'cRT', '--tau', '1'],
      r'--tau applies to --stage tau_norm'),

@@ -226,3 +226,24 @@ def test_wrn_leaky_slope_and_unused_bn_are_frozen():
         torch.testing.assert_close(block(x), expected)
     with pytest.raises(UserError, match='no cosine'):
         build_model('wrn28_2', 10, use_norm=True)
+
+
+def test_resnet34_cifar_is_weight_balancings_network():
+    """LTR-weight-balancing utils/network_arch_resnet.py ResnetEncoder(34, embDimension=100, poolSize=4): torchvision's
+    resnet34 (its parameter names, their `encoder.` prefix dropped), conv1 3x3 stride 1, no max-pool, 512-d features
+    pooled from 4x4 at 32 px; 21,328,292 parameters with 100 classes (theirs, counted beside this one)."""
+    model = build_model('resnet34_cifar', 100, return_features=True).eval()
+    assert n_params(model) == 21_328_292
+    assert list(model.state_dict()) == list(torchvision.models.resnet34(num_classes=100).state_dict())
+    conv1 = model.conv1
+    assert (conv1.kernel_size, conv1.stride, conv1.padding, conv1.bias) == ((3, 3), (1, 1), (1, 1), None)
+    sizes = []
+    model.layer4.register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape)))
+    logits, features = model(torch.randn(2, 3, 32, 32))
+    assert sizes == [(2, 512, 4, 4)] and logits.shape == (2, 100) and features.shape == (2, 512)
+    # without the max-pool: layer1 sees 32 x 32
+    seen = []
+    model.layer1.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[2:])))
+    model(torch.randn(1, 3, 32, 32))
+    assert seen == [(32, 32)]
+    assert isinstance(build_model('resnet34_cifar', 10, use_norm=True).fc, NormedLinear)

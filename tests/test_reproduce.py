@@ -446,9 +446,14 @@ BASELINE_METHODS = {
     'CE': ('CE', 'None', None), 'Focal': ('Focal', 'None', None), 'CB': ('CE', 'Reweight', None),
     'LDAM-DRW': ('LDAM', 'DRW', None), 'BalancedSoftmax': ('BalancedSoftmax', 'None', None),
     'LogitAdjusted': ('LogitAdjusted', 'None', None), 'CE+posthocLA': ('CE', 'None', 1.0),
+    'LogitAdjustedAdaptive': ('LogitAdjustedAdaptive', 'None', None),
     'LDAM-DRW+SSP': ('LDAM', 'DRW', None), 'BalancedSoftmax+SSP': ('BalancedSoftmax', 'None', None),
 }
-STAGE2 = {'cRT': 'cRT', 'tau-norm': 'tau_norm', 'LWS': 'LWS', 'WB': 'WB'}
+STAGE2 = {'cRT': 'cRT', 'tau-norm': 'tau_norm', 'NCM': 'NCM', 'LWS': 'LWS', 'WB': 'WB'}
+# BALMS's decoupled stage behind the published cRT / LWS numbers: 2,000 iterations at batch 512, as epochs of
+# floor(N / 512) steps: CIFAR-10-LT rho 100 (N = 12,406): 24 steps, 84 epochs; rho 50 (13,996): 27, 75; rho 10
+# (20,431): 39, 52
+BALMS_EPOCHS = {'0.01': '84', '0.02': '75', '0.1': '52'}
 # A few published top-1 errors (%) as their papers print them: Cao et al. 2019 Table 2 (LDAM-DRW), Cui et al.
 # 2019 Table 2 (softmax CE); None where no source reports one. Only cells the test below runs.
 PUBLISHED_SPOTS = {
@@ -457,27 +462,33 @@ PUBLISHED_SPOTS = {
 }
 
 
-BASELINE_KEYS = ['CE', 'Focal', 'CB', 'LDAM-DRW', 'BalancedSoftmax', 'LogitAdjusted', 'CE+posthocLA', 'cRT',
-                 'tau-norm', 'LWS', 'WB', 'LDAM-DRW+SSP', 'BalancedSoftmax+SSP']
+BASELINE_KEYS = ['CE', 'Focal', 'CB', 'LDAM-DRW', 'BalancedSoftmax', 'LogitAdjusted', 'LogitAdjustedAdaptive',
+                 'CE+posthocLA', 'cRT', 'tau-norm', 'NCM', 'LWS', 'WB', 'LDAM-DRW+SSP', 'BalancedSoftmax+SSP']
 
 
 def test_baseline_table_plans_every_rho_alike(tmp_path, capsys):
     """`python reproduce.py --table cifar10-lt-baselines --data_path ./data` (README "Reproducing the paper")
-    plans 15 stages for each of rho = 100, 50, 10: for rho 50 and 10, rho 100's commands with the
-    imbalance factor (1/50 = 0.02, 1/10 = 0.1) in its flag and in the run folders' names; so a run of
-    the rho-100 cells (below) stands for the others."""
+    plans 17 stages for each of rho = 100, 50, 10: for rho 50 and 10, rho 100's commands with the
+    imbalance factor (1/50 = 0.02, 1/10 = 0.1) in its flag and in the run folders' names, and cRT's and LWS's
+    epochs of BALMS's 2,000 iterations at that rho (before --epochs, which wins); so a run of the rho-100
+    cells (below) stands for the others."""
     commands = _commands(capsys, ['--table', 'cifar10-lt-baselines', '--data_path', str(tmp_path), '--seeds', '0',
                                   '--epochs', '1', '--out', str(tmp_path / 'out')])
-    assert len(commands) == 45
+    assert len(commands) == 51
     by_factor = {}
     for cmd in commands:
         by_factor.setdefault(_flag(_script(cmd)[1], '--imb_factor'), []).append(cmd)
-    assert sorted(by_factor) == ['0.01', '0.02', '0.1'] and all(len(c) == 15 for c in by_factor.values())
+    assert sorted(by_factor) == ['0.01', '0.02', '0.1'] and all(len(c) == 17 for c in by_factor.values())
+    balms = [_script(c)[1] for c in by_factor['0.01'] if '--stage' in c and _flag(c, '--stage') in ('cRT', 'LWS')]
+    assert len(balms) == 2 and all(argv[argv.index('--epochs') + 1] == '84' for argv in balms)
     for factor in ('0.02', '0.1'):
-        expected = [[factor if w == '0.01' else w.replace('_exp_0.01_', f'_exp_{factor}_') for w in cmd]
-                    for cmd in by_factor['0.01']]
+        expected = [[factor if prev == '--imb_factor' else w.replace('_exp_0.01_', f'_exp_{factor}_')
+                     for prev, w in zip([''] + cmd, cmd)] for cmd in by_factor['0.01']]
+        for cmd in expected:
+            if '--stage' in cmd and cmd[cmd.index('--stage') + 1] in ('cRT', 'LWS'):
+                cmd[cmd.index('--epochs') + 1] = BALMS_EPOCHS[factor]  # the first: the table's, before --epochs 1
         assert by_factor[factor] == expected
-    assert len({shlex.join(c) for c in commands}) == 45
+    assert len({shlex.join(c) for c in commands}) == 51
 
 
 @pytest.mark.parametrize('table, rho, per_class', [('cifar10-lt-baselines', 100, 100),
@@ -510,7 +521,7 @@ def test_baseline_table_runs_with_its_readme_command(table, rho, per_class, tmp_
                 'pretrain_rot.py': lambda: module.rot_store_name(args),
                 'train_stage2.py': lambda: module.stage2_store_name(args)}[script]()
         runs[name] = (script, args)
-    assert len(runs) == len(ran) == 15  # every stage ran once
+    assert len(runs) == len(ran) == 17  # every stage ran once
     for key, row in rows.items():
         method = key.rsplit('_rho', 1)[0]
         assert (row['n'], row['status']) == ('1', 'done'), key
@@ -528,7 +539,17 @@ def test_baseline_table_runs_with_its_readme_command(table, rho, per_class, tmp_
             stage1 = os.path.basename(os.path.dirname(args.stage1))
             s1_script, s1 = runs[stage1]
             assert s1_script == 'train.py' and (s1.loss_type, s1.train_rule, s1.posthoc_la) == ('CE', 'None', None)
-            assert s1.weight_decay == (5e-3 if method == 'WB' else 2e-4) and s1.imb_factor == args.imb_factor
+            assert s1.imb_factor == args.imb_factor
+            if method == 'WB':  # Alshammari et al.'s stage 1, and their stage 2 from its best epoch
+                assert (s1.arch, s1.batch_size, s1.lr, s1.lr_schedule, s1.weight_decay) == (
+                    'resnet34_cifar', 64, 0.01, 'cosine_nowarmup', 5e-3)
+                assert os.path.basename(args.stage1) == 'ckpt.best.pth.tar'
+            else:
+                assert (s1.arch, s1.weight_decay) == ('resnet32', 2e-4)
+                assert os.path.basename(args.stage1) == 'ckpt.pth.tar'
+            # cRT and LWS: BALMS's decoupled batch and lr (their epochs: the test above)
+            assert (args.batch_size, args.lr) == ((512, 0.1) if method in ('cRT', 'LWS') else
+                                                  {'WB': (64, 0.01)}.get(method, (128, 0.1)))
         elif method.endswith('+SSP'):
             rot = os.path.basename(os.path.dirname(args.pretrained_model))
             assert runs[rot][0] == 'pretrain_rot.py' and runs[rot][1].imb_factor == args.imb_factor
