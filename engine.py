@@ -36,8 +36,14 @@ def to_device(x, device):
     return x.to(device, non_blocking=True)
 
 
-def _print(line, console_extra=''):
-    print(line + console_extra, flush=True)
+def _print(line, console=None):
+    print(console or line, flush=True)
+
+
+def clock(seconds):
+    """A duration as h:mm:ss."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def default_amp(device):
@@ -158,9 +164,9 @@ class Mixup:
         return lam * images + (1 - lam) * images[index], targets[index], lam
 
 
-def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch_fn=None, forward=classify,
-                    print_freq=10, log=_print, should_stop=None, start_step=0, num_steps=None, amp=False,
-                    channels_last=False, mixup=None, after_step=None):
+def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, epochs=None, batch_fn=None,
+                    forward=classify, print_freq=10, log=_print, should_stop=None, start_step=0, num_steps=None,
+                    amp=False, channels_last=False, mixup=None, after_step=None):
     """Train for one pass over `loader`. Returns {'loss', 'top1', 'top5', 'lr', 'steps', 'stopped'}.
 
     `forward(model, images, targets) -> (logits, targets)` is one step's prediction: the default
@@ -175,6 +181,9 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
     `mixup`: a Mixup, applied after `batch_fn`; the training top-1/top-5 then count each image's hits
     against y and y[index] weighted lam and 1 - lam, as mixup-cifar10's training accuracy does.
     `after_step()`: called after every optimizer step (a projection such as losses.MaxNorm).
+    At a print point `log(line, console=...)` gets the log line (the original's format, 0-based epoch) and the
+    console's: the 1-based epoch of `epochs` (the run's total, if given), the time since the last print and an
+    estimate of the training time left (this epoch's pace over the rest of the run's steps).
     """
     batch_fn = batch_fn or _identity
     num_steps = num_steps if num_steps is not None else start_step + len(loader)
@@ -185,7 +194,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
     lr = optimizer.param_groups[-1]['lr']
     model.train()
     step, stopped = start_step, False
-    end = time.time()
+    start = end = time.time()
     for images, targets in loader:
         images, targets = batch_fn(to_device(images, device), to_device(targets, device))
         mixed = None
@@ -212,9 +221,14 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
         sync = step % print_freq == 0 or step == num_steps
         if sync:
             _check_finite(first_bad, epoch)
-            log(f"Epoch: [{epoch}][{step}/{num_steps}], lr: {lr:.5f}\t{meters.line()}",
-                console_extra=f"\tTime {time.time() - end:.3f}")
-            end = time.time()
+            now, line = time.time(), meters.line()
+            of = f"/{epochs}" if epochs else ''
+            steps_left = num_steps - step + num_steps * (epochs - epoch - 1 if epochs else 0)
+            left = steps_left * (now - start) / (step - start_step)
+            log(f"Epoch: [{epoch}][{step}/{num_steps}], lr: {lr:.5f}\t{line}",
+                console=f"Epoch: [{epoch + 1}{of}][{step}/{num_steps}], lr: {lr:.5f}\t{line}\t"
+                        f"Time {now - end:.3f} s\tETA {clock(left)}")
+            end = now
         if should_stop is not None and should_stop(sync):
             if not sync:
                 _check_finite(first_bad, epoch)  # nothing non-finite may be saved by the stop
