@@ -15,7 +15,6 @@ parameters are frozen and, unless --train_bn, its BatchNorm layers stay in eval 
 fixed). --epochs, -b, --lr and --wd default to the stage's authors' values (STAGES). The run folder is
 the name of the folder holding --stage1 plus the stage; logs and checkpoints are train.py's.
 """
-import argparse
 import dataclasses
 import os
 from typing import Callable
@@ -205,7 +204,7 @@ STAGE_FLAGS = {'tau': ('tau_norm', None), 'val_per_class': ('tau_norm', 20), 'ma
 
 
 def build_parser():
-    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=__doc__)
     cli.add_data_args(parser, tuple(DATASETS), '')
     group = parser.add_argument_group('stage 2')
     group.add_argument('--stage', required=True, choices=list(STAGES))
@@ -226,7 +225,7 @@ def build_parser():
     return parser
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(cli.ArgumentParser):
     """Fills in the stage's own epochs, lr, batch size and weight decay where the flags give none, so that
     whoever parses the flags (this script, reproduce.py deciding whether a run is finished) sees the same."""
 

@@ -197,9 +197,10 @@ def test_readme_flags_of_train_py(cwd, small_digits, capsys):
                        '--wd', '1e-3']) == 0
     out = capsys.readouterr().out
     assert 'cls num list: [30, 30, 30, 30, 30, 3, 3, 3, 3, 3]' in out
-    # 165 images in batches of 64: three steps, each printed, all in epoch 1
+    # 165 images in batches of 64: three steps, each printed, all in the second of two epochs (the console
+    # counts from 1; log_train.csv keeps the original's 0-based [1])
     steps = [line.split('\t')[0] for line in out.splitlines() if line.startswith('Epoch: ')]
-    assert steps == [f'Epoch: [1][{s}/3], lr: 0.02000' for s in (1, 2, 3)]
+    assert steps == [f'Epoch: [2/2][{s}/3], lr: 0.02000' for s in (1, 2, 3)]
     ckpt = torch.load('checkpoint/digits_resnet32_CE_None_step_0.1_ss_pretrained/ckpt.pth.tar', map_location='cpu',
                       weights_only=True)
     assert ckpt['epoch'] == 2
