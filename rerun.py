@@ -25,7 +25,10 @@ OPERATIONAL = frozenset({
 # shot groups (and the --posthoc_la prior). Others (the schedule, the train rule) do not change an evaluation.
 EVALUATION_FLAGS = ('dataset', 'imb_type', 'imb_factor', 'rand_number', 'imb_factor_unlabel', 'unlabel_size_factor',
                     'pseudo_threshold', 'loss_type', 'arch', 'stage')
-FLAG_NAMES = {'arch': '-a'}
+# How a flag is spelt where its name is not '--' + its key.
+FLAG_NAMES = {'arch': '-a', 'batch_size': '-b', 'weight_decay': '--wd', 'data_folder': 'data folder',
+              **{k: '--' + k.replace('_', '-') for k in ('moco_dim', 'moco_k', 'moco_m', 'moco_t', 'aug_plus',
+                                                          'crop_size', 'channels_last', 'amp_eval', 'sync_bn')}}
 
 
 def _plain(value):

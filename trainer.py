@@ -597,8 +597,10 @@ def _resume(args, exp, model, optimizer, log):
     load_weights(model, sd, f"--resume {args.resume}")
     if not args.evaluate:
         load_optimizer(optimizer, ckpt, args.resume)
-    log(f"=> loaded checkpoint '{args.resume}' "
-        f"({rerun.progress(int(ckpt.get('epoch', 0)), int(ckpt.get('step', 0)), args.epochs)})")
+    recorded = ckpt.get('flags') if isinstance(ckpt.get('flags'), dict) else {}
+    epochs = recorded.get('epochs', args.epochs) if args.evaluate else args.epochs  # -e: the run's own length
+    where = rerun.progress(int(ckpt.get('epoch', 0)), int(ckpt.get('step', 0)), epochs)
+    log(f"=> loaded checkpoint '{args.resume}' ({where})")
     return ckpt
 
 

@@ -299,7 +299,8 @@ def long_tailed(labels, num_classes, imb_type, imb_factor, rand_number):
         return np.arange(len(labels)), counts
     if len(set(counts)) > 1:
         print(f"note: the training folder is not balanced ({min(counts)} to {max(counts)} images per class); "
-              f"--imb_factor {imb_factor} draws from it as from a balanced one; --imb_factor 1 takes it as it is")
+              f"--imb_factor {imb_factor} draws from it as from a balanced one; without --imb_factor it is taken "
+              f"as it is")
     asked = img_num_per_cls(len(labels) / num_classes, num_classes, imb_type, imb_factor)
     return select_per_class(labels, np.arange(num_classes), asked), asked
 

@@ -22,6 +22,7 @@ import reproduce
 import train
 import train_semi
 import train_stage2
+import trainer
 from checkpoint import load_checkpoint
 from dataset import build_transform, folder, resolve_dataset
 from errors import UserError
@@ -446,7 +447,8 @@ def _balanced(path, classes=('a', 'b'), per_class=8, val=2, side=8):
         for c in classes:
             os.makedirs(path / split / c)
             for i in range(n):
-                Image.fromarray(rng.randint(0, 256, (side, side, 3), dtype=np.uint8)).save(path / split / c / f'{i}.png')
+                pixels = rng.randint(0, 256, (side, side, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(path / split / c / f'{i}.png')
     return path
 
 
@@ -533,7 +535,6 @@ def test_a_stale_cache_removed_by_another_process_is_no_error(root, monkeypatch)
 def test_no_flip_turns_the_flips_off(root, tmp_path, monkeypatch, one_thread):
     """--no-flip for orientation-sensitive images: the training batches are never mirrored, and the run folder
     says so (_noflip), apart from the flipped run's."""
-    import trainer
     seen = []
     real = trainer.DeviceLoader.from_dataset
 
@@ -559,7 +560,7 @@ def test_more_than_1000_classes_train_save_and_evaluate(tmp_path, capsys, one_th
     assert train.main(argv) == 0
     name = 'folder-many_resnet20_CE_None_exp_1.0_ss_pretrained'
     log = (tmp_path / 'log' / name / 'log_test.csv').read_text()
-    assert 'Confusion Matrix' not in log and len(import_trainer().read_test_log(
+    assert 'Confusion Matrix' not in log and len(trainer.read_test_log(
         str(tmp_path / 'log' / name / 'log_test.csv'))[0]['per_class']) == 1001
     ckpt = tmp_path / 'ckpt' / name / 'ckpt.pth.tar'
     assert len(load_checkpoint(str(ckpt))['classes']) == 1001
@@ -567,8 +568,3 @@ def test_more_than_1000_classes_train_save_and_evaluate(tmp_path, capsys, one_th
     assert train.main(argv + ['--resume', str(ckpt), '-e']) == 0
     out = capsys.readouterr().out
     assert _top1(out) == _top1(log) and 'Confusion' not in out
-
-
-def import_trainer():
-    import trainer
-    return trainer

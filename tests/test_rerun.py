@@ -192,7 +192,7 @@ def test_two_data_folders_never_share_a_run_folder(tmp_path):
     assert train.main([*base, '--data_path', str(data[2])]) == 0
     assert sorted(os.listdir(tmp_path / 'ckpt')) == ['folder-defects-2024_resnet32_CE_None_exp_1.0_ss_pretrained',
                                                      'folder-plankton_resnet32_CE_None_exp_1.0_ss_pretrained']
-    with pytest.raises(UserError, match=re.escape(f"(--data_folder {data[0]} there, {data[1]} here)")):
+    with pytest.raises(UserError, match=re.escape(f"(data folder {data[0]} there, {data[1]} here)")):
         train.main([*base, '--data_path', str(data[1])])
 
 
@@ -220,7 +220,7 @@ def test_pretrain_moco_resumes_keeps_and_names_by_folder(tmp_path, monkeypatch, 
     with pytest.raises(UserError, match=re.escape(f'{folder} holds a finished run (2 of 2 epochs done) of these '
                                                   f'flags; pass --overwrite')):
         pretrain_moco.main(argv)
-    with pytest.raises(UserError, match=re.escape('(--moco_k 32 there, 64 here)')):
+    with pytest.raises(UserError, match=re.escape('(--moco-k 32 there, 64 here)')):
         pretrain_moco.main(_moco_argv(tmp_path / 'out', data, '--moco-k', '64'))
     assert pretrain_moco.main(argv + ['--overwrite', '--epochs', '1']) == 0
     assert os.listdir(folder) == ['moco_ckpt_0001.pth.tar']
