@@ -502,6 +502,10 @@ def test_scripts_that_need_the_same_pixels_share_one_cache(root, monkeypatch):
     assert np.array_equal(native.build_val(str(root), None).data, at_32.build_val(str(root), None).data)
     resolve_dataset('folder', str(root), image_size=16)
     assert len(calls) == 4 and sorted(n.split('-')[1] for n in _caches(root)) == ['16', '16', 'native', 'native']
+    shutil.rmtree(root / folder.CACHE_FOLDER)  # the other order: S first, then the images' own size
+    resolve_dataset('folder', str(root), image_size=32)
+    resolve_dataset('folder', str(root))
+    assert len(calls) == 6 and all('-native-' in n for n in _caches(root))
 
 
 def test_cached_images_are_memory_mapped(root):
@@ -514,22 +518,26 @@ def test_cached_images_are_memory_mapped(root):
     assert isinstance(info.build_val(str(root), None).data, np.memmap)
 
 
-def test_a_stale_cache_removed_by_another_process_is_no_error(root, monkeypatch):
+def test_a_stale_cache_removed_by_another_process_is_no_error(root, monkeypatch, capsys):
     """Processes decoding one changed folder race to delete its stale cache (gpu review A2): the one that finds
-    it gone goes on."""
+    it gone goes on, without a word."""
     resolve_dataset('folder', str(root))
     image = root / 'train' / '5' / '0.png'
     os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10 ** 9))  # the caches are stale
     real = os.listdir
 
     def listdir_then_another_process_unlinks(path):
+        """The listing of the cache folder once the new cache is written, after which the other process
+        removes the stale one."""
         names = real(path)
-        for name in names:
-            if str(path).endswith(folder.CACHE_FOLDER) and name.startswith('train-'):
-                os.unlink(os.path.join(path, name))
+        caches = sorted((os.path.getmtime(os.path.join(path, n)), n) for n in names if n.startswith('train-'))
+        if str(path).endswith(folder.CACHE_FOLDER) and len(caches) == 2:
+            os.unlink(os.path.join(path, caches[0][1]))
         return names
     monkeypatch.setattr(os, 'listdir', listdir_then_another_process_unlinks)
+    capsys.readouterr()
     resolve_dataset('folder', str(root))
+    assert len(_caches(root)) == 2 and capsys.readouterr().err == ''
 
 
 def test_no_flip_turns_the_flips_off(root, tmp_path, monkeypatch, one_thread):

@@ -515,6 +515,32 @@ def test_per_gpu_launcher_leaves_a_resumable_checkpoint_whoever_gets_sigterm(tmp
                           weights_only=True)['epoch'] == done
 
 
+def test_per_gpu_launcher_caches_a_folder_before_it_spawns(tmp_path, monkeypatch):
+    """The launcher's process decodes and caches a folder before it starts the workers (which then read the
+    cache, as the slow test below runs them)."""
+    sys.path.insert(0, os.path.join(REPO, 'tools'))
+    from digits_folder import write_digits_folder
+    data = tmp_path / 'cells'
+    write_digits_folder(str(data), per_class=4, val_per_class=1)
+    at_spawn = []
+
+    class Started:
+        def join(self):
+            return True
+
+        def pids(self):
+            return []
+
+    def spawn(fn, nprocs, args, join):
+        at_spawn.append(sorted(n.split('-')[0] for n in os.listdir(data / '.folder_cache')))
+        return Started()
+    monkeypatch.setattr(pretrain_moco.mp, 'spawn', spawn)
+    args = pretrain_moco.resolve_args(pretrain_moco.build_parser().parse_args(['--dataset', 'folder', '--data',
+                                                                               str(data)]))
+    assert pretrain_moco.spawn_per_gpu(args, pretrain_moco.Layout(2, 2, 64, 'two fake GPUs')) == 0
+    assert at_spawn == [['train', 'val']]
+
+
 @pytest.mark.slow
 def test_per_gpu_launcher_decodes_a_folder_once_before_starting_its_workers(tmp_path):
     """gpu review A2 and D5: each of the launcher's workers decoded the folder itself, and the ones that met a
