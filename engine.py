@@ -36,8 +36,14 @@ def to_device(x, device):
     return x.to(device, non_blocking=True)
 
 
-def _print(line, console_extra=''):
-    print(line + console_extra, flush=True)
+def _print(line, console=None):
+    print(console or line, flush=True)
+
+
+def clock(seconds):
+    """A duration as h:mm:ss."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def default_amp(device):
@@ -170,9 +176,9 @@ class Mixup:
         return lam * images + (1 - lam) * images[index], targets[index], lam
 
 
-def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch_fn=None, forward=classify,
-                    print_freq=10, log=_print, should_stop=None, start_step=0, num_steps=None, amp=False,
-                    channels_last=False, mixup=None, after_step=None, step_fn=None, before_step=None):
+def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, epochs=None, batch_fn=None,
+                    forward=classify, print_freq=10, log=_print, should_stop=None, start_step=0, num_steps=None,
+                    amp=False, channels_last=False, mixup=None, after_step=None, step_fn=None, before_step=None):
     """Train for one pass over `loader`. Returns {'loss', 'top1', 'top5', 'lr', 'steps', 'stopped'}.
 
     `forward(model, images, targets) -> (logits, targets)` is one step's prediction: the default
@@ -191,6 +197,9 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
     semi-supervised batch of labeled and unlabeled images), instead of batch_fn / mixup / forward / criterion;
     `run(x)` is the model's forward pass with `amp` and `channels_last`; the meters count `logits` against
     `targets`. `before_step(step)`: called before every step with its 0-based index (a per-step lr).
+    At a print point `log(line, console=...)` gets the log line (the original's format, 0-based epoch) and the
+    console's: the 1-based epoch of `epochs` (the run's total, if given), the time since the last print and an
+    estimate of the training time left (this epoch's pace over the rest of the run's steps).
     """
     batch_fn = batch_fn or _identity
     num_steps = num_steps if num_steps is not None else start_step + len(loader)
@@ -201,7 +210,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
     lr = optimizer.param_groups[-1]['lr']
     model.train()
     step, stopped = start_step, False
-    end = time.time()
+    start = end = time.time()
     for batch in loader:
         if before_step is not None:
             before_step(step)
@@ -235,9 +244,14 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
         if sync:
             _check_finite(first_bad, epoch)
             lr = optimizer.param_groups[-1]['lr']  # the latest step's (constant over an epoch but with before_step)
-            log(f"Epoch: [{epoch}][{step}/{num_steps}], lr: {lr:.5f}\t{meters.line()}",
-                console_extra=f"\tTime {time.time() - end:.3f}")
-            end = time.time()
+            now, line = time.time(), meters.line()
+            of = f"/{epochs}" if epochs else ''
+            steps_left = num_steps - step + num_steps * (epochs - epoch - 1 if epochs else 0)
+            left = steps_left * (now - start) / (step - start_step)
+            log(f"Epoch: [{epoch}][{step}/{num_steps}], lr: {lr:.5f}\t{line}",
+                console=f"Epoch: [{epoch + 1}{of}][{step}/{num_steps}], lr: {lr:.5f}\t{line}\t"
+                        f"Time {now - end:.3f} s\tETA {clock(left)}")
+            end = now
         if should_stop is not None and should_stop(sync):
             if not sync:
                 _check_finite(first_bad, epoch)  # nothing non-finite may be saved by the stop

@@ -16,7 +16,6 @@ update on stage 2's batches) unless --freeze_bn. --epochs, -b, --lr and --wd def
 authors' values (STAGES). The run folder is the name of the folder holding --stage1 plus the stage; logs
 and checkpoints are train.py's. docs/baselines.md has the recipes and where they come from.
 """
-import argparse
 import dataclasses
 import os
 from typing import Callable
@@ -265,7 +264,7 @@ STAGE_FLAGS = {'tau': ('tau_norm', None), 'tau_search': ('tau_norm', None), 'max
 
 
 def build_parser():
-    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=__doc__)
     cli.add_data_args(parser, tuple(DATASETS), '')
     group = parser.add_argument_group('stage 2')
     group.add_argument('--stage', required=True, choices=list(STAGES))
@@ -291,7 +290,7 @@ def build_parser():
     return parser
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(cli.ArgumentParser):
     """Fills in the stage's own epochs, lr, batch size and weight decay where the flags give none, so that
     whoever parses the flags (this script, reproduce.py deciding whether a run is finished) sees the same."""
 

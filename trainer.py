@@ -25,7 +25,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
 import dist
-from checkpoint import load_optimizer, load_pretrained, load_weights, read_weights, save_checkpoint, unwrap
+import rerun
+from checkpoint import (load_checkpoint, load_optimizer, load_pretrained, load_weights, read_weights,
+                        save_checkpoint, unwrap)
 from dataset import DATASETS, DatasetInfo
 from dataset.device_loader import DeviceLoader, eval_batch_size
 from dataset.folder import checked_against_checkpoint, checkpoint_entries
@@ -276,8 +278,9 @@ class LogFolder:
     under DDP held back (`error`) until the next checkpoint save, which every rank makes together, so
     that every rank stops with it. A tensorboard file that cannot be written is a warning only."""
 
-    def __init__(self, log_dir, lock_dir, logs, folders=()):
+    def __init__(self, log_dir, lock_dir, logs, folders=(), outputs=()):
         self.log_dir, self.logs, self.folders = log_dir, logs, (log_dir, *folders)
+        self.outputs = outputs  # the files a run leaves besides its logs (checkpoints): a new run removes them
         self.main = dist.is_main_process()
         self.lock = RunLock(lock_dir)
         self.files = {}
@@ -297,6 +300,8 @@ class LogFolder:
             except OSError as e:
                 raise UserError(f"cannot create folder {d}: {e.strerror}") from None
         self.lock.acquire()
+        if fresh:
+            self.clear()
         for name in self.logs:
             path = os.path.join(self.log_dir, name)
             # A resumed run drops what the killed run logged after its last checkpoint, so the
@@ -306,10 +311,22 @@ class LogFolder:
                     with open(path, 'r+b') as f:
                         f.truncate(min(truncate_to[name], os.path.getsize(path)))
                 if fresh and os.path.exists(path) and os.path.getsize(path):
-                    console(f"=> {path} held an earlier run's log: starting it anew (--resume continues a run)")
+                    console(f"=> starting {path} anew (it held an earlier run's log)")
                 self.files[name] = open(path, 'w' if fresh else 'a')
         self.tensorboard(lambda: None, start=True)
         return self
+
+    def clear(self):
+        """A new run here (nothing to resume, or --overwrite), with the lock held: the checkpoints and
+        tensorboard events of an earlier one go, so that no file mixes two runs (the text logs start anew)."""
+        old = [p for p in self.outputs if os.path.isfile(p)]
+        old += [os.path.join(self.log_dir, n) for n in os.listdir(self.log_dir) if n.startswith('events.out.')]
+        if old:
+            console(f"=> a new run: removing the earlier run's "
+                    f"{', '.join(sorted({os.path.basename(p).split('.tfevents')[0] for p in old}))}")
+        for path in old:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     def write(self, name, line):
         if name not in self.files or self.error is not None:
@@ -383,7 +400,8 @@ class RunFolder(LogFolder):
         self.ckpt_path = os.path.join(self.model_dir, 'ckpt.pth.tar')
         self.best_path = os.path.join(self.model_dir, 'ckpt.best.pth.tar')
         super().__init__(os.path.join(args.root_log, args.store_name), self.model_dir,
-                         ('log_train.csv', 'log_test.csv', *logs), folders=(self.model_dir,))
+                         ('log_train.csv', 'log_test.csv', *logs), folders=(self.model_dir,),
+                         outputs=(self.ckpt_path, self.best_path))
 
     def open(self, args, truncate_to=None, fresh=False):
         super().open(truncate_to, fresh)
@@ -412,8 +430,10 @@ def report_lines(metrics, cls_num_list=None, flag='val', task='classification'):
     name = 'Rotation Prec' if task == 'rotation' else 'Prec'
     lines = [f"{flag} Results: {name}@1 {metrics['top1']:.3f} {name}@5 {metrics['top5']:.3f} "
              f"Loss {metrics['loss']:.5f}",
+             # every class, also above numpy's 1,000-element summary threshold ('...'), which no reader can parse
              f"{flag} Class Accuracy: " + np.array2string(
-                 metrics['per_class'], separator=',', formatter={'float_kind': lambda x: '%.3f' % x})]
+                 metrics['per_class'], separator=',', formatter={'float_kind': lambda x: '%.3f' % x},
+                 threshold=sys.maxsize)]
     if cls_num_list is not None and task == 'classification':
         shots = shot_accuracy(metrics['per_class'], cls_num_list)
         metrics.update({f'{k}_shot': v for k, v in shots.items()})
@@ -538,10 +558,13 @@ def begin_epoch(sampler, loader, seed, epoch, rank, first_step=0):
     sampler.skip(first_step * (loader.batch_size or 1))
 
 
-def stop_notice(stop, epoch, resume_from, step=None):
-    """The log line of a run stopped by a signal during 0-based `epoch` (after `step`) or at its end."""
+def stop_notice(stop, epoch, resume_from, step=None, epochs=None):
+    """The log line of a run stopped by a signal during 0-based `epoch` (after `step`) or at its end; with
+    `epochs` (a script that resumes when run again, rerun.py) it also says so."""
     where = f"during epoch {epoch + 1} after step {step}" if step is not None else f"at the end of epoch {epoch + 1}"
-    return f"=> stopped by {signal.Signals(stop.signum).name} {where}; resume with --resume {resume_from}"
+    total = f" ({epochs} epochs in all)" if epochs else ''
+    again = ' or run the same command again' if epochs else ''
+    return f"=> stopped by {signal.Signals(stop.signum).name} {where}{total}; resume with --resume {resume_from}{again}"
 
 
 def restore_rng(ckpt, seed, rank, world):
@@ -582,14 +605,57 @@ def resume_entries(world):
 def _resume(args, exp, model, optimizer, log):
     """Load --resume into model (and optimizer unless evaluating). Returns the checkpoint dict."""
     ckpt, sd = read_weights(args.resume, exp.task, 'use --pretrained_model to start from it')
+    if args.evaluate:
+        rerun.check_evaluation(ckpt, args, f"--resume {args.resume}")
     exp.info = checked_against_checkpoint(exp.info, ckpt, f"--resume {args.resume}")  # before the shapes
     load_weights(model, sd, f"--resume {args.resume}")
     if exp.state is not None:
         exp.state.load_state_dict(ckpt, f"--resume {args.resume}")
     if not args.evaluate:
         load_optimizer(optimizer, ckpt, args.resume)
-    log(f"=> loaded checkpoint '{args.resume}' (epoch {ckpt.get('epoch', '?')})")
+    recorded = ckpt.get('flags') if isinstance(ckpt.get('flags'), dict) else {}
+    epochs = recorded.get('epochs', args.epochs) if args.evaluate else args.epochs  # -e: the run's own length
+    where = rerun.progress(int(ckpt.get('epoch', 0)), int(ckpt.get('step', 0)), epochs)
+    log(f"=> loaded checkpoint '{args.resume}' ({where})")
     return ckpt
+
+
+def check_resume_target(args, folder):
+    """A training --resume writes into this command's run folder: refused where that folder holds another run
+    (without --overwrite), or where --overwrite would remove the very checkpoint it continues."""
+    if args.evaluate or not os.path.isfile(folder.ckpt_path):
+        return
+    own = os.path.abspath(args.resume) == os.path.abspath(folder.ckpt_path)
+    if own and args.overwrite:
+        raise UserError(f"--overwrite starts {folder.model_dir} anew, so it cannot also --resume its checkpoint: "
+                        f"pass one of them")
+    if not own and not args.overwrite:
+        raise UserError(f"{folder.model_dir} holds another run than --resume {args.resume}; pass --overwrite to "
+                        f"replace it with the run that checkpoint continues, or --exp_str NAME for a new run folder")
+
+
+def run_flags(args):
+    """The flags a checkpoint records (rerun.py), and for a user's folder the folder itself: two folders of one
+    name (hence one run folder) are two runs."""
+    folder = {'data_folder': os.path.abspath(args.data_path)} if getattr(args, 'dataset', None) == 'folder' else {}
+    return rerun.run_flags(args, **folder)
+
+
+def previous_run(args, folder):
+    """The checkpoint to start from: --resume, or the unfinished run of the same flags that the same command,
+    run again, continues (rerun.py); a run folder holding a finished run or a run of other flags is refused
+    without --overwrite. Every rank decides alike (they read one file)."""
+    existing = folder.ckpt_path if os.path.isfile(folder.ckpt_path) else None
+    if args.evaluate or args.resume or existing is None:
+        return args.resume
+    ckpt = load_checkpoint(existing)
+    epoch, step = int(ckpt.get('epoch', 0)), int(ckpt.get('step', 0))
+    recorded = ckpt.get('flags') if isinstance(ckpt.get('flags'), dict) else None
+    path = rerun.resume_or_refuse(existing, recorded, run_flags(args), epoch, step, args.epochs, folder.model_dir,
+                                  '--exp_str NAME', args.overwrite)
+    if path:
+        console(rerun.resume_notice(folder.model_dir, epoch, step, args.epochs, path))
+    return path or ''
 
 
 def uses_device_loader(args, info=None):
@@ -705,9 +771,9 @@ def _run(args, exp, ctx):
     main = rank == 0
     folder = RunFolder(args, exp.logs)
 
-    def log(line, console_extra=''):
+    def log(line, console=None):
         if main:
-            print(line + console_extra, flush=True)
+            print(console or line, flush=True)
             folder.write('log_train.csv', line)
 
     model = place_model(exp.model, args, device, world)
@@ -717,13 +783,20 @@ def _run(args, exp, ctx):
     optimizer = (exp.optimizer(model) if exp.optimizer is not None else
                  torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay))
 
-    ckpt = None
-    start_epoch, start_step, best_acc1 = args.start_epoch, 0, 0.0
+    ckpt, error = None, None
+    start_epoch, start_step, best_acc1, best_epoch = args.start_epoch, 0, 0.0, None
+    try:
+        args.resume = previous_run(args, folder)
+    except UserError as e:
+        error = e
+    dist.raise_if_any(error)  # collective: no rank goes on alone
     if args.resume:
         ckpt = _resume(args, exp, model, optimizer, log)
+        check_resume_target(args, folder)
         start_epoch = int(ckpt.get('epoch', 0))
         start_step = int(ckpt.get('step', 0))
         best_acc1 = float(ckpt.get('best_acc1', 0.0))  # a 0-d tensor (the original's and ours) or a float
+        best_epoch = ckpt.get('best_epoch')  # 1-based; None in older checkpoints
         if not args.evaluate:
             check_resume_layout(ckpt, args.resume, world)
         if args.pretrained_model:
@@ -747,8 +820,9 @@ def _run(args, exp, ctx):
         if main:
             for line in report_lines(metrics, exp.cls_num_list, 'val', exp.task):
                 print(line)
-            print('Confusion matrix (rows: true class, columns: prediction):')
-            print(np.array2string(metrics['confusion'], max_line_width=200, threshold=10 ** 6))
+            if args.confusion and metrics['confusion'] is not None:
+                print('Confusion matrix (rows: true class, columns: prediction):')
+                print(np.array2string(metrics['confusion'], max_line_width=200, threshold=10 ** 6))
         return metrics
 
     if world > 1 and exp.trains:  # DDP refuses a model with nothing to train
@@ -758,7 +832,8 @@ def _run(args, exp, ctx):
     same_run = ckpt is not None and ckpt.get('store_name') == args.store_name
     error = None
     try:
-        folder.open(args, truncate_to=ckpt.get('log_sizes') if same_run else None, fresh=ckpt is None)
+        folder.open(args, truncate_to=ckpt.get('log_sizes') if same_run else None,
+                    fresh=ckpt is None or args.overwrite)
     except UserError as e:
         error = e
     dist.raise_if_any(error)  # collective: rank 0 alone opens the folder, every rank must stop if it fails
@@ -770,7 +845,7 @@ def _run(args, exp, ctx):
     mixup = Mixup(args.mixup, seed, rank, device) if args.mixup else None
 
     def snapshot(epoch, step):
-        return _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, world)
+        return _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, world, best_epoch)
 
     metrics = {}
     try:
@@ -782,7 +857,7 @@ def _run(args, exp, ctx):
                                          stop, hooks, mixup)
                     if stats['stopped']:
                         folder.save(snapshot(epoch, stats['steps']), is_best=False)
-                        log(stop_notice(stop, epoch, folder.ckpt_path, stats['steps']))
+                        log(stop_notice(stop, epoch, folder.ckpt_path, stats['steps'], args.epochs))
                         return {'stopped_by': stop.signum, **stats}
                     if exp.after_epoch is not None:
                         exp.after_epoch()
@@ -793,19 +868,35 @@ def _run(args, exp, ctx):
                                    batch_fn=exp.eval_batch_fn, **eval_hooks)
                 is_best = metrics['top1'] > best_acc1
                 best_acc1 = max(best_acc1, metrics['top1'])
-                _log_eval(folder, metrics, exp, epoch, best_acc1, main)
+                best_epoch = epoch + 1 if is_best else best_epoch
+                _log_eval(folder, metrics, exp, epoch, best_acc1, main, confusion=args.confusion)
                 for name, lines in (exp.epoch_lines(epoch) if exp.epoch_lines is not None else {}).items():
                     for line in lines:
                         folder.write(name, line)
                 folder.save(snapshot(epoch + 1, 0), is_best)
                 # Collective, at every epoch end; after the save, so a resumed run's logs hold no trace of the stop.
                 if stop():
-                    log(stop_notice(stop, epoch, folder.ckpt_path))
+                    log(stop_notice(stop, epoch, folder.ckpt_path, epochs=args.epochs))
                     return {'stopped_by': stop.signum, **metrics}
     finally:
         folder.close()
     metrics['best_acc1'] = best_acc1
+    if main and metrics.get('top1') is not None:
+        for line in closing_summary(metrics, best_acc1, best_epoch, args.epochs, folder, exp.task):
+            print(line, flush=True)
     return metrics
+
+
+def closing_summary(metrics, best_acc1, best_epoch, epochs, folder, task):
+    """The console's last lines of a finished run (not in the logs, which keep the original's lines)."""
+    name = 'rotation top-1' if task == 'rotation' else 'top-1'
+    at = f" (epoch {best_epoch})" if best_epoch else ''
+    shots = (f"; last epoch many / medium / few-shot {100 * metrics['many_shot']:.3f} / "
+             f"{100 * metrics['medium_shot']:.3f} / {100 * metrics['few_shot']:.3f}"
+             if task == 'classification' and 'many_shot' in metrics else '')
+    return [f"=> done, {epochs} epochs: last {name} {metrics['top1']:.3f}, best {best_acc1:.3f}{at}{shots}",
+            f"=> checkpoints: {folder.ckpt_path} (last), {folder.best_path} (best); logs and tensorboard: "
+            f"{folder.log_dir}"]
 
 
 def _train_epoch(args, exp, model, optimizer, train_loader, sampler, seed, epoch, step0, rank, device, folder, log,
@@ -828,9 +919,9 @@ def _train_epoch(args, exp, model, optimizer, train_loader, sampler, seed, epoch
         criterion = build_criterion(args.loss_type, exp.cls_num_list, None if weights is None else weights.to(device),
                                     args.la_tau)
     stats = train_one_epoch(model, criterion and criterion.to(device), train_loader, optimizer, device, epoch,
-                            batch_fn=exp.batch_fn, print_freq=args.print_freq, log=log, should_stop=stop,
-                            start_step=step0, num_steps=num_steps, mixup=mixup, after_step=exp.after_step,
-                            step_fn=exp.step_fn, before_step=set_lr, **hooks)
+                            epochs=args.epochs, batch_fn=exp.batch_fn, print_freq=args.print_freq, log=log,
+                            should_stop=stop, start_step=step0, num_steps=num_steps, mixup=mixup,
+                            after_step=exp.after_step, step_fn=exp.step_fn, before_step=set_lr, **hooks)
     folder.scalar('loss/train', stats['loss'], epoch)
     folder.scalar('acc/train_top1', stats['top1'], epoch)
     folder.scalar('lr', lr, epoch)
@@ -864,7 +955,10 @@ def scored_model(model, args, exp, device):
                       f"log(prior), prior = training images per class / {sum(exp.cls_num_list)} (--posthoc_la)")
 
 
-def _log_eval(folder, metrics, exp, epoch, best_acc1, main):
+def _log_eval(folder, metrics, exp, epoch, best_acc1, main, confusion=False):
+    """An evaluation into log_test.csv (the original's lines, the confusion matrix as one JSON line),
+    tensorboard and the console; `confusion`: the matrix on the console too. Above
+    engine.CONFUSION_MAX_CLASSES classes there is no matrix."""
     lines = report_lines(metrics, exp.cls_num_list, 'val', exp.task)
     lines.append(f"Best Prec@1: {best_acc1:.3f}" if exp.task == 'classification'
                  else f"Best Rotation Prec@1: {best_acc1:.3f}")
@@ -874,11 +968,13 @@ def _log_eval(folder, metrics, exp, epoch, best_acc1, main):
         print(line, flush=True)
         folder.write('log_test.csv', line)
     cm = metrics['confusion']
-    # One line in the log (rows: true class), however many classes; on the console only when small.
-    folder.write('log_test.csv', 'val Confusion Matrix: ' + json.dumps(cm.tolist(), separators=(',', ':')))
-    if exp.num_classes <= 20:
-        print('val Confusion Matrix (rows: true class, columns: prediction):\n' + np.array2string(cm), flush=True)
-    folder.image('confusion_matrix', cm / np.maximum(cm.sum(axis=1, keepdims=True), 1), epoch)
+    if cm is not None:
+        # One line in the log (rows: true class), however many classes.
+        folder.write('log_test.csv', 'val Confusion Matrix: ' + json.dumps(cm.tolist(), separators=(',', ':')))
+        if confusion:
+            print('val Confusion Matrix (rows: true class, columns: prediction):\n' +
+                  np.array2string(cm, max_line_width=200, threshold=10 ** 6), flush=True)
+        folder.image('confusion_matrix', cm / np.maximum(cm.sum(axis=1, keepdims=True), 1), epoch)
     tag = 'rot_acc' if exp.task == 'rotation' else 'acc'
     per_class = np.nan_to_num(metrics['per_class'])
     folder.scalars(f'{tag}/test_val_cls_acc', {str(i): float(a) for i, a in enumerate(per_class)}, epoch)
@@ -897,14 +993,16 @@ def _log_eval(folder, metrics, exp, epoch, best_acc1, main):
         warn(f"{e}; training goes on")
 
 
-def _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, world):
+def _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, world, best_epoch=None):
     """The checkpoint: the original's keys first (best_acc1 as a 0-d tensor, which the original's
-    `best_acc1.to(gpu)` needs), then what exact resume needs. Every rank must call it (RNG gather)."""
+    `best_acc1.to(gpu)` needs), then what exact resume needs, the run's flags (rerun.py) and the 1-based epoch
+    of the best top-1. Every rank must call it (RNG gather)."""
     return {
         'epoch': epoch, 'arch': args.arch, 'state_dict': unwrap(model).state_dict(),
         'best_acc1': torch.tensor(best_acc1), 'optimizer': optimizer.state_dict(),
         'step': step, 'seed': seed, **resume_entries(world), 'script': exp.script, 'task': exp.task,
         'num_classes': exp.num_classes, 'store_name': args.store_name, 'log_sizes': folder.log_sizes(),
-        **checkpoint_entries(exp.info), **(exp.state.state_dict() if exp.state is not None else {}),
+        'flags': run_flags(args), 'best_epoch': best_epoch, **checkpoint_entries(exp.info),
+        **(exp.state.state_dict() if exp.state is not None else {}),
     }
 

@@ -15,7 +15,6 @@ per-GPU batches in each launch: imagenet_inat/layout.py.
 
 The split files <split_dir>/<dataset>_{train,val,test}.txt list `<path relative to --data_root> <label>`.
 """
-import argparse
 import os
 
 import cli
@@ -29,7 +28,7 @@ from imagenet_inat.stages import FEATURE_FILES, run_stage
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument('--cfg', default=None, type=str, help='stage config (YAML)')
     parser.add_argument('--test', default=False, action='store_true',
                         help='only evaluate --model_dir (default: the config log folder) on test (iNat: val)')
@@ -49,6 +48,7 @@ def build_parser():
     parser.add_argument('--log_dir', default=None, type=str, help='overrides training_opt.log_dir')
     parser.add_argument('--resume', default='', type=str, metavar='PATH',
                         help='latest_model_checkpoint.pth of an interrupted run (or its log folder)')
+    cli.add_overwrite_arg(parser, 'log folder')
     parser.add_argument('--freeze_bn', default=False, action='store_true',
                         help="keep the feature model's BatchNorm statistics fixed while training")
     parser.add_argument('--seed', default=None, type=int, help='seed for initialisation, data order and augmentation')

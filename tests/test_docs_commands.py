@@ -15,6 +15,7 @@ docs/reproduce.md's SLURM section: the worked example's commands, against a fake
 import os
 import re
 import shlex
+import subprocess
 import sys
 
 import pytest
@@ -84,6 +85,39 @@ def test_make_demo(cwd, monkeypatch):
         run('train.py', argv[1:])
     for name in ('digits_resnet32_CE_None_exp_0.01_demo', 'digits_resnet32_LDAM_DRW_exp_0.01_demo'):
         assert (cwd / 'checkpoint' / name / 'ckpt.pth.tar').is_file(), name
+
+
+SET_UP = [['python3', '-m', 'venv', '.venv', '&&', '.venv/bin/pip', 'install', '-r', 'requirements.txt'],
+          ['source', '.venv/bin/activate']]
+
+
+def test_readme_quick_start_runs_in_a_shell_after_the_two_set_up_commands(tmp_path):
+    """The Quick start's commands as written, in bash, after only its two set-up commands: the trial's shell had
+    a `python` without torch, so `python pretrain_rot.py ...` ended in a ModuleNotFoundError traceback. Here
+    `python` on the PATH is not the project's either; the first set-up command's result (.venv) is the
+    project's environment, linked, and the second runs as written. --epochs 1 and the 40-per-class digits (a
+    sitecustomize on PYTHONPATH) keep it short."""
+    with open(os.path.join(REPO, 'README.md')) as f:
+        quick = f.read().split('## Quick start', 1)[1].split('\n## ', 1)[0]
+    blocks = [[shlex.split(line, comments=True) for line in body.replace('\\\n', ' ').splitlines()]
+              for body in re.findall(r'```bash\n(.*?)```', quick, flags=re.S)]
+    assert [w for w in blocks[0] if w] == SET_UP
+    commands = [w for block in blocks[1:] for w in block if w and w[0] == 'python']
+    assert [w[1] for w in commands] == ['pretrain_rot.py', 'train.py']
+    for name in os.listdir(REPO):
+        if name not in ('.git', 'log', 'checkpoint', 'data', 'hooks'):
+            os.symlink(os.path.join(REPO, name), tmp_path / name)
+    script = '\n'.join(['set -e', shlex.join(SET_UP[1])] + [shlex.join(w + ['--epochs', '1']) for w in commands])
+    hooks = tmp_path / 'hooks'
+    hooks.mkdir()
+    (hooks / 'sitecustomize.py').write_text(f"import sys; sys.path[:0] = [{REPO!r}, {os.path.join(REPO, 'tests')!r}]; "
+                                            f"import fixtures; fixtures.shrink_digits(setattr)\n")
+    env = {**fixtures.script_env(), 'PATH': '/usr/bin:/bin', 'PYTHONPATH': str(hooks)}
+    env.pop('VIRTUAL_ENV', None)
+    proc = subprocess.run(['bash', '-c', script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert 'loaded 186 backbone tensors from rotation/supervised checkpoint' in proc.stdout
+    assert 'cls num list (labels unused): [30, ' in proc.stdout  # the small digits
 
 
 def test_readme_offline_ssp(cwd, small_digits, capsys):
@@ -214,9 +248,10 @@ def test_readme_flags_of_train_py(cwd, small_digits, capsys):
                        '--wd', '1e-3']) == 0
     out = capsys.readouterr().out
     assert 'cls num list: [30, 30, 30, 30, 30, 3, 3, 3, 3, 3]' in out
-    # 165 images in batches of 64: three steps, each printed, all in epoch 1
+    # 165 images in batches of 64: three steps, each printed, all in the second of two epochs (the console
+    # counts from 1; log_train.csv keeps the original's 0-based [1])
     steps = [line.split('\t')[0] for line in out.splitlines() if line.startswith('Epoch: ')]
-    assert steps == [f'Epoch: [1][{s}/3], lr: 0.02000' for s in (1, 2, 3)]
+    assert steps == [f'Epoch: [2/2][{s}/3], lr: 0.02000' for s in (1, 2, 3)]
     ckpt = torch.load('checkpoint/digits_resnet32_CE_None_step_0.1_ss_pretrained/ckpt.pth.tar', map_location='cpu',
                       weights_only=True)
     assert ckpt['epoch'] == 2
@@ -224,28 +259,30 @@ def test_readme_flags_of_train_py(cwd, small_digits, capsys):
     assert (group['lr'], group['momentum'], group['weight_decay']) == (0.02, 0.5, 1e-3)
 
 
-def test_readme_own_data_worked_example(cwd, monkeypatch, capsys):
-    """README "Your own data": digits written as a folder, then train.py, -e, gen_pseudolabels.py, train_semi.py,
-    pretrain_rot.py and the SSP fine-tuning, pretrain_moco.py and its fine-tuning, cRT, each as written. 100 digits per class (10 of them val) keep
-    60 labeled training images per class after --unlabeled 30."""
+def test_own_data_worked_example(cwd, monkeypatch, capsys):
+    """docs/own_data.md's worked example: digits written as a folder, then train.py, -e, gen_pseudolabels.py,
+    train_semi.py, pretrain_rot.py and the SSP fine-tuning, pretrain_moco.py and its fine-tuning, cRT, each as
+    written. 141 digits per class (10 of them val, 30 moved to unlabeled/) keep 101 labeled training images
+    per class, so that --imb_factor 0.01 leaves the last class one."""
     sys.path.insert(0, os.path.join(REPO, 'tools'))
     import digits_folder
-    fixtures.shrink_digits(monkeypatch.setattr, per_class=100, test_per_class=10)
-    tool = [w[2:] for w in documented('README.md') if w[:2] == ['python', 'tools/digits_folder.py']]
+    fixtures.shrink_digits(monkeypatch.setattr, per_class=141, test_per_class=10)
+    tool = [w[2:] for w in documented('docs/own_data.md') if w[:2] == ['python', 'tools/digits_folder.py']]
     assert len(tool) == 1 and digits_folder.main(tool[0]) == 0
-    commands = [(w[1], w[2:]) for w in documented('README.md') if w[0] == 'python' and '--dataset' in w
+    commands = [(w[1], w[2:]) for w in documented('docs/own_data.md') if w[0] == 'python' and '--dataset' in w
                 and w[w.index('--dataset') + 1] == 'folder']
     assert [script for script, _ in commands] == ['train.py', 'train.py', 'gen_pseudolabels.py', 'train_semi.py',
                                                   'pretrain_rot.py', 'train.py', 'pretrain_moco.py', 'train.py',
                                                   'train_stage2.py']
-    moco = {'data/folder/checkpoint/moco_ckpt_0030.pth.tar': 'data/folder/checkpoint/moco_ckpt_0001.pth.tar'}  # SHORT
+    moco = {'data/folder-digits-folder/checkpoint/moco_ckpt_0030.pth.tar':
+            'data/folder-digits-folder/checkpoint/moco_ckpt_0001.pth.tar'}  # SHORT
     for script, argv in commands:
         run(script, argv, extra=() if script == 'gen_pseudolabels.py' or '-e' in argv else SHORT, **moco)
     out = capsys.readouterr().out
-    assert '10 classes, 600 training and 100 val images of 32x32 px' in out
+    assert '10 classes, 1010 training and 100 val images of 32x32 px' in out
     assert 'wrote 300 pseudo-labels' in out and 'backbone tensors from rotation/supervised checkpoint' in out
     assert 'backbone tensors from MoCo checkpoint' in out and '=> cRT: features frozen' in out
-    assert (cwd / 'checkpoint' / 'folder_resnet32_CE_None_exp_0.01_0.01_semi' / 'ckpt.pth.tar').is_file()
+    assert (cwd / 'checkpoint' / 'folder-digits-folder_resnet32_CE_None_exp_0.01_0.01_semi' / 'ckpt.pth.tar').is_file()
 
 
 def _store_names(paths, pretrained):
@@ -259,11 +296,12 @@ def _store_names(paths, pretrained):
 
 @pytest.mark.parametrize('doc', [
     'README.md',
-    'docs/moco.md'])
+    'docs/moco.md',
+    'docs/own_data.md'])
 def test_fine_tuning_from_ssp_gets_its_own_run_folder(doc):
     """A documented SSP fine-tuning run must not write into the folder of a documented plain run (the
     second would replace the first's checkpoints and add to its logs), here or in README.md."""
-    plain = _store_names(['README.md', 'docs/semi.md', 'docs/baselines.md'], pretrained=False)
+    plain = _store_names(['README.md', 'docs/semi.md', 'docs/baselines.md', 'docs/own_data.md'], pretrained=False)
     clashes = {name: argv for name, argv in _store_names([doc], pretrained=True).items() if name in plain}
     assert not clashes
 

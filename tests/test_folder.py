@@ -2,8 +2,10 @@
 train_semi.py, pretrain_rot.py, pretrain_moco.py, train_stage2.py and reproduce.py; its cache; every bad
 input. The data: scikit-learn's digits written out by tools/digits_folder.py (the README's worked example),
 plus JPEG / RGB / nested / one-image classes."""
+import errno
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -20,6 +22,7 @@ import reproduce
 import train
 import train_semi
 import train_stage2
+import trainer
 from checkpoint import load_checkpoint
 from dataset import build_transform, folder, resolve_dataset
 from errors import UserError
@@ -34,7 +37,7 @@ from digits_folder import write_digits_folder  # noqa: E402
 # Sorted folder names; 'a single' (one RGB image) sorts after the digits.
 CLASSES = [str(c) for c in range(10)] + ['a single']
 TRAIN_COUNTS = [6] * 10 + [1]  # per_class 8, of which 2 per digit go to unlabeled/
-NAME = 'folder_resnet32_CE_None_exp_1.0_ss_pretrained'
+NAME = 'folder-data_resnet32_CE_None_exp_1.0_ss_pretrained'  # named after the data folder
 
 
 @pytest.fixture
@@ -77,6 +80,10 @@ def test_train_then_evaluate_gives_the_run_s_top1(root, tmp_path, capsys, one_th
     assert len(run_top1) == 1
     assert train.main(_args(root, tmp_path, '--resume', str(ckpt_path), '-e')) == 0
     assert _top1(capsys.readouterr().out) == run_top1
+    # the trial's folder checkpoint evaluated as --dataset digits printed 22.667 % and exit 0
+    with pytest.raises(UserError, match=r'was trained with --dataset folder, this command says digits: pass '
+                                        r'--dataset folder'):
+        train.main(['--dataset', 'digits', '--imb_factor', '1', '-j', '0', '--resume', str(ckpt_path), '-e'])
     # tools/tsne.py reads the same folder at the checkpoint's size, classes and statistics
     png = tmp_path / 'tsne.png'
     assert tsne.main(['--resume', str(ckpt_path), '--dataset', 'folder', '--data_path', str(root), '--imb_factor', '1',
@@ -148,7 +155,7 @@ def test_gen_pseudolabels_and_train_semi_on_an_unlabeled_folder(root, tmp_path, 
 
 def test_pretrain_rot_fine_tunes_into_train(root, tmp_path, capsys, one_thread):
     assert pretrain_rot.main(_args(root, tmp_path)) == 0
-    rot = tmp_path / 'ckpt' / 'folder_resnet32_CE_None_exp_1.0_pretrain_rot' / 'ckpt.best.pth.tar'
+    rot = tmp_path / 'ckpt' / 'folder-data_resnet32_CE_None_exp_1.0_pretrain_rot' / 'ckpt.best.pth.tar'
     assert load_checkpoint(str(rot))['classes'] == CLASSES
     capsys.readouterr()
     assert train.main(_args(root, tmp_path, '--pretrained_model', str(rot), '--exp_str', 'ssp')) == 0
@@ -163,8 +170,8 @@ def test_pretrain_moco_fine_tunes_into_train(root, tmp_path, capsys, one_thread)
                                '--moco-k', '32', '-b', '16', '-j', '0', '--epochs', '1', '--seed', '0']) == 0
     text = capsys.readouterr().out
     # 61 images, batches of 16 (drop_last): 3 steps
-    assert '===> Training data length 61' in text and 'Epoch: [0][3/3]' in text
-    weights = out / 'folder' / 'checkpoint' / 'moco_ckpt_0001.pth.tar'
+    assert '===> Training data length 61' in text and 'Epoch: [1/1][3/3]' in text
+    weights = out / 'folder-data' / 'checkpoint' / 'moco_ckpt_0001.pth.tar'
     ckpt = load_checkpoint(str(weights))
     assert ckpt['arch'] == 'resnet32' and ckpt['state_dict']['module.queue'].shape == (128, 32)
     small = _moco_data(root)
@@ -339,7 +346,15 @@ def _mixed_sizes(data):
     Image.new('L', (16, 16)).save(data / 'train' / '4' / '0.png')
 
 
+def _one_class(data):
+    for split in ('train', 'val'):
+        for d in (data / split).iterdir():
+            if d.name != '0':
+                shutil.rmtree(d)
+
+
 BAD = {
+    _one_class: r'train holds 1 class \(0\); a classifier needs at least two',
     _empty_class: r'class folder .*train/5b holds no images',
     _val_class_training_lacks: r'class folder .*val/cat has no counterpart in the training folder',
     _corrupt: r'cannot read image .*train/2/1\.png',
@@ -579,3 +594,143 @@ def test_evaluate_normalises_with_the_checkpoint_s_statistics_after_the_folder_c
                             str(tmp_path / 'ckpt' / name / 'ckpt.pth.tar'))) == 0
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith('val Results')]
     assert printed == logged and len(printed) == 1
+
+
+# ---------------------------------------------------------------- the trial's own folders (issue 34 item 3)
+
+def _balanced(path, classes=('a', 'b'), per_class=8, val=2, side=8):
+    """`classes` of `per_class` random side x side RGB PNGs (and `val` each in val/)."""
+    rng = np.random.RandomState(0)
+    for split, n in (('train', per_class), ('val', val)):
+        for c in classes:
+            os.makedirs(path / split / c)
+            for i in range(n):
+                pixels = rng.randint(0, 256, (side, side, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(path / split / c / f'{i}.png')
+    return path
+
+
+def test_a_folder_is_taken_as_it_is_unless_imb_factor_is_given(tmp_path, capsys, one_thread):
+    """The trial's 2 classes x 8 images: the default no longer cuts class b to 0 images (it trained on an
+    empty class, 'Many nan Medium nan'); --imb_factor 0.01, which would, is refused in one line."""
+    data = _balanced(tmp_path / 'two')
+    argv = ['--dataset', 'folder', '--data_path', str(data), '--epochs', '1', '-b', '16', '-j', '0',
+            '--root_log', str(tmp_path / 'log'), '--root_model', str(tmp_path / 'ckpt')]
+    assert train.build_parser().parse_args(argv).imb_factor == 1.0
+    assert train.build_parser().parse_args(['--dataset', 'cifar10']).imb_factor == 0.01  # the original's default
+    assert train.main(argv) == 0
+    assert 'cls num list: [8, 8]' in capsys.readouterr().out
+    assert os.listdir(tmp_path / 'ckpt') == ['folder-two_resnet32_CE_None_exp_1.0_ss_pretrained']
+    with pytest.raises(UserError, match=r"--imb_factor 0\.01 leaves class 'b' with no training image \(the training "
+                                        r"folder has 8 to 8 per class\); pass a larger --imb_factor, or leave it out"):
+        train.main(argv + ['--imb_factor', '0.01'])
+    assert pretrain_moco.build_parser().parse_args(['--dataset', 'folder']).imb_factor == 1.0
+
+
+def test_a_read_only_folder_caches_in_cache_dir(root, tmp_path, monkeypatch, capsys):
+    """The trial's read-only folder printed the same warning twice and had no way out: one warning naming
+    --cache_dir; with --cache_dir the cache goes there and the next run reads it instead of decoding."""
+    real = folder.atomic_path
+
+    def read_only(path, size=None):
+        if str(path).startswith(str(root)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real(path, size)
+    monkeypatch.setattr(folder, 'atomic_path', read_only)
+    calls = _decodes(monkeypatch)
+    resolve_dataset('folder', str(root))
+    err = capsys.readouterr().err
+    assert err.count('warning: cannot cache') == 1 and '--cache_dir puts the cache elsewhere' in err
+    cache = tmp_path / 'cache'
+    for _ in range(2):
+        resolve_dataset('folder', str(root), cache_dir=str(cache))
+    assert len(calls) == 4 and len(os.listdir(cache)) == 2 and capsys.readouterr().err == ''
+    args = train.build_parser().parse_args(['--dataset', 'folder', '--data_path', str(root), '--cache_dir', str(cache)])
+    assert args.cache_dir == str(cache) and train.load_data(args)[0].num_classes == 11 and len(calls) == 4
+
+
+def test_scripts_that_need_the_same_pixels_share_one_cache(root, monkeypatch):
+    """train.py reads a folder at its own size (32 px), train_stage2.py at its stage-1 checkpoint's
+    --image_size 32: the same pixels, one cache (the trial found two identical files). A size that resizes has
+    its own."""
+    calls = _decodes(monkeypatch)
+    native = resolve_dataset('folder', str(root))
+    at_32 = resolve_dataset('folder', str(root), image_size=32)
+    assert len(calls) == 2 and len(_caches(root)) == 2 and all('-native-' in n for n in _caches(root))
+    assert np.array_equal(native.build_val(str(root), None).data, at_32.build_val(str(root), None).data)
+    resolve_dataset('folder', str(root), image_size=16)
+    assert len(calls) == 4 and sorted(n.split('-')[1] for n in _caches(root)) == ['16', '16', 'native', 'native']
+    shutil.rmtree(root / folder.CACHE_FOLDER)  # the other order: S first, then the images' own size
+    resolve_dataset('folder', str(root), image_size=32)
+    resolve_dataset('folder', str(root))
+    assert len(calls) == 6 and all('-native-' in n for n in _caches(root))
+
+
+def test_cached_images_are_memory_mapped(root):
+    """Read back from the cache, the images are a view of the file (every process that reads it shares its
+    pages), and the whole folder (--imb_factor 1) is not copied into the training set."""
+    resolve_dataset('folder', str(root))
+    info = resolve_dataset('folder', str(root))
+    data = info.build_train(str(root), 'exp', 1.0, 0, None).data
+    assert isinstance(data, np.memmap) and data.filename.endswith('.npy') and data.shape == (61, 32, 32, 3)
+    assert isinstance(info.build_val(str(root), None).data, np.memmap)
+
+
+def test_a_stale_cache_removed_by_another_process_is_no_error(root, monkeypatch, capsys):
+    """Processes decoding one changed folder race to delete its stale cache (gpu review A2): the one that finds
+    it gone goes on, without a word."""
+    resolve_dataset('folder', str(root))
+    image = root / 'train' / '5' / '0.png'
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10 ** 9))  # the caches are stale
+    real = os.listdir
+
+    def listdir_then_another_process_unlinks(path):
+        """The listing of the cache folder once the new cache is written, after which the other process
+        removes the stale one."""
+        names = real(path)
+        caches = sorted((os.path.getmtime(os.path.join(path, n)), n) for n in names if n.startswith('train-'))
+        if str(path).endswith(folder.CACHE_FOLDER) and len(caches) == 2:
+            os.unlink(os.path.join(path, caches[0][1]))
+        return names
+    monkeypatch.setattr(os, 'listdir', listdir_then_another_process_unlinks)
+    capsys.readouterr()
+    resolve_dataset('folder', str(root))
+    assert len(_caches(root)) == 2 and capsys.readouterr().err == ''
+
+
+def test_no_flip_turns_the_flips_off(root, tmp_path, monkeypatch, one_thread):
+    """--no-flip for orientation-sensitive images: the training batches are never mirrored, and the run folder
+    says so (_noflip), apart from the flipped run's."""
+    seen = []
+    real = trainer.DeviceLoader.from_dataset
+
+    def spy(dataset, sampler, batch_size, device, info, train=False, **kwargs):
+        if train:
+            seen.append(kwargs['flip'])
+        return real(dataset, sampler, batch_size, device, info, train=train, **kwargs)
+    monkeypatch.setattr(trainer.DeviceLoader, 'from_dataset', spy)
+    assert train.main(_args(root, tmp_path, '--no-flip')) == 0
+    assert train.main(_args(root, tmp_path)) == 0
+    assert seen == [False, True]
+    assert sorted(os.listdir(tmp_path / 'ckpt')) == [NAME, NAME + '_noflip']
+    info = resolve_dataset('folder', str(root), flip=False)
+    assert 'RandomHorizontalFlip' not in repr(build_transform('folder', True, info=info))
+
+
+def test_more_than_1000_classes_train_save_and_evaluate(tmp_path, capsys, one_thread):
+    """gpu review A1: above 1,000 classes evaluate() keeps no confusion matrix, and its readers crashed after
+    the first epoch (`None.tolist()`) and in -e. A folder of 1,001 classes trains, saves, evaluates."""
+    data = _balanced(tmp_path / 'many', classes=[f'c{i:04d}' for i in range(1001)], per_class=1, val=1, side=8)
+    argv = ['--dataset', 'folder', '--data_path', str(data), '--epochs', '1', '-b', '256', '-j', '0', '-a',
+            'resnet20', '--root_log', str(tmp_path / 'log'), '--root_model', str(tmp_path / 'ckpt'), '--confusion']
+    assert train.main(argv) == 0
+    name = 'folder-many_resnet20_CE_None_exp_1.0_ss_pretrained'
+    log = (tmp_path / 'log' / name / 'log_test.csv').read_text()
+    assert 'Confusion Matrix' not in log and len(trainer.read_test_log(
+        str(tmp_path / 'log' / name / 'log_test.csv'))[0]['per_class']) == 1001
+    ckpt = tmp_path / 'ckpt' / name / 'ckpt.pth.tar'
+    assert len(load_checkpoint(str(ckpt))['classes']) == 1001
+    capsys.readouterr()
+    assert train.main(argv + ['--resume', str(ckpt), '-e']) == 0
+    out = capsys.readouterr().out
+    assert _top1(out) == _top1(log) and 'Confusion' not in out

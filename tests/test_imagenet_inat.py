@@ -409,7 +409,7 @@ def test_torchrun_two_processes_match_a_single_process_evaluation(world, tmp_pat
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # 9 global steps of 16 = 2 ranks x 8, printed by rank 0 only
-    assert proc.stdout.count(f'Epoch: [0][{STEPS}/{STEPS}]') == 1
+    assert proc.stdout.count(f'Epoch: [1/1][{STEPS}/{STEPS}]') == 1  # the console's epochs count from 1
     sharded = json.loads((tmp_path / 'ddp' / 'results_test.json').read_text())
     assert ii_main.main(argv(world, cfg, '--test', '--model_dir', str(tmp_path / 'ddp'),
                              '--log_dir', str(tmp_path / 'single'))) == 0
@@ -702,12 +702,47 @@ def test_class_aware_cycles_continue_across_epochs_and_resume_at_any_epoch(world
 
 def test_val_as_train_trains_on_the_val_split(world, tmp_path):
     cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', sampler=False, batch=6))
-    assert ii_main.main(argv(world, cfg, '--model_dir', world['moco'], '--val_as_train')) == 0
+    assert ii_main.main(argv(world, cfg, '--model_dir', world['moco'], '--val_as_train', '--overwrite')) == 0
     assert '=> 18 training images, batch 6: 3 steps per epoch' in log_text(tmp_path / 'run')
     results = json.loads((tmp_path / 'run' / 'results_test.json').read_text())
     # the original's shot groups count the training phase's images: 6 per class, all few-shot
     assert results['train_class_counts'] == [6, 6, 6]
     assert results['many_shot'] is None and results['medium_shot'] is None and results['few_shot'] is not None
+
+
+def test_the_same_command_again_resumes_a_stopped_stage_and_keeps_a_finished_one(world, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """rerun.py for imagenet_inat: after a stop, the same command resumes the stage (and ends as the
+    uninterrupted stage 1); once the stage is finished it is refused, and --overwrite runs it anew."""
+    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', sampler=False, epochs=2, batch=BATCH))
+    command = argv(world, cfg, '--model_dir', world['moco'])
+    import engine
+    real, calls = engine.classify, []
+
+    def classify_then_sigint(model, images, targets):
+        calls.append(1)
+        if len(calls) == STEPS + 4:  # step 4 of epoch 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(model, images, targets)
+    with monkeypatch.context() as m:
+        m.setattr(engine.train_one_epoch, '__kwdefaults__',
+                  {**engine.train_one_epoch.__kwdefaults__, 'forward': classify_then_sigint})
+        assert ii_main.main(command) == 128 + signal.SIGINT
+    capsys.readouterr()
+    assert ii_main.main(command) == 0
+    assert (f"=> {tmp_path / 'run'} holds an unfinished run of these flags (stopped in epoch 2 of 2 after step 4): "
+            f"resuming it") in capsys.readouterr().out
+    resumed = load(tmp_path / 'run' / 'final_model_checkpoint.pth')['state_dict_best']
+    whole = load(world['stage1'] / 'final_model_checkpoint.pth')['state_dict_best']
+    for net in ('feat_model', 'classifier'):
+        for k, v in whole[net].items():
+            assert torch.equal(resumed[net][k], v), (net, k)
+    before = {p: p.read_bytes() for p in (tmp_path / 'run').iterdir() if p.is_file()}
+    with pytest.raises(UserError, match=r'run holds a finished stage \(final_model_checkpoint.pth\); pass --overwrite'):
+        ii_main.main(command)
+    assert {p: p.read_bytes() for p in (tmp_path / 'run').iterdir() if p.is_file()} == before
+    assert ii_main.main(command + ['--overwrite']) == 0
+    assert log_text(tmp_path / 'run').count('Best validation accuracy') == 1
 
 
 def test_resume_cuts_log_txt_back_to_the_checkpoint(world, tmp_path):

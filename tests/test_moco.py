@@ -259,7 +259,7 @@ def check_moco_checkpoint(path, epoch):
     # the original's keys, plus what an exact resume needs
     # (and, from several processes, every rank's RNG state)
     assert set(ckpt) - {'rng_ranks'} == {'epoch', 'arch', 'state_dict', 'optimizer', 'step', 'seed', 'rng',
-                                         'world_size', 'script', 'task'}
+                                         'world_size', 'script', 'task', 'flags'}
     assert ('rng_ranks' in ckpt) == (ckpt['world_size'] > 1)
     assert ckpt['epoch'] == epoch and ckpt['arch'] == 'resnet32'
     keys = list(ckpt['state_dict'])
@@ -274,7 +274,7 @@ def test_one_process_epoch_writes_the_documented_checkpoint(jpeg_split, tmp_path
     assert pretrain_moco.main(moco_args(jpeg_split, tmp_path / 'out')) == 0
     ckpt = check_moco_checkpoint(ckpt_path(tmp_path / 'out', 1), 1)
     assert int(ckpt['state_dict']['module.queue_ptr']) == 0  # 4 steps x 4 keys, K = 16
-    assert 'Epoch: [0][4/4]' in capsys.readouterr().out
+    assert 'Epoch: [1/1][4/4]' in capsys.readouterr().out  # the console counts epochs from 1, of --epochs
 
 
 @pytest.mark.slow
@@ -283,7 +283,7 @@ def test_two_process_torchrun_epoch_then_resume(jpeg_split, tmp_path, capsys):
     cmd = fixtures.torchrun_cmd('pretrain_moco.py', *moco_args(jpeg_split, out, '--dist-timeout', '60'))
     proc = subprocess.run(cmd, cwd=REPO, env=fixtures.script_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert 'Epoch: [0][4/4]' in proc.stdout  # 16 images / 2 ranks / 2 per rank, printed by rank 0 only
+    assert 'Epoch: [1/1][4/4]' in proc.stdout  # 16 images / 2 ranks / 2 per rank, printed by rank 0 only
     assert proc.stdout.count('=> saved') == 1
     check_moco_checkpoint(ckpt_path(out, 1), 1)
 
@@ -291,7 +291,7 @@ def test_two_process_torchrun_epoch_then_resume(jpeg_split, tmp_path, capsys):
     argv = moco_args(jpeg_split, out, '--epochs', '2', '--resume', str(ckpt_path(out, 1)))
     assert pretrain_moco.main(argv) == 0
     printed = capsys.readouterr().out
-    assert '(epoch 1, step 0)' in printed and 'Epoch: [0]' not in printed and 'Epoch: [1][4/4]' in printed
+    assert '(1 of 2 epochs done)' in printed and 'Epoch: [1/2]' not in printed and 'Epoch: [2/2][4/4]' in printed
     check_moco_checkpoint(ckpt_path(out, 2), 2)
 
 
@@ -523,7 +523,7 @@ def test_per_gpu_launcher_leaves_a_resumable_checkpoint_whoever_gets_sigterm(tmp
     try:
         for line in proc.stdout:  # until the first step is done, in 2 processes
             head.append(line)
-            if line.startswith('Epoch: [0][1/'):
+            if line.startswith('Epoch: [1/3][1/'):
                 break
         assert proc.poll() is None, ''.join(head)[-3000:]
         children = _spawned_children(proc.pid)
@@ -556,6 +556,56 @@ def test_per_gpu_launcher_leaves_a_resumable_checkpoint_whoever_gets_sigterm(tmp
         assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
         assert torch.load(folder / f'moco_ckpt_{done:04d}.pth.tar', map_location='cpu',
                           weights_only=True)['epoch'] == done
+
+
+def test_per_gpu_launcher_caches_a_folder_before_it_spawns(tmp_path, monkeypatch):
+    """The launcher's process decodes and caches a folder before it starts the workers (which then read the
+    cache, as the slow test below runs them)."""
+    sys.path.insert(0, os.path.join(REPO, 'tools'))
+    from digits_folder import write_digits_folder
+    data = tmp_path / 'cells'
+    write_digits_folder(str(data), per_class=4, val_per_class=1)
+    at_spawn = []
+
+    class Started:
+        def join(self):
+            return True
+
+        def pids(self):
+            return []
+
+    def spawn(fn, nprocs, args, join):
+        at_spawn.append(sorted(n.split('-')[0] for n in os.listdir(data / '.folder_cache')))
+        return Started()
+    monkeypatch.setattr(pretrain_moco.mp, 'spawn', spawn)
+    args = pretrain_moco.resolve_args(pretrain_moco.build_parser().parse_args(['--dataset', 'folder', '--data',
+                                                                               str(data)]))
+    assert pretrain_moco.spawn_per_gpu(args, pretrain_moco.Layout(2, 2, 64, 'two fake GPUs')) == 0
+    assert at_spawn == [['train', 'val']]
+
+
+@pytest.mark.slow
+def test_per_gpu_launcher_decodes_a_folder_once_before_starting_its_workers(tmp_path):
+    """gpu review A2 and D5: each of the launcher's workers decoded the folder itself, and the ones that met a
+    stale cache raced to delete it. Now the launcher's process decodes and caches it before spawning; the
+    workers read that cache (memory-mapped). Here with a stale cache of the folder's earlier version."""
+    sys.path.insert(0, os.path.join(REPO, 'tools'))
+    from digits_folder import write_digits_folder
+    data = tmp_path / 'cells'
+    write_digits_folder(str(data), per_class=8, val_per_class=2)
+    os.makedirs(data / '.folder_cache')
+    stale = data / '.folder_cache' / 'train-native-0123456789abcdef.npy'
+    np.save(stale, np.zeros((1, 8, 8, 3), dtype=np.uint8))
+    argv = ['--dataset', 'folder', '--data', str(data), '-a', 'resnet20', '--moco-k', '32', '-b', '16', '-j', '0',
+            '--crop-size', '8', '--seed', '0', '--epochs', '1', '--root_path', str(tmp_path / 'out'),
+            '--dist-url', f'tcp://127.0.0.1:{_free_port()}', '--dist-timeout', '60']
+    proc = subprocess.run([sys.executable, '-c', TWO_GPU_PARENT.format(repo=REPO), *argv], cwd=REPO,
+                          env=fixtures.script_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert '=> one process per GPU: 2 on each of 1 node(s)' in proc.stdout
+    assert proc.stdout.count('decoding the') == 2, proc.stdout  # train/ and val/, once, by the launcher
+    assert not stale.exists() and len(os.listdir(data / '.folder_cache')) == 2
+    assert (tmp_path / 'out' / 'folder-cells' / 'checkpoint' / 'moco_ckpt_0001.pth.tar').is_file()
 
 
 def test_forwarded_stop_request_and_the_group_signal_after_it_count_once():

@@ -194,8 +194,13 @@ def test_train_semi_cifar10_one_epoch(semi_root, tmp_path, captured, capsys):
     ckpt = load_checkpoint(str(ckpt_path))
     assert ckpt['epoch'] == 1 and ckpt['script'] == 'train_semi'
     capsys.readouterr()
-    assert train_semi.main(_train_args(root, tmp_path, '--imb_factor', '0.1', '--resume', str(ckpt_path), '-e')) == 0
+    # -e with the run's flags: the shot groups come from the training set they describe
+    assert train_semi.main(_train_args(root, tmp_path, '--imb_factor', '0.1', '--imb_factor_unlabel', '0.1',
+                                       '--unlabel_size_factor', '1', '--resume', str(ckpt_path), '-e')) == 0
     assert 'Results: Prec@1' in capsys.readouterr().out
+    with pytest.raises(UserError, match=r'was trained with --imb_factor_unlabel 0\.1, this command says 0\.01: pass '
+                                        r'--imb_factor_unlabel 0\.1'):
+        train_semi.main(_train_args(root, tmp_path, '--imb_factor', '0.1', '--resume', str(ckpt_path), '-e'))
 
 
 def test_train_semi_svhn_one_epoch(small_svhn_root, tmp_path, captured):

@@ -63,7 +63,9 @@ def stage2_train_set(stage):
 
 
 def run_stage(stage, *extra):
-    assert train_stage2.main(readme_stage2(stage) + SHORT + list(extra)) == 0
+    """The README's command of `stage`; the tests share one folder, so a new run replaces an earlier one's."""
+    again = [] if '--resume' in extra else ['--overwrite']
+    assert train_stage2.main(readme_stage2(stage) + SHORT + list(extra) + again) == 0
     name = f'digits_resnet32_CE_None_exp_0.01_ss_pretrained_{stage}'
     return load_checkpoint(f'checkpoint/{name}/ckpt.pth.tar'), f'log/{name}'
 
@@ -447,7 +449,7 @@ def test_resumed_stage2_equals_an_uninterrupted_one(cwd, monkeypatch):
         return sync
     with monkeypatch.context() as m:
         m.setattr(trainer.GracefulStop, '__call__', sigterm_at_first_sync)
-        assert train_stage2.main(readme_stage2('LWS') + ['--epochs', '3']) == 128 + signal.SIGTERM
+        assert train_stage2.main(readme_stage2('LWS') + ['--epochs', '3', '--overwrite']) == 128 + signal.SIGTERM
     name = 'digits_resnet32_CE_None_exp_0.01_ss_pretrained_LWS'
     assert load_checkpoint(f'checkpoint/{name}/ckpt.pth.tar')['epoch'] == 1
     resumed, _ = run_stage('LWS', '--epochs', '3', '--resume', f'checkpoint/{name}/ckpt.pth.tar')
