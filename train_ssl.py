@@ -13,8 +13,6 @@ An "epoch" is one evaluation period of --eval_step steps; --epochs of them make 
 the values of one codebase (ltssl/protocols.py; printed at the start); the flags given win. Run folders,
 logs (plus log_pseudo.csv), checkpoints, --resume, -e, torchrun and SIGTERM are train.py's.
 """
-import argparse
-
 import cli
 import trainer
 from errors import UserError
@@ -24,25 +22,24 @@ from ltssl.protocols import PRESETS, apply
 from models import MODELS
 
 
-class _Parser(argparse.ArgumentParser):
-    """parse_args also resolves what the flags leave open: --imb_factor_unlabel, the --protocol preset (its lines
-    in args.preset_notes) and the run folder's name, so every reader of the flags (reproduce.py) sees the run's."""
-
-    def parse_args(self, args=None, namespace=None):
-        args = super().parse_args(args, namespace)
-        if args.imb_factor_unlabel is None:
-            args.imb_factor_unlabel = args.imb_factor
-        args.preset_notes = apply(args)
-        args.store_name = ssl_store_name(args)
-        return args
+def resolve(args):
+    """What the flags leave open, filled in after every parse (cli.ArgumentParser.finish): --imb_factor_unlabel,
+    the --protocol preset (its lines in args.preset_notes) and the run folder's name, so every reader of the flags
+    (reproduce.py) sees the run's."""
+    if args.imb_factor_unlabel is None:
+        args.imb_factor_unlabel = args.imb_factor
+    args.preset_notes = apply(args)
+    args.store_name = ssl_store_name(args)
 
 
 def build_parser():
-    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     cli.add_data_args(parser, ('cifar10', 'cifar100', 'digits'), 'ssl')
-    parser.add_argument('-a', '--arch', metavar='ARCH', default='wrn28_2', choices=list(MODELS),
-                        help='model architecture: ' + ' | '.join(MODELS) + ' (default: wrn28_2)')
-    parser.add_argument('--pretrained_model', type=str, default='', help='self-supervised weights to start from')
+    g = cli.group(parser, cli.METHOD)
+    g.add_argument('-a', '--arch', metavar='ARCH', default='wrn28_2', choices=list(MODELS),
+                   help='model architecture: ' + ' | '.join(MODELS))
+    g.add_argument('--pretrained_model', type=str, default='', metavar='PATH',
+                   help='self-supervised weights to start from')
     cli.add_run_args(parser)
     # the recipe knobs: None means "the --protocol preset's"
     parser.set_defaults(epochs=None, batch_size=None, lr=None, momentum=None, weight_decay=None, mixup=None,
@@ -93,6 +90,7 @@ def build_parser():
     darp.add_argument('--darp_iter_T', default=None, type=cli.positive_int, help='solver iterations')
     darp.add_argument('--darp_every', default=None, type=cli.positive_int, help='steps between refinements')
     darp.add_argument('--darp_tol', default=None, type=cli.positive_float, help='secant tolerance of the solver')
+    parser.finish(resolve)
     return parser
 
 
