@@ -472,7 +472,7 @@ def test_wb_resumed_mid_epoch_equals_an_uninterrupted_one(cwd, monkeypatch):
         return sync
     with monkeypatch.context() as m:
         m.setattr(trainer.GracefulStop, '__call__', sigterm_at_first_sync)
-        assert train_stage2.main(readme_stage2('WB') + argv) == 128 + signal.SIGTERM
+        assert train_stage2.main(readme_stage2('WB') + argv + ['--overwrite']) == 128 + signal.SIGTERM
     name = 'digits_resnet32_CE_None_exp_0.01_ss_pretrained_WB'
     stopped = load_checkpoint(f'checkpoint/{name}/ckpt.pth.tar')
     assert (stopped['epoch'], stopped['step']) == (0, 2)
