@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
+from PIL import Image
+from torch.utils.data import Dataset
 from torchvision import transforms
 
 from dataset import folder
@@ -15,10 +17,8 @@ from dataset.digits import ImbalanceDigits, SemiSupervisedImbalanceDigits
 from dataset.imbalance_cifar import (ImbalanceCIFAR10, ImbalanceCIFAR100, SemiSupervisedImbalanceCIFAR10,
                                      load_tinyimages)
 from dataset.imbalance_svhn import ImbalanceSVHN, SemiSupervisedImbalanceSVHN, load_svhn_extra
+from dataset.statistics import CIFAR_MEAN, CIFAR_STD, HALF
 from errors import UserError
-
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
-HALF = (0.5, 0.5, 0.5)
 
 
 @dataclass(frozen=True)
@@ -161,3 +161,16 @@ def load_unlabeled_pool(name, root, path=None, download=False, info=None, **digi
         raise UserError(f"{name} has no unlabeled pool in the paper; choose one of "
                         f"{', '.join(n for n, i in DATASETS.items() if i.load_pool)}")
     return info.load_pool(root, path, download, **digits_kwargs)
+
+
+class PoolImages(Dataset):
+    """N x 32 x 32 x 3 uint8 images, transformed as at test time; no labels."""
+
+    def __init__(self, images, transform):
+        self.images, self.transform = images, transform
+
+    def __getitem__(self, index):
+        return self.transform(Image.fromarray(self.images[index]))
+
+    def __len__(self):
+        return len(self.images)
