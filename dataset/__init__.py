@@ -2,6 +2,8 @@
 
 Every builder returns a torch Dataset of 32x32 RGB images (a folder's: S x S) whose labels are in
 `.targets` (CIFAR, digits, folder) or `.labels` (SVHN); `dataset.samplers.get_targets` reads either.
+dataset/ holds all the project's data: ImageNet-LT / iNaturalist split files and their transforms are in
+splitfile.py, every normalisation statistic in statistics.py, MoCo's views in moco_augment.py.
 """
 import os
 from dataclasses import dataclass, replace
@@ -164,7 +166,8 @@ def load_unlabeled_pool(name, root, path=None, download=False, info=None, **digi
 
 
 class PoolImages(Dataset):
-    """N x 32 x 32 x 3 uint8 images, transformed as at test time; no labels."""
+    """An unlabeled pool's images (N x 32 x 32 x 3 uint8, as load_unlabeled_pool returns them), transformed as
+    at test time, without labels: what gen_pseudolabels.py predicts."""
 
     def __init__(self, images, transform):
         self.images, self.transform = images, transform
