@@ -27,7 +27,7 @@ def project_files():
             dirs[:] = [d for d in dirs if not d.startswith('.') and d not in ('__pycache__', 'data', 'log', 'checkpoint',
                                                                             'runs', 'results')]
             files += [os.path.relpath(os.path.join(folder, n), REPO) for n in names if not n.startswith('.')]
-    return sorted(f for f in files if f and not f.startswith('tests/'))
+    return sorted(f for f in files if f and not f.startswith('tests/') and os.path.isfile(os.path.join(REPO, f)))
 
 
 def ground_files():
