@@ -1,18 +1,19 @@
 """The commands of README.md, docs/*.md and `make demo`, read from those files and run as written
 (issue 17, item 5), in a fresh working directory: relative paths such as checkpoint/<run>/ and
 ./data/ chain the steps exactly as a user's shell would. Added to keep them to seconds: `--epochs 1`
-(argparse takes the last value; `-j 0` for MoCo on CIFAR) and tiny data in the real formats (the
+(argparse takes the last value; `-j 0 -b 64` for MoCo on CIFAR) and tiny data in the real formats (the
 CIFAR/SVHN/TinyImages fixtures in ./data, a 40-per-class digits subset). Placeholders such as
 <ckpt> are filled in with the file the previous step wrote.
 
 The README is a landing page (issue 31): its Quick start's commands are run from it; every other command of it
 is, word for word, a command of a docs/ page (test_readme_commands_are_the_pages_commands), run from that page
-here: train.py's from docs/train.md, the semi-supervised ones from docs/semi.md, and so on.
+here where it is run at all: train.py's from docs/train.md, the semi-supervised ones from docs/semi.md, and so on.
 
 Not run here: commands that need ImageNet / iNaturalist images or several GPUs (imagenet_inat,
 MoCo on imagenet/inat, torchrun with 8 processes: tests/test_imagenet_inat.py, test_moco.py and
 test_distributed.py run them on small image folders and 2 processes), reproduce.py's tables
-(tests/test_reproduce.py), tools/tsne.py (tests/test_tsne.py), installation and benchmarks. Of
+(tests/test_reproduce.py), train_ssl.py's CIFAR commands (its digits one is run here), tools/tsne.py
+(tests/test_tsne.py), installation and benchmarks. Of
 docs/reproduce.md's SLURM section: the worked example's commands, against a fake sbatch
 (tests/test_reproduce_slurm.py), and the multi-node torchrun line, read by torchrun's own parser.
 """
@@ -223,6 +224,23 @@ def test_readme_rotation_ssp(cifar_data, capsys):
     capsys.readouterr()
     run('train.py', fine)
     assert 'backbone tensors from rotation/supervised checkpoint' in capsys.readouterr().out
+
+
+def test_readme_moco_ssp(cifar_data, capsys):
+    """README "Self-supervised pre-training" (docs/moco.md's same two commands): MoCo v2 on CIFAR-10-LT, then
+    train.py from the checkpoint path it names (epoch 1 for the 200 of the default). 100 images per class before
+    the long-tailed draw (242 after it) and -b 64 give MoCo three steps of a batch its 4096 keys divide by."""
+    fixtures.write_cifar10(cifar_data / 'data', per_class=100, test_per_class=2)
+    (moco,) = script_commands('README.md', 'pretrain_moco.py', ['cifar10'])
+    (fine,) = script_commands('README.md', 'train.py', ['ssp_moco'])
+    assert script_commands('docs/moco.md', 'pretrain_moco.py', ['cifar10']) == [moco]
+    assert script_commands('docs/moco.md', 'train.py', ['cifar10']) == [fine]
+    run('pretrain_moco.py', moco, extra=['--epochs', '1', '-j', '0', '-b', '64'])
+    assert (cifar_data / 'data' / 'cifar10' / 'checkpoint' / 'moco_ckpt_0001.pth.tar').is_file()
+    capsys.readouterr()
+    run('train.py', fine, **{'data/cifar10/checkpoint/moco_ckpt_0200.pth.tar':
+                             'data/cifar10/checkpoint/moco_ckpt_0001.pth.tar'})
+    assert 'backbone tensors from MoCo checkpoint' in capsys.readouterr().out
 
 
 def test_semi_supervised_cifar10(cifar_data):
