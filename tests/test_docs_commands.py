@@ -37,6 +37,7 @@ import train
 import train_semi
 import train_ssl
 import train_stage2
+from imagenet_inat import main as imagenet_main
 from fixtures import REPO
 from models import build_model
 from test_reproduce_slurm import fake_slurm  # noqa: F401 (a fixture: sbatch, srun, squeue on PATH)
@@ -342,20 +343,22 @@ def test_fine_tuning_from_ssp_gets_its_own_run_folder():
 PARSERS = {'train.py': train.build_parser, 'train_semi.py': train_semi.build_parser,
            'gen_pseudolabels.py': gen_pseudolabels.build_parser, 'pretrain_rot.py': pretrain_rot.build_rot_parser,
            'pretrain_moco.py': pretrain_moco.build_parser, 'train_stage2.py': train_stage2.build_parser,
-           'train_ssl.py': train_ssl.build_parser}
+           'train_ssl.py': train_ssl.build_parser, '-m imagenet_inat.main': imagenet_main.build_parser}
 
 
 def test_every_pages_script_command_parses():
     """Each `python <script>` command of every page (README.md, docs/*.md), its <placeholders> filled, is taken by
     that script's parser: a flag renamed or a command that lost a word while moving between pages fails here, also
     for the commands no other test runs (ImageNet-LT / iNaturalist, several GPUs, placeholders)."""
-    found = [(page, w) for page in PAGES for w in documented(page, fill=True) if w[0] == 'python' and w[1] in PARSERS]
-    assert len(found) >= 50 and {w[1] for _, w in found} == set(PARSERS)
+    found = [(page, ['-m ' + w[2], *w[3:]] if w[1] == '-m' else w[1:]) for page in PAGES
+             for w in documented(page, fill=True) if w[0] == 'python']
+    found = [(page, words) for page, words in found if words[0] in PARSERS]
+    assert len(found) >= 60 and {words[0] for _, words in found} == set(PARSERS)
     for page, words in found:
         try:
-            PARSERS[words[1]]().parse_args(words[2:])
+            PARSERS[words[0]]().parse_args(words[1:])
         except SystemExit:
-            pytest.fail(f'{page}: {shlex.join(words)} does not parse')
+            pytest.fail(f'{page}: python {words[0]} {shlex.join(words[1:])} does not parse')
 
 
 def test_readme_commands_are_the_pages_commands():
