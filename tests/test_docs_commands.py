@@ -8,6 +8,8 @@ CIFAR/SVHN/TinyImages fixtures in ./data, a 40-per-class digits subset). Placeho
 The README is a landing page (issue 31): its Quick start's commands are run from it; every other command of it
 is, word for word, a command of a docs/ page (test_readme_commands_are_the_pages_commands), run from that page
 here where it is run at all: train.py's from docs/train.md, the semi-supervised ones from docs/semi.md, and so on.
+Every `python <script>` command of every page, run or not, is at least taken by its script's parser
+(test_every_pages_script_command_parses; reproduce.py's: test_every_reproduce_md_command_parses).
 
 Not run here: commands that need ImageNet / iNaturalist images or several GPUs (imagenet_inat,
 MoCo on imagenet/inat, torchrun with 8 processes: tests/test_imagenet_inat.py, test_moco.py and
@@ -35,6 +37,7 @@ import train
 import train_semi
 import train_ssl
 import train_stage2
+from imagenet_inat import main as imagenet_main
 from fixtures import REPO
 from models import build_model
 from test_reproduce_slurm import fake_slurm  # noqa: F401 (a fixture: sbatch, srun, squeue on PATH)
@@ -47,10 +50,14 @@ PAGES = ['README.md', *sorted(os.path.join('docs', name) for name in os.listdir(
                               if name.endswith('.md'))]
 
 
-def documented(path, block='bash'):
-    """Every command of the ```bash blocks of a file: continuation lines joined, comments cut off."""
+def documented(path, block='bash', fill=False):
+    """Every command of the ```bash blocks of a file: continuation lines joined, comments cut off; with fill, each
+    <placeholder> (spaces and all) becomes one word: its first number where it starts with one (<0 or 1>), else
+    PLACE."""
     with open(os.path.join(REPO, path)) as f:
         text = f.read()
+    if fill:
+        text = re.sub(r'<(\d*)[^<>\n]*>', lambda m: m[1] or 'PLACE', text)
     commands = []
     for body in re.findall(rf'```{block}\n(.*?)```', text, flags=re.S):
         for line in body.replace('\\\n', ' ').splitlines():
@@ -269,7 +276,7 @@ def test_semi_md_svhn(cifar_data):
 
 
 def test_readme_flags_of_train_py(cwd, small_digits, capsys):
-    """README's flag list of train.py: `--imb_type step` halves the classes (the first half keeps n_max,
+    """docs/train.md's flag list of train.py: `--imb_type step` halves the classes (the first half keeps n_max,
     the rest n_max * imb_factor), `--start-epoch 1` starts the epoch loop at epoch 1 (warm-up: lr * 2 / 5),
     `-p 1` prints every step, `--lr`, `--momentum` and `--wd` reach SGD. The 40-per-class digits keep
     30 training images per class."""
@@ -331,6 +338,27 @@ def test_fine_tuning_from_ssp_gets_its_own_run_folder():
     ssp = _store_names(PAGES, pretrained=True)
     assert len(ssp) >= 5 and len(plain) >= 10
     assert {name: argv for name, argv in ssp.items() if name in plain} == {}
+
+
+PARSERS = {'train.py': train.build_parser, 'train_semi.py': train_semi.build_parser,
+           'gen_pseudolabels.py': gen_pseudolabels.build_parser, 'pretrain_rot.py': pretrain_rot.build_rot_parser,
+           'pretrain_moco.py': pretrain_moco.build_parser, 'train_stage2.py': train_stage2.build_parser,
+           'train_ssl.py': train_ssl.build_parser, '-m imagenet_inat.main': imagenet_main.build_parser}
+
+
+def test_every_pages_script_command_parses():
+    """Each `python <script>` command of every page (README.md, docs/*.md), its <placeholders> filled, is taken by
+    that script's parser: a flag renamed or a command that lost a word while moving between pages fails here, also
+    for the commands no other test runs (ImageNet-LT / iNaturalist, several GPUs, placeholders)."""
+    found = [(page, ['-m ' + w[2], *w[3:]] if w[1] == '-m' else w[1:]) for page in PAGES
+             for w in documented(page, fill=True) if w[0] == 'python']
+    found = [(page, words) for page, words in found if words[0] in PARSERS]
+    assert len(found) >= 60 and {words[0] for _, words in found} == set(PARSERS)
+    for page, words in found:
+        try:
+            PARSERS[words[0]]().parse_args(words[1:])
+        except SystemExit:
+            pytest.fail(f'{page}: python {words[0]} {shlex.join(words[1:])} does not parse')
 
 
 def test_readme_commands_are_the_pages_commands():

@@ -1,8 +1,10 @@
 """The links of README.md and docs/*.md (issue 31, item 3): every relative link [text](path#anchor) names a file
 or folder of the repository, and its anchor a heading of that file (GitHub's slugs) or an <a id=...>; the
-README's layout table names paths that exist; the README stays a landing page of at most 400 lines."""
+README's layout table matches the tree (each path it names exists, each tracked top-level file
+and folder has its row); the README stays a landing page of at most 400 lines."""
 import os
 import re
+import subprocess
 
 import pytest
 
@@ -85,10 +87,21 @@ def test_the_readme_links_every_docs_page():
     assert [p for p in PAGES if os.path.join(REPO, p) not in linked | index and p != 'README.md'] == []
 
 
-def test_the_layout_table_names_paths_that_exist():
+def top_level_entries():
+    """The repository's tracked top-level files and folders (a folder with a trailing '/'), hidden ones and the
+    README itself left out."""
+    files = subprocess.run(['git', 'ls-files'], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    entries = {path.split('/')[0] + ('/' if '/' in path else '') for path in files.splitlines()}
+    return {entry for entry in entries if not entry.startswith('.')} - {'README.md'}
+
+
+def test_the_layout_table_matches_the_tree():
+    """Every path the table names exists, and every tracked top-level file and folder has its row."""
     paths = layout_paths()
     assert {'train.py', 'dataset/', 'tests/'} <= set(paths)
-    assert [p for p in paths if not os.path.exists(os.path.join(REPO, p))] == []
+    missing = [p for p in paths if not os.path.exists(os.path.join(REPO, p))]
+    unlisted = sorted(top_level_entries() - set(paths))
+    assert (missing, unlisted) == ([], []), f'named but missing: {missing}; tracked but not in the table: {unlisted}'
 
 
 def test_readme_is_a_landing_page():
