@@ -10,6 +10,8 @@ import math
 from typing import Callable
 
 from losses import effective_num_weights
+
+
 WARMUP_EPOCHS = 5
 BETA = 0.9999  # effective-number beta of Cui et al. 2019, as in LDAM-DRW
 

@@ -40,6 +40,8 @@ from trainer.resume import (_resume, check_resume_layout, check_resume_target, p
 from trainer.run_folder import RunFolder
 from trainer.stop import GracefulStop, console, stop_notice
 from utils import seed_everything
+
+
 @dataclasses.dataclass
 class Experiment:
     script: str                  # 'train', 'train_semi', 'pretrain_rot': recorded in checkpoints

@@ -5,6 +5,8 @@ Separate from the run folder because this is tensorboardX's storage hook, not a 
 """
 import contextlib
 import os
+
+
 class _EventFile:
     """A tensorboard event file that never raises. tensorboardX writes it from a background thread,
     where an error (a full disk) would end the thread and, once its event queue is full, block the

@@ -16,6 +16,8 @@ from errors import UserError
 from schedules import TRAIN_RULES
 from trainer.stop import console
 from utils import derive_seed
+
+
 def loader_seed(seed, epoch, rank):
     """Seed of an epoch's loader generator (worker seeds, hence augmentations): a function of
     (seed, epoch) for exact resume, and of the rank, so ranks do not crop and flip their shards alike."""

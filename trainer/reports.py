@@ -16,6 +16,8 @@ from errors import UserError
 from fileio import atomic_write_bytes
 from trainer.run_folder import warn
 from utils import figure_png, new_figure, shot_accuracy
+
+
 def report_lines(metrics, cls_num_list=None, flag='val', task='classification'):
     """The original's two log lines (results, per-class accuracy) plus shot-group accuracy."""
     name = 'Rotation Prec' if task == 'rotation' else 'Prec'

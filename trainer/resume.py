@@ -13,6 +13,8 @@ from dataset.folder import checked_against_checkpoint
 from errors import UserError
 from trainer.stop import console
 from utils import derive_seed, rng_state, seed_everything, set_rng_state
+
+
 def restore_rng(ckpt, seed, rank, world):
     """Set this rank's global RNG streams (augmentations with -j 0, rotations, MoCo's shuffle) for a
     run that starts now. A checkpoint restores each rank's own saved state when the number of

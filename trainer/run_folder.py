@@ -15,6 +15,8 @@ from errors import UserError
 from fileio import RunLock, user_write_errors
 from trainer.events import _EventFiles
 from trainer.stop import console
+
+
 def warn(line):
     """A problem that does not end the run (a plot or tensorboard file that cannot be written)."""
     print(f"warning: {line}", file=sys.stderr, flush=True)

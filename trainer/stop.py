@@ -8,6 +8,8 @@ import signal
 
 import dist
 from signals import FORWARDED_STOP, STOP_SIGNALS, Repeats
+
+
 def console(line):
     """Rank 0's console alone: for notices (GracefulStop's) that a resumed run's logs must not show."""
     if dist.is_main_process():
