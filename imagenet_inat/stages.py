@@ -139,16 +139,9 @@ def _load_model_dir(args, cfg, model, log):
 
 # ---------------------------------------------------------------- evaluation
 
-def shot_groups(per_class, train_counts):
-    """Many/medium/few-shot top-1 over the classes present in the evaluated split (the original's
-    shot_acc skipped absent classes); a group without classes is NaN."""
-    present = ~np.isnan(per_class)
-    return shot_accuracy(per_class[present], np.asarray(train_counts)[present])
-
-
 def report(metrics, phase, train_counts, log):
     """The evaluation table (percent), one row; returns the JSON-ready summary."""
-    shots = shot_groups(metrics['per_class'], train_counts)
+    shots = shot_accuracy(metrics['per_class'], train_counts)
     row = [metrics['top1'], metrics['top5']] + [100 * shots[g] for g in ('many', 'medium', 'few')]
     log(f"Phase: {phase} ({metrics['count']} images)")
     log(f"  {'top-1':>7} {'top-5':>7} {'many':>7} {'medium':>7} {'few':>7}")
@@ -275,7 +268,7 @@ def tau_norm(run, log):
         head.weight.data.copy_(tau_normalized(weight, tau))
         scores = {p: evaluate_outputs(run, head, *feats[p]) for p in feats}
         search[tau] = {f'{p}_top1': m['top1'] for p, m in scores.items()}
-        shots = shot_groups(scores['val']['per_class'], run.train_counts)
+        shots = shot_accuracy(scores['val']['per_class'], run.train_counts)
         log(f"tau {tau:.2f}: val top-1 {scores['val']['top1']:.2f}  many {100 * shots['many']:.2f}  "
             f"medium {100 * shots['medium']:.2f}  few {100 * shots['few']:.2f}"
             + (f"  ({phase} top-1 {scores[phase]['top1']:.2f})" if phase != 'val' else ''))

@@ -217,7 +217,7 @@ def run_stages(stages, slots, launcher, stage_log, on_finish, run=None):
             else:
                 why = (f'exited normally but {stage.output()} is not finished' if result == 0 else
                        f'ended with exit status {result}')
-                failed[stage] = result or 1
+                failed[stage] = result  # 0: exited normally without its output, reported so (a failure all the same)
                 word = 'stopped' if children.stopped and signals.saved_by_stop(result) else 'failed'
                 print(f"{label} {word} at +{now:.1f} s: {why}; "
                       f"log {stage_log(stage)}", flush=True)
@@ -238,8 +238,9 @@ def run_stages(stages, slots, launcher, stage_log, on_finish, run=None):
 
 def _outcome(failed, blocked, stopped, number, n, stage_log):
     def named(items):
-        return '; '.join(f"stage {number[s]}/{n} ({' '.join(s.spec.words)}, exit status {c}): log {stage_log(s)}"
-                         for s, c in items)
+        return '; '.join(f"stage {number[s]}/{n} ({' '.join(s.spec.words)}, "
+                         f"{'exit status 0 but its output unfinished' if c == 0 else f'exit status {c}'}): "
+                         f"log {stage_log(s)}" for s, c in items)
 
     if stopped:
         saved = [s for s, c in failed.items() if signals.saved_by_stop(c)]
@@ -251,10 +252,10 @@ def _outcome(failed, blocked, stopped, number, n, stage_log):
             line += f"{';' if saved else ':'} {len(lost)} did not save ({named(lost)})"
         again = ('run the same command again to resume them (finished stages are skipped)' if failed else
                  'run the same command again to continue')
-        return (lost[0][1] if lost else 128 + stopped), f"{line}; {again}"
+        return (lost[0][1] or 1 if lost else 128 + stopped), f"{line}; {again}"
     if not failed:
         return 0, ''
-    code = next(iter(failed.values()))
+    code = next(iter(failed.values())) or 1  # a stage that exited 0 without its output fails the run too
     waiting = f", so {len(blocked)} stage(s) that need it did not start" if blocked else ''
     return code, (f"[reproduce] failed: {named(failed.items())}{waiting}; the others finished. Run the same command "
                   f"again to retry (finished stages are skipped, a stage stopped half-way resumes)")

@@ -788,6 +788,7 @@ def test_a_stage_that_exits_0_without_its_output_fails_and_blocks_what_needs_it(
                      rf'{re.escape(rot.output())} is not finished; log {re.escape(log)}$', console, re.M)
     last = console.rstrip().splitlines()[-1]
     assert last.startswith('[reproduce] failed: stage 2/3 (pretrain_rot.py, ')
+    assert ', exit status 0 but its output unfinished): log ' in last  # not a made-up 'exit status 1'
     assert f'log {log}, so 1 stage(s) that need it did not start; the others finished.' in last
     rows = _rows(out, 'digits-mini')
     assert [(k, r['n'], r['status']) for k, r in rows.items()] == [('CE', '1', 'done'), ('CE+SSP', '0', 'missing')]

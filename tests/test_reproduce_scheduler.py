@@ -482,7 +482,7 @@ def test_moco_launcher_as_a_stage_saves_once_when_the_request_reaches_it_twice(t
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.time() + 240
-        while not (log.exists() and 'Epoch: [0][1/' in log.read_text()):  # both workers past their first step
+        while not (log.exists() and 'Epoch: [1/3][1/' in log.read_text()):  # both workers past their first step
             assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
             time.sleep(0.05)
         tasks = os.listdir(f'/proc/{proc.pid}/task')  # the stage is the child of a worker thread
