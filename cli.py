@@ -192,7 +192,7 @@ def add_download_arg(g):
 def add_training_args(parser, batch_size=128):
     from losses import LOSSES
     from models import MODELS
-    from trainer import LR_SCHEDULES, TRAIN_RULES
+    from schedules import LR_SCHEDULES, TRAIN_RULES
     g = group(parser, METHOD)
     g.add_argument('-a', '--arch', metavar='ARCH', default='resnet32', choices=list(MODELS),
                    help='model architecture: ' + ' | '.join(MODELS))

@@ -325,7 +325,7 @@ def spawn_per_gpu(args, layout):
     A SIGTERM, SIGINT or SIGUSR1 must leave the interrupted checkpoint whether it reaches the whole process
     group (SLURM scancel, preemption, Ctrl-C), this process alone or the workers alone. So this process does
     not die of the first one (its death would send each worker SIGINT, spawn's parent-death signal: a
-    second signal, which stops at once): it forwards trainer.FORWARDED_STOP, which the workers take as
+    second signal, which stops at once): it forwards signals.FORWARDED_STOP, which the workers take as
     a stop request unless a signal reached them already, and waits. The same signal again within a
     moment (the group's and a parent's forwarded copy, as under reproduce.py) is that request again, as
     is a SIGUSR1 after it; a later SIGTERM or SIGINT ends all at once. A worker stopped by a signal exits 0 and leaves its exit status in
@@ -343,11 +343,11 @@ def spawn_per_gpu(args, layout):
     asked, repeats = [], signals.Repeats()
 
     def forward(signum, frame):
-        if repeats.repeat(signum) or (asked and signum == trainer.FORWARDED_STOP):
+        if repeats.repeat(signum) or (asked and signum == signals.FORWARDED_STOP):
             return  # a copy of the request, or a forwarded one after it: nothing new asked
         for pid in context.pids():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL if asked else trainer.FORWARDED_STOP)
+                os.kill(pid, signal.SIGKILL if asked else signals.FORWARDED_STOP)
         if asked:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
@@ -440,7 +440,7 @@ def _train(args, train_set, ctx, per_process_batch, log):
     if world_size > 1:
         model = wrap_ddp(model, device)
 
-    # As in trainer.py: the data order is a function of (seed, epoch) and the loader draws its worker
+    # As in trainer/: the data order is a function of (seed, epoch) and the loader draws its worker
     # seeds from its own generator, so a run resumed from a checkpoint replays what it would have done.
     seed = trainer.run_seed(args, ckpt)
     sampler = ShuffleSampler(len(train_set), shuffle=True, seed=seed, num_replicas=world_size, rank=rank)

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 import cli
+import schedules
 import train
 import trainer
 from checkpoint import HEAD_PREFIXES, load_weights, read_weights
@@ -38,6 +39,7 @@ from errors import UserError
 from imagenet_inat.networks import LWSClassifier, NCMClassifier, tau_grid, tau_normalized
 from losses import ClassBalancedSoftmaxBCELoss, MaxNorm
 from models import build_model
+from trainer.run_folder import warn
 
 TAUS = tuple(tau_grid())  # Kang et al.'s tau_norm.py grid: 0, 0.1, ..., 2
 DEFAULT_TAU = 1.0  # the published tau-norm rows' (Menon et al.'s Table 3, Bag of Tricks' TAU: 1.0)
@@ -83,7 +85,7 @@ def class_aware(train_set, batch_size):
 def cosine(args):
     """Kang et al.'s and Alshammari et al.'s schedule: cosine from --lr to 0 over --epochs, stepped at each
     epoch's start (the last epoch trains at lr 0, as theirs)."""
-    return lambda epoch: trainer.cosine_at_epoch_start(epoch + 1, args.lr, args.epochs)
+    return lambda epoch: schedules.cosine_at_epoch_start(epoch + 1, args.lr, args.epochs)
 
 
 def crt(model, args, train_set, _info):
@@ -175,7 +177,7 @@ def choose_tau(model, args, info):
     if len(set(scores.values())) == 1:
         line = (f"every tau of 0, 0.1, ..., 2 scores {100 * scores[TAUS[0]]:.3f} on {where}: the search cannot "
                 f"choose; using tau {DEFAULT_TAU:g}, the default")
-        trainer.warn(line)
+        warn(line)
         return DEFAULT_TAU, lines + [f"=> tau-norm: {line}"]
     top = max(scores.values())
     best = min((t for t in TAUS if scores[t] == top), key=lambda t: abs(t - DEFAULT_TAU))

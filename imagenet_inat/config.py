@@ -16,8 +16,8 @@ from typing import Optional
 import yaml
 
 from errors import UserError
-from trainer import cosine_at_epoch_start
 from imagenet_inat.networks import LOSSES, NETWORKS, SAMPLERS, registry_name, tau_grid
+from schedules import cosine_at_epoch_start
 
 # The original shipped iNaturalist's stage-1 config as feat_unifrom.yaml.
 ALIASES = {'feat_unifrom.yaml': 'feat_uniform.yaml'}

@@ -32,6 +32,7 @@ from imagenet_inat import data as data_mod
 from imagenet_inat import layout
 from imagenet_inat import weights as weights_mod
 from imagenet_inat.networks import LOSSES, DecoupledModel, tau_normalized
+from trainer.run_folder import LogFolder
 from utils import shot_accuracy
 
 LOG = 'log.txt'  # the original's log file of a stage, in its log folder
@@ -424,7 +425,7 @@ def _run_stage(args, cfg, ctx):
     # The lock in the log folder: a stage has no model folder of its own.
     outputs = [os.path.join(cfg.log_dir, name) for name in (weights_mod.LATEST, weights_mod.FINAL,
                                                            'results_test.json', 'results_val.json')]
-    folder = trainer.LogFolder(cfg.log_dir, cfg.log_dir, (LOG,), outputs=outputs)
+    folder = LogFolder(cfg.log_dir, cfg.log_dir, (LOG,), outputs=outputs)
     resumed_here = run.ckpt is not None and os.path.abspath(os.path.dirname(run.resume_path)) == \
         os.path.abspath(cfg.log_dir)
     try:

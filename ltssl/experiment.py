@@ -20,6 +20,7 @@ from ltssl.method import SSLMethod
 from ltssl.net import SSLNet
 from ltssl.protocols import NORMALISATION, SPLIT_NUM_VALID
 from models import build_model
+from trainer.loaders import loader_workers
 
 
 def load_split(args):
@@ -102,7 +103,7 @@ def build(args):
         source = SSLSource(lb, labels[split.labeled], ulb, args.batch_size, args.mu, info.mean, info.std,
                            flip=info.flip, seed=seed, rank=rank, world=world, device='cpu' if pil else device,
                            pil=pil, unlabeled=semi)
-        return SSLLoader(source, args.eval_step, device, trainer.loader_workers(args, info) if pil else 0)
+        return SSLLoader(source, args.eval_step, device, loader_workers(args, info) if pil else 0)
 
     return trainer.Experiment(
         script='train_ssl', task='classification', model=net, train_set=None, val_set=val_set,

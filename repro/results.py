@@ -8,7 +8,7 @@ def read_trainer_log(path):
     """The last epoch's top-1, shot and per-class accuracy (%) and the best top-1 of a train.py-style
     run, read by the trainer's own reader of what it writes (None before the first evaluation)."""
     import numpy as np
-    from trainer import read_test_log
+    from trainer.reports import read_test_log
     if not os.path.isfile(path):
         return None
     records = read_test_log(path)

@@ -11,7 +11,7 @@ SCHEDULES = {
     # this project's schedule: 160 / 180 of 200 epochs, as LDAM-DRW's code intended
     'current': lambda epochs: (max(1, round(0.8 * epochs)), max(1, round(0.9 * epochs))),
     # the original's first release tested epoch > 160 before epoch > 180, so x0.01 ran from epoch 161 to
-    # the end and x0.0001 never came; E2 = epochs reproduces that (trainer.lr_at: e > E2 never holds)
+    # the end and x0.0001 never came; E2 = epochs reproduces that (schedules.lr_at: e > E2 never holds)
     'first-release': lambda epochs: (max(1, round(0.8 * epochs)), epochs),
 }
 

@@ -89,7 +89,7 @@ def test_console_and_logs(tmp_path, capsys, one_thread, small_digits):
     assert all(re.fullmatch(r'Epoch: \[\d\]\[\d/4\], lr: \d\.\d{5}\tLoss \S+ \(\S+\)\tPrec@1 \S+ \(\S+\)\t'
                             r'Prec@5 \S+ \(\S+\)', line) for line in log), log
     import trainer
-    evaluations = trainer.read_test_log(str(tmp_path / 'log' / NAME / 'log_test.csv'))
+    evaluations = trainer.reports.read_test_log(str(tmp_path / 'log' / NAME / 'log_test.csv'))
     top1 = [e['top1'] for e in evaluations]
     best = max(top1)
     many, medium, few = evaluations[-1]['shots']

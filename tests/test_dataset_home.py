@@ -1,5 +1,6 @@
 """The layers a newcomer reads (issue 31): dataset/ is the home of all data, the ground imports nothing from the
-floors above it, and every file of the project opens with a comment saying what it holds.
+floors above it, every file of the project opens with a comment saying what it holds, and no module is over 600
+lines.
 
 These read the source (ast, text), so they see lazy imports inside functions too, and run no project code.
 """
@@ -10,7 +11,7 @@ import subprocess
 from fixtures import REPO
 
 # The ground: what every script and method builds on. It may import itself and third-party packages only.
-GROUND_MODULES = ('errors', 'fileio', 'utils', 'dist', 'checkpoint', 'losses', 'engine', 'signals')
+GROUND_MODULES = ('errors', 'fileio', 'utils', 'dist', 'checkpoint', 'losses', 'engine', 'signals', 'schedules')
 GROUND_PACKAGES = ('models', 'dataset')
 GROUND = GROUND_MODULES + GROUND_PACKAGES
 
@@ -73,8 +74,9 @@ def upward_imports(path, local):
 
 
 def test_the_ground_imports_nothing_from_above():
-    """errors, fileio, utils, dist, checkpoint, losses, engine, signals, models/ and dataset/ import neither the
-    scripts nor trainer nor a method package (moco/, imagenet_inat/, repro/, ltssl/), not even inside a function."""
+    """errors, fileio, utils, dist, checkpoint, losses, engine, signals, schedules, models/ and dataset/ import
+    neither the scripts nor trainer nor a method package (moco/, imagenet_inat/, repro/, ltssl/), not even inside a
+    function."""
     files = ground_files()
     assert {'dataset/folder.py', 'dataset/splitfile.py', 'dataset/statistics.py', 'models/resnet.py'} <= set(files)
     local = local_names()
@@ -145,3 +147,15 @@ def test_every_file_opens_with_a_comment_saying_what_it_holds():
             missing.append(f"{path}: {text!r}")
     assert checked > 80  # every script, module, config and build file of the project, not an empty list
     assert missing == []
+
+
+def test_no_module_over_600_lines():
+    """Short files a newcomer reads top to bottom (the developers' guide): trainer/ is split by job for this."""
+    long = {}
+    for path in project_files():
+        if path.endswith('.py'):
+            with open(os.path.join(REPO, path), encoding='utf-8') as f:
+                lines = sum(1 for _ in f)
+            if lines > 600:
+                long[path] = lines
+    assert long == {}

@@ -239,7 +239,7 @@ def test_device_plan_refusals(gpu, local_rank, world, gpus, message):
 
 
 def test_loader_seeds_differ_by_rank_and_epoch_and_rank_rngs_differ():
-    seeds = {trainer.loader_seed(7, e, r) for e in range(3) for r in range(4)}
+    seeds = {trainer.loaders.loader_seed(7, e, r) for e in range(3) for r in range(4)}
     assert len(seeds) == 12
     trainer.restore_rng(None, 7, 1, 2)
     a = torch.rand(3)

@@ -706,13 +706,13 @@ def test_no_flip_turns_the_flips_off(root, tmp_path, monkeypatch, one_thread):
     """--no-flip for orientation-sensitive images: the training batches are never mirrored, and the run folder
     says so (_noflip), apart from the flipped run's."""
     seen = []
-    real = trainer.DeviceLoader.from_dataset
+    real = trainer.loaders.DeviceLoader.from_dataset
 
     def spy(dataset, sampler, batch_size, device, info, train=False, **kwargs):
         if train:
             seen.append(kwargs['flip'])
         return real(dataset, sampler, batch_size, device, info, train=train, **kwargs)
-    monkeypatch.setattr(trainer.DeviceLoader, 'from_dataset', spy)
+    monkeypatch.setattr(trainer.loaders.DeviceLoader, 'from_dataset', spy)
     assert train.main(_args(root, tmp_path, '--no-flip')) == 0
     assert train.main(_args(root, tmp_path)) == 0
     assert seen == [False, True]
@@ -730,7 +730,7 @@ def test_more_than_1000_classes_train_save_and_evaluate(tmp_path, capsys, one_th
     assert train.main(argv) == 0
     name = 'folder-many_resnet20_CE_None_exp_1.0_ss_pretrained'
     log = (tmp_path / 'log' / name / 'log_test.csv').read_text()
-    assert 'Confusion Matrix' not in log and len(trainer.read_test_log(
+    assert 'Confusion Matrix' not in log and len(trainer.reports.read_test_log(
         str(tmp_path / 'log' / name / 'log_test.csv'))[0]['per_class']) == 1001
     ckpt = tmp_path / 'ckpt' / name / 'ckpt.pth.tar'
     assert len(load_checkpoint(str(ckpt))['classes']) == 1001

@@ -520,7 +520,7 @@ def test_jpeg_loader_workers_default_from_the_cores_each_process_may_use(monkeyp
     monkeypatch.setenv('LOCAL_WORLD_SIZE', local)
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(cores)))
     args = train.build_parser().parse_args(['--dataset', 'digits', *flag])
-    assert trainer.loader_workers(args, DATASETS['digits'] if info == 'digits' else info) == train_workers
+    assert trainer.loaders.loader_workers(args, DATASETS['digits'] if info == 'digits' else info) == train_workers
     margs = pretrain_moco.build_parser().parse_args(['--dataset', 'digits', *flag])
     assert pretrain_moco.loader_workers(margs) == moco_workers
 

@@ -257,7 +257,7 @@ def test_cifar_fixtures_with_wrn28_2_and_the_torchvision_loader(cifar10_root, ci
                                         64)):
         records = read_pseudo_log(str(tmp_path / 'log' / name / 'log_pseudo.csv'))
         assert len(records) == 1 and len(records[0]['raw_counts']) == classes
-        from trainer import read_test_log
+        from trainer.reports import read_test_log
         (record,) = read_test_log(str(tmp_path / 'log' / name / 'log_test.csv'))
         assert len(record['per_class']) == classes
         ckpt = load_checkpoint(str(tmp_path / 'ckpt' / name / 'ckpt.pth.tar'))

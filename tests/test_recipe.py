@@ -46,7 +46,7 @@ def test_default_flags_keep_the_pipeline_the_schedule_and_the_run_name():
         assert (args.autoaugment, args.cutout, args.mixup, args.lr_schedule) == (False, None, None, 'step')
         assert repr(train.train_transform(args)) == expected == repr(build_transform(dataset, train=True))
         assert train.supervised_store_name(args) == f'{dataset}_resnet32_CE_None_exp_0.01_ss_pretrained'
-        assert trainer.uses_device_loader(args)
+        assert trainer.loaders.uses_device_loader(args)
     # LDAM-DRW's schedule at the paper's defaults (--lr 0.1, 200 epochs, steps after 160 and 180).
     args = _args()
     expected = [0.02, 0.04, 0.06, 0.08, 0.1] + [0.1] * 155 + [0.001] * 20 + [0.00001] * 20
@@ -151,10 +151,10 @@ def test_autoaugment_uses_the_cifar10_policy_between_flip_and_totensor(capsys):
                                            transforms.AutoAugment, transforms.ToTensor, transforms.Normalize, Cutout]
     assert pipeline[2].policy == transforms.AutoAugmentPolicy.CIFAR10 and pipeline[-1].length == 16
     # --autoaugment needs per-image host work: the classic loader, with a notice; Cutout alone stays on the device
-    assert not trainer.uses_device_loader(_args('--autoaugment'))
+    assert not trainer.loaders.uses_device_loader(_args('--autoaugment'))
     assert '--autoaugment transforms each image on the host: using --loader torchvision (-j 4 workers)' \
         in capsys.readouterr().out
-    assert trainer.uses_device_loader(_args('--cutout', '16'))
+    assert trainer.loaders.uses_device_loader(_args('--cutout', '16'))
 
 
 # ------------------------------------------------------------------------------------ mixup
@@ -226,7 +226,7 @@ def test_readme_recipe_command_runs(tmp_path, monkeypatch, one_thread, capsys):
     assert ckpt['epoch'] == 2 and ckpt['store_name'] == name
     log = (tmp_path / 'log' / name / 'log_train.csv').read_text()
     assert 'Epoch: [0][' in log and 'lr: 0.02000' in log and 'lr: 0.04000' in log
-    assert math.isfinite(trainer.read_test_log(str(tmp_path / 'log' / name / 'log_test.csv'))[-1]['loss'])
+    assert math.isfinite(trainer.reports.read_test_log(str(tmp_path / 'log' / name / 'log_test.csv'))[-1]['loss'])
 
 
 def test_bad_recipe_input_is_one_line():

@@ -23,6 +23,7 @@ import cli
 import fixtures
 import gen_pseudolabels
 import reproduce
+import schedules
 import train
 import train_semi
 import trainer
@@ -93,12 +94,12 @@ def test_dry_run_semi_plan_in_order(tmp_path, capsys):
 
 @pytest.mark.parametrize('schedule, e2', [('first-release', 200), ('current', 180)])
 def test_schedules(schedule, e2, tmp_path, capsys):
-    """first-release: x0.01 from epoch 161 to the end, never x0.0001 (trainer.lr_at with the printed --lr_steps)."""
+    """first-release: x0.01 from epoch 161 to the end, never x0.0001 (schedules.lr_at with the printed --lr_steps)."""
     commands = _commands(capsys, ['--table', 'cifar10-ssp', '--seeds', '0', '--schedule', schedule,
                                   '--out', str(tmp_path)])
     flags = [_script(c)[1] for c in commands]
     assert {tuple(a[a.index('--lr_steps') + 1:a.index('--lr_steps') + 3]) for a in flags} == {('160', str(e2))}
-    lrs = [trainer.lr_at(epoch, 0.1, (160, e2)) for epoch in range(200)]  # 0-based epochs
+    lrs = [schedules.lr_at(epoch, 0.1, (160, e2)) for epoch in range(200)]  # 0-based epochs
     assert lrs[:5] == [0.1 * e / 5 for e in range(1, 6)] and set(lrs[5:160]) == {0.1}
     assert set(lrs[160:e2]) == {0.1 * 1e-2} and set(lrs[e2:]) <= {0.1 * 1e-4}
     assert (0.1 * 1e-4 in lrs) == (schedule == 'current')
@@ -417,7 +418,7 @@ def test_a_100_class_log_round_trips_through_the_reader(tmp_path):
     text = '\n'.join(lines + ['Best Prec@1: 43.000', 'val Confusion Matrix: [[1]]']) + '\n'
     assert text.count('\n') > 8  # wrapped: 100 values do not fit one 75-character line
     (tmp_path / 'log_test.csv').write_text(text * 2)
-    records = trainer.read_test_log(str(tmp_path / 'log_test.csv'))
+    records = trainer.reports.read_test_log(str(tmp_path / 'log_test.csv'))
     assert len(records) == 2
     np.testing.assert_array_equal(records[-1]['per_class'], per_class)
     assert (records[-1]['top1'], records[-1]['top5'], records[-1]['loss'], records[-1]['best']) == \
@@ -433,7 +434,7 @@ def test_an_unreadable_log_is_named_in_one_line(tmp_path, capsys):
     log = tmp_path / 'log_test.csv'
     log.write_text('val Results: Prec@1 10.000 Prec@5 50.000 Loss 1.00000\nval Class Accuracy: [0.1,0.2,\n')
     with pytest.raises(UserError) as e:
-        trainer.read_test_log(str(log))
+        trainer.reports.read_test_log(str(log))
     assert str(log) in str(e.value) and 'line 2' in str(e.value) and '\n' not in str(e.value)
     log.write_text('garbage\n')
     with pytest.raises(UserError) as e:

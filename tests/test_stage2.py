@@ -163,7 +163,7 @@ def test_tau_norm_divides_rows_by_their_norm_to_tau(cwd, tau):
     text = open(f'{log}/log_train.csv').read()
     assert (f'tau {power:g}, given by --tau; no search' if tau else 'tau 1, the default (--tau); no search') in text
     assert 'chosen' not in text and 'BatchNorm' not in text  # nothing searched, nothing trained
-    assert len(trainer.read_test_log(f'{log}/log_test.csv')) == 1
+    assert len(trainer.reports.read_test_log(f'{log}/log_test.csv')) == 1
 
 
 def write_image_folder(root, images, labels):
@@ -394,13 +394,13 @@ def test_ncm_is_the_nearest_class_mean_of_stage1_features(cwd):
     g = (g - mu) / (g - mu).norm(dim=1, keepdim=True)
     pred = torch.cdist(g, centroids).argmin(1)
     top1 = 100 * (pred == torch.tensor(test_set.targets)).float().mean().item()
-    assert trainer.read_test_log(f'{log}/log_test.csv')[-1]['top1'] == pytest.approx(top1, abs=0.34)  # 1 of 300
+    assert trainer.reports.read_test_log(f'{log}/log_test.csv')[-1]['top1'] == pytest.approx(top1, abs=0.34)  # 1 of 300
     assert '=> NCM: class means of the stage-1 features of' in open(f'{log}/log_train.csv').read()
 
 
 def test_evaluate_a_stage2_checkpoint_gives_its_top1(cwd, capsys):
     _, log = run_stage('LWS', '--epochs', '1')
-    last = trainer.read_test_log(f'{log}/log_test.csv')[-1]['top1']
+    last = trainer.reports.read_test_log(f'{log}/log_test.csv')[-1]['top1']
     capsys.readouterr()
     name = 'digits_resnet32_CE_None_exp_0.01_ss_pretrained_LWS'
     assert train_stage2.main(['--dataset', 'digits', '--imb_factor', '0.01', '--stage', 'LWS', '-j', '0',
@@ -434,7 +434,7 @@ def test_readme_cifar10_commands(tmp_path, monkeypatch, no_checksum, one_thread,
     capsys.readouterr()
     assert train_stage2.main(commands[-1]) == 0
     log = 'log/cifar10_resnet32_CE_None_exp_0.01_ss_pretrained_cRT/log_test.csv'
-    assert f"val Results: Prec@1 {trainer.read_test_log(log)[-1]['top1']:.3f}" in capsys.readouterr().out
+    assert f"val Results: Prec@1 {trainer.reports.read_test_log(log)[-1]['top1']:.3f}" in capsys.readouterr().out
 
 
 def test_resumed_stage2_equals_an_uninterrupted_one(cwd, monkeypatch):

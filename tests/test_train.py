@@ -202,7 +202,7 @@ def test_per_class_plot_is_drawn_for_any_class_count(num_classes, size):
 
     import trainer
     accuracy, counts = np.linspace(0, 1, num_classes), np.arange(num_classes, 0, -1)
-    png = trainer.per_class_plot(accuracy, counts, 'epoch 1: top-1 50.00%')
+    png = trainer.reports.per_class_plot(accuracy, counts, 'epoch 1: top-1 50.00%')
     assert Image.open(io.BytesIO(png)).size == size
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import TRAIN_RULES, lr_at
+from schedules import TRAIN_RULES, lr_at
 from utils import AverageMeter, accuracy, rng_state, set_rng_state, shot_accuracy
 
 

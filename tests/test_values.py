@@ -233,7 +233,7 @@ def test_ce_trains_a_linear_head_with_plain_cross_entropy(ce_run):
     assert isinstance(calls[0]['model'].fc, nn.Linear)
     crit = calls[0]['criterion']
     assert type(crit) is nn.CrossEntropyLoss and crit.weight is None
-    assert isinstance(calls[0]['sampler'], trainer.ShuffleSampler)
+    assert isinstance(calls[0]['sampler'], trainer.loaders.ShuffleSampler)
     seen = torch.cat(calls[0]['targets'])  # every training image exactly once
     assert np.bincount(seen.numpy(), minlength=10).tolist() == CLS_NUM
 
