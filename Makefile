@@ -17,9 +17,9 @@ $(STAMP): requirements.txt
 # Offline demo: long-tailed digits (scikit-learn's bundled images), CE baseline then DRW, on the CPU.
 demo: venv
 	$(BIN)/python train.py --dataset digits --imb_factor 0.01 --loss_type CE --train_rule None \
-		--epochs 30 --lr_steps 20 25 -b 64 -j 0 --seed 0 --exp_str demo
+		--epochs 30 --lr_steps 20 25 -b 64 -j 0 --seed 0 --exp_str demo --overwrite
 	$(BIN)/python train.py --dataset digits --imb_factor 0.01 --loss_type LDAM --train_rule DRW \
-		--epochs 30 --lr_steps 20 25 -b 64 -j 0 --seed 0 --exp_str demo
+		--epochs 30 --lr_steps 20 25 -b 64 -j 0 --seed 0 --exp_str demo --overwrite
 
 # The whole suite, as tests/shards.py runs it: one pytest process per CPU core (at most 4), each taking
 # the next test no other has taken, one OpenMP thread each; `SHARDS=1 make test` runs it in one process.

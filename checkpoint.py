@@ -86,21 +86,60 @@ def _serialized_size(state):
     return count.n
 
 
+# A checkpoint a run folder or log folder holds, for a folder passed where a file is wanted.
+CHECKPOINT_NAMES = ('ckpt.pth.tar', 'latest_model_checkpoint.pth', 'final_model_checkpoint.pth')
+# The first bytes of files people pass by mistake, to say what the file is instead.
+FILE_KINDS = ((b'\x89PNG', 'a PNG image'), (b'\xff\xd8\xff', 'a JPEG image'), (b'\x1f\x8b', 'a gzip archive'),
+              (b'%PDF', 'a PDF document'), (b'\x93NUMPY', 'a numpy array'))
+
+
+def first_sentence(text):
+    """The first line of a library's message, cut after its first sentence (PyTorch's run on for a paragraph)."""
+    line = text.strip().splitlines()[0] if text.strip() else ''
+    return line.split('. ')[0].rstrip('.')
+
+
+def not_a_checkpoint(path):
+    """Why the file at `path` is no PyTorch checkpoint (empty, an image, text), or None if it may be one: torch.save
+    writes a zip archive, or (before PyTorch 1.6, and the original's released files) a pickle."""
+    with open(path, 'rb') as f:
+        head = f.read(512)
+    if not head:
+        return 'it is empty'
+    if head.startswith(b'PK\x03\x04') or head.startswith(b'\x80'):
+        return None
+    kind = next((what for magic, what in FILE_KINDS if head.startswith(magic)), None)
+    if kind is None:
+        try:
+            head.decode('utf-8')
+            kind = 'text'
+        except UnicodeDecodeError:
+            kind = 'another kind of file'
+    return f"it holds {kind}"
+
+
 def load_checkpoint(path, flag='--resume'):
     """Read a checkpoint onto the CPU without executing anything inside it."""
+    if path and os.path.isdir(path):
+        inside = [os.path.join(path, n) for n in CHECKPOINT_NAMES if os.path.isfile(os.path.join(path, n))]
+        hint = f"; did you mean {inside[0]}?" if inside else ', not a checkpoint file'
+        raise UserError(f"{flag} {path} is a folder{hint}")
     if not path or not os.path.isfile(path):
         raise UserError(f"{flag} file not found: {path}")
+    why = not_a_checkpoint(path)
+    if why:
+        raise UserError(f"{flag} file {path} is not a PyTorch checkpoint ({why})")
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0]
-        if 'Weights only load failed' in reason or 'Unsupported global' in str(e):
+        if 'Weights only load failed' in str(e) or 'Unsupported global' in str(e):
             raise UserError(f"{flag} file {path} holds objects other than tensors and plain containers "
                             f"(possibly code); refusing to load it") from None
+        reason = first_sentence(str(e))
         raise UserError(f"{flag} file {path} is corrupt or not a PyTorch checkpoint ({reason})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{flag} file {path} is corrupt or not a PyTorch checkpoint ({reason})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError) as e:
+        reason = first_sentence(str(e)) if str(e).strip() and not isinstance(e, KeyError) else type(e).__name__
+        raise UserError(f"{flag} file {path} is corrupt or truncated ({reason})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{flag} file {path} is not a checkpoint (it holds a {type(obj).__name__}, not a dict)")
     return obj
@@ -143,6 +182,9 @@ def load_weights(model, sd, source, allow_missing=()):
     """
     model = unwrap(model)
     own = model.state_dict()
+    head = _other_head(sd, own)
+    if head:
+        raise UserError(f"{source} {head}")
     shape_errors = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
                     if k in own and v.shape != own[k].shape]
     if shape_errors:
@@ -164,6 +206,16 @@ def load_weights(model, sd, source, allow_missing=()):
     model.load_state_dict(sd, strict=False)
     fresh = [k for k in own if k not in sd]
     return len(sd), fresh
+
+
+def _other_head(sd, own):
+    """What to say when a cosine classifier head (LDAM's NormedLinear: weight D x C, no bias) meets a linear one
+    (weight C x D and a bias), or the reverse; None otherwise."""
+    if 'fc.weight' not in sd or 'fc.weight' not in own or ('fc.bias' in sd) == ('fc.bias' in own):
+        return None
+    if 'fc.bias' in own:
+        return "has a cosine (LDAM) classifier head: pass --loss_type LDAM"
+    return "has a linear classifier head, and --loss_type LDAM builds a cosine one: leave --loss_type LDAM out"
 
 
 def read_weights(path, task, use_hint, flag='--resume'):

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import datetime
 import os
+import re
 import sys
 import tempfile
 from typing import Optional
@@ -24,6 +25,18 @@ from errors import UserError
 
 # Bounded, so an unreachable --dist-url or a dead peer ends in a message instead of a hang.
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get('IMB_DIST_TIMEOUT_MIN', '30')))
+
+
+def loader_workers(per_node):
+    """This process's data-loading workers when -j is left out: the larger of `per_node` (the script's own
+    default, the workers of a node) and the CPU cores this process may use (os.sched_getaffinity: SLURM's
+    --cpus-per-task, taskset) less one for itself, each shared by the processes of its node (LOCAL_WORLD_SIZE,
+    torchrun's or MoCo's launcher's). JPEG decoding plus the ResNet-50 training transform runs at about 300
+    images/s per core (bench/README.md), while one H100 trains ResNet-50 on thousands per second
+    (docs/gpu.md): every core decoding is still the bottleneck there."""
+    procs = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return max(-(-per_node // procs), cores // procs - 1)
 
 
 def launched_by_torchrun():
@@ -94,6 +107,59 @@ def check_arch(capability, arch_list, name='this GPU'):
                     f"torch.cuda.get_arch_list() (README: Installation), or run on the CPU with CUDA_VISIBLE_DEVICES=")
 
 
+# Where an installed NVIDIA driver shows itself, GPUs usable or not: its version, and its control device.
+NVIDIA_VERSION_FILE = '/proc/driver/nvidia/version'
+NVIDIA_CONTROL_DEVICE = '/dev/nvidiactl'
+# The oldest Linux driver branch each CUDA major version runs on (NVIDIA's CUDA minor version compatibility:
+# 450.80.02 for 11.x, 525.60.13 for 12.x, 580.65.06 for 13.x).
+MIN_DRIVER = {11: 450, 12: 525, 13: 580}
+
+
+def visible_gpus():
+    """The GPUs this process can use (0: the CPU). Where torch cannot use the GPUs of a machine that has
+    them (a driver older than this wheel's CUDA, a CPU-only wheel, GPUs not granted to this job), torch
+    says only False, and a run would train on the CPU for days without a word: refused in one line, unless
+    the GPUs are hidden on purpose (CUDA_VISIBLE_DEVICES= or -1)."""
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    hidden = os.environ.get('CUDA_VISIBLE_DEVICES')
+    if hidden is None or hidden.strip() not in ('', '-1'):
+        message = unusable_gpu(hidden)
+        if message:
+            raise UserError(message)
+    return 0
+
+
+def unusable_gpu(visible=None):
+    """Why torch cannot use this machine's NVIDIA GPU, in one line, or None where no NVIDIA driver is
+    installed. `visible`: CUDA_VISIBLE_DEVICES, if set."""
+    try:
+        with open(NVIDIA_VERSION_FILE) as f:
+            found = re.search(r'Kernel Module.*?\s(\d+)((?:\.\d+)+)\s', f.read())
+        driver, branch = (found.group(1) + found.group(2), int(found.group(1))) if found else ('(version unknown)', None)
+    except OSError:
+        if not os.path.exists(NVIDIA_CONTROL_DEVICE):
+            return None
+        driver, branch = '(version unknown)', None
+    on_purpose = "or set CUDA_VISIBLE_DEVICES= to train on the CPU on purpose"
+    wheel = f"this PyTorch ({torch.__version__}"
+    cuda = torch.version.cuda
+    if cuda is None:
+        return (f"this machine has an NVIDIA driver {driver} but {wheel}) is a CPU-only build: install a CUDA "
+                f"build (docs/gpu.md), {on_purpose}")
+    need = MIN_DRIVER.get(int(cuda.split('.')[0]))
+    if branch is not None and need is not None and branch < need:
+        fits = max((v for v, b in MIN_DRIVER.items() if b <= branch), default=None)
+        way = f"install a cu{fits}x wheel of PyTorch (docs/gpu.md) or a newer driver" if fits else \
+            "install a newer driver"
+        return (f"the NVIDIA driver {driver} is older than {wheel}) needs for its CUDA {cuda} (driver {need} or "
+                f"later), so torch cannot use the GPU: {way}, {on_purpose}")
+    shown = f" with CUDA_VISIBLE_DEVICES={visible}" if visible is not None else ''
+    return (f"this machine has an NVIDIA driver {driver} but torch ({torch.__version__}, CUDA {cuda}) sees no "
+            f"usable GPU{shown} (none granted to this job, or /dev/nvidia* not accessible?): ask for a GPU, "
+            f"{on_purpose}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ProcessContext:
     rank: int
@@ -108,14 +174,15 @@ def setup(gpu=None, rank=None, world_size=None, init_method='env://', timeout=DE
     Without `rank`, the layout comes from torchrun's RANK / WORLD_SIZE / LOCAL_RANK (none: one
     process, no torch.distributed at all). `backend` overrides NCCL on GPUs (MoCo's --dist-backend;
     the environment's IMB_DIST_BACKEND wins over both); CPU processes always use gloo. A GPU this torch
-    build has no kernels for is refused here, before the script writes anything.
+    build has no kernels for, or cannot use at all (visible_gpus), is refused here, before the script
+    writes anything.
     """
     if rank is None:
         rank, world_size = ((int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if launched_by_torchrun()
                             else (0, 1))
     # Not the global rank: on node 2 of a multi-node run, global rank 8 is local rank 0.
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
-    num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    num_gpus = visible_gpus()
     plan = plan_device(gpu, local_rank, world_size, num_gpus, int(os.environ.get('LOCAL_WORLD_SIZE', 1)),
                        os.environ.get('IMB_DIST_BACKEND') or backend)
     device = torch.device(plan.device)

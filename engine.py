@@ -36,8 +36,14 @@ def to_device(x, device):
     return x.to(device, non_blocking=True)
 
 
-def _print(line, console_extra=''):
-    print(line + console_extra, flush=True)
+def _print(line, console=None):
+    print(console or line, flush=True)
+
+
+def clock(seconds):
+    """A duration as h:mm:ss."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def default_amp(device):
@@ -79,14 +85,26 @@ def autocast_forward(run, images, device, amp=False, channels_last=False):
 def exact_float32():
     """float32 convolutions and matrix products computed in float32 ('ieee'), for the numbers users compare
     with the paper: on Ampere and newer GPUs cuDNN otherwise runs float32 convolutions in TF32 (a 10-bit
-    mantissa). Also a decorator. No effect on a CPU."""
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    saved = conv.fp32_precision, matmul.fp32_precision
-    conv.fp32_precision = matmul.fp32_precision = 'ieee'
+    mantissa). Also a decorator. No effect on a CPU. cuDNN's RNN precision and its legacy flag
+    (`torch.backends.cudnn.allow_tf32`, whose getter raises unless convolutions, RNNs and the flag all
+    agree: "a mix of the legacy and new APIs") are set along, so that the state stays readable."""
+    cudnn = torch.backends.cudnn
+    knobs = cudnn.conv, cudnn.rnn, torch.backends.cuda.matmul
+    saved = [k.fp32_precision for k in knobs]
+    try:
+        legacy = cudnn.allow_tf32
+    except RuntimeError:  # mixed up before (not by this project): restored as far as it can be read
+        legacy = None
+    cudnn.allow_tf32 = False  # the flag first: its setter also resets convolutions and RNNs
+    for k in knobs:
+        k.fp32_precision = 'ieee'
     try:
         yield
     finally:
-        conv.fp32_precision, matmul.fp32_precision = saved
+        if legacy is not None:
+            cudnn.allow_tf32 = legacy
+        for k, precision in zip(knobs, saved):
+            k.fp32_precision = precision
 
 
 class _StepMeters:
@@ -158,9 +176,9 @@ class Mixup:
         return lam * images + (1 - lam) * images[index], targets[index], lam
 
 
-def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch_fn=None, forward=classify,
-                    print_freq=10, log=_print, should_stop=None, start_step=0, num_steps=None, amp=False,
-                    channels_last=False, mixup=None, after_step=None):
+def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, epochs=None, batch_fn=None,
+                    forward=classify, print_freq=10, log=_print, should_stop=None, start_step=0, num_steps=None,
+                    amp=False, channels_last=False, mixup=None, after_step=None, step_fn=None, before_step=None):
     """Train for one pass over `loader`. Returns {'loss', 'top1', 'top5', 'lr', 'steps', 'stopped'}.
 
     `forward(model, images, targets) -> (logits, targets)` is one step's prediction: the default
@@ -175,6 +193,13 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
     `mixup`: a Mixup, applied after `batch_fn`; the training top-1/top-5 then count each image's hits
     against y and y[index] weighted lam and 1 - lam, as mixup-cifar10's training accuracy does.
     `after_step()`: called after every optimizer step (a projection such as losses.MaxNorm).
+    `step_fn(run, batch, epoch, step) -> (loss, logits, targets)`: a step over whatever the loader yields (a
+    semi-supervised batch of labeled and unlabeled images), instead of batch_fn / mixup / forward / criterion;
+    `run(x)` is the model's forward pass with `amp` and `channels_last`; the meters count `logits` against
+    `targets`. `before_step(step)`: called before every step with its 0-based index (a per-step lr).
+    At a print point `log(line, console=...)` gets the log line (the original's format, 0-based epoch) and the
+    console's: the 1-based epoch of `epochs` (the run's total, if given), the time since the last print and an
+    estimate of the training time left (this epoch's pace over the rest of the run's steps).
     """
     batch_fn = batch_fn or _identity
     num_steps = num_steps if num_steps is not None else start_step + len(loader)
@@ -185,20 +210,26 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
     lr = optimizer.param_groups[-1]['lr']
     model.train()
     step, stopped = start_step, False
-    end = time.time()
-    for images, targets in loader:
-        images, targets = batch_fn(to_device(images, device), to_device(targets, device))
+    start = end = time.time()
+    for batch in loader:
+        if before_step is not None:
+            before_step(step)
         mixed = None
-        if mixup is not None:
-            images, targets_b, lam = mixup(images, targets, epoch, step)
-            mixed = targets_b, lam
-        output, targets = autocast_forward(lambda x: forward(model, x, targets), images, device, amp,
-                                           channels_last)
-        output = output.float()
-        if mixed is None:
-            loss = criterion(output, targets)
+        if step_fn is not None:
+            loss, output, targets = step_fn(lambda x: autocast_forward(model, x, device, amp, channels_last), batch,
+                                            epoch, step)
         else:
-            loss = lam * criterion(output, targets) + (1 - lam) * criterion(output, targets_b)
+            images, targets = batch_fn(to_device(batch[0], device), to_device(batch[1], device))
+            if mixup is not None:
+                images, targets_b, lam = mixup(images, targets, epoch, step)
+                mixed = targets_b, lam
+            output, targets = autocast_forward(lambda x: forward(model, x, targets), images, device, amp,
+                                               channels_last)
+            output = output.float()
+            if mixed is None:
+                loss = criterion(output, targets)
+            else:
+                loss = lam * criterion(output, targets) + (1 - lam) * criterion(output, targets_b)
         step += 1
         first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad < NO_BAD_STEP), first_bad,
                                 torch.full_like(first_bad, step))
@@ -212,9 +243,15 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, batch
         sync = step % print_freq == 0 or step == num_steps
         if sync:
             _check_finite(first_bad, epoch)
-            log(f"Epoch: [{epoch}][{step}/{num_steps}], lr: {lr:.5f}\t{meters.line()}",
-                console_extra=f"\tTime {time.time() - end:.3f}")
-            end = time.time()
+            lr = optimizer.param_groups[-1]['lr']  # the latest step's (constant over an epoch but with before_step)
+            now, line = time.time(), meters.line()
+            of = f"/{epochs}" if epochs else ''
+            steps_left = num_steps - step + num_steps * (epochs - epoch - 1 if epochs else 0)
+            left = steps_left * (now - start) / (step - start_step)
+            log(f"Epoch: [{epoch}][{step}/{num_steps}], lr: {lr:.5f}\t{line}",
+                console=f"Epoch: [{epoch + 1}{of}][{step}/{num_steps}], lr: {lr:.5f}\t{line}\t"
+                        f"Time {now - end:.3f} s\tETA {clock(left)}")
+            end = now
         if should_stop is not None and should_stop(sync):
             if not sync:
                 _check_finite(first_bad, epoch)  # nothing non-finite may be saved by the stop

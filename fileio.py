@@ -1,6 +1,6 @@
 """Every file this project writes or unpickles goes through here.
 
-Three promises (see the README, "Reliability"):
+Three promises (see docs/reliability.md):
 - a write is atomic: a kill at any moment leaves the old file or the new one, never half of one;
 - a written file gets the mode a plain open() gives (0666 less the umask), or keeps the mode of
   the file it replaces; a write the user can fix (full disk, quota, read-only, permissions) ends

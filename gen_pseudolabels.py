@@ -19,7 +19,6 @@ The output pickle (--output_dir/--output_filename) holds one entry per pool imag
   pool_args             the flags that fix the pool (digits), so train_semi.py can refuse another pool
   paths                 folder: each image's path relative to the pool folder, in pool order
 """
-import argparse
 import contextlib
 import logging
 import os
@@ -61,7 +60,7 @@ POOLS = {
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument('--dataset', default='cifar10', choices=list(POOLS))
     parser.add_argument('-a', '--arch', metavar='ARCH', default='resnet32', choices=list(MODELS),
                         help='architecture of the base model: ' + ' | '.join(MODELS) + ' (default: resnet32)')
@@ -76,6 +75,7 @@ def build_parser():
                              'extra_32x32.mat for svhn; digits have no pool file); folder: the pool\'s '
                              'folder of images (default: unlabeled)')
     cli.add_download_arg(parser)  # svhn: extra_32x32.mat is downloaded when missing
+    cli.add_cache_dir_arg(parser)
     parser.add_argument('--output_dir', default='./data', help='folder for the pseudo-labels and prediction.log')
     parser.add_argument('--output_filename', default=None,
                         help='default: pseudo_labeled_<cifar, svhn, digits or folder>.pickle, the names '
@@ -98,7 +98,7 @@ def load_classifier(args):
     the DatasetInfo: a folder's classes, statistics and image size are the checkpoint's)."""
     ckpt, sd = read_weights(args.resume, 'classification', 'pass a classifier checkpoint from train.py')
     try:
-        info = resolve_dataset(args.dataset, args.data_dir, ckpt=ckpt)
+        info = resolve_dataset(args.dataset, args.data_dir, ckpt=ckpt, cache_dir=args.cache_dir)
     except UserError as e:
         raise UserError(f"--resume {args.resume}: {e}") from None
     # A cosine head stores its weight transposed and has no bias; without this check the

@@ -1,5 +1,6 @@
 """Losses for class-imbalanced training: CE, Focal, LDAM, class-balanced re-weighting, and (added,
-not in the original) Balanced Softmax, the logit-adjusted loss and post-hoc logit adjustment.
+not in the original) Balanced Softmax, the logit-adjusted loss (also with Cao et al.'s adaptive margin),
+post-hoc logit adjustment, and weight balancing's class-balanced loss and MaxNorm.
 
 All state (class weights, margins) lives in registered buffers, so `criterion.to(device)` moves
 it together with the model. Shapes: logits (N, C), target (N,) int64 class ids.
@@ -125,6 +126,26 @@ class LogitAdjustedLoss(nn.Module):
         return F.cross_entropy(logits + self.tau * self.log_prior, target, weight=self.weight)
 
 
+class AdaptiveLogitAdjustedLoss(LogitAdjustedLoss):
+    """Logit adjustment plus Cao et al.'s adaptive margin (Menon et al., ICLR 2021, Sec. 6.2 "Discussion and
+    extensions", Table 4 last row): the pairwise margin loss with Delta_{yy'} = tau * log(pi_y' / pi_y) + pi_y^(-1/4),
+
+        loss = CE(logits + tau * log prior - m_y * onehot(y), y),   m_c = prior_c^(-1/4),
+
+    i.e. the logit-adjusted loss with the margin m_y subtracted from the true class's adjusted logit. The margin is
+    theirs: prior^(-1/4) on the plain logits (no scale s, not rescaled to a largest margin of 0.5 as LDAM's).
+    Their released code has only the logit-adjusted loss; the formula is the paper's."""
+
+    def __init__(self, cls_num_list, tau=1.0, weight=None):
+        super().__init__(cls_num_list, tau, weight)
+        self.register_buffer('margin', torch.exp(-0.25 * self.log_prior))  # (C,) prior^(-1/4)
+
+    def forward(self, logits, target):
+        adjusted = logits + self.tau * self.log_prior
+        adjusted = adjusted - F.one_hot(target, logits.shape[1]).to(logits.dtype) * self.margin[target][:, None]
+        return F.cross_entropy(adjusted, target, weight=self.weight)
+
+
 class BalancedSoftmaxLoss(LogitAdjustedLoss):
     """Balanced Softmax (Ren et al., NeurIPS 2020, "Balanced Meta-Softmax for Long-Tailed Visual
     Recognition"): CE(logits + log prior, y), the logit-adjusted loss at tau = 1. The authors' code adds
@@ -203,6 +224,8 @@ LOSSES = {
     'LDAM': lambda cls_num_list, weight, la_tau: LDAMLoss(cls_num_list, max_m=0.5, s=30, weight=weight),
     'BalancedSoftmax': lambda cls_num_list, weight, la_tau: BalancedSoftmaxLoss(cls_num_list, weight=weight),
     'LogitAdjusted': lambda cls_num_list, weight, la_tau: LogitAdjustedLoss(cls_num_list, tau=la_tau, weight=weight),
+    'LogitAdjustedAdaptive': lambda cls_num_list, weight, la_tau: AdaptiveLogitAdjustedLoss(cls_num_list, tau=la_tau,
+                                                                                           weight=weight),
 }
 
 # LDAM's margins are calibrated for cosine logits, so the model needs NormedLinear (use_norm=True).

@@ -2,19 +2,19 @@
 
     python pretrain_moco.py --dataset imagenet --data <ImageNet root>   # the paper's command: one process per GPU
     torchrun --nproc_per_node 8 pretrain_moco.py --dataset inat --data <iNat root>  # the same with torchrun
-    python pretrain_moco.py --dataset imagenet --data <root> --world-size 2 --rank 0 \
+    python pretrain_moco.py --dataset imagenet --data <root> --world-size 2 --rank 0 \\
         --dist-url tcp://<node 0>:10001                                       # node 0 of 2, MoCo's own launcher
     python pretrain_moco.py --dataset cifar10 --data ./data --imb_factor 0.01 --moco-k 4096
     python pretrain_moco.py --dataset digits --epochs 20 --moco-k 256 -b 64 -j 0      # offline, CPU
-    python pretrain_moco.py --dataset folder --data <ROOT with train/<class>/> --imb_factor 1   # own images
+    python pretrain_moco.py --dataset folder --data <ROOT with train/<class>/>                  # own images
 
-Writes <root_path>/<dataset>/checkpoint/moco_ckpt_XXXX.pth.tar (XXXX = epochs done) every
---save-freq epochs and after the last one; fine-tune from it with
+Writes <root_path>/<dataset>/checkpoint/moco_ckpt_XXXX.pth.tar (XXXX = epochs done; a user's folder ROOT:
+<root_path>/folder-<ROOT's name>/checkpoint/) every --save-freq epochs and after the last one. The same
+command again resumes an unfinished run of the same flags there (--overwrite starts over). Fine-tune with
 `python train.py --dataset cifar10 --pretrained_model data/cifar10/checkpoint/moco_ckpt_0200.pth.tar`.
 -b is the batch of all GPUs of one node, as in MoCo. --mlp, --aug-plus and --cos default to on
 (the original script's defaults; MoCo v2); `--mlp false` etc. turn them off.
 """
-import argparse
 import contextlib
 import datetime
 import functools
@@ -32,11 +32,13 @@ from torch.utils.data import DataLoader
 
 import cli
 import dist
+import rerun
+import signals
 import trainer
 from checkpoint import (load_checkpoint, load_optimizer, load_weights, save_checkpoint, state_dict_of,
                         strip_prefix, unwrap)
 from dataset import resolve_dataset
-from dataset.folder import check_model
+from dataset.folder import MAX_SIDE, check_model
 from dataset.samplers import ShuffleSampler
 from engine import step_hooks, train_one_epoch
 from errors import UserError
@@ -68,7 +70,7 @@ def _long_tailed_data(name, crop_size=32):
     augmentation (v2, or v1 with `--aug-plus false`) at --image_size, as imagenet/inat's at 224 px.
     `crop_size` None: the folder's image side."""
     def build(args):
-        info = resolve_dataset(name, args.data, args.image_size)
+        info = resolve_dataset(name, args.data, args.image_size, cache_dir=args.cache_dir, flip=args.flip)
         check_model(info, args.arch)
         args.crop_size = args.crop_size or info.image_size
         recipe = 'cifar' if info.transform is None else 'v2' if args.aug_plus else 'v1'
@@ -90,76 +92,88 @@ PRETRAIN_DATA = {
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--dataset', default='imagenet', choices=list(PRETRAIN_DATA))
-    parser.add_argument('--data', '--data_path', dest='data', metavar='DIR', default='./data',
-                        help='image root of the split file (imagenet, inat), folder of the CIFAR files, or a '
-                             'user\'s image folder ROOT holding train/<class>/ (folder)')
-    cli.add_image_size_arg(parser)
-    cli.add_download_arg(parser)  # cifar10/cifar100 only: ImageNet-LT and iNaturalist are never downloaded
-    parser.add_argument('--split_file', default=None, metavar='TXT',
-                        help="'<path relative to --data> <label>' per line (default: the original's "
-                             "imagenet_inat/data/ImageNet_LT/ImageNet_LT_train.txt or "
-                             "imagenet_inat/data/iNaturalist18/iNaturalist18_train.txt)")
-    parser.add_argument('--root_path', type=str, default='./data',
-                        help='checkpoints go to <root_path>/<dataset>/checkpoint/')
-    parser.add_argument('--imb_type', default='exp', type=str, help="cifar*/digits/folder: 'exp' or 'step'")
-    parser.add_argument('--imb_factor', default=0.01, type=cli.imb_factor, help='cifar*/digits/folder: smallest / largest class')
-    parser.add_argument('--rand_number', default=0, type=int, help='cifar*/digits/folder: seed of the long-tailed subset')
-    parser.add_argument('-a', '--arch', metavar='ARCH', default=None, choices=list(MODELS),
-                        help='model architecture: ' + ' | '.join(MODELS) +
-                             ' (default: resnet50 for imagenet/inat, resnet32 for cifar*/digits/folder)')
-    parser.add_argument('--crop-size', default=None, type=cli.positive_int, metavar='PX',
-                        help='side of the random crops (default: 224 for imagenet/inat, 32 for cifar*/digits, the image side '
-                             'for folder)')
-    parser.add_argument('-j', '--workers', default=32, type=cli.nonneg_int, metavar='N',
-                        help='data loading workers per node, shared by its processes (default: 32)')
-    parser.add_argument('--epochs', default=200, type=cli.positive_int, metavar='N', help='number of total epochs to run')
-    parser.add_argument('--start-epoch', default=0, type=cli.nonneg_int, metavar='N',
-                        help='manual epoch number (useful on restarts; --resume sets it)')
-    parser.add_argument('-b', '--batch-size', default=128, type=cli.positive_int, metavar='N',
-                        help='total batch size over all processes (default: 128)')
-    parser.add_argument('--lr', '--learning-rate', default=0.015, type=cli.positive_float, metavar='LR', dest='lr')
-    parser.add_argument('--schedule', default=[120, 160], nargs='*', type=cli.positive_int, metavar='EPOCH',
-                        help='without --cos: lr x0.1 from each of these epochs on (default: 120 160)')
-    parser.add_argument('--momentum', default=0.9, type=cli.nonneg_float, metavar='M', help='momentum of SGD solver')
-    parser.add_argument('--wd', '--weight-decay', default=1e-4, type=cli.nonneg_float, metavar='W', dest='weight_decay')
-    parser.add_argument('-p', '--print-freq', default=10, type=cli.positive_int, metavar='N',
-                        help='print every N steps (default: 10)')
-    parser.add_argument('--save-freq', default=10, type=cli.positive_int, metavar='N',
-                        help='save a checkpoint every N epochs, and after the last one (default: 10)')
-    parser.add_argument('--resume', default='', type=str, metavar='PATH', help='moco_ckpt_XXXX.pth.tar to continue')
-    parser.add_argument('--seed', default=None, type=int, help='seed for initializing training')
+    parser = cli.ArgumentParser(description=__doc__)
+    g = cli.group(parser, cli.DATA)
+    g.add_argument('--dataset', default='imagenet', choices=list(PRETRAIN_DATA))
+    g.add_argument('--data', '--data_path', dest='data', metavar='DIR', default='./data',
+                   help='image root of the split file (imagenet, inat), folder of the CIFAR files, or a '
+                        'user\'s image folder ROOT holding train/<class>/ (folder)')
+    cli.add_image_size_arg(g)
+    cli.add_cache_dir_arg(g)
+    cli.add_download_arg(g)  # cifar10/cifar100 only: ImageNet-LT and iNaturalist are never downloaded
+    g.add_argument('--split_file', default=None, metavar='TXT',
+                   help="'<path relative to --data> <label>' per line (default: the original's "
+                        "imagenet_inat/data/ImageNet_LT/ImageNet_LT_train.txt or "
+                        "imagenet_inat/data/iNaturalist18/iNaturalist18_train.txt)")
+    cli.add_imbalance_args(g, 'the long-tailed subset (cifar*, digits, folder)')
+    cli.add_flip_arg(g)
+    parser.finish(cli.default_imb_factor)
 
-    group = parser.add_argument_group('distributed (torchrun sets RANK / WORLD_SIZE itself; these are MoCo\'s own)')
-    group.add_argument('--world-size', default=1, type=cli.positive_int,
-                       help='number of nodes with --multiprocessing-distributed, else number of processes '
-                            '(default: 1)')
-    group.add_argument('--rank', default=0, type=cli.nonneg_int,
-                       help='node rank with --multiprocessing-distributed, else process rank (default: 0)')
-    group.add_argument('--dist-url', default='tcp://localhost:10001', type=str,
-                       help='url used to set up distributed training (default: tcp://localhost:10001)')
-    group.add_argument('--dist-backend', default='nccl', type=str, help='distributed backend (gloo on CPU-only machines)')
-    group.add_argument('--dist-timeout', default=dist.DEFAULT_TIMEOUT.total_seconds(), type=cli.positive_float,
-                       metavar='SEC', help='give up joining the group, or waiting for a peer, after this long '
-                                           f'(default: {dist.DEFAULT_TIMEOUT.total_seconds():.0f})')
-    group.add_argument('--gpu', default=None, type=cli.nonneg_int, help='GPU id of a single-process run')
-    cli.add_switch(group, '--multiprocessing-distributed', True,
-               "spawn one process per visible GPU of this node, with --world-size nodes and this node's --rank, "
-               "as the original; no effect without GPUs or under torchrun; 'False' turns it off")
+    g = cli.group(parser, cli.METHOD)
+    g.add_argument('-a', '--arch', metavar='ARCH', default=None, choices=list(MODELS),
+                   help='model architecture: ' + ' | '.join(MODELS) +
+                        ' (default: resnet50 for imagenet/inat, resnet32 for cifar*/digits/folder)')
+    g.add_argument('--crop-size', default=None, type=cli.positive_int, metavar='PX',
+                   help='side of the random crops (default: 224 for imagenet/inat, 32 for cifar*/digits, the '
+                        'image side for folder)')
+    g.add_argument('--moco-dim', default=128, type=cli.positive_int, help='feature dimension (default: 128)')
+    g.add_argument('--moco-k', default=65536, type=cli.positive_int,
+                   help='queue size; number of negative keys (default: 65536)')
+    g.add_argument('--moco-m', default=0.999, type=cli.probability,
+                   help='moco momentum of updating key encoder (default: 0.999)')
+    g.add_argument('--moco-t', default=0.2, type=cli.positive_float,
+                   help='softmax temperature (default: 0.2, MoCo v2; MoCo v1 used 0.07)')
+    cli.add_switch(g, '--mlp', True, 'MoCo v2 MLP projection head')
+    cli.add_switch(g, '--aug-plus', True, 'MoCo v2 data augmentation (imagenet/inat)')
 
-    group = parser.add_argument_group('MoCo')
-    group.add_argument('--moco-dim', default=128, type=cli.positive_int, help='feature dimension (default: 128)')
-    group.add_argument('--moco-k', default=65536, type=cli.positive_int,
-                       help='queue size; number of negative keys (default: 65536)')
-    group.add_argument('--moco-m', default=0.999, type=cli.probability,
-                       help='moco momentum of updating key encoder (default: 0.999)')
-    group.add_argument('--moco-t', default=0.2, type=cli.positive_float,
-                       help='softmax temperature (default: 0.2, MoCo v2; MoCo v1 used 0.07)')
-    cli.add_switch(group, '--mlp', True, 'MoCo v2 MLP projection head')
-    cli.add_switch(group, '--aug-plus', True, 'MoCo v2 data augmentation (imagenet/inat)')
-    cli.add_switch(group, '--cos', True, 'cosine lr schedule instead of --schedule')
+    g = cli.group(parser, cli.SCHEDULE)
+    g.add_argument('--epochs', default=200, type=cli.positive_int, metavar='N', help='number of total epochs to run')
+    g.add_argument('--start-epoch', default=0, type=cli.nonneg_int, metavar='N',
+                   help='manual epoch number (useful on restarts; --resume sets it)')
+    g.add_argument('-b', '--batch-size', default=128, type=cli.positive_int, metavar='N',
+                   help='total batch size over all processes (default: 128)')
+    g.add_argument('--lr', '--learning-rate', default=0.015, type=cli.positive_float, metavar='LR', dest='lr')
+    cli.add_switch(g, '--cos', True, 'cosine lr schedule instead of --schedule')
+    g.add_argument('--schedule', default=[120, 160], nargs='*', type=cli.positive_int, metavar='EPOCH',
+                   help='without --cos: lr x0.1 from each of these epochs on (default: 120 160)')
+    g.add_argument('--momentum', default=0.9, type=cli.nonneg_float, metavar='M', help='momentum of SGD solver')
+    g.add_argument('--wd', '--weight-decay', default=1e-4, type=cli.nonneg_float, metavar='W', dest='weight_decay')
+
+    g = cli.group(parser, cli.RUN)
+    g.add_argument('--root_path', type=str, default='./data', metavar='DIR',
+                   help='checkpoints go to DIR/<dataset>/checkpoint/ (a folder: DIR/folder-<its name>/checkpoint/)')
+    g.add_argument('--resume', default='', type=str, metavar='PATH', help='moco_ckpt_XXXX.pth.tar to continue')
+    cli.add_overwrite_arg(g, 'checkpoint folder')
+    g.add_argument('--seed', default=None, type=int, help='seed for initializing training')
+    g.add_argument('-p', '--print-freq', default=10, type=cli.positive_int, metavar='N',
+                   help='print every N steps (default: 10)')
+    g.add_argument('--save-freq', default=10, type=cli.positive_int, metavar='N',
+                   help='save a checkpoint every N epochs, and after the last one (default: 10)')
+    g.add_argument('--gpu', default=None, type=cli.nonneg_int, help='GPU id of a single-process run')
+
     cli.add_step_speed_args(parser)
+    cli.group(parser, cli.SPEED).add_argument(
+        '-j', '--workers', default=None, type=cli.nonneg_int, metavar='N',
+        help='data loading workers per node, shared by its processes (default: 32, or the CPU cores '
+             'this process may use less one where there are more; docs/gpu.md)')
+
+    g = cli.group(parser, cli.DISTRIBUTED)
+    g.description = "torchrun sets RANK / WORLD_SIZE itself; these are MoCo's own"
+    g.add_argument('--world-size', default=1, type=cli.positive_int,
+                   help='number of nodes with --multiprocessing-distributed, else number of processes '
+                        '(default: 1)')
+    g.add_argument('--rank', default=0, type=cli.nonneg_int,
+                   help='node rank with --multiprocessing-distributed, else process rank (default: 0)')
+    g.add_argument('--dist-url', default='tcp://localhost:10001', type=str,
+                   help='url used to set up distributed training (default: tcp://localhost:10001)')
+    g.add_argument('--dist-backend', default='nccl', type=str,
+                   help='distributed backend (gloo on CPU-only machines)')
+    g.add_argument('--dist-timeout', default=dist.DEFAULT_TIMEOUT.total_seconds(), type=cli.positive_float,
+                   metavar='SEC', help='give up joining the group, or waiting for a peer, after this long '
+                                       f'(default: {dist.DEFAULT_TIMEOUT.total_seconds():.0f})')
+    cli.add_switch(g, '--multiprocessing-distributed', True,
+                   "spawn one process per visible GPU of this node, with --world-size nodes and this node's --rank, "
+                   "as the original; no effect without GPUs or under torchrun; 'False' turns it off")
     return parser
 
 
@@ -182,7 +196,58 @@ def lr_at(epoch, args):
 
 
 def checkpoint_path(args, epoch):
-    return os.path.join(args.root_path, args.dataset, 'checkpoint', f'moco_ckpt_{epoch:04d}.pth.tar')
+    """<root_path>/<dataset>/checkpoint/moco_ckpt_<epoch>.pth.tar, as the original; a user's folder ROOT:
+    <root_path>/folder-<ROOT's name>/..., so that two folders never share one."""
+    return os.path.join(args.root_path, cli.data_name(args.dataset, args.data), 'checkpoint',
+                        f'moco_ckpt_{epoch:04d}.pth.tar')
+
+
+INTERRUPTED = 'moco_ckpt_interrupted.pth.tar'  # a mid-epoch checkpoint, written by a stop
+
+
+def furthest_checkpoint(folder):
+    """(path, checkpoint) of the furthest of `folder`'s checkpoints by (epoch, step): the highest numbered one
+    (at an epoch end) or the interrupted one, whichever is further; (None, None) if there is none."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    numbered = sorted(n for n in names if n.startswith('moco_ckpt_') and n[10:14].isdigit())
+    candidates = [os.path.join(folder, n) for n in numbered[-1:] + ([INTERRUPTED] if INTERRUPTED in names else [])]
+    found = [(path, load_checkpoint(path)) for path in candidates]
+    if not found:
+        return None, None
+    return max(found, key=lambda f: (int(f[1].get('epoch', 0)), int(f[1].get('step', 0))))
+
+
+def run_flags(args):
+    folder = {'data_folder': os.path.abspath(args.data)} if args.dataset == 'folder' else {}
+    return rerun.run_flags(args, **folder)
+
+
+def previous_run(args, main_process, log):
+    """--resume, or the furthest checkpoint of an unfinished run of the same flags in the checkpoint folder,
+    which the same command run again continues (rerun.py); with --overwrite rank 0 removes that folder's
+    checkpoints and the run starts anew."""
+    folder = os.path.dirname(checkpoint_path(args, 0))
+    if args.resume and args.overwrite:
+        raise UserError("--overwrite starts a new run; --resume continues one: pass one of them")
+    if args.resume:
+        return args.resume
+    if args.overwrite:
+        old = [n for n in (os.listdir(folder) if os.path.isdir(folder) else []) if n.startswith('moco_ckpt_')]
+        if main_process and old:
+            log(f"=> --overwrite: removing the earlier run's checkpoints from {folder}")
+            for name in old:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, name))
+        return ''
+    path, ckpt = furthest_checkpoint(folder)
+    if path is None:
+        return ''
+    epoch, step = int(ckpt.get('epoch', 0)), int(ckpt.get('step', 0))
+    recorded = ckpt.get('flags') if isinstance(ckpt.get('flags'), dict) else None
+    resume_from = rerun.resume_or_refuse(path, recorded, run_flags(args), epoch, step, args.epochs, folder,
+                                         '--root_path DIR', False)
+    log(rerun.resume_notice(folder, epoch, step, args.epochs, resume_from))
+    return resume_from
 
 
 @dataclass(frozen=True)
@@ -217,7 +282,7 @@ def main(argv=None):
     args = resolve_args(build_parser().parse_args(argv))
     torchrun_env = ((int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE'])))
                     if dist.launched_by_torchrun() else None)
-    num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    num_gpus = dist.visible_gpus()
     layout = launch_layout(num_gpus, torchrun_env, args.multiprocessing_distributed, args.world_size,
                            args.batch_size)
     check_layout(args, layout)
@@ -233,7 +298,10 @@ def main(argv=None):
 
 def check_layout(args, layout):
     """Refuse, before any process starts, what the layout cannot run."""
-    procs_per_node = max(layout.spawn, 1) if layout.world_size > 1 else 1
+    if dist.launched_by_torchrun():
+        procs_per_node = int(os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE']))
+    else:
+        procs_per_node = max(layout.spawn, 1) if layout.world_size > 1 else 1
     if args.batch_size % procs_per_node or layout.per_process_batch == 0:
         raise UserError(f"-b {args.batch_size} is the batch of one node and must divide evenly over its "
                         f"{procs_per_node} processes")
@@ -253,21 +321,29 @@ def check_layout(args, layout):
 def spawn_per_gpu(args, layout):
     """MoCo's launcher: one process per GPU of this node; --world-size nodes, this is node --rank.
 
-    A SIGTERM or SIGINT must leave the interrupted checkpoint whether it reaches the whole process group
-    (SLURM scancel, preemption, Ctrl-C), this process alone or the workers alone. So this process does
+    A SIGTERM, SIGINT or SIGUSR1 must leave the interrupted checkpoint whether it reaches the whole process
+    group (SLURM scancel, preemption, Ctrl-C), this process alone or the workers alone. So this process does
     not die of the first one (its death would send each worker SIGINT, spawn's parent-death signal: a
     second signal, which stops at once): it forwards trainer.FORWARDED_STOP, which the workers take as
-    a stop request unless a signal reached them already, and waits. A second one ends all at once. A
-    worker stopped by a signal exits 0 and leaves its exit status in `codes`, since spawn answers a
-    non-zero exit by terminating the other workers, perhaps while rank 0 writes the checkpoint.
+    a stop request unless a signal reached them already, and waits. The same signal again within a
+    moment (the group's and a parent's forwarded copy, as under reproduce.py) is that request again, as
+    is a SIGUSR1 after it; a later SIGTERM or SIGINT ends all at once. A worker stopped by a signal exits 0 and leaves its exit status in
+    `codes`, since spawn answers a non-zero exit by terminating the other workers, perhaps while rank 0
+    writes the checkpoint.
     """
     if args.rank >= args.world_size:
         raise UserError(f"--rank {args.rank} is not a node of --world-size {args.world_size}")
+    if args.dataset == 'folder' and not (args.image_size or 0) > MAX_SIDE:
+        # Decoded and cached here, once: the workers read the cache (memory-mapped), as torchrun's ranks
+        # read rank 0's, instead of each decoding the folder, and racing to replace a stale cache.
+        resolve_dataset('folder', args.data, args.image_size, cache_dir=args.cache_dir)
     codes = mp.get_context('spawn').Array('i', layout.spawn)
     context = mp.spawn(_spawned_worker, nprocs=layout.spawn, args=(layout, args, codes), join=False)
-    asked = []
+    asked, repeats = [], signals.Repeats()
 
     def forward(signum, frame):
+        if repeats.repeat(signum) or (asked and signum == trainer.FORWARDED_STOP):
+            return  # a copy of the request, or a forwarded one after it: nothing new asked
         for pid in context.pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL if asked else trainer.FORWARDED_STOP)
@@ -276,7 +352,7 @@ def spawn_per_gpu(args, layout):
             os.kill(os.getpid(), signum)
         asked.append(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, forward) for s in signals.STOP_SIGNALS}
     try:
         while not context.join():
             pass
@@ -303,15 +379,16 @@ def worker(args, layout, rank, init_method):
     """One training process; world size 1 runs without torch.distributed."""
     main_process = rank == 0
 
-    def log(line, console_extra=''):
+    def log(line, console=None):
         if main_process:
-            print(line + console_extra, flush=True)
+            print(console or line, flush=True)
 
     trainer.seed(args)  # the seed and the cuDNN policy, as every script
 
     # Data first: a wrong path ends the run before it waits for any peer.
     train_set = PRETRAIN_DATA[args.dataset].build(args)
     log(f"===> Training data length {len(train_set)}")
+    args.resume = previous_run(args, main_process, log)
     created = None
     if main_process:
         folder = os.path.dirname(checkpoint_path(args, 0))
@@ -358,22 +435,22 @@ def _train(args, train_set, ctx, per_process_batch, log):
         ckpt = resume(args, model, optimizer)
         start_epoch, start_step = int(ckpt.get('epoch', 0)), int(ckpt.get('step', 0))
         trainer.check_resume_layout(ckpt, args.resume, world_size)
-        log(f"=> loaded checkpoint '{args.resume}' (epoch {start_epoch}, step {start_step})")
+        log(f"=> loaded checkpoint '{args.resume}' ({rerun.progress(start_epoch, start_step, args.epochs)})")
     if world_size > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+        model = wrap_ddp(model, device)
 
     # As in trainer.py: the data order is a function of (seed, epoch) and the loader draws its worker
     # seeds from its own generator, so a run resumed from a checkpoint replays what it would have done.
     seed = trainer.run_seed(args, ckpt)
     sampler = ShuffleSampler(len(train_set), shuffle=True, seed=seed, num_replicas=world_size, rank=rank)
-    procs_per_node = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
-    workers = -(-args.workers // procs_per_node)
-    loader = DataLoader(train_set, batch_size=per_process_batch, sampler=sampler, num_workers=workers,
+    loader = DataLoader(train_set, batch_size=per_process_batch, sampler=sampler, num_workers=loader_workers(args),
                         pin_memory=device.type == 'cuda', drop_last=True, generator=torch.Generator())
     if len(loader) == 0:
         raise UserError(f"the training set has {len(train_set)} images, fewer than one step's "
                         f"{per_process_batch * world_size}")
     trainer.restore_rng(ckpt, seed, rank, world_size)
+
+    flags = run_flags(args)
 
     def save(path, epoch, step):
         """Collective (the RNG states of all ranks are gathered): every rank calls it, rank 0 writes."""
@@ -383,7 +460,7 @@ def _train(args, train_set, ctx, per_process_batch, log):
             'state_dict': {'module.' + k: v for k, v in unwrap(model).state_dict().items()},
             'optimizer': optimizer.state_dict(),
             'step': step, 'seed': seed, **trainer.resume_entries(world_size), 'script': 'pretrain_moco',
-            'task': 'moco',
+            'task': 'moco', 'flags': flags,
         }
         dist.on_rank0(save_checkpoint, state, path)
         log(f"=> saved {path}")
@@ -397,23 +474,44 @@ def _train(args, train_set, ctx, per_process_batch, log):
             lr = lr_at(epoch, args)
             for group in optimizer.param_groups:
                 group['lr'] = lr
-            stats = train_one_epoch(model, criterion, loader, optimizer, device, epoch, forward=moco_forward,
+            stats = train_one_epoch(model, criterion, loader, optimizer, device, epoch, epochs=args.epochs,
+                                    forward=moco_forward,
                                     print_freq=args.print_freq, log=log, should_stop=stop, start_step=step0,
                                     num_steps=step0 + len(loader), **hooks)
             done = epoch + 1
             if stats['stopped']:
-                path = os.path.join(os.path.dirname(checkpoint_path(args, 0)), 'moco_ckpt_interrupted.pth.tar')
+                path = os.path.join(os.path.dirname(checkpoint_path(args, 0)), INTERRUPTED)
                 save(path, epoch, stats['steps'])
-                log(trainer.stop_notice(stop, epoch, path, stats['steps']))
+                log(trainer.stop_notice(stop, epoch, path, stats['steps'], args.epochs))
                 return 128 + stop.signum
             # stop() is collective: every rank asks it once per epoch end, before deciding to save.
             stopping = stop()
             if done % args.save_freq == 0 or done == args.epochs or stopping:
                 save(checkpoint_path(args, done), done, 0)
             if stopping:
-                log(trainer.stop_notice(stop, epoch, checkpoint_path(args, done)))
+                log(trainer.stop_notice(stop, epoch, checkpoint_path(args, done), epochs=args.epochs))
                 return 128 + stop.signum
     return 0
+
+
+def wrap_ddp(model, device):
+    """DDP with rank 0's buffers broadcast once, here, instead of before every forward (the original's default:
+    the 64k-key queue, 32 MB for ResNet-50's 128-d keys, and every BatchNorm statistic, each step). Rank 0's
+    state, the one saved, is the same to the bit: the broadcast only copies rank 0's buffers to the others; the
+    queue and its pointer then stay equal on every rank (the same all-gathered keys go in); and the other
+    ranks' running statistics, which drift, are never read (both encoders normalise by batch statistics in
+    training, and only rank 0's are saved). Collective. tests/test_moco.py checks all three."""
+    dist.broadcast_buffers(model)  # the queue drawn by each rank (without --seed, another one per rank)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
+                                               broadcast_buffers=False)
+
+
+def loader_workers(args):
+    """This process's loader workers: -j is the node's (the original divided it over its GPUs), by default
+    32 or more where the cores allow (dist.loader_workers)."""
+    if args.workers is None:
+        return dist.loader_workers(32)
+    return -(-args.workers // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
 
 
 def resume(args, model, optimizer):

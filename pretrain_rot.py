@@ -2,10 +2,10 @@
 a user's image folder (--dataset folder), ImageNet-LT and iNaturalist 2018.
 
     python pretrain_rot.py --dataset cifar10 --imb_factor 0.01
-    python train.py --dataset cifar10 --imb_factor 0.01 --exp_str ssp \
+    python train.py --dataset cifar10 --imb_factor 0.01 --exp_str ssp \\
         --pretrained_model checkpoint/cifar10_resnet32_CE_None_exp_0.01_pretrain_rot/ckpt.best.pth.tar
     python pretrain_rot.py --dataset imagenet --data_path <ImageNet root>     # ResNet-50, 224 px
-    python -m imagenet_inat.main --cfg imagenet_inat/config/ImageNet_LT/feat_uniform.yaml --data_root <ImageNet root> \
+    python -m imagenet_inat.main --cfg imagenet_inat/config/ImageNet_LT/feat_uniform.yaml --data_root <ImageNet root> \\
         --model_dir checkpoint/imagenet_resnet50_CE_None_pretrain_rot/ckpt.best.pth.tar
 
 The network gets a 4-way head and learns which of 0/90/180/270 degrees each image was rotated by;
@@ -109,10 +109,11 @@ def rotated_as_labelled(images, labels):
 def build_rot_parser():
     parser = build_parser(__doc__, datasets=('cifar10', 'cifar100', 'digits', 'folder', *SPLIT_FILE_DATASETS),
                           exp_str='pretrain_rot')
-    parser.add_argument('--split_dir', default=None, type=str,
+    data = cli.group(parser, cli.DATA)
+    data.add_argument('--split_dir', default=None, type=str,
                         help='imagenet/inat: folder of <name>_{train,val}.txt, paths relative to --data_path '
                              '(default: imagenet_inat/data/ImageNet_LT/ or imagenet_inat/data/iNaturalist18/)')
-    parser.add_argument('--crop-size', default=224, type=cli.positive_int, metavar='PX',
+    data.add_argument('--crop-size', default=224, type=cli.positive_int, metavar='PX',
                         help='imagenet/inat: side of the crops (evaluation resizes to 256/224 of it first)')
     parser.set_defaults(arch=None)  # resnet50 for imagenet/inat (the original's default), else resnet32
     return parser

@@ -7,8 +7,6 @@ with Resample / Reweight / DRW.
     python train.py --dataset digits --imb_factor 0.01 --epochs 30 --lr_steps 20 25 -j 0   # offline
     python train.py --dataset folder --data_path <ROOT with train/<class>/ and val/<class>/>  # own images
 """
-import argparse
-
 import cli
 import trainer
 from dataset import build_transform, resolve_dataset
@@ -19,20 +17,22 @@ from models import build_model
 
 def build_parser(description=__doc__, datasets=('cifar10', 'cifar100', 'svhn', 'digits', 'folder'),
                  exp_str='ss_pretrained', batch_size=128):
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=description)
     cli.add_data_args(parser, datasets, exp_str)
     cli.add_training_args(parser, batch_size=batch_size)
     return parser
 
 
 def supervised_store_name(args):
-    return cli.store_name(args.dataset, args.arch, args.loss_type, args.train_rule,
-                          args.imb_type, args.imb_factor, args.exp_str) + cli.recipe_suffix(args)
+    name = cli.store_name(cli.data_name(args.dataset, args.data_path), args.arch, args.loss_type, args.train_rule,
+                          args.imb_type, args.imb_factor, args.exp_str)
+    return name + cli.recipe_suffix(args) + cli.flip_suffix(args)
 
 
 def load_data(args):
     """The long-tailed training set and the balanced test set (errors before any file is written)."""
-    info = resolve_dataset(args.dataset, args.data_path, getattr(args, 'image_size', None))
+    info = resolve_dataset(args.dataset, args.data_path, getattr(args, 'image_size', None),
+                           cache_dir=getattr(args, 'cache_dir', None), flip=args.flip)
     check_model(info, args.arch)
     train_set = info.build_train(args.data_path, args.imb_type, args.imb_factor, args.rand_number,
                                  train_transform(args, info), download=args.download)

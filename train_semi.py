@@ -44,8 +44,9 @@ def build_parser():
 
 
 def semi_store_name(args):
-    return cli.store_name(args.dataset, args.arch, args.loss_type, args.train_rule, args.imb_type,
-                          args.imb_factor, args.imb_factor_unlabel, args.exp_str) + cli.recipe_suffix(args)
+    return cli.store_name(cli.data_name(args.dataset, args.data_path), args.arch, args.loss_type, args.train_rule,
+                          args.imb_type, args.imb_factor, args.imb_factor_unlabel,
+                          args.exp_str) + cli.recipe_suffix(args) + cli.flip_suffix(args)
 
 
 def check_pool_args(path, args):
@@ -66,7 +67,7 @@ def check_pool_args(path, args):
 
 def load_data(args):
     """The semi-supervised training set and the balanced test set (errors before any file is written)."""
-    info = resolve_dataset(args.dataset, args.data_path, args.image_size)
+    info = resolve_dataset(args.dataset, args.data_path, args.image_size, cache_dir=args.cache_dir, flip=args.flip)
     pseudo_labels = args.pseudo_labels or os.path.join(args.data_path, POOLS[args.dataset].output_filename)
     check_pool_args(pseudo_labels, args)
     train_set = info.build_semi(args.data_path, args.imb_type, args.imb_factor, args.imb_factor_unlabel,

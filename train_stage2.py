@@ -1,21 +1,21 @@
 """Stage 2 on a train.py / train_semi.py checkpoint (added; not in the original): decoupled classifier learning
-(Kang et al., ICLR 2020: cRT, LWS, tau-normalisation) and weight balancing (Alshammari et al., CVPR 2022) for
-the 32x32 data sets and a user's image folder (--dataset folder: its classes and image size come with the
-stage-1 checkpoint), on the shared trainer.
+(Kang et al., ICLR 2020: cRT, LWS, tau-normalisation, the nearest-class-mean classifier NCM) and weight
+balancing (Alshammari et al., CVPR 2022) for the 32x32 data sets and a user's image folder (--dataset folder:
+its classes and image size come with the stage-1 checkpoint), on the shared trainer.
 
     python train_stage2.py --dataset cifar10 --imb_factor 0.01 --stage cRT --stage1 <stage-1 ckpt.pth.tar>
     python train_stage2.py --dataset cifar10 --imb_factor 0.01 --stage LWS --stage1 <stage-1 ckpt.pth.tar>
     python train_stage2.py --dataset cifar10 --imb_factor 0.01 --stage tau_norm --stage1 <stage-1 ckpt.pth.tar>
-    python train.py --dataset cifar10 --imb_factor 0.01 --wd 5e-3 --exp_str wd5e-3               # WB stage 1
-    python train_stage2.py --dataset cifar10 --imb_factor 0.01 --stage WB --stage1 <that run's ckpt.pth.tar>
+    python train_stage2.py --dataset cifar10 --imb_factor 0.01 --stage NCM --stage1 <stage-1 ckpt.pth.tar>
+    python train_stage2.py --dataset cifar10 --imb_factor 0.01 --stage WB --stage1 <a WB stage 1 (docs/baselines.md)>
     python train_stage2.py --dataset cifar10 --stage cRT --resume <stage-2 ckpt.pth.tar> -e      # evaluate
 
 Every stage starts from the stage-1 model and changes its classifier only: the feature extractor's
-parameters are frozen and, unless --train_bn, its BatchNorm layers stay in eval mode (running statistics
-fixed). --epochs, -b, --lr and --wd default to the stage's authors' values (STAGES). The run folder is
-the name of the folder holding --stage1 plus the stage; logs and checkpoints are train.py's.
+parameters are frozen; its BatchNorm layers train as the authors' code ran them (running statistics
+update on stage 2's batches) unless --freeze_bn. --epochs, -b, --lr and --wd default to the stage's
+authors' values (STAGES). The run folder is the name of the folder holding --stage1 plus the stage; logs
+and checkpoints are train.py's. docs/baselines.md has the recipes and where they come from.
 """
-import argparse
 import dataclasses
 import os
 from typing import Callable
@@ -31,22 +31,24 @@ from checkpoint import HEAD_PREFIXES, load_weights, read_weights
 from dataset import DATASETS
 from dataset.folder import checked_against_checkpoint
 from dataset.device_loader import DeviceLoader
-from dataset.samplers import ClassAwareSampler, get_targets
+from dataset.folder import list_class_folders, load_images
+from dataset.samplers import ClassAwareSampler
 from engine import evaluate, predict
 from errors import UserError
-from imagenet_inat.networks import LWSClassifier, tau_grid, tau_normalized
+from imagenet_inat.networks import LWSClassifier, NCMClassifier, tau_grid, tau_normalized
 from losses import ClassBalancedSoftmaxBCELoss, MaxNorm
 from models import build_model
 
 TAUS = tuple(tau_grid())  # Kang et al.'s tau_norm.py grid: 0, 0.1, ..., 2
-VAL_SPLIT_SEED = 0  # the carved validation split depends on nothing the user passes
+DEFAULT_TAU = 1.0  # the published tau-norm rows' (Menon et al.'s Table 3, Bag of Tricks' TAU: 1.0)
 SAMPLES_PER_CLASS = 4  # Kang et al.'s ClassAwareSampler num_samples_cls
 
 
 class FrozenFeatures(nn.Module):
     """`module` whose layers other than the classifier `fc` stay in eval mode when it trains, so their
-    BatchNorm running statistics stay those of stage 1. Named `module` like DDP's wrapper, so that
-    checkpoint.unwrap finds the bare model: checkpoints keep train.py's keys."""
+    BatchNorm running statistics stay those of stage 1 (--freeze_bn; the authors' code let them update).
+    Named `module` like DDP's wrapper, so that checkpoint.unwrap finds the bare model: checkpoints keep
+    train.py's keys."""
 
     def __init__(self, module):
         super().__init__()
@@ -112,30 +114,54 @@ def lws_head(model):
 
 def weight_balancing(model, args, train_set, _info):
     """Alshammari et al.'s stage 2: the classifier (weight and bias) fine-tuned with their class-balanced
-    loss and weight decay, MaxNorm after every step with the radius set from the stage-1 weights."""
+    loss and weight decay, MaxNorm with the radius set from the stage-1 weights, applied where their code
+    applies it: once per epoch, after its last step (LTR-weight-balancing utils/trainval.py, `pgdFunc.PGD(model)`
+    at the end of the training phase, line 142), before the epoch's evaluation."""
     freeze_all_but(model, {'fc.weight', 'fc.bias'})
     maxnorm = MaxNorm.from_weight(model.fc.weight, args.maxnorm_thresh)
+    when = 'after_step' if args.maxnorm_per_step else 'after_epoch'
     return dict(criterion=ClassBalancedSoftmaxBCELoss(train_set.get_cls_num_list()),
-                after_step=lambda: maxnorm(model.fc.weight),
+                **{when: lambda: maxnorm(model.fc.weight)},
                 notes=(f"=> WB: features frozen, classifier fine-tuned with the class-balanced loss (beta 0.9999), "
                        f"MaxNorm radius {maxnorm.radius:.6g} (thresh {args.maxnorm_thresh:g} of the stage-1 row "
-                       f"norms' range) after every step",))
+                       f"norms' range) " + ("after every step (--maxnorm_per_step)" if args.maxnorm_per_step else
+                                            "after each epoch's last step"),))
 
 
-def carve_val(train_set, per_class):
-    """Up to `per_class` training images of each class (all of a smaller class), drawn by a fixed seed."""
-    targets = get_targets(train_set)
-    rng = np.random.RandomState(VAL_SPLIT_SEED)
-    return np.concatenate([rng.permutation(np.flatnonzero(targets == c))[:per_class] for c in np.unique(targets)])
-
-
-def choose_tau(model, args, train_set, info):
-    """(tau, log lines): the grid's tau with the best mean per-class accuracy on the carved validation
-    split (Kang et al. printed that mean), the first of equal ones. On the CPU, in float32."""
-    index = carve_val(train_set, args.val_per_class)
-    loader = DeviceLoader.from_dataset(train_set, index.tolist(), 250, 'cpu', info, train=False,
+def training_features(model, train_set, info):
+    """(features (N, D), labels (N,)) of the training images without augmentation (Kang et al.'s `train_plain`),
+    the model in eval mode; on the CPU, in float32."""
+    loader = DeviceLoader.from_dataset(train_set, range(len(train_set)), 250, 'cpu', info, train=False,
                                        channels_last=False)
+    return predict(model, loader, torch.device('cpu'), forward=lambda x: features_of(model, x))
+
+
+def held_out_features(model, args, info):
+    """(features (N, D), labels (N,), how many classes have images) of --tau_search DIR (DIR/<class>/...), decoded
+    at the stage-1 image size and normalised as its data; class folders are named after the stage-1 classes (a
+    folder's names; 0, 1, ... for the built-in data sets)."""
+    root = args.tau_search
+    if not os.path.isdir(root):
+        raise UserError(f"--tau_search {root}: no such folder (expected {root}/<class>/<images>)")
+    evaluated = os.path.join(args.data_path, 'val')
+    if args.dataset == 'folder' and os.path.isdir(evaluated) and os.path.samefile(root, evaluated):
+        raise UserError(f"--tau_search {root} is the folder the test results are measured on; tau is never chosen "
+                        f"on the test set: pass a folder of other images")
+    classes = list(info.classes) if info.classes else [str(c) for c in range(info.num_classes)]
+    listing = list_class_folders(root, classes)
+    (images,) = load_images(listing, image_size=info.image_size)
+    loader = DeviceLoader(images, listing.labels, range(len(images)), 250, 'cpu', info.mean, info.std, train=False,
+                          channels_last=False)
     features, labels = predict(model, loader, torch.device('cpu'), forward=lambda x: features_of(model, x))
+    return features, labels, len(set(listing.labels.tolist()))
+
+
+def choose_tau(model, args, info):
+    """(tau, log lines): the grid's tau with the best mean per-class accuracy (the number Kang et al.'s
+    tau_norm.py printed) on --tau_search's images, which stage 1 never trained on; of equal best ones, the one
+    nearest DEFAULT_TAU. When every tau scores the same the search carries no information: a warning, and
+    DEFAULT_TAU."""
+    features, labels, present = held_out_features(model, args, info)
     weight = model.fc.weight.detach().cpu()
     head = nn.Linear(weight.size(1), weight.size(0), bias=False)
     scores, lines = {}, []
@@ -144,12 +170,17 @@ def choose_tau(model, args, train_set, info):
         per_class = evaluate(head, nn.CrossEntropyLoss(), [(features, labels)], torch.device('cpu'),
                              info.num_classes)['per_class']
         scores[tau] = float(np.nanmean(per_class))
-        lines.append(f"tau {tau:.2f}: carved-val mean per-class accuracy {100 * scores[tau]:.3f}")
-    best = max(TAUS, key=lambda t: scores[t])
-    lines.append(f"=> tau-norm: tau {best:.2f} chosen on the validation split carved from the training set "
-                 f"({len(index)} images, up to {args.val_per_class} per class, seed {VAL_SPLIT_SEED}), "
-                 f"never on the test set")
-    return best, lines
+        lines.append(f"tau {tau:.2f}: --tau_search mean per-class accuracy {100 * scores[tau]:.3f}")
+    where = f"the {len(labels)} images of {present} classes in --tau_search {args.tau_search}"
+    if len(set(scores.values())) == 1:
+        line = (f"every tau of 0, 0.1, ..., 2 scores {100 * scores[TAUS[0]]:.3f} on {where}: the search cannot "
+                f"choose; using tau {DEFAULT_TAU:g}, the default")
+        trainer.warn(line)
+        return DEFAULT_TAU, lines + [f"=> tau-norm: {line}"]
+    top = max(scores.values())
+    best = min((t for t in TAUS if scores[t] == top), key=lambda t: abs(t - DEFAULT_TAU))
+    return best, lines + [f"=> tau-norm: tau {best:.2f} chosen on {where} (best mean per-class accuracy), never on "
+                          f"the test set"]
 
 
 def features_of(model, images):
@@ -161,21 +192,45 @@ def features_of(model, images):
         model.return_features = False
 
 
-def tau_norm(model, args, train_set, info):
+def refuse_streamed(info, what):
+    if info.transform is not None:
+        raise UserError(f"{what} reads images held in an array; images streamed from their files (--image_size "
+                        f"above 64) have none")
+
+
+def tau_norm(model, args, _train_set, info):
     """tau-normalisation (no training): row i of W divided by ||W_i||^tau and no bias, as Kang et al.'s
-    tau_norm.py; tau from --tau, else chosen on a validation split carved from the training set."""
-    if args.tau is not None:
-        tau, lines = args.tau, [f"=> tau-norm: tau {args.tau:g} given by --tau (no search)"]
-    elif info.transform is not None:
-        raise UserError("--stage tau_norm searches tau on images held in an array; images streamed from their files "
-                        "(--image_size above 64) have none: pass --tau")
+    tau_norm.py; tau from --tau (default 1), or searched on --tau_search's images."""
+    if args.tau_search is None:
+        given = 'given by --tau' if args.tau is not None else 'the default (--tau)'
+        tau = DEFAULT_TAU if args.tau is None else args.tau
+        lines = [f"=> tau-norm: tau {tau:g}, {given}; no search"]
     else:
-        tau, lines = choose_tau(model, args, train_set, info)
+        refuse_streamed(info, '--tau_search')
+        tau, lines = choose_tau(model, args, info)
     with torch.no_grad():
         model.fc.weight.copy_(tau_normalized(model.fc.weight, tau))
         model.fc.bias.zero_()
     freeze_all_but(model, set())
     return dict(trains=False, notes=tuple(lines))
+
+
+def ncm_head(model):
+    """Kang et al.'s nearest-class-mean classifier in place of the linear one (its centroids set by `ncm`)."""
+    model.fc = NCMClassifier(model.fc.in_features, model.fc.out_features)
+    return model
+
+
+def ncm(model, _args, train_set, info):
+    """NCM (no training): the classifier is the nearest class mean of stage 1's features of the training images
+    (Kang et al.'s `--knn` test: cl2n features, squared L2 distance)."""
+    refuse_streamed(info, '--stage NCM')
+    features, labels = training_features(model, train_set, info)
+    model.fc.fit(features, labels)
+    freeze_all_but(model, set())
+    return dict(trains=False, notes=(f"=> NCM: class means of the stage-1 features of the {len(labels)} training "
+                                     f"images (no augmentation), centred on their mean and L2-normalised; logits "
+                                     f"-||x - mean_c||^2",))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,46 +242,55 @@ class Stage:
     weight_decay: float
     head: Callable = staticmethod(lambda model: model)  # the stage's classifier on a plain model
     loads_head: bool = True      # whether the stage-1 classifier is used (cRT re-initialises it)
+    trains: bool = True          # False: one "epoch" of no steps evaluates and saves
 
 
 STAGES = {
     # Kang et al.'s ImageNet-LT cls_crt.yaml / cls_lws.yaml (they published no CIFAR configuration).
     'cRT': Stage(crt, epochs=10, lr=0.2, batch_size=512, weight_decay=5e-4, loads_head=False),
     'LWS': Stage(lws, epochs=5, lr=0.2, batch_size=512, weight_decay=5e-4, head=lws_head),
-    # Nothing is trained: one "epoch" of no steps evaluates and saves.
-    'tau_norm': Stage(tau_norm, epochs=1, lr=0.1, batch_size=128, weight_decay=0.0),
+    'tau_norm': Stage(tau_norm, epochs=1, lr=0.1, batch_size=128, weight_decay=0.0, trains=False),
+    'NCM': Stage(ncm, epochs=1, lr=0.1, batch_size=128, weight_decay=0.0, head=ncm_head, loads_head=False,
+                 trains=False),
     # Alshammari et al.'s demo2_second-stage-training (CIFAR-100-LT).
     'WB': Stage(weight_balancing, epochs=10, lr=0.01, batch_size=64, weight_decay=0.1),
 }
 
 
-# a stage's own flag -> (the stage, its default); --tau has none: without it, tau_norm searches
-STAGE_FLAGS = {'tau': ('tau_norm', None), 'val_per_class': ('tau_norm', 20), 'maxnorm_thresh': ('WB', 0.1)}
+# a stage's own flag -> (the stage, its default); --tau stays None when not given (tau_norm then uses DEFAULT_TAU
+# and says so in its log)
+STAGE_FLAGS = {'tau': ('tau_norm', None), 'tau_search': ('tau_norm', None), 'maxnorm_thresh': ('WB', 0.1),
+               'maxnorm_per_step': ('WB', False)}
 
 
 def build_parser():
-    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=__doc__)
     cli.add_data_args(parser, tuple(DATASETS), '')
     group = parser.add_argument_group('stage 2')
     group.add_argument('--stage', required=True, choices=list(STAGES))
     group.add_argument('--stage1', default='', metavar='PATH',
                        help='the train.py / train_semi.py checkpoint to start from (required unless -e)')
-    group.add_argument('--train_bn', action='store_true',
-                       help="BatchNorm layers of the frozen features in train mode (their running statistics "
-                            "update, as Kang et al.'s and Alshammari et al.'s code did); default: eval mode")
+    group.add_argument('--freeze_bn', action='store_true',
+                       help="BatchNorm layers of the frozen features in eval mode (their running statistics stay "
+                            "stage 1's); default: train mode, the statistics update, as Kang et al.'s and "
+                            "Alshammari et al.'s code ran stage 2")
     group.add_argument('--tau', default=None, type=cli.nonneg_float,
-                       help='tau_norm: this tau instead of the search over 0, 0.1, ..., 2')
-    group.add_argument('--val_per_class', default=None, type=cli.positive_int, metavar='K',
-                       help='tau_norm: the tau search scores K training images per class (all of a smaller '
-                            'class; default 20, as ImageNet-LT\'s validation split)')
+                       help=f'tau_norm: rows of W divided by their norm to this power (default {DEFAULT_TAU:g})')
+    group.add_argument('--tau_search', default=None, metavar='DIR',
+                       help='tau_norm: choose tau from 0, 0.1, ..., 2 by the mean per-class accuracy on the images '
+                            'of DIR/<class>/..., images stage 1 never trained on (class folders named as the stage-1 '
+                            'classes: a folder\'s names, 0, 1, ... for the built-in data sets)')
     group.add_argument('--maxnorm_thresh', default=None, type=cli.probability, metavar='T',
                        help='WB: MaxNorm radius min + T * (max - min) of the stage-1 classifier row norms '
                             '(default 0.1, the authors\')')
+    group.add_argument('--maxnorm_per_step', default=None, action='store_const', const=True,
+                       help="WB: MaxNorm after every optimizer step, as the paper's text says, instead of once per "
+                            "epoch after its last step, as the authors' code does (default)")
     cli.add_run_args(parser, batch_size=None, epochs=None, lr=None, weight_decay=None)
     return parser
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(cli.ArgumentParser):
     """Fills in the stage's own epochs, lr, batch size and weight decay where the flags give none, so that
     whoever parses the flags (this script, reproduce.py deciding whether a run is finished) sees the same."""
 
@@ -235,7 +299,7 @@ class _Parser(argparse.ArgumentParser):
         for key in ('epochs', 'lr', 'batch_size', 'weight_decay'):
             if getattr(parsed, key) is None:
                 setattr(parsed, key, getattr(STAGES[parsed.stage], key))
-        if parsed.stage == 'tau_norm':
+        if not STAGES[parsed.stage].trains:
             parsed.epochs = 1
         return parsed
 
@@ -249,6 +313,8 @@ def parse(argv):
             raise UserError(f"--{flag} applies to --stage {owner} only, not {args.stage}")
         if getattr(args, flag) is None:
             setattr(args, flag, default)
+    if args.tau is not None and args.tau_search is not None:
+        raise UserError("--tau fixes tau and --tau_search searches it: pass one of them")
     # train.py's method flags: stage 2 brings its own loss, sampler and schedule (trainer.Experiment).
     args.loss_type, args.train_rule, args.la_tau, args.lr_steps = 'CE', 'None', 1.0, [160, 180]
     args.pretrained_model, args.posthoc_la = '', None
@@ -336,10 +402,13 @@ def main(argv=None):
     trainer.seed(args)
     sd, info, train_set, val_set = load(args)
     model, fields = build(args, stage, sd, info, train_set)
-    notes = fields.pop('notes', ()) + ((f"=> BatchNorm of the frozen features in "
-                                        f"{'train' if args.train_bn else 'eval'} mode"),)
+    notes = fields.pop('notes', ()) + (() if not stage.trains else
+                                       ("=> BatchNorm of the frozen features in eval mode (--freeze_bn): running "
+                                        "statistics fixed",) if args.freeze_bn else
+                                       ("=> BatchNorm of the frozen features in train mode: running statistics "
+                                        "update on stage 2's batches (--freeze_bn keeps stage 1's)",))
     experiment = trainer.Experiment(script='train_stage2', task='classification',
-                                    model=model if args.train_bn else FrozenFeatures(model), train_set=train_set,
+                                    model=FrozenFeatures(model) if args.freeze_bn else model, train_set=train_set,
                                     val_set=val_set, num_classes=info.num_classes,
                                     cls_num_list=train_set.get_cls_num_list(), notes=notes, info=info, **fields)
     return train.exit_code(trainer.run(args, experiment))

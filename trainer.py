@@ -25,7 +25,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
 import dist
-from checkpoint import load_optimizer, load_pretrained, load_weights, read_weights, save_checkpoint, unwrap
+import rerun
+from checkpoint import (load_checkpoint, load_optimizer, load_pretrained, load_weights, read_weights,
+                        save_checkpoint, unwrap)
 from dataset import DATASETS, DatasetInfo
 from dataset.device_loader import DeviceLoader, eval_batch_size
 from dataset.folder import checked_against_checkpoint, checkpoint_entries
@@ -34,6 +36,7 @@ from engine import Mixup, evaluate, step_hooks, train_one_epoch
 from errors import UserError
 from fileio import RunLock, atomic_write_bytes, user_write_errors
 from losses import PosthocLogitAdjustment, build_criterion, effective_num_weights
+from signals import FORWARDED_STOP, STOP_SIGNALS, Repeats  # FORWARDED_STOP: also read as trainer's
 from utils import derive_seed, figure_png, new_figure, rng_state, seed_everything, set_rng_state, shot_accuracy
 
 WARMUP_EPOCHS = 5
@@ -56,9 +59,19 @@ class Experiment:
     criterion: Optional[nn.Module] = None      # a fixed training loss instead of --loss_type / --train_rule's
     sampler: Optional[Callable] = None         # (seed, num_replicas, rank) -> sampler, instead of --train_rule's
     schedule: Optional[Callable] = None        # 0-based epoch -> lr, instead of lr_at(epoch, --lr, --lr_steps)
-    after_step: Optional[Callable] = None      # called after every optimizer step (losses.MaxNorm)
+    after_step: Optional[Callable] = None      # called after every optimizer step
+    after_epoch: Optional[Callable] = None     # called after an epoch's last step, before its evaluation (MaxNorm)
     trains: bool = True                        # False: every epoch only evaluates and saves (tau-normalisation)
     notes: tuple = ()                          # lines for log_train.csv at the start of a run
+    # A semi-supervised step (train_ssl.py, ltssl.method) sets these; None keeps the behaviour above.
+    optimizer: Optional[Callable] = None       # model -> optimizer, instead of SGD(--lr, --momentum, --wd)
+    step_fn: Optional[Callable] = None         # engine.train_one_epoch's step over the loader's batches
+    step_lr: Optional[Callable] = None         # 0-based global step -> lr, set before every step
+    train_loader: Optional[Callable] = None    # (seed, rank, world, device) -> loader with set_epoch / skip
+    eval_model: Optional[nn.Module] = None     # what evaluations score (weight average, its head), not the model
+    state: Optional[object] = None            # state_dict() -> checkpoint entries; load_state_dict(ckpt, source)
+    logs: tuple = ()                           # more text logs of the run folder (cut back on resume like the others)
+    epoch_lines: Optional[Callable] = None     # 0-based epoch -> {log: [lines]} after its evaluation (collective)
 
     def __post_init__(self):
         self.eval_batch_fn = self.eval_batch_fn or self.batch_fn
@@ -99,6 +112,9 @@ def cosine_lr_at(epoch, base_lr, epochs):
 LR_SCHEDULES = {
     'step': lambda epoch, args: lr_at(epoch, args.lr, args.lr_steps),
     'cosine': lambda epoch, args: cosine_lr_at(epoch, args.lr, args.epochs),
+    # weight balancing's stage 1 (Alshammari et al.'s demo1 / utils/trainval.py): CosineAnnealingLR stepped at
+    # each epoch's start, no warm-up
+    'cosine_nowarmup': lambda epoch, args: cosine_at_epoch_start(epoch + 1, args.lr, args.epochs),
 }
 
 
@@ -123,22 +139,19 @@ def console(line):
         print(line, flush=True)
 
 
-# A launcher that forwards its own SIGTERM/SIGINT to the processes it started sends this instead: it
-# never counts as the second signal, since a signal to the whole process group may reach them too.
-FORWARDED_STOP = getattr(signal, 'SIGUSR1', None)
-
-
 class GracefulStop:
     """First SIGTERM/SIGINT: finish the step, save, exit. Second: stop at once. FORWARDED_STOP (from
     MoCo's per-GPU launcher, or SLURM's --signal=USR1) asks like a SIGTERM if nothing asked yet, and
-    the one SIGTERM/SIGINT that may follow it (the same request, sent to the whole group) is not a second."""
+    the one SIGTERM/SIGINT that may follow it (the same request, sent to the whole group) is not a second.
+    Nor is the same signal again within a moment (signals.Repeats): a group signal and a launcher's copy."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, *([FORWARDED_STOP] if FORWARDED_STOP else []))
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self, log):
         self.log = log  # for the notice only: a console, not a run log (a resumed run's logs must not show it)
         self.signum = None
         self._forwarded = False
+        self._repeats = Repeats()
         self._previous = {}
         self._pid = os.getpid()
 
@@ -146,6 +159,8 @@ class GracefulStop:
         if os.getpid() != self._pid:
             # A data-loading worker forked during the run inherits this handler, and Ctrl-C signals
             # the whole process group: only the process that trains decides when to stop.
+            return
+        if self._repeats.repeat(signum):
             return
         if signum == FORWARDED_STOP:
             if self.signum is not None:
@@ -263,8 +278,9 @@ class LogFolder:
     under DDP held back (`error`) until the next checkpoint save, which every rank makes together, so
     that every rank stops with it. A tensorboard file that cannot be written is a warning only."""
 
-    def __init__(self, log_dir, lock_dir, logs, folders=()):
+    def __init__(self, log_dir, lock_dir, logs, folders=(), outputs=()):
         self.log_dir, self.logs, self.folders = log_dir, logs, (log_dir, *folders)
+        self.outputs = outputs  # the files a run leaves besides its logs (checkpoints): a new run removes them
         self.main = dist.is_main_process()
         self.lock = RunLock(lock_dir)
         self.files = {}
@@ -284,6 +300,8 @@ class LogFolder:
             except OSError as e:
                 raise UserError(f"cannot create folder {d}: {e.strerror}") from None
         self.lock.acquire()
+        if fresh:
+            self.clear()
         for name in self.logs:
             path = os.path.join(self.log_dir, name)
             # A resumed run drops what the killed run logged after its last checkpoint, so the
@@ -293,10 +311,22 @@ class LogFolder:
                     with open(path, 'r+b') as f:
                         f.truncate(min(truncate_to[name], os.path.getsize(path)))
                 if fresh and os.path.exists(path) and os.path.getsize(path):
-                    console(f"=> {path} held an earlier run's log: starting it anew (--resume continues a run)")
+                    console(f"=> starting {path} anew (it held an earlier run's log)")
                 self.files[name] = open(path, 'w' if fresh else 'a')
         self.tensorboard(lambda: None, start=True)
         return self
+
+    def clear(self):
+        """A new run here (nothing to resume, or --overwrite), with the lock held: the checkpoints and
+        tensorboard events of an earlier one go, so that no file mixes two runs (the text logs start anew)."""
+        old = [p for p in self.outputs if os.path.isfile(p)]
+        old += [os.path.join(self.log_dir, n) for n in os.listdir(self.log_dir) if n.startswith('events.out.')]
+        if old:
+            console(f"=> a new run: removing the earlier run's "
+                    f"{', '.join(sorted({os.path.basename(p).split('.tfevents')[0] for p in old}))}")
+        for path in old:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     def write(self, name, line):
         if name not in self.files or self.error is not None:
@@ -365,12 +395,13 @@ class LogFolder:
 class RunFolder(LogFolder):
     """root_log/store_name (logs, args.txt, tensorboard, plot) and root_model/store_name (checkpoints)."""
 
-    def __init__(self, args):
+    def __init__(self, args, logs=()):
         self.model_dir = os.path.join(args.root_model, args.store_name)
         self.ckpt_path = os.path.join(self.model_dir, 'ckpt.pth.tar')
         self.best_path = os.path.join(self.model_dir, 'ckpt.best.pth.tar')
         super().__init__(os.path.join(args.root_log, args.store_name), self.model_dir,
-                         ('log_train.csv', 'log_test.csv'), folders=(self.model_dir,))
+                         ('log_train.csv', 'log_test.csv', *logs), folders=(self.model_dir,),
+                         outputs=(self.ckpt_path, self.best_path))
 
     def open(self, args, truncate_to=None, fresh=False):
         super().open(truncate_to, fresh)
@@ -399,8 +430,10 @@ def report_lines(metrics, cls_num_list=None, flag='val', task='classification'):
     name = 'Rotation Prec' if task == 'rotation' else 'Prec'
     lines = [f"{flag} Results: {name}@1 {metrics['top1']:.3f} {name}@5 {metrics['top5']:.3f} "
              f"Loss {metrics['loss']:.5f}",
+             # every class, also above numpy's 1,000-element summary threshold ('...'), which no reader can parse
              f"{flag} Class Accuracy: " + np.array2string(
-                 metrics['per_class'], separator=',', formatter={'float_kind': lambda x: '%.3f' % x})]
+                 metrics['per_class'], separator=',', formatter={'float_kind': lambda x: '%.3f' % x},
+                 threshold=sys.maxsize)]
     if cls_num_list is not None and task == 'classification':
         shots = shot_accuracy(metrics['per_class'], cls_num_list)
         metrics.update({f'{k}_shot': v for k, v in shots.items()})
@@ -487,11 +520,12 @@ def seed(args):
     """Call first thing after parsing: model initialisation must already be reproducible. cuDNN: with
     --seed, deterministic algorithms and no benchmark search (which may pick other algorithms in a
     resumed or repeated run, so exact resume would no longer be exact); without it, the original's
-    benchmark search, the fastest kernels."""
+    benchmark search, the fastest kernels. --cudnn-benchmark / --no-cudnn-benchmark choose either way."""
     if args.seed is not None:
         seed_everything(args.seed)
-    torch.backends.cudnn.deterministic = args.seed is not None
-    torch.backends.cudnn.benchmark = args.seed is None
+    benchmark = args.seed is None if args.cudnn_benchmark is None else args.cudnn_benchmark
+    torch.backends.cudnn.deterministic = not benchmark
+    torch.backends.cudnn.benchmark = benchmark
 
 
 def run_seed(args, ckpt):
@@ -524,10 +558,13 @@ def begin_epoch(sampler, loader, seed, epoch, rank, first_step=0):
     sampler.skip(first_step * (loader.batch_size or 1))
 
 
-def stop_notice(stop, epoch, resume_from, step=None):
-    """The log line of a run stopped by a signal during 0-based `epoch` (after `step`) or at its end."""
+def stop_notice(stop, epoch, resume_from, step=None, epochs=None):
+    """The log line of a run stopped by a signal during 0-based `epoch` (after `step`) or at its end; with
+    `epochs` (a script that resumes when run again, rerun.py) it also says so."""
     where = f"during epoch {epoch + 1} after step {step}" if step is not None else f"at the end of epoch {epoch + 1}"
-    return f"=> stopped by {signal.Signals(stop.signum).name} {where}; resume with --resume {resume_from}"
+    total = f" ({epochs} epochs in all)" if epochs else ''
+    again = ' or run the same command again' if epochs else ''
+    return f"=> stopped by {signal.Signals(stop.signum).name} {where}{total}; resume with --resume {resume_from}{again}"
 
 
 def restore_rng(ckpt, seed, rank, world):
@@ -568,12 +605,57 @@ def resume_entries(world):
 def _resume(args, exp, model, optimizer, log):
     """Load --resume into model (and optimizer unless evaluating). Returns the checkpoint dict."""
     ckpt, sd = read_weights(args.resume, exp.task, 'use --pretrained_model to start from it')
+    if args.evaluate:
+        rerun.check_evaluation(ckpt, args, f"--resume {args.resume}")
     exp.info = checked_against_checkpoint(exp.info, ckpt, f"--resume {args.resume}")  # before the shapes
     load_weights(model, sd, f"--resume {args.resume}")
+    if exp.state is not None:
+        exp.state.load_state_dict(ckpt, f"--resume {args.resume}")
     if not args.evaluate:
         load_optimizer(optimizer, ckpt, args.resume)
-    log(f"=> loaded checkpoint '{args.resume}' (epoch {ckpt.get('epoch', '?')})")
+    recorded = ckpt.get('flags') if isinstance(ckpt.get('flags'), dict) else {}
+    epochs = recorded.get('epochs', args.epochs) if args.evaluate else args.epochs  # -e: the run's own length
+    where = rerun.progress(int(ckpt.get('epoch', 0)), int(ckpt.get('step', 0)), epochs)
+    log(f"=> loaded checkpoint '{args.resume}' ({where})")
     return ckpt
+
+
+def check_resume_target(args, folder):
+    """A training --resume writes into this command's run folder: refused where that folder holds another run
+    (without --overwrite), or where --overwrite would remove the very checkpoint it continues."""
+    if args.evaluate or not os.path.isfile(folder.ckpt_path):
+        return
+    own = os.path.abspath(args.resume) == os.path.abspath(folder.ckpt_path)
+    if own and args.overwrite:
+        raise UserError(f"--overwrite starts {folder.model_dir} anew, so it cannot also --resume its checkpoint: "
+                        f"pass one of them")
+    if not own and not args.overwrite:
+        raise UserError(f"{folder.model_dir} holds another run than --resume {args.resume}; pass --overwrite to "
+                        f"replace it with the run that checkpoint continues, or --exp_str NAME for a new run folder")
+
+
+def run_flags(args):
+    """The flags a checkpoint records (rerun.py), and for a user's folder the folder itself: two folders of one
+    name (hence one run folder) are two runs."""
+    folder = {'data_folder': os.path.abspath(args.data_path)} if getattr(args, 'dataset', None) == 'folder' else {}
+    return rerun.run_flags(args, **folder)
+
+
+def previous_run(args, folder):
+    """The checkpoint to start from: --resume, or the unfinished run of the same flags that the same command,
+    run again, continues (rerun.py); a run folder holding a finished run or a run of other flags is refused
+    without --overwrite. Every rank decides alike (they read one file)."""
+    existing = folder.ckpt_path if os.path.isfile(folder.ckpt_path) else None
+    if args.evaluate or args.resume or existing is None:
+        return args.resume
+    ckpt = load_checkpoint(existing)
+    epoch, step = int(ckpt.get('epoch', 0)), int(ckpt.get('step', 0))
+    recorded = ckpt.get('flags') if isinstance(ckpt.get('flags'), dict) else None
+    path = rerun.resume_or_refuse(existing, recorded, run_flags(args), epoch, step, args.epochs, folder.model_dir,
+                                  '--exp_str NAME', args.overwrite)
+    if path:
+        console(rerun.resume_notice(folder.model_dir, epoch, step, args.epochs, path))
+    return path or ''
 
 
 def uses_device_loader(args, info=None):
@@ -585,12 +667,27 @@ def uses_device_loader(args, info=None):
         return False
     if args.autoaugment:
         console(f"=> --autoaugment transforms each image on the host: using --loader torchvision "
-                f"(-j {args.workers} workers) instead of the device loader")
+                f"(-j {loader_workers(args, info)} workers) instead of the device loader")
         return False
     return True
 
 
+def loader_workers(args, info):
+    """-j, else its default: the original's 4 for images held in memory (`info` of a registered data set),
+    and for images read from their files (ImageNet / iNaturalist split files, a streamed folder), whose
+    decoding feeds a GPU too slowly with 4, at least one per CPU core of this process (dist.loader_workers)."""
+    if args.workers is not None:
+        return args.workers
+    return dist.loader_workers(4) if info is None or info.transform is not None else 4
+
+
 def _loaders(args, exp, seed, rank, world, device):
+    if args.batch_size % world and not args.evaluate:  # -b 128 on 3 ranks would train 3 x 42 = 126
+        raise UserError(f"-b {args.batch_size} is the batch of all {world} processes and must divide evenly over "
+                        f"them (as in pretrain_moco.py), e.g. -b {args.batch_size - args.batch_size % world or world}")
+    if exp.train_loader is not None:  # its own order: the loader is its sampler
+        train_loader = exp.train_loader(seed, rank, world, device)
+        return train_loader, train_loader, _val_loader(args, exp, seed, rank, world, device, args.loader == 'device')
     per_rank_batch = max(1, args.batch_size // world)
     if exp.sampler is not None:
         sampler = exp.sampler(seed, world, rank)
@@ -605,22 +702,29 @@ def _loaders(args, exp, seed, rank, world, device):
         train_loader = DeviceLoader.from_dataset(exp.train_set, sampler, per_rank_batch, device, info, train=True,
                                                  flip=info.flip, cutout=args.cutout, seed=seed, rank=rank,
                                                  channels_last=args.channels_last)
-        val_loader = DeviceLoader.from_dataset(exp.val_set, range(rank, len(exp.val_set), world),
-                                               eval_batch_size(device), device, info, train=False,
-                                               channels_last=args.channels_last)
-        return train_loader, sampler, val_loader
+        return train_loader, sampler, _val_loader(args, exp, seed, rank, world, device, True)
     pin = device.type == 'cuda'  # a copy from unpinned memory makes the host wait for it
     # Own generators: the loaders draw their worker seeds from these, not from the global RNG,
     # so the global stream (augmentations with -j 0, rotations) is the same whether or not a run
     # was resumed mid-epoch. `run` re-seeds the training one per epoch.
+    workers = loader_workers(args, info)
     train_loader = DataLoader(exp.train_set, batch_size=per_rank_batch, sampler=sampler,
-                              num_workers=args.workers, pin_memory=pin, drop_last=False,
+                              num_workers=workers, pin_memory=pin, drop_last=False,
                               generator=torch.Generator())
-    # Every rank evaluates a disjoint slice, without padding, so summed counts are exact.
+    return train_loader, sampler, _val_loader(args, exp, seed, rank, world, device, False)
+
+
+def _val_loader(args, exp, seed, rank, world, device, on_device):
+    """The evaluation loader (`on_device`: a DeviceLoader): every rank evaluates a disjoint slice, without padding,
+    so summed counts are exact."""
+    if on_device:
+        return DeviceLoader.from_dataset(exp.val_set, range(rank, len(exp.val_set), world), eval_batch_size(device),
+                                         device, exp.info or DATASETS.get(args.dataset), train=False,
+                                         channels_last=args.channels_last)
     val_set = exp.val_set if world == 1 else Subset(exp.val_set, range(rank, len(exp.val_set), world))
-    val_loader = DataLoader(val_set, batch_size=100, shuffle=False, num_workers=args.workers, pin_memory=pin,
-                            generator=torch.Generator().manual_seed(seed))
-    return train_loader, sampler, val_loader
+    return DataLoader(val_set, batch_size=100, shuffle=False,
+                      num_workers=loader_workers(args, exp.info or DATASETS.get(args.dataset)),
+                      pin_memory=device.type == 'cuda', generator=torch.Generator().manual_seed(seed))
 
 
 def place_model(model, args, device, world):
@@ -636,6 +740,23 @@ def place_model(model, args, device, world):
     return model
 
 
+def compile_in_place(model):
+    """--compile: torch.compile `model` in place, after DDP, as PyTorch's DDP + torch.compile notes ask
+    (DDPOptimizer then splits the graph at gradient buckets); state_dict keys stay the bare model's. Not
+    with SyncBatchNorm (torchrun on GPUs): its statistics come from an op with no FakeTensor kernel
+    (batch_norm_stats) and a data-dependent mask, so the graph breaks at its layers (TORCH_LOGS=graph_breaks,
+    2 gloo ranks, ResNet-32: 22 graphs and 13 recompilations per rank instead of one graph, steps no faster
+    than eager; docs/gpu.md). Returns whether it compiled."""
+    synced = sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    if synced:
+        console(f"=> --compile skipped: torch.compile would break the graph at the {synced} SyncBatchNorm "
+                f"layers, no faster than without it; --no-sync-bn compiles (BatchNorm then normalises each "
+                f"process's batch alone)")
+        return False
+    model.compile()
+    return True
+
+
 def run(args, exp):
     """Train (or with -e only evaluate) `exp` as configured by `args`. Returns the last metrics dict."""
     ctx = dist.setup(args.gpu)
@@ -648,26 +769,34 @@ def run(args, exp):
 def _run(args, exp, ctx):
     rank, world, device = ctx.rank, ctx.world_size, ctx.device
     main = rank == 0
-    folder = RunFolder(args)
+    folder = RunFolder(args, exp.logs)
 
-    def log(line, console_extra=''):
+    def log(line, console=None):
         if main:
-            print(line + console_extra, flush=True)
+            print(console or line, flush=True)
             folder.write('log_train.csv', line)
 
     model = place_model(exp.model, args, device, world)
     hooks = step_hooks(args, device)
     # Evaluations are what users compare with the paper: float32 unless --amp-eval asks for bf16.
     eval_hooks = {**hooks, 'amp': args.amp_eval}
-    optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = (exp.optimizer(model) if exp.optimizer is not None else
+                 torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay))
 
-    ckpt = None
-    start_epoch, start_step, best_acc1 = args.start_epoch, 0, 0.0
+    ckpt, error = None, None
+    start_epoch, start_step, best_acc1, best_epoch = args.start_epoch, 0, 0.0, None
+    try:
+        args.resume = previous_run(args, folder)
+    except UserError as e:
+        error = e
+    dist.raise_if_any(error)  # collective: no rank goes on alone
     if args.resume:
         ckpt = _resume(args, exp, model, optimizer, log)
+        check_resume_target(args, folder)
         start_epoch = int(ckpt.get('epoch', 0))
         start_step = int(ckpt.get('step', 0))
         best_acc1 = float(ckpt.get('best_acc1', 0.0))  # a 0-d tensor (the original's and ours) or a float
+        best_epoch = ckpt.get('best_epoch')  # 1-based; None in older checkpoints
         if not args.evaluate:
             check_resume_layout(ckpt, args.resume, world)
         if args.pretrained_model:
@@ -691,20 +820,20 @@ def _run(args, exp, ctx):
         if main:
             for line in report_lines(metrics, exp.cls_num_list, 'val', exp.task):
                 print(line)
-            print('Confusion matrix (rows: true class, columns: prediction):')
-            print(np.array2string(metrics['confusion'], max_line_width=200, threshold=10 ** 6))
+            if args.confusion and metrics['confusion'] is not None:
+                print('Confusion matrix (rows: true class, columns: prediction):')
+                print(np.array2string(metrics['confusion'], max_line_width=200, threshold=10 ** 6))
         return metrics
 
     if world > 1 and exp.trains:  # DDP refuses a model with nothing to train
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     if args.compile:
-        # In place, and after DDP, as PyTorch's DDP + torch.compile notes ask (DDPOptimizer then splits
-        # the graph at gradient buckets); state_dict keys stay those of the bare model.
-        model.compile()
+        compile_in_place(model)
     same_run = ckpt is not None and ckpt.get('store_name') == args.store_name
     error = None
     try:
-        folder.open(args, truncate_to=ckpt.get('log_sizes') if same_run else None, fresh=ckpt is None)
+        folder.open(args, truncate_to=ckpt.get('log_sizes') if same_run else None,
+                    fresh=ckpt is None or args.overwrite)
     except UserError as e:
         error = e
     dist.raise_if_any(error)  # collective: rank 0 alone opens the folder, every rank must stop if it fails
@@ -716,7 +845,7 @@ def _run(args, exp, ctx):
     mixup = Mixup(args.mixup, seed, rank, device) if args.mixup else None
 
     def snapshot(epoch, step):
-        return _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, world)
+        return _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, world, best_epoch)
 
     metrics = {}
     try:
@@ -728,50 +857,97 @@ def _run(args, exp, ctx):
                                          stop, hooks, mixup)
                     if stats['stopped']:
                         folder.save(snapshot(epoch, stats['steps']), is_best=False)
-                        log(stop_notice(stop, epoch, folder.ckpt_path, stats['steps']))
+                        log(stop_notice(stop, epoch, folder.ckpt_path, stats['steps'], args.epochs))
                         return {'stopped_by': stop.signum, **stats}
+                    if exp.after_epoch is not None:
+                        exp.after_epoch()
                 dist.broadcast_buffers(unwrap(model))  # collective, every epoch: evaluate what rank 0 saves
+                if exp.eval_model is not None:
+                    dist.broadcast_buffers(eval_model)
                 metrics = evaluate(eval_model, eval_criterion, val_loader, device, exp.num_classes,
                                    batch_fn=exp.eval_batch_fn, **eval_hooks)
                 is_best = metrics['top1'] > best_acc1
                 best_acc1 = max(best_acc1, metrics['top1'])
-                _log_eval(folder, metrics, exp, epoch, best_acc1, main)
+                best_epoch = epoch + 1 if is_best else best_epoch
+                _log_eval(folder, metrics, exp, epoch, best_acc1, main, confusion=args.confusion)
+                for name, lines in (exp.epoch_lines(epoch) if exp.epoch_lines is not None else {}).items():
+                    for line in lines:
+                        folder.write(name, line)
                 folder.save(snapshot(epoch + 1, 0), is_best)
                 # Collective, at every epoch end; after the save, so a resumed run's logs hold no trace of the stop.
                 if stop():
-                    log(stop_notice(stop, epoch, folder.ckpt_path))
+                    log(stop_notice(stop, epoch, folder.ckpt_path, epochs=args.epochs))
                     return {'stopped_by': stop.signum, **metrics}
     finally:
         folder.close()
     metrics['best_acc1'] = best_acc1
+    if main and metrics.get('top1') is not None:
+        for line in closing_summary(metrics, best_acc1, best_epoch, args.epochs, folder, exp.task):
+            print(line, flush=True)
     return metrics
+
+
+def closing_summary(metrics, best_acc1, best_epoch, epochs, folder, task):
+    """The console's last lines of a finished run (not in the logs, which keep the original's lines)."""
+    name = 'rotation top-1' if task == 'rotation' else 'top-1'
+    at = f" (epoch {best_epoch})" if best_epoch else ''
+    shots = (f"; last epoch many / medium / few-shot {100 * metrics['many_shot']:.3f} / "
+             f"{100 * metrics['medium_shot']:.3f} / {100 * metrics['few_shot']:.3f}"
+             if task == 'classification' and 'many_shot' in metrics else '')
+    return [f"=> done, {epochs} epochs: last {name} {metrics['top1']:.3f}, best {best_acc1:.3f}{at}{shots}",
+            f"=> checkpoints: {folder.ckpt_path} (last), {folder.best_path} (best); logs and tensorboard: "
+            f"{folder.log_dir}"]
 
 
 def _train_epoch(args, exp, model, optimizer, train_loader, sampler, seed, epoch, step0, rank, device, folder, log,
                  stop, hooks, mixup):
     """One training epoch of `run` from step `step0`: its lr and loss, the data order, the steps."""
-    lr = exp.schedule(epoch) if exp.schedule is not None else LR_SCHEDULES[args.lr_schedule](epoch, args)
+    begin_epoch(sampler, train_loader, seed, epoch, rank, step0)
+    num_steps = step0 + len(train_loader)
+    set_lr = per_step_lr(exp, optimizer, epoch * num_steps)
+    if exp.schedule is not None:
+        lr = exp.schedule(epoch)
+    elif exp.step_lr is not None:  # the epoch's first step's, for the log; set again before every step
+        lr = exp.step_lr(epoch * num_steps + step0)
+    else:
+        lr = LR_SCHEDULES[args.lr_schedule](epoch, args)
     for group in optimizer.param_groups:
         group['lr'] = lr
     criterion = exp.criterion
-    if criterion is None:
+    if criterion is None and exp.step_fn is None:
         weights = TRAIN_RULES[args.train_rule].weights(epoch, exp.cls_num_list, args.lr_steps[0])
         criterion = build_criterion(args.loss_type, exp.cls_num_list, None if weights is None else weights.to(device),
                                     args.la_tau)
-    begin_epoch(sampler, train_loader, seed, epoch, rank, step0)
-    stats = train_one_epoch(model, criterion.to(device), train_loader, optimizer, device, epoch, batch_fn=exp.batch_fn,
-                            print_freq=args.print_freq, log=log, should_stop=stop, start_step=step0,
-                            num_steps=step0 + len(train_loader), mixup=mixup, after_step=exp.after_step, **hooks)
+    stats = train_one_epoch(model, criterion and criterion.to(device), train_loader, optimizer, device, epoch,
+                            epochs=args.epochs, batch_fn=exp.batch_fn, print_freq=args.print_freq, log=log,
+                            should_stop=stop, start_step=step0, num_steps=num_steps, mixup=mixup,
+                            after_step=exp.after_step, step_fn=exp.step_fn, before_step=set_lr, **hooks)
     folder.scalar('loss/train', stats['loss'], epoch)
     folder.scalar('acc/train_top1', stats['top1'], epoch)
     folder.scalar('lr', lr, epoch)
     return stats
 
 
+def per_step_lr(exp, optimizer, first):
+    """engine.train_one_epoch's before_step for exp.step_lr (None without one): the lr of global step
+    `first` + the epoch's 0-based step, on every parameter group."""
+    if exp.step_lr is None:
+        return None
+
+    def set_lr(step):
+        lr = exp.step_lr(first + step)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+    return set_lr
+
+
 def scored_model(model, args, exp, device):
-    """(what the evaluations score, a notice or ''): the bare `model`, or with --posthoc_la TAU the
-    model whose logits are logits - TAU * log(training class prior), the prior from exp.cls_num_list
-    (for train_semi.py, pseudo-labels included). The evaluation loss is then CE on those logits."""
+    """(what the evaluations score, a notice or ''): exp.eval_model placed as the model is; the bare
+    `model`; or with --posthoc_la TAU the model whose logits are logits - TAU * log(training class prior), the
+    prior from exp.cls_num_list (for train_semi.py, pseudo-labels included). The evaluation loss is then CE on
+    those logits."""
+    if exp.eval_model is not None:
+        return place_model(exp.eval_model, args, device, 1), ''
     if args.posthoc_la is None:
         return unwrap(model), ''
     adjusted = PosthocLogitAdjustment(unwrap(model), exp.cls_num_list, args.posthoc_la).to(device)
@@ -779,7 +955,10 @@ def scored_model(model, args, exp, device):
                       f"log(prior), prior = training images per class / {sum(exp.cls_num_list)} (--posthoc_la)")
 
 
-def _log_eval(folder, metrics, exp, epoch, best_acc1, main):
+def _log_eval(folder, metrics, exp, epoch, best_acc1, main, confusion=False):
+    """An evaluation into log_test.csv (the original's lines, the confusion matrix as one JSON line),
+    tensorboard and the console; `confusion`: the matrix on the console too. Above
+    engine.CONFUSION_MAX_CLASSES classes there is no matrix."""
     lines = report_lines(metrics, exp.cls_num_list, 'val', exp.task)
     lines.append(f"Best Prec@1: {best_acc1:.3f}" if exp.task == 'classification'
                  else f"Best Rotation Prec@1: {best_acc1:.3f}")
@@ -789,11 +968,13 @@ def _log_eval(folder, metrics, exp, epoch, best_acc1, main):
         print(line, flush=True)
         folder.write('log_test.csv', line)
     cm = metrics['confusion']
-    # One line in the log (rows: true class), however many classes; on the console only when small.
-    folder.write('log_test.csv', 'val Confusion Matrix: ' + json.dumps(cm.tolist(), separators=(',', ':')))
-    if exp.num_classes <= 20:
-        print('val Confusion Matrix (rows: true class, columns: prediction):\n' + np.array2string(cm), flush=True)
-    folder.image('confusion_matrix', cm / np.maximum(cm.sum(axis=1, keepdims=True), 1), epoch)
+    if cm is not None:
+        # One line in the log (rows: true class), however many classes.
+        folder.write('log_test.csv', 'val Confusion Matrix: ' + json.dumps(cm.tolist(), separators=(',', ':')))
+        if confusion:
+            print('val Confusion Matrix (rows: true class, columns: prediction):\n' +
+                  np.array2string(cm, max_line_width=200, threshold=10 ** 6), flush=True)
+        folder.image('confusion_matrix', cm / np.maximum(cm.sum(axis=1, keepdims=True), 1), epoch)
     tag = 'rot_acc' if exp.task == 'rotation' else 'acc'
     per_class = np.nan_to_num(metrics['per_class'])
     folder.scalars(f'{tag}/test_val_cls_acc', {str(i): float(a) for i, a in enumerate(per_class)}, epoch)
@@ -812,14 +993,16 @@ def _log_eval(folder, metrics, exp, epoch, best_acc1, main):
         warn(f"{e}; training goes on")
 
 
-def _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, world):
+def _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, world, best_epoch=None):
     """The checkpoint: the original's keys first (best_acc1 as a 0-d tensor, which the original's
-    `best_acc1.to(gpu)` needs), then what exact resume needs. Every rank must call it (RNG gather)."""
+    `best_acc1.to(gpu)` needs), then what exact resume needs, the run's flags (rerun.py) and the 1-based epoch
+    of the best top-1. Every rank must call it (RNG gather)."""
     return {
         'epoch': epoch, 'arch': args.arch, 'state_dict': unwrap(model).state_dict(),
         'best_acc1': torch.tensor(best_acc1), 'optimizer': optimizer.state_dict(),
         'step': step, 'seed': seed, **resume_entries(world), 'script': exp.script, 'task': exp.task,
         'num_classes': exp.num_classes, 'store_name': args.store_name, 'log_sizes': folder.log_sizes(),
-        **checkpoint_entries(exp.info),
+        'flags': run_flags(args), 'best_epoch': best_epoch, **checkpoint_entries(exp.info),
+        **(exp.state.state_dict() if exp.state is not None else {}),
     }
 

@@ -54,10 +54,13 @@ def accuracy(output, target, topk=(1,)):
 def shot_accuracy(per_class_acc, train_cls_num_list, many_thr=MANY_SHOT_THR, few_thr=FEW_SHOT_THR):
     """Mean per-class accuracy over many- (>many_thr), medium- and few-shot (<few_thr) classes.
 
-    A group without classes gets NaN, so nobody mistakes "no few-shot classes" for 0 % accuracy.
+    A class absent from the evaluated split (per-class accuracy NaN: 0 of 0 images) is left out of its group, as
+    the original's ImageNet-LT shot_acc skips it, so one missing class does not turn its whole group into NaN. A
+    group without classes gets NaN, so nobody mistakes "no few-shot classes" for 0 % accuracy.
     """
     acc = np.asarray(per_class_acc, dtype=np.float64)
-    counts = np.asarray(train_cls_num_list)
+    present = ~np.isnan(acc)
+    acc, counts = acc[present], np.asarray(train_cls_num_list)[present]
     groups = {'many': counts > many_thr, 'medium': (counts <= many_thr) & (counts >= few_thr),
               'few': counts < few_thr}
     return {name: float(acc[mask].mean()) if mask.any() else float('nan') for name, mask in groups.items()}

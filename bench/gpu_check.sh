@@ -1,32 +1,53 @@
 #!/usr/bin/env bash
-# Every CUDA path of the project, once, on one GPU: one PASS/FAIL line per check (issue 18, build 5).
+# Every CUDA path of the project, once, on one GPU: one PASS/FAIL line per check, cheapest first (issues 18, 29).
 #
-#   bash bench/gpu_check.sh                      # on a GPU machine: under 8 minutes on one H100/H200 (planned)
+#   bash bench/gpu_check.sh --part 1             # on a GPU machine: each part planned for under 8 minutes on
+#   bash bench/gpu_check.sh --part 2             #   one H100, so that each fits a call of under 10 minutes (an
+#   bash bench/gpu_check.sh                      #   estimate: 26 and 32 Python processes of ~10-15 s); both
 #   DEVICE=cpu bash bench/gpu_check.sh --quick   # the same checks on the CPU, smaller: proves the script works
 #
-# Checks: the environment and default precision; each loss and train rule; both loaders; the rotation,
-# MoCo and semi-supervised pipelines; host waits per source line in the step loops
-# (torch.cuda.set_sync_debug_mode; on the CPU the fake-CUDA test stands in); exact resume, SIGTERM and
-# divergence; 2 ranks on one GPU with gloo incl. the merged -e; a GPU checkpoint evaluated on the CPU;
-# the throughput bench; whether two reproduce.py stages per GPU beat one. Logs of every check: $OUT (default: a new folder under /tmp), printed at the end.
-# Exit status 1 if any check failed. Record what a GPU printed in bench/README.md with the card's name.
+# Part 1: the GPU, the wheel, NCCL with one rank and DataParallel's replicas under bf16 (device); host waits
+# per source line in the step, evaluation and prediction loops, counting synchronisation warnings only
+# (torch.cuda.set_sync_debug_mode; on the CPU the fake-CUDA test stands in); the divergence guard; each loss
+# and train rule; both loaders; the recipe options on the device loader (and AutoAugment's classic loader);
+# a SIGTERM mid-epoch, then a resume equal to the uninterrupted run to the bit; a GPU checkpoint evaluated on
+# the CPU (the same top-1 within one image); the rotation, MoCo and semi-supervised pipelines; --compile.
+# Part 2: train_stage2.py (cRT, tau-norm, WB); a cached and a streamed image folder; imagenet_inat stage 1
+# with --bn_pieces, cRT and tau-norm; 2 ranks on one GPU with gloo under torchrun (NCCL's one-line refusal
+# first), stopped by a SIGTERM to torchrun and resumed, and the merged -e against one process's; NCCL with
+# 2 ranks where 2 GPUs are visible; the throughput bench; whether two reproduce.py stages per GPU beat one.
+# Logs of every check: $OUT (default: a new folder under /tmp), printed at the end. Exit status 1 if any
+# check failed. Record what a GPU printed in bench/README.md with the card's name.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 QUICK=0
-[ "${1:-}" = "--quick" ] && QUICK=1
+PART=all
+while [ $# -gt 0 ]; do
+    case $1 in
+        --quick) QUICK=1 ;;
+        --part) PART=${2:-}; shift ;;
+        *) echo "usage: bash bench/gpu_check.sh [--quick] [--part 1|2]" >&2; exit 2 ;;
+    esac
+    shift
+done
+case $PART in 1|2|all) ;; *) echo "--part is 1 or 2" >&2; exit 2 ;; esac
 DEVICE=${DEVICE:-cuda}
+GPUS=0
 if [ "$DEVICE" = cpu ]; then
     export CUDA_VISIBLE_DEVICES=
 else
-    export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}  # one GPU: "2 ranks on one GPU" means it
+    GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+    [ -z "${CUDA_VISIBLE_DEVICES:-}" ] || GPUS=$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .)
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 OUT=${OUT:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
 mkdir -p "$OUT"
 EPOCHS=2; [ $QUICK = 1 ] && EPOCHS=1
-# digits-LT (scikit-learn's bundled images): no download, a few seconds per epoch
+# digits-LT (scikit-learn's bundled images): no download, 604 training images, 10 steps per epoch at -b 64
 DIGITS=(--dataset digits --imb_factor 0.1 -b 64 -j 0 --seed 0 -p 5)
+CHECK=$PY' bench/gpu_check.py'
+TORCHRUN=($PY -m torch.distributed.run --standalone --nproc_per_node 2)
 FAILED=0
 START=$SECONDS
 
@@ -52,25 +73,24 @@ ckpt() { ls "$OUT/$1"/ckpt/*/ckpt.pth.tar; }
 
 top1() { grep -o 'val Results: Prec@1 [0-9.]*' | tail -1 | awk '{print $4}'; }
 
-environment() {
-    $PY - "$DEVICE" <<'EOF'
-import sys
-import torch
-import dist
-from engine import default_amp
-device = torch.device(sys.argv[1])
-print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}, devices: {torch.cuda.device_count()}")
-if device.type == 'cuda':
-    cap = torch.cuda.get_device_capability(device)
-    print(f"{torch.cuda.get_device_name(device)}, sm_{cap[0]}{cap[1]}; wheel: {' '.join(torch.cuda.get_arch_list())}")
-    dist.check_arch(cap, torch.cuda.get_arch_list(), torch.cuda.get_device_name(device))
-    expected = cap >= (8, 0)
-else:
-    caps = torch.cpu.get_capabilities()
-    expected = bool(caps.get('avx512_bf16') or caps.get('amx_bf16'))
-print(f"default bf16 autocast: {default_amp(device)} (expected {expected})")
-assert default_amp(device) == expected
-EOF
+finished() { grep -q 'Best Prec@1' "$OUT"/$1/log/*/log_test.csv; }  # finished NAME: the run's last epoch logged
+
+# ---------------------------------------------------------------- part 1
+
+device() { $CHECK device "$DEVICE"; }
+
+host_waits() {
+    if [ "$DEVICE" = cpu ]; then  # no CUDA to ask: the FakeTensor recorder of the tests
+        $PY -m pytest -q -p no:cacheprovider tests/test_gpu_ready.py -k never_wait
+    else
+        $CHECK host_waits "$OUT/data"
+    fi
+}
+
+divergence() {
+    train diverged --epochs 1 --lr 1e30 --loss_type LDAM; local rc=$?
+    echo "exit status: $rc (expected 2)"
+    [ $rc = 2 ] && grep -q 'non-finite' "$OUT/divergence.log"
 }
 
 losses_and_rules() {
@@ -78,13 +98,37 @@ losses_and_rules() {
     [ $QUICK = 1 ] && rules=("CE None" "LDAM DRW")
     for r in "${rules[@]}"; do
         set -- $r
-        train "loss_$1_$2" --loss_type "$1" --train_rule "$2" --epochs 1 || return 1
-        grep -q 'Best Prec@1' "$OUT"/loss_$1_$2/log/*/log_test.csv || return 1
+        train "loss_$1_$2" --loss_type "$1" --train_rule "$2" --epochs 1 && finished "loss_$1_$2" || return 1
     done
 }
 
 loaders() {
     train loader_device --loader device --epochs 1 && train loader_torchvision --loader torchvision -j 2 --epochs 1
+}
+
+recipe() {  # mixup, Cutout and the cosine schedule on the device loader; AutoAugment on the classic one
+    train recipe_device --mixup 0.2 --cutout 4 --lr_schedule cosine --epochs 1 && finished recipe_device &&
+    ! grep -q 'using --loader torchvision' "$OUT/recipe.log" &&
+    train recipe_aa --autoaugment -j 2 --epochs 1 && finished recipe_aa &&
+    grep -q 'using --loader torchvision' "$OUT/recipe.log"
+}
+
+exact_resume() {  # SIGTERM after step 13 of 20 (epoch 2, step 3): exit 143, a mid-epoch checkpoint, then
+    # a resume that ends with the uninterrupted run's weights, to the bit
+    train whole --epochs 2 || return 1
+    $CHECK stop_after 13 self train.py "${DIGITS[@]}" --data_path "$OUT/data" --root_log "$OUT/halves/log" \
+        --root_model "$OUT/halves/ckpt" --epochs 2; local rc=$?
+    echo "exit status after SIGTERM: $rc (expected 143)"
+    [ $rc = 143 ] && grep -q 'stopped by SIGTERM during epoch 2 after step 3' "$OUT/exact_resume.log" &&
+    train halves --epochs 2 --resume "$(ckpt halves)" && $CHECK same "$(ckpt whole)" "$(ckpt halves)"
+}
+
+gpu_to_cpu() {  # the GPU checkpoint evaluated on the CPU: the same top-1, up to one near-tied image
+    local here there
+    here=$($PY train.py "${DIGITS[@]}" --data_path "$OUT/data" -e --resume "$(ckpt whole)" | top1)
+    there=$(CUDA_VISIBLE_DEVICES= $PY train.py "${DIGITS[@]}" --data_path "$OUT/data" -e --resume "$(ckpt whole)" | top1)
+    echo "-e top-1 of the $DEVICE checkpoint: on $DEVICE $here, on the CPU $there"
+    [ -n "$here" ] && [ -n "$there" ] && $CHECK close "$here" "$there" 300
 }
 
 rotation() {
@@ -106,138 +150,79 @@ semi() {
         --root_log "$OUT/semi/log" --root_model "$OUT/semi/ckpt" --epochs 1
 }
 
-host_waits() {
-    if [ "$DEVICE" = cpu ]; then  # no CUDA to ask: the FakeTensor recorder of the tests
-        $PY -m pytest -q -p no:cacheprovider tests/test_gpu_ready.py -k never_wait
-        return
-    fi
-    $PY - "$OUT/data" <<'EOF'
-"""Each step loop under torch.cuda.set_sync_debug_mode('warn'): every synchronizing call warns; count
-them per project line and step. A wait in a step other than the last (the only print point here)
-fails the check."""
-import collections, functools, os, sys, traceback, warnings
-import torch
-import engine, pretrain_moco, pretrain_rot, train, trainer
-from models import build_model
-from moco.builder import MoCo
-from torch.utils.data import DataLoader
-REPO, device, step = os.getcwd(), torch.device('cuda'), [0]
-events = collections.defaultdict(set)
-
-def where():
-    for f in reversed(traceback.extract_stack()):
-        p = os.path.abspath(f.filename)
-        if p.startswith(REPO + os.sep):
-            return f"{os.path.relpath(p, REPO)}:{f.lineno}"
-
-def counted(loader):
-    step[0] = 0
-    for batch in loader:
-        step[0] += 1
-        yield batch
-
-def hook(message, category, *a, **k):
-    events[where()].add(step[0])
-
-warnings.simplefilter('always')  # every warning, not the first per line
-
-def run(name, model, loader, steps, **kw):
-    events.clear()
-    optimizer = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9)
-    warnings.showwarning = hook
-    torch.cuda.set_sync_debug_mode('warn')
-    try:
-        engine.train_one_epoch(model, torch.nn.CrossEntropyLoss(), counted(loader), optimizer, device, 0,
-                               print_freq=10 ** 6, log=lambda *a, **k: None, num_steps=steps, **kw)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    inside = {line: sorted(s) for line, s in events.items() if any(0 < k < steps for k in s)}
-    print(f"{name}: {steps} steps; waits per line (steps): {dict(events) or 'none'}")
-    return inside
-
-bad = {}
-for script, batch_fn, classes in (('train', None, 10), ('pretrain_rot', pretrain_rot.random_rotation_batch, 4)):
-    args = train.build_parser().parse_args(['--dataset', 'digits', '--data_path', sys.argv[1], '--imb_factor', '0.1', '-b', '16'])
-    _, train_set, val_set = train.load_data(args)
-    exp = trainer.Experiment(script, 'classification', build_model('resnet32', classes), train_set, val_set, classes,
-                             train_set.get_cls_num_list(), batch_fn=batch_fn)
-    model = trainer.place_model(exp.model, args, device, 1)
-    loader, sampler, _ = trainer._loaders(args, exp, 0, 0, 1, device)
-    trainer.begin_epoch(sampler, loader, 0, 0, 0)
-    bad[script] = run(script, model, loader, len(loader), batch_fn=batch_fn, amp=engine.default_amp(device),
-                      channels_last=True)
-margs = pretrain_moco.resolve_args(pretrain_moco.build_parser().parse_args(
-    ['--dataset', 'digits', '--data', sys.argv[1], '--imb_factor', '0.1', '--moco-k', '64', '-b', '16']))
-moco = MoCo(functools.partial(build_model, margs.arch), 128, 64, 0.999, 0.2, True).to(
-    device, memory_format=torch.channels_last)  # pretrain_moco's defaults: channels_last, bf16 where native
-loader = DataLoader(pretrain_moco.PRETRAIN_DATA['digits'].build(margs), batch_size=16, shuffle=True,
-                    drop_last=True, pin_memory=True)
-bad['pretrain_moco'] = run('pretrain_moco', moco, loader, len(loader), forward=pretrain_moco.moco_forward,
-                           **engine.step_hooks(margs, device))
-print('waits inside the steps:', {k: v for k, v in bad.items() if v} or 'none')
-sys.exit(1 if any(bad.values()) else 0)
-EOF
+compiled() {  # -b 302: two whole batches per epoch, so the training graph compiles once (a last, partial batch
+    # would compile it again, minutes on a CPU); ResNet-20 on the CPU with --quick
+    local small=(); [ $QUICK = 1 ] && [ "$DEVICE" = cpu ] && small=(-a resnet20)
+    train compiled --compile -b 302 "${small[@]}" --epochs 1 && finished compiled
 }
 
-exact_resume() {
-    train whole --epochs 2 && train halves --epochs 1 && train halves --epochs 2 --resume "$(ckpt halves)" &&
-    $PY - "$(ckpt whole)" "$(ckpt halves)" <<'EOF'
-import sys, torch
-a, b = (torch.load(p, map_location='cpu', weights_only=True)['state_dict'] for p in sys.argv[1:])
-torch.testing.assert_close(a, b, rtol=0, atol=0)
-print('2 epochs == 1 epoch + resume, to the bit')
-EOF
-}
+# ---------------------------------------------------------------- part 2
 
-sigterm() {
-    $PY train.py "${DIGITS[@]}" --data_path "$OUT/data" --root_log "$OUT/stopped/log" --root_model "$OUT/stopped/ckpt" \
-        --epochs 50 -p 1 &
-    local pid=$!
-    while [ ! -e "$OUT/stopped/ckpt" ] || [ -z "$(ls "$OUT"/stopped/ckpt/*/ckpt.pth.tar 2>/dev/null)" ]; do
-        kill -0 $pid 2>/dev/null || return 1
-        sleep 0.2
+stage2() {
+    train stage1 --epochs 1 || return 1
+    local s
+    for s in cRT tau_norm WB; do
+        $PY train_stage2.py --dataset digits --imb_factor 0.1 --stage $s -b 64 -j 0 --seed 0 --epochs 1 \
+            --data_path "$OUT/data" --root_log "$OUT/stage2/log" --root_model "$OUT/stage2/ckpt" \
+            --stage1 "$(ckpt stage1)" || return 1
     done
-    sleep 1; kill -TERM $pid; wait $pid; local rc=$?
-    echo "exit status after SIGTERM: $rc (expected 143)"
-    [ $rc = 143 ] && train stopped --epochs 2 --resume "$(ckpt stopped)"
 }
 
-divergence() {
-    train diverged --epochs 1 --lr 1e30 --loss_type LDAM; local rc=$?
-    echo "exit status: $rc (expected 2)"
-    [ $rc = 2 ] && grep -q 'non-finite' "$OUT/divergence.log"
+folders() {  # 8-px PNGs cached as an array on the device; the same streamed from their files at 72 px
+    $CHECK folder "$OUT/folder" &&
+    $PY train.py --dataset folder --data_path "$OUT/folder" --imb_factor 1 -b 32 --seed 0 --epochs 1 \
+        --root_log "$OUT/folder_cached/log" --root_model "$OUT/folder_cached/ckpt" && finished folder_cached &&
+    ls "$OUT"/folder/.folder_cache/train-native-*.npz &&
+    $PY train.py --dataset folder --data_path "$OUT/folder" --imb_factor 1 --image_size 72 -a resnet50 -b 32 -j 2 \
+        --seed 0 --epochs 1 --root_log "$OUT/folder_streamed/log" --root_model "$OUT/folder_streamed/ckpt" &&
+    finished folder_streamed
 }
 
-two_ranks() {
-    local run=($PY -m torch.distributed.run --standalone --nproc_per_node 2)
+imagenet_inat() {  # stage 1 in two BatchNorm pieces (an 2-GPU run's), cRT, tau-norm: ResNet-10 at 32 px
+    local w="$OUT/jpeg"
+    $CHECK jpeg_world "$w" || return 1
+    local common=(--data_root "$w/images" --split_dir "$w/splits" --seed 0)
+    $PY -m imagenet_inat.main --cfg "$w/stage1.yaml" --model_dir "$w/moco.pth.tar" --bn_pieces 2 "${common[@]}" &&
+    grep -q 'BatchNorm batches of 8, 8' "$w/logs/stage1/log.txt" &&
+    $PY -m imagenet_inat.main --cfg "$w/crt.yaml" --model_dir "$w/logs/stage1" "${common[@]}" &&
+    $PY -m imagenet_inat.main --cfg "$w/tau.yaml" --model_dir "$w/logs/stage1" "${common[@]}" &&
+    ls "$w"/logs/{stage1,crt,tau}/results_test.json
+}
+
+two_ranks() {  # torchrun, 2 ranks on one GPU over gloo: SIGTERM to torchrun, resume, merged -e
+    local ranks=(train.py "${DIGITS[@]}" --data_path "$OUT/data" --root_log "$OUT/ranks/log" --root_model "$OUT/ranks/ckpt")
     if [ "$DEVICE" != cpu ]; then  # NCCL refuses two processes on one GPU, in one line, before writing
-        "${run[@]}" train.py "${DIGITS[@]}" --data_path "$OUT/data" --root_log "$OUT/refused/log" \
+        "${TORCHRUN[@]}" train.py "${DIGITS[@]}" --data_path "$OUT/data" --root_log "$OUT/refused/log" \
             --root_model "$OUT/refused/ckpt" --epochs 1 && return 1
         [ ! -e "$OUT/refused" ] || return 1
     fi
-    IMB_DIST_BACKEND=gloo "${run[@]}" train.py "${DIGITS[@]}" --data_path "$OUT/data" --root_log "$OUT/ranks/log" \
-        --root_model "$OUT/ranks/ckpt" --epochs 1 || return 1
+    local gloo=(env IMB_DIST_BACKEND=gloo "${TORCHRUN[@]}")
+    # 10 steps per rank and epoch: rank 0 signals torchrun after step 13; every rank saves at the next print point
+    "${gloo[@]}" --shutdown_timeout 120 bench/gpu_check.py stop_after 13 parent "${ranks[@]}" -p 1 --epochs 2
+    echo "torchrun's exit status after SIGTERM: $? (1: its SignalException)"
+    grep -q 'stopped by SIGTERM during epoch 2' "$OUT/two_ranks_one_device.log" || return 1
+    "${gloo[@]}" "${ranks[@]}" --epochs 2 --resume "$(ckpt ranks)" && finished ranks || return 1
     local merged single
-    merged=$(IMB_DIST_BACKEND=gloo "${run[@]}" train.py "${DIGITS[@]}" --data_path "$OUT/data" -e \
-        --resume "$(ckpt ranks)" | top1)
-    single=$($PY train.py "${DIGITS[@]}" --data_path "$OUT/data" -e --resume "$(ckpt ranks)" | top1)
+    merged=$("${gloo[@]}" "${ranks[@]}" -e --resume "$(ckpt ranks)" | top1)
+    single=$($PY "${ranks[@]}" -e --resume "$(ckpt ranks)" | top1)
     echo "-e top-1: 2 ranks merged $merged, one process $single"
-    [ -n "$merged" ] && [ "$merged" = "$single" ]
+    [ -n "$merged" ] && [ -n "$single" ] && $CHECK close "$merged" "$single" 300
 }
 
-gpu_to_cpu() {
-    local here there
-    here=$($PY train.py "${DIGITS[@]}" --data_path "$OUT/data" -e --resume "$(ckpt whole)" | top1)
-    there=$(CUDA_VISIBLE_DEVICES= $PY train.py "${DIGITS[@]}" --data_path "$OUT/data" -e --resume "$(ckpt whole)" | top1)
-    echo "-e top-1 of the $DEVICE checkpoint: on $DEVICE $here, on the CPU $there"
-    [ -n "$there" ]
+nccl_two_gpus() {
+    if [ "$GPUS" -lt 2 ]; then
+        echo "$GPUS GPU(s) visible: NCCL ran with one rank in 'device'; 2 ranks need 2 GPUs"
+        return 0
+    fi
+    CUDA_VISIBLE_DEVICES=0,1 "${TORCHRUN[@]}" train.py "${DIGITS[@]}" --data_path "$OUT/data" \
+        --root_log "$OUT/nccl/log" --root_model "$OUT/nccl/ckpt" --epochs 1 && finished nccl
 }
 
 bench() {
     if [ $QUICK = 1 ]; then
         $PY bench/throughput.py --train-steps 2 --skip-compile --skip-process --only pre-made
     else
-        $PY bench/throughput.py --train-steps 60
+        $PY bench/throughput.py --train-steps 60 --skip-compile --skip-process
     fi
 }
 
@@ -246,27 +231,36 @@ stages_per_slot() {  # reproduce.py --jobs-per-gpu: do 2 stages per GPU beat 1 f
     if [ "$DEVICE" = cpu ]; then slots=(--jobs); else slots=(--gpus 0 --jobs-per-gpu); fi
     for k in 1 2; do  # two independent stages (CE and CE Balanced of digits-mini), ResNet-32
         t0=$EPOCHREALTIME
-        $PY reproduce.py --table digits-mini --seeds 0 --epochs $((EPOCHS * 5)) --cells CE Balanced \
+        $PY reproduce.py --table digits-mini --seeds 0 --epochs $((EPOCHS * 3)) --cells CE Balanced \
             --out "$OUT/stages_k$k" --stage-args="-a resnet32" "${slots[@]}" $k || return 1
         took+=("$(awk "BEGIN {printf \"%.1f\", $EPOCHREALTIME - $t0}")")
     done
     echo "two ResNet-32 stages: ${took[0]} s one at a time, ${took[1]} s two at a time (${slots[*]} 1 vs 2)"
 }
 
-echo "gpu_check: DEVICE=$DEVICE quick=$QUICK logs in $OUT"
-check environment environment
-check losses_and_rules losses_and_rules
-check loaders loaders
-check rotation rotation
-check moco moco
-check semi semi
-check host_waits host_waits
-check exact_resume exact_resume
-check sigterm sigterm
-check divergence divergence
-check two_ranks_one_device two_ranks
-check checkpoint_to_cpu gpu_to_cpu
-check throughput_bench bench
-check stages_per_gpu stages_per_slot
+echo "gpu_check: DEVICE=$DEVICE quick=$QUICK part=$PART logs in $OUT"
+if [ "$PART" != 2 ]; then
+    check device device
+    check host_waits host_waits
+    check divergence divergence
+    check losses_and_rules losses_and_rules
+    check loaders loaders
+    check recipe recipe
+    check exact_resume exact_resume
+    check checkpoint_to_cpu gpu_to_cpu
+    check rotation rotation
+    check moco moco
+    check semi semi
+    check compile compiled
+fi
+if [ "$PART" != 1 ]; then
+    check train_stage2 stage2
+    check folders folders
+    check imagenet_inat imagenet_inat
+    check two_ranks_one_device two_ranks
+    check nccl_two_gpus nccl_two_gpus
+    check throughput_bench bench
+    check stages_per_gpu stages_per_slot
+fi
 echo "gpu_check: $FAILED failed, $((SECONDS - START)) s; logs in $OUT"
 [ $FAILED = 0 ]

@@ -71,7 +71,7 @@ def matmul_gflops(device, n=2048, repeats=10):
     return 2 * n ** 3 / best / 1e9
 
 
-def _quiet(line, console_extra=''):
+def _quiet(line, console=None):
     pass
 
 

@@ -4,7 +4,7 @@ Every builder returns a torch Dataset of 32x32 RGB images (a folder's: S x S) wh
 `.targets` (CIFAR, digits, folder) or `.labels` (SVHN); `dataset.samplers.get_targets` reads either.
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 from torchvision import transforms
@@ -38,8 +38,8 @@ class DatasetInfo:
     load_pool: Optional[Callable]
     image_size: int = 32
     classes: Optional[tuple] = None  # the class names a user's folder defines (written into checkpoints)
-    # (info, root, image_size, ckpt=None) -> the DatasetInfo of the files at root (or of a checkpoint's
-    # data): a data set whose classes and statistics are only known once its files are read
+    # (info, root, image_size, ckpt=None, cache_dir=None) -> the DatasetInfo of the files at root (or of a
+    # checkpoint's data): a data set whose classes and statistics are only known once its files are read
     configure: Optional[Callable] = None
     # (train) -> the transform of images streamed from their files (a folder's above 64 px: no device
     # loader); None: the 32x32 transforms below
@@ -120,10 +120,13 @@ def dataset_info(name):
     return DATASETS[name]
 
 
-def resolve_dataset(name, root=None, image_size=None, ckpt=None):
-    """The DatasetInfo of `name`; for a folder, of the files at `root` (or of checkpoint `ckpt`'s data)."""
+def resolve_dataset(name, root=None, image_size=None, ckpt=None, cache_dir=None, flip=None):
+    """The DatasetInfo of `name`; for a folder, of the files at `root` (or of checkpoint `ckpt`'s data), its
+    decoded images cached in `cache_dir` if given. `flip` (--flip / --no-flip) overrides the data set's own
+    choice of horizontal flips in training."""
     info = dataset_info(name)
-    return info if info.configure is None else info.configure(info, root, image_size, ckpt)
+    info = info if info.configure is None else info.configure(info, root, image_size, ckpt, cache_dir)
+    return info if flip is None else replace(info, flip=flip)
 
 
 def build_transform(name, train, info=None, autoaugment=False, cutout=None):

@@ -63,7 +63,8 @@ class ImbalanceDigits(VisionDataset):
 
     def __init__(self, root=None, imb_type='exp', imb_factor=0.01, rand_number=0, train=True,
                  transform=None, target_transform=None, download=False):
-        check_fraction(imb_factor, '--imb_factor')
+        if imb_factor is not None:  # None: the whole training pool (train_ssl.py's)
+            check_fraction(imb_factor, '--imb_factor')
         super().__init__(root, transform=transform, target_transform=target_transform)
         self.train = train
         self.classes = [str(c) for c in range(self.cls_num)]
@@ -74,6 +75,9 @@ class ImbalanceDigits(VisionDataset):
             self.data, self.targets = images[in_test], labels[in_test].tolist()
             return
         self.data, pool_labels = images[~in_test], labels[~in_test]
+        if imb_factor is None:
+            self.targets = pool_labels.tolist()
+            return
         np.random.seed(rand_number)
         self.img_num_list = self.get_img_num_per_cls(self.cls_num, imb_type, imb_factor)
         self.class_order = np.unique(pool_labels)

@@ -8,20 +8,22 @@ and gen_pseudolabels.py is a folder of images, any nesting (default ROOT/unlabel
 
 Images are decoded once into an N x S x S x 3 uint8 array (grayscale and palette images converted
 to RGB, resized to S x S with --image_size S <= 64), cached in `.folder_cache/` beside the folder
-or split file under a key of the sorted file list, sizes and modification times, and served
-exactly as CIFAR (the device loader, the CIFAR ResNets). Start-up lists and stats every file once
-and decodes only on a cache miss; under torchrun rank 0 decodes while the other ranks wait, then they
-read its cache. The normalisation mean/std are the training folder's pixel
-statistics; they, the class names and S go into every checkpoint, so -e and gen_pseudolabels.py
-need nothing else. Larger images (--image_size S > 64) are not cached: they stream from their files
-through imagenet_inat's ResNet-50 transforms at S px (train.py, pretrain_rot.py, tools/tsne.py; pretrain_moco.py
-with MoCo's ImageNet augmentation).
+or split file (or in --cache_dir) under a key of the sorted file list, sizes and modification times,
+read back memory-mapped, and served exactly as CIFAR (the device loader, the CIFAR ResNets). Start-up
+lists and stats every file once and decodes only on a cache miss; under torchrun rank 0 decodes while
+the other ranks wait, then they read its cache (MoCo's per-GPU launcher decodes before it starts its
+workers). The normalisation mean/std are the training folder's pixel statistics; they, the class names
+and S go into every checkpoint, so -e and gen_pseudolabels.py need nothing else. Larger images
+(--image_size S > 64) are not cached: they stream from their files through imagenet_inat's ResNet-50
+transforms at S px (train.py, pretrain_rot.py, tools/tsne.py; pretrain_moco.py with MoCo's ImageNet
+augmentation).
 
-The training set is made long-tailed with CIFAR's rule and seed (`--imb_type`, `--imb_factor`,
-`--rand_number`); `--imb_factor 1` takes the training folder as it is (its own imbalance).
+The training set is the training folder as it is unless --imb_factor is given: then it is made
+long-tailed with CIFAR's rule and seed (`--imb_type`, `--imb_factor`, `--rand_number`). Fewer than
+two classes, or a class left without a training image, are refused.
 """
+import contextlib
 import hashlib
-import io
 import json
 import os
 import sys
@@ -33,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 import dist
 from dataset.imbalance_cifar import add_pseudo_labeled, check_fraction, img_num_per_cls, select_per_class
 from errors import UserError
-from fileio import atomic_write_bytes, safe_pickle_load
+from fileio import atomic_path, safe_pickle_load
 from moco.loader import SplitFileDataset
 
 MAX_SIDE = 64  # up to this, one cached array served as CIFAR; above, files streamed as ImageNet's
@@ -116,9 +118,9 @@ def list_pool(folder):
 
 
 def list_splits(root):
-    """(train, val) listings of ROOT: class folders, else split files."""
+    """(train, val) listings of ROOT: class folders, else split files; at least two classes."""
     if os.path.isdir(os.path.join(root, 'train')):
-        train = list_class_folders(os.path.join(root, 'train'))
+        train = _two_classes(list_class_folders(os.path.join(root, 'train')))
         val_dir = os.path.join(root, 'val')
         if not os.path.isdir(val_dir):
             raise UserError(f"{root} has train/ but no val/ (expected {val_dir}/<class>/<images>)")
@@ -126,21 +128,35 @@ def list_splits(root):
     if os.path.isfile(os.path.join(root, 'train.txt')):
         if not os.path.isfile(os.path.join(root, 'val.txt')):
             raise UserError(f"{root} has train.txt but no val.txt (lines '<path relative to {root}> <label>')")
-        train = list_split_file(root, os.path.join(root, 'train.txt'))
+        train = _two_classes(list_split_file(root, os.path.join(root, 'train.txt')))
         return train, list_split_file(root, os.path.join(root, 'val.txt'), len(train.classes))
     raise UserError(f"{root} has no train/ folder (expected {root}/train/<class>/<images> and "
                     f"{root}/val/<class>/<images>, or train.txt and val.txt split files; pass --data_path)")
 
 
-def _cache_path(listing, image_size):
+def _two_classes(train):
+    if len(train.classes) < 2:
+        raise UserError(f"{train.source} holds {len(train.classes)} class ({', '.join(train.classes)}); a classifier "
+                        f"needs at least two")
+    return train
+
+
+def _cache_path(listing, image_size, cache_dir=None):
+    """`.folder_cache/<split>-<S or native>-<key>.npy` beside the split's folder or file, the key a hash of the
+    file list with sizes and times; in `cache_dir` the split's name also carries a hash of its folder's path."""
     key = hashlib.sha256(json.dumps([image_size, listing.stamps]).encode()).hexdigest()[:16]
     folder, base = os.path.split(os.path.abspath(listing.source))
-    return os.path.join(folder, CACHE_FOLDER, f"{base}-{image_size or 'native'}-{key}.npz")
+    if cache_dir is None:
+        cache_dir = os.path.join(folder, CACHE_FOLDER)
+    else:
+        base += '-' + hashlib.sha256(os.path.abspath(listing.source).encode()).hexdigest()[:8]
+    return os.path.join(cache_dir, f"{base}-{image_size or 'native'}-{key}.npy")
 
 
 def _decode(listing, image_size):
-    """N x S x S x 3 uint8 images. Without `image_size` every image must have one square size <= 64."""
-    images, first = None, None
+    """(N x S x S x 3 uint8 images, whether any was resized). Without `image_size` every image must have one
+    square size <= 64."""
+    images, first, resized = None, None, False
     for n, path in enumerate(listing.paths):
         try:
             with Image.open(path) as im:
@@ -157,11 +173,11 @@ def _decode(listing, image_size):
                 raise UserError(f"{path} is {rgb.size[0]}x{rgb.size[1]}: pass --image_size S (S <= {MAX_SIDE}: resized "
                                 f"to S x S and cached; larger: streamed from the files)")
         elif rgb.size != (image_size, image_size):
-            rgb = rgb.resize((image_size, image_size), Image.BILINEAR)
+            rgb, resized = rgb.resize((image_size, image_size), Image.BILINEAR), True
         if images is None:  # one array, filled in place: 100k images are not held twice
             images = np.empty((len(listing.paths), rgb.size[1], rgb.size[0], 3), dtype=np.uint8)
         images[n] = np.asarray(rgb, dtype=np.uint8)
-    return images
+    return images, resized
 
 
 def pixel_statistics(images):
@@ -178,55 +194,67 @@ def pixel_statistics(images):
 
 class CachedImages:
     """A listing's images from the cache, or decoded; `save()` writes a decoded array (atomically) once
-    every split has decoded cleanly, so a bad image anywhere leaves no cache behind."""
+    every split has decoded cleanly, so a bad image anywhere leaves no cache behind.
 
-    def __init__(self, listing, image_size):
-        self.path = _cache_path(listing, image_size)
-        self.fresh = not os.path.isfile(self.path)
-        if self.fresh:
-            print(f"decoding the {len(listing.paths)} images of {listing.source} (cached for later runs)", flush=True)
-            self.images = _decode(listing, image_size)
-            return
-        with np.load(self.path, allow_pickle=False) as cached:
-            self.images = cached['images']
-        if len(self.images) != len(listing.paths):
-            raise UserError(f"image cache {self.path} is corrupt; delete it")
+    A cache is read memory-mapped (copy-on-write, never written): processes that read it share its pages
+    (torchrun's ranks, MoCo's per-GPU workers, loader workers) instead of each holding a copy. Images that
+    `image_size` S leaves as they were (all S x S already) are cached as the folder's native size, so scripts
+    that ask for S and for the native size (train_stage2.py from a train.py run) share one file."""
+
+    def __init__(self, listing, image_size, cache_dir=None):
+        self.path = _cache_path(listing, image_size, cache_dir)
+        self.native = _cache_path(listing, None, cache_dir)
+        for path in dict.fromkeys((self.path, self.native)):
+            if os.path.isfile(path):
+                images = np.load(path, mmap_mode='c', allow_pickle=False)
+                if len(images) != len(listing.paths):
+                    raise UserError(f"image cache {path} is corrupt; delete it")
+                if image_size is None or images.shape[1] == image_size:
+                    self.images, self.fresh = images, False
+                    return
+        print(f"decoding the {len(listing.paths)} images of {listing.source} (cached for later runs)", flush=True)
+        self.images, resized = _decode(listing, image_size)
+        self.fresh = True
+        self.path = self.path if resized else self.native
 
     def save(self):
+        """Write the cache of a decoded array; an OSError or UserError where it cannot be written."""
         if not self.fresh:
             return
-        buffer = io.BytesIO()
-        np.savez(buffer, images=self.images)
         folder = os.path.dirname(self.path)
-        stale_prefix = os.path.basename(self.path).rsplit('-', 1)[0] + '-'
-        try:
-            os.makedirs(folder, exist_ok=True)
-            atomic_write_bytes(self.path, buffer.getvalue())
-        except (OSError, UserError) as e:
-            print(f"warning: cannot cache the decoded images in {folder} ({e}); they are decoded again next time",
-                  file=sys.stderr)
-            return
-        for name in os.listdir(folder):  # the caches of the files as they were before
-            if name.startswith(stale_prefix) and name.endswith('.npz') and name != os.path.basename(self.path):
-                os.unlink(os.path.join(folder, name))
+        os.makedirs(folder, exist_ok=True)
+        with atomic_path(self.path, size=self.images.nbytes + 128) as tmp, open(tmp, 'wb') as f:
+            np.save(f, self.images)
         self.fresh = False
+        stale = os.path.basename(self.path).rsplit('-', 1)[0] + '-'
+        for name in os.listdir(folder):  # the caches of the files as they were before (.npz: older versions')
+            if name.startswith(stale) and name.endswith(('.npy', '.npz')) and name != os.path.basename(self.path):
+                with contextlib.suppress(FileNotFoundError):  # another process may have removed it first
+                    os.unlink(os.path.join(folder, name))
 
 
-def _read_or_decode(listings, image_size):
-    cached = [CachedImages(listing, image_size) for listing in listings]
+def _read_or_decode(listings, image_size, cache_dir=None):
+    cached = [CachedImages(listing, image_size, cache_dir) for listing in listings]
+    failed = {}
     for c in cached:
-        c.save()
+        try:
+            c.save()
+        except (OSError, UserError) as e:
+            failed.setdefault(os.path.dirname(c.path), e)
+    for folder, e in failed.items():  # one line per cache folder, not per split
+        print(f"warning: cannot cache the decoded images in {folder} ({e}); they are decoded again next time "
+              f"(--cache_dir puts the cache elsewhere)", file=sys.stderr, flush=True)
     return [c.images for c in cached]
 
 
-def load_images(*listings, image_size):
+def load_images(*listings, image_size, cache_dir=None):
     """The arrays of `listings`, all decoded (or read) before any cache is written. Under torchrun rank 0
     decodes and caches them while the other ranks wait, then those read its caches: a folder is decoded
     once, not once per process; a bad image stops every rank with rank 0's one line."""
     dist.join_launched_group()
     images = []
-    dist.on_rank0(lambda: images.extend(_read_or_decode(listings, image_size)))  # collective
-    return images if dist.is_main_process() else _read_or_decode(listings, image_size)
+    dist.on_rank0(lambda: images.extend(_read_or_decode(listings, image_size, cache_dir)))  # collective
+    return images if dist.is_main_process() else _read_or_decode(listings, image_size, cache_dir)
 
 
 class FolderImages:
@@ -271,25 +299,38 @@ def long_tailed(labels, num_classes, imb_type, imb_factor, rand_number):
         return np.arange(len(labels)), counts
     if len(set(counts)) > 1:
         print(f"note: the training folder is not balanced ({min(counts)} to {max(counts)} images per class); "
-              f"--imb_factor {imb_factor} draws from it as from a balanced one; --imb_factor 1 takes it as it is")
+              f"--imb_factor {imb_factor} draws from it as from a balanced one; without --imb_factor it is taken "
+              f"as it is")
     asked = img_num_per_cls(len(labels) / num_classes, num_classes, imb_type, imb_factor)
     return select_per_class(labels, np.arange(num_classes), asked), asked
 
 
 def long_tailed_set(cls, data, labels, classes, imb_type, imb_factor, rand_number, transform):
-    """A `cls` (FolderImages, FolderFiles) of the long-tailed subset; it keeps what add_pseudo_labeled reads."""
+    """A `cls` (FolderImages, FolderFiles) of the long-tailed subset; it keeps what add_pseudo_labeled reads.
+    A class left without a training image is refused. The whole folder (--imb_factor 1) is not copied."""
     keep, asked = long_tailed(labels, len(classes), imb_type, imb_factor, rand_number)
-    dataset = cls(data[keep], labels[keep], classes, transform)
+    counts = np.bincount(labels[keep], minlength=len(classes))
+    empty = [classes[c] for c in np.flatnonzero(counts == 0)]
+    if empty:
+        which = f"class {empty[0]!r}" + (f" and {len(empty) - 1} more" if len(empty) > 1 else '')
+        if imb_factor == 1:
+            raise UserError(f"{which} of the training set has no image")
+        whole = np.bincount(labels, minlength=len(classes))
+        raise UserError(f"--imb_factor {imb_factor:g} leaves {which} with no training image (the training folder "
+                        f"has {whole.min()} to {whole.max()} per class); pass a larger --imb_factor, or leave it "
+                        f"out to take the folder as it is")
+    whole_set = len(keep) == len(data) and np.array_equal(keep, np.arange(len(data)))
+    dataset = cls(data if whole_set else data[keep], labels[keep], classes, transform)
     dataset.img_num_list, dataset.class_order = asked, np.arange(len(classes))
     return dataset
 
 
-def load_pool(path, image_size):
+def load_pool(path, image_size, cache_dir=None):
     """(images, None, None, relative paths) of an unlabeled folder: no sourcing labels, no ground truth."""
     listing = list_pool(path)
     if not listing.paths:
         raise UserError(f"unlabeled image folder {path} holds no images")
-    (images,) = load_images(listing, image_size=image_size)
+    (images,) = load_images(listing, image_size=image_size, cache_dir=cache_dir)
     return images, None, None, [rel for rel, _, _ in listing.stamps]
 
 
@@ -303,16 +344,17 @@ def pool_pseudo_labels(pseudo_labels, paths):
     return np.asarray(entry['extrapolated_targets']).astype(np.int64).reshape(-1)
 
 
-def configure(info, root, image_size, ckpt=None):
-    """`info` (the registry's placeholder) filled in for the images at `root`: cached arrays (up to 64 px)
-    or files streamed (`image_size` above 64); with `ckpt` (a checkpoint of a folder run) only its
-    classes, statistics and image size, and the unlabeled pool (gen_pseudolabels.py needs nothing else)."""
+def configure(info, root, image_size, ckpt=None, cache_dir=None):
+    """`info` (the registry's placeholder) filled in for the images at `root`: cached arrays (up to 64 px,
+    in `cache_dir` if given) or files streamed (`image_size` above 64); with `ckpt` (a checkpoint of a folder
+    run) only its classes, statistics and image size, and the unlabeled pool (gen_pseudolabels.py needs
+    nothing else)."""
     if ckpt is not None:
-        return _from_checkpoint(info, root, ckpt)
+        return _from_checkpoint(info, root, ckpt, cache_dir)
     if image_size is not None and image_size > MAX_SIDE:
         return streamed(info, root, image_size)
     train, val = list_splits(root)
-    train_images, val_images = load_images(train, val, image_size=image_size)
+    train_images, val_images = load_images(train, val, image_size=image_size, cache_dir=cache_dir)
     size, classes = train_images.shape[1], tuple(train.classes)
     if val_images.shape[1] != size:
         raise UserError(f"val images are {val_images.shape[1]} px, training images {size} px; pass --image_size")
@@ -330,7 +372,7 @@ def configure(info, root, image_size, ckpt=None):
     def build_semi(_root, imb_type, imb_factor, unlabel_imb_factor, rand_number, transform, unlabeled_data=None,
                    pseudo_labels=None, unlabel_size_factor=5, pseudo_threshold=None, download=False):
         dataset = build_train(_root, imb_type, imb_factor, rand_number, transform)
-        pool, _, _, paths = load_pool(unlabeled_data or os.path.join(root, POOL_FOLDER), size)
+        pool, _, _, paths = load_pool(unlabeled_data or os.path.join(root, POOL_FOLDER), size, cache_dir)
         # A user's pool has no labels of its own: the draw per class goes by the pseudo-labels.
         sourcing = pool_pseudo_labels(pseudo_labels, paths)
         pseudo = add_pseudo_labeled(dataset, pool, sourcing, pseudo_labels, unlabel_imb_factor,
@@ -339,16 +381,17 @@ def configure(info, root, image_size, ckpt=None):
         return dataset
 
     return replace(info, num_classes=len(classes), mean=mean, std=std, build_train=build_train, build_val=build_val,
-                   build_semi=build_semi, load_pool=_pool_loader(root, size), image_size=size, classes=classes)
+                   build_semi=build_semi, load_pool=_pool_loader(root, size, cache_dir), image_size=size,
+                   classes=classes)
 
 
-def _pool_loader(root, size):
+def _pool_loader(root, size, cache_dir=None):
     def pool(_root, path, download=False, **_imbalance):
-        return load_pool(path or os.path.join(root, POOL_FOLDER), size)
+        return load_pool(path or os.path.join(root, POOL_FOLDER), size, cache_dir)
     return pool
 
 
-def _from_checkpoint(info, root, ckpt):
+def _from_checkpoint(info, root, ckpt, cache_dir=None):
     if 'classes' not in ckpt:
         raise UserError("the checkpoint has no 'classes': it was not trained with --dataset folder")
     size, classes = int(ckpt['image_size']), tuple(ckpt['classes'])
@@ -356,7 +399,7 @@ def _from_checkpoint(info, root, ckpt):
         raise UserError(f"it was trained on {size} px images, streamed from their files; only train.py and "
                         f"pretrain_rot.py take those (up to {MAX_SIDE} px: all scripts)")
     return replace(info, num_classes=len(classes), mean=tuple(ckpt['mean']), std=tuple(ckpt['std']),
-                   load_pool=_pool_loader(root, size), image_size=size, classes=classes)
+                   load_pool=_pool_loader(root, size, cache_dir), image_size=size, classes=classes)
 
 
 def checkpoint_entries(info):

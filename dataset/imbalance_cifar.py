@@ -156,7 +156,8 @@ class ImbalanceCIFAR10(CIFAR10):
 
     def __init__(self, root, imb_type='exp', imb_factor=0.01, rand_number=0, train=True,
                  transform=None, target_transform=None, download=False):
-        check_fraction(imb_factor, '--imb_factor')
+        if imb_factor is not None:  # None: the whole training split, in the files' order (train_ssl.py's pool)
+            check_fraction(imb_factor, '--imb_factor')
         VisionDataset.__init__(self, root, transform=transform, target_transform=target_transform)
         self.train = train
         folder = os.path.join(self.root, self.base_folder)
@@ -168,7 +169,7 @@ class ImbalanceCIFAR10(CIFAR10):
         self.data = np.concatenate([d for d, _ in batches])
         self.targets = [t for _, labels in batches for t in labels]
         self._load_meta()
-        if train:
+        if train and imb_factor is not None:
             np.random.seed(rand_number)
             self.img_num_list = self.get_img_num_per_cls(self.cls_num, imb_type, imb_factor)
             self.class_order = np.unique(self.targets)

@@ -7,7 +7,8 @@ with that piece's own statistics, the running statistics kept were GPU 0's (the 
 replica 0 updates the module's own buffers, the other replicas' copies are dropped), and the loss
 was the mean over the whole gathered batch. Three launches give that layout here:
 
-- one process, G > 1 visible GPUs (no --gpu): `nn.DataParallel` over them, as the original;
+- one process, G > 1 visible GPUs (no --gpu): `nn.DataParallel` over them, as the original (its
+  replicas under the caller's bf16 autocast and in channels_last, `DataParallel` below);
 - one process, `--bn_pieces G`: `SequentialPieces` runs the G pieces one after another on one
   device, the same BatchNorm batches as G GPUs (e.g. an 8-GPU run's numbers on one GPU, or a CPU);
 - torchrun, W processes: process r loads and trains piece r of every batch (data.RankBatches),
@@ -17,6 +18,7 @@ was the mean over the whole gathered batch. Three launches give that layout here
 import torch
 import torch.nn as nn
 
+import dist
 from errors import UserError
 
 
@@ -31,7 +33,7 @@ def plan_pieces(batch, world, bn_pieces, gpu, num_gpus=None):
     `world` processes (torchrun), else `--bn_pieces`, else the visible GPUs of a one-process run
     without --gpu (DataParallel; `num_gpus` defaults to this machine's), else one piece."""
     if num_gpus is None:
-        num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        num_gpus = dist.visible_gpus()
     if world > 1:
         if bn_pieces is not None:
             raise UserError("--bn_pieces splits the batch of one process; under torchrun each process already "
@@ -95,11 +97,50 @@ class SequentialPieces(nn.Module):
         return torch.cat(outputs)
 
 
+class _CallersAutocast:
+    """A replica run under the autocast state of the thread that made this wrapper. DataParallel's
+    parallel_apply runs each replica in a thread of its own and enters autocast there without a
+    dtype, so the thread's default applies: float16 on CUDA, not the caller's bfloat16 (and no loss
+    scaler). Autocast state is thread-local, so it is taken here, in the caller's thread."""
+
+    def __init__(self, replica, device_type):
+        self.replica, self.device_type = replica, device_type
+        self.enabled = torch.is_autocast_enabled(device_type)
+        self.dtype = torch.get_autocast_dtype(device_type)
+
+    def __call__(self, *inputs, **kwargs):
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled):
+            return self.replica(*inputs, **kwargs)
+
+
+class DataParallel(nn.DataParallel):
+    """nn.DataParallel whose replicas compute as the module does: under the caller's autocast dtype
+    (--amp's bf16), and with channels_last weights where the module's are (replicate's coalesced
+    broadcast hands the replicas on GPUs 1..G-1 contiguous NCHW copies, which cuDNN would convert
+    at every convolution of every step; converted here once per step, a differentiable copy)."""
+
+    def replicate(self, module, device_ids):
+        replicas = super().replicate(module, device_ids)
+        nhwc = torch.channels_last
+        for replica in replicas:
+            for source, copy in zip(module.modules(), replica.modules()):
+                for key, param in source._parameters.items():
+                    weight = getattr(copy, key, None)
+                    if param is not None and param.dim() == 4 and param.is_contiguous(memory_format=nhwc) \
+                            and not weight.is_contiguous(memory_format=nhwc):
+                        setattr(copy, key, weight.contiguous(memory_format=nhwc))
+        return replicas
+
+    def parallel_apply(self, replicas, inputs, kwargs):
+        return super().parallel_apply([_CallersAutocast(r, self.src_device_obj.type) for r in replicas],
+                                      inputs, kwargs)
+
+
 def wrap(model, pieces, device):
     """The module one process trains: DataParallel over `pieces` GPUs, SequentialPieces on one
     device, or the model itself for one piece (torchrun wraps its own in DDP)."""
     if pieces == 1:
         return model
     if device.type == 'cuda' and pieces == torch.cuda.device_count() and device.index == 0:
-        return nn.DataParallel(model, device_ids=list(range(pieces)))
+        return DataParallel(model, device_ids=list(range(pieces)))
     return SequentialPieces(model, pieces)

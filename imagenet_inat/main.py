@@ -15,10 +15,10 @@ per-GPU batches in each launch: imagenet_inat/layout.py.
 
 The split files <split_dir>/<dataset>_{train,val,test}.txt list `<path relative to --data_root> <label>`.
 """
-import argparse
 import os
 
 import cli
+import dist
 import trainer
 from errors import UserError
 from imagenet_inat import layout
@@ -28,7 +28,7 @@ from imagenet_inat.stages import FEATURE_FILES, run_stage
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument('--cfg', default=None, type=str, help='stage config (YAML)')
     parser.add_argument('--test', default=False, action='store_true',
                         help='only evaluate --model_dir (default: the config log folder) on test (iNat: val)')
@@ -48,6 +48,7 @@ def build_parser():
     parser.add_argument('--log_dir', default=None, type=str, help='overrides training_opt.log_dir')
     parser.add_argument('--resume', default='', type=str, metavar='PATH',
                         help='latest_model_checkpoint.pth of an interrupted run (or its log folder)')
+    cli.add_overwrite_arg(parser, 'log folder')
     parser.add_argument('--freeze_bn', default=False, action='store_true',
                         help="keep the feature model's BatchNorm statistics fixed while training")
     parser.add_argument('--seed', default=None, type=int, help='seed for initialisation, data order and augmentation')
@@ -58,8 +59,9 @@ def build_parser():
                         help='one process: split each training batch into G BatchNorm batches as DataParallel over '
                              'G GPUs did, run one after another on one device (default: the visible GPUs)')
     parser.add_argument('-j', '--workers', default=None, type=cli.nonneg_int, metavar='N',
-                        help='data loading workers per process (default: training_opt.num_workers, shared by the '
-                             'processes torchrun starts on a node)')
+                        help='data loading workers per process (default: training_opt.num_workers, or the CPU cores '
+                             'this process may use less one where there are more, either shared by the processes '
+                             'torchrun starts on a node; docs/gpu.md)')
     cli.add_step_speed_args(parser)  # training steps only: evaluations, --test and tau-norm stay float32
     return parser
 
@@ -80,8 +82,9 @@ def load_stage(args):
     cfg = load_config(args.cfg, batch_size=args.batch_size, model_dir=args.model_dir, log_dir=args.log_dir,
                       workers=args.workers)
     if args.workers is None:
-        # The config's num_workers fed the original's one process: torchrun's processes on a node share them.
-        cfg.num_workers = -(-cfg.num_workers // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+        # The config's num_workers fed the original's one process, on slower GPUs: a node's processes share
+        # them, or its CPU cores where it has more.
+        cfg.num_workers = dist.loader_workers(cfg.num_workers)
     args.split_dir = args.split_dir or os.path.join('imagenet_inat', 'data', cfg.dataset)
     if not os.path.isdir(args.data_root):
         raise UserError(f"--data_root folder not found: {args.data_root}")

@@ -92,6 +92,40 @@ class LWSClassifier(nn.Module):
         return self.fc(x) * self.scales
 
 
+class NCMClassifier(nn.Module):
+    """Kang et al.'s nearest-class-mean classifier with their defaults (models/KNNClassifier.py, feat_type 'cl2n',
+    dist_type 'l2'; the centroids of run_networks.py get_knncentroids): a feature x (N, D) is centred on the mean
+    training feature and L2-normalised, and logit_c = -||x_hat - centroid_c||^2, centroid_c being the mean of class
+    c's centred, normalised training features (not normalised again). State: `feat_mean` (D,), `centroids` (C, D)."""
+
+    def __init__(self, feat_dim, num_classes):
+        super().__init__()
+        self.register_buffer('feat_mean', torch.zeros(feat_dim))
+        self.register_buffer('centroids', torch.zeros(num_classes, feat_dim))
+
+    @torch.no_grad()
+    def fit(self, features, labels):
+        """Set the mean and centroids from the training features (N, D) and labels (N,); every class needs one."""
+        counts = torch.bincount(labels, minlength=self.centroids.shape[0])
+        if (counts == 0).any():
+            raise UserError(f"the nearest-class-mean classifier needs a training image of every class; class "
+                            f"{int(torch.nonzero(counts == 0)[0])} has none")
+        features = features.to(self.centroids.dtype)
+        self.feat_mean.copy_(features.mean(dim=0))
+        normed = self._normalized(features)
+        self.centroids.copy_(torch.zeros_like(self.centroids).index_add_(0, labels, normed) / counts[:, None])
+        return self
+
+    def _normalized(self, x):
+        x = x - self.feat_mean
+        return x / x.norm(p=2, dim=1, keepdim=True)
+
+    def forward(self, x):
+        x = self._normalized(x)
+        # Their l2_similarity: -(|a|^2 + |b|^2 - 2 a.b)
+        return -((x * x).sum(1, keepdim=True) + (self.centroids ** 2).sum(1)[None, :] - 2 * x @ self.centroids.T)
+
+
 def tau_grid(lo=0.0, hi=2.0, step=0.1):
     """The taus to search: lo, lo + step, ..., hi (Kang et al.'s tau_norm.py scanned np.linspace(0, 2, 21)),
     counted in steps so that 0.1-steps give exactly 0.0, 0.1, ..., 2.0 (no float drift)."""

@@ -22,8 +22,9 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import dist
+import rerun
 import trainer
-from checkpoint import load_optimizer, save_checkpoint, strip_prefix
+from checkpoint import load_checkpoint, load_optimizer, save_checkpoint, strip_prefix
 from engine import evaluate, predict as predict_batches, step_hooks, train_one_epoch
 from errors import UserError
 from fileio import atomic_path, atomic_write_text
@@ -137,16 +138,9 @@ def _load_model_dir(args, cfg, model, log):
 
 # ---------------------------------------------------------------- evaluation
 
-def shot_groups(per_class, train_counts):
-    """Many/medium/few-shot top-1 over the classes present in the evaluated split (the original's
-    shot_acc skipped absent classes); a group without classes is NaN."""
-    present = ~np.isnan(per_class)
-    return shot_accuracy(per_class[present], np.asarray(train_counts)[present])
-
-
 def report(metrics, phase, train_counts, log):
     """The evaluation table (percent), one row; returns the JSON-ready summary."""
-    shots = shot_groups(metrics['per_class'], train_counts)
+    shots = shot_accuracy(metrics['per_class'], train_counts)
     row = [metrics['top1'], metrics['top5']] + [100 * shots[g] for g in ('many', 'medium', 'few')]
     log(f"Phase: {phase} ({metrics['count']} images)")
     log(f"  {'top-1':>7} {'top-5':>7} {'many':>7} {'medium':>7} {'few':>7}")
@@ -273,7 +267,7 @@ def tau_norm(run, log):
         head.weight.data.copy_(tau_normalized(weight, tau))
         scores = {p: evaluate_outputs(run, head, *feats[p]) for p in feats}
         search[tau] = {f'{p}_top1': m['top1'] for p, m in scores.items()}
-        shots = shot_groups(scores['val']['per_class'], run.train_counts)
+        shots = shot_accuracy(scores['val']['per_class'], run.train_counts)
         log(f"tau {tau:.2f}: val top-1 {scores['val']['top1']:.2f}  many {100 * shots['many']:.2f}  "
             f"medium {100 * shots['medium']:.2f}  few {100 * shots['few']:.2f}"
             + (f"  ({phase} top-1 {scores[phase]['top1']:.2f})" if phase != 'val' else ''))
@@ -331,7 +325,7 @@ def train(run, folder, log):
                  'best_epoch': best_epoch, 'best_acc': best_acc, 'state_dict_best': best,
                  'optimizer': optimizer.state_dict(), 'step': step, 'seed': seed,
                  **trainer.resume_entries(ctx.world_size),  # collective: every rank builds it
-                 'script': weights_mod.SCRIPT, 'config': cfg.path,
+                 'script': weights_mod.SCRIPT, 'config': cfg.path, 'flags': rerun.run_flags(run.args),
                  'log_size': folder.log_sizes().get(LOG, 0)}  # 0 on the ranks that write no log
         folder.save_checkpoint(state, os.path.join(cfg.log_dir, weights_mod.LATEST))
 
@@ -342,14 +336,14 @@ def train(run, folder, log):
             step0 = start_step if epoch == start_epoch else 0
             trainer.begin_epoch(sampler, loader, seed, epoch, ctx.rank, step0)
             stats = train_one_epoch(trained, criterion, _progress(loader, run, f'epoch {epoch + 1}', len(loader)),
-                                    optimizer, ctx.device, epoch, print_freq=cfg.display_step, log=log,
-                                    should_stop=stop, start_step=step0, num_steps=steps, **hooks)
+                                    optimizer, ctx.device, epoch, epochs=cfg.num_epochs, print_freq=cfg.display_step,
+                                    log=log, should_stop=stop, start_step=step0, num_steps=steps, **hooks)
             for group, net in zip(optimizer.param_groups, nets):
                 folder.scalar(f'lr/{net.key}', group['lr'], epoch + 1)
             folder.scalar('loss/train', stats['loss'], epoch + 1)
             if stats['stopped']:
                 latest(epoch, stats['steps'])
-                log(trainer.stop_notice(stop, epoch, cfg.log_dir, stats['steps']))
+                log(trainer.stop_notice(stop, epoch, cfg.log_dir, stats['steps'], cfg.num_epochs))
                 return 128 + stop.signum
             dist.broadcast_buffers(model)  # collective: every rank evaluates rank 0's BatchNorm statistics
             metrics = evaluate_phase(run, scorer, 'val')
@@ -363,7 +357,7 @@ def train(run, folder, log):
                 best = {n.key: weights_mod.original_layout(getattr(model, n.key)) for n in nets}
             latest(epoch + 1, 0)
             if stop(True):
-                log(trainer.stop_notice(stop, epoch, cfg.log_dir))
+                log(trainer.stop_notice(stop, epoch, cfg.log_dir, epochs=cfg.num_epochs))
                 return 128 + stop.signum
     log(f"Best validation accuracy is {100 * best_acc:.3f} at epoch {best_epoch}")
     folder.save_checkpoint(weights_mod.final_state(cfg.num_epochs, best_epoch, best, best_acc),
@@ -374,6 +368,29 @@ def train(run, folder, log):
     summary = report(evaluate_phase(run, scorer, phase), phase, run.train_counts, log)
     write_results(run, summary, f'results_{phase}.json', best_epoch=best_epoch, best_val_top1=100 * best_acc)
     return 0
+
+
+def previous_run(args, cfg):
+    """--resume, or the latest checkpoint of an unfinished stage of the same flags in the config's log folder,
+    which the same command run again continues (rerun.py); a finished stage (its final checkpoint there) is
+    refused without --overwrite. Every rank decides alike (they read the same files)."""
+    if args.resume and args.overwrite:
+        raise UserError("--overwrite starts the stage anew; --resume continues it: pass one of them")
+    if args.test or args.resume or args.overwrite:
+        return args.resume
+    final, latest = (os.path.join(cfg.log_dir, name) for name in (weights_mod.FINAL, weights_mod.LATEST))
+    if os.path.isfile(final):
+        raise UserError(f"{cfg.log_dir} holds a finished stage ({weights_mod.FINAL}); pass --overwrite to run it "
+                        f"again (it removes that stage's checkpoints and results), or --log_dir DIR for a new one")
+    if not os.path.isfile(latest):
+        return ''
+    ckpt = load_checkpoint(latest)
+    epoch, step = int(ckpt.get('epoch', 0)), int(ckpt.get('step', 0))
+    recorded = ckpt.get('flags') if isinstance(ckpt.get('flags'), dict) else None
+    path = rerun.resume_or_refuse(latest, recorded, rerun.run_flags(args), epoch, step, cfg.num_epochs,
+                                  cfg.log_dir, '--log_dir DIR', False, finished=False)
+    trainer.console(rerun.resume_notice(cfg.log_dir, epoch, step, cfg.num_epochs, path))
+    return path
 
 
 def run_stage(args, cfg):
@@ -387,9 +404,9 @@ def run_stage(args, cfg):
 def _run_stage(args, cfg, ctx):
     folder, pending = None, []
 
-    def log(line, console_extra=''):
+    def log(line, console=None):
         if ctx.rank == 0:
-            print(line + console_extra, flush=True)
+            print(console or line, flush=True)
             if folder is not None:
                 folder.write(LOG, line)
             else:
@@ -397,6 +414,7 @@ def _run_stage(args, cfg, ctx):
 
     error, run = None, None
     try:
+        args.resume = previous_run(args, cfg)
         run = build(args, cfg, ctx, log)
     except UserError as e:
         error = e
@@ -404,11 +422,14 @@ def _run_stage(args, cfg, ctx):
     if args.test:
         return test(run, log)
     # The lock in the log folder: a stage has no model folder of its own.
-    folder = trainer.LogFolder(cfg.log_dir, cfg.log_dir, (LOG,))
+    outputs = [os.path.join(cfg.log_dir, name) for name in (weights_mod.LATEST, weights_mod.FINAL,
+                                                           'results_test.json', 'results_val.json')]
+    folder = trainer.LogFolder(cfg.log_dir, cfg.log_dir, (LOG,), outputs=outputs)
     resumed_here = run.ckpt is not None and os.path.abspath(os.path.dirname(run.resume_path)) == \
         os.path.abspath(cfg.log_dir)
     try:
-        folder.open(truncate_to={LOG: run.ckpt['log_size']} if resumed_here and 'log_size' in run.ckpt else None)
+        folder.open(truncate_to={LOG: run.ckpt['log_size']} if resumed_here and 'log_size' in run.ckpt else None,
+                    fresh=args.overwrite)
     except UserError as e:
         error = e
     dist.raise_if_any(error)  # collective: rank 0 alone opens the folder, every rank must stop if it fails

@@ -95,16 +95,38 @@ def summarize(table, cells, seeds):
         orders = [r['order'] for r in found.values() if r.get('order') is not None]
         row['order'] = orders[0] if orders else None
         row['diff'] = row['best_err'] - cell.paper if cell.paper is not None and found else None
+        row['per_seed'] = {seed: {'best': r['best'], 'last': r['last'], **r.get('extra', {})}
+                           for seed, r in found.items()}
+        for key, _, _ in table.extra:
+            values = [r['extra'][key] for r in found.values() if r.get('extra', {}).get(key) is not None]
+            row[key] = np.mean(values) if values else None
+            row[f'{key}_std'] = np.std(values, ddof=1) if len(values) > 1 else None
         row['status'] = 'done' if len(found) == len(seeds) else ('missing' if not found else
                                                                f'partial ({len(found)} of {len(seeds)} seeds)')
         rows.append(row)
     return rows
 
 
-def _fmt(mean, std=None):
+def _fmt(mean, std=None, digits=2):
     if mean is None:
         return '—'
-    return f'{mean:.2f}' if std is None else f'{mean:.2f} ± {std:.2f}'
+    return f'{mean:.{digits}f}' if std is None else f'{mean:.{digits}f} ± {std:.{digits}f}'
+
+
+def per_seed_lines(table, rows, seeds):
+    """Markdown: every cell's best / last top-1 and extra columns per seed, for criteria paired by seed."""
+    lines = ['Per seed (top-1 accuracy, %):', '',
+             '| cell | seed | best | last |' + ''.join(f' {header} |' for _, header, _ in table.extra),
+             '| --- |' + ' :---: |' * (3 + len(table.extra))]
+    for r in rows:
+        for seed in seeds:
+            values = r['per_seed'].get(seed) if r.get('per_seed') else None
+            if values is None:
+                continue
+            cells = ''.join(f" {_fmt(values.get(key), digits=3 if key.startswith('kl') else 2)} |"
+                            for key, _, _ in table.extra)
+            lines.append(f"| {r['label']} | {seed} | {_fmt(values['best'])} | {_fmt(values['last'])} |{cells}")
+    return lines + ['']
 
 
 CSV_COLUMNS = ('table', 'cell', 'label', 'n', 'seeds', 'best_err', 'best_err_std', 'last_err', 'last_err_std',
@@ -119,29 +141,37 @@ def write_results(name, table, opts, seeds, rows):
     epochs = opts.epochs or table.epochs
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator='\n')
-    writer.writerow(CSV_COLUMNS)
+    extra = [key for key, _, _ in table.extra]
+    writer.writerow(CSV_COLUMNS + tuple(c for key in extra for c in (key, f'{key}_std')))
     num = lambda v: '' if v is None else f'{v:.4f}'
     for r in rows:
         writer.writerow([name, r['key'], r['label'], r['n'], r['seeds'], num(r['best_err']), num(r['best_err_std']),
                          num(r['last_err']), num(r['last_err_std']), num(r['many']), num(r['many_std']),
                          num(r['medium']), num(r['medium_std']), num(r['few']), num(r['few_std']),
-                         num(r['paper']), num(r['diff']), r['status'], opts.schedule, epochs or ''])
+                         num(r['paper']), num(r['diff']), r['status'], opts.schedule, epochs or '']
+                        + [num(r.get(c)) for key in extra for c in (key, f'{key}_std')])
     lines = [f'# {name}: {table.title}', '',
              f'Top-1 error (%) on the balanced test set, mean ± std over n seeds (of {" ".join(map(str, seeds))}): '
              f'{table.measured} LR schedule: {opts.schedule_text(epochs)}.', '']
     if table.note:
         lines += [table.note, '']
     ref = table.reference
-    lines += [f'| cell | n | best error | last error | many | medium | few | {ref} | best − {ref} |',
-              '| --- | :---: | :---: | :---: | :---: | :---: | :---: | :---: | :---: |']
+    headers = ''.join(f' {header} |' for _, header, _ in table.extra)
+    lines += [f'| cell | n | best error | last error | many | medium | few |{headers} {ref} | best − {ref} |',
+              '| --- |' + ' :---: |' * (8 + len(table.extra))]
     for r in rows:
         if r['n'] == 0:
-            lines.append(f"| {r['label']} | 0 | missing | | | | | {_fmt(r['paper'])} | |")
+            lines.append(f"| {r['label']} | 0 | missing | | | | |{' |' * len(table.extra)} {_fmt(r['paper'])} | |")
             continue
         diff = '—' if r['diff'] is None else f"{r['diff']:+.2f}"
+        cells = ''.join(f" {_fmt(r[key], r[f'{key}_std'], 3 if key.startswith('kl') else 2)} |"
+                        for key, _, _ in table.extra)
         lines.append(f"| {r['label']} | {r['n']} | {_fmt(r['best_err'], r['best_err_std'])} | "
                      f"{_fmt(r['last_err'], r['last_err_std'])} | {_fmt(r['many'])} | {_fmt(r['medium'])} | "
-                     f"{_fmt(r['few'])} | {_fmt(r['paper'])} | {diff} |")
+                     f"{_fmt(r['few'])} |{cells} {_fmt(r['paper'])} | {diff} |")
+    if table.extra:
+        lines += ['', ' '.join(f'*{header}*: {what}' for _, header, what in table.extra), '']
+        lines += per_seed_lines(table, rows, seeds)
     sources = [(r['label'], r['source']) for r in rows if r['paper'] is not None and r['source']]
     if sources:
         lines += ['', f'Where each {ref} number comes from, and the recipe behind it (this table runs every row '

@@ -2,11 +2,15 @@
 and a slot (a share of the CPU cores, or a GPU) is free; one stage at a time when there is one slot.
 
 Each stage runs in a worker thread that calls `execute` (the seam the tests replace with an
-in-process call); the main thread starts stages, takes their results in the order they end, prints
-the progress and re-makes the results files, so that no two writers ever overlap. A stop signal to
-us reaches every running stage, which saves; none starts after it.
+in-process call; `run_stages(run=...)` puts a submitit job in its place); the main thread starts
+stages, takes their results in the order they end, prints the progress and re-makes the results
+files, so that no two writers ever overlap. Each stage runs in its own session, so a signal to our
+process group (SLURM's scancel, `kill -- -PGID`, Ctrl-C) reaches us alone; a stop request (SIGTERM,
+SIGINT, SIGUSR1) is passed to every running stage once (signals.Repeats), which saves; none starts
+after it.
 """
 import codecs
+import contextlib
 import os
 import queue
 import shlex
@@ -17,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import signals
 from repro.scripts import REPO
 
 
@@ -67,19 +72,24 @@ def gpu_slots(gpus, per_gpu):
 
 
 class Children:
-    """The running stages' processes: a stop signal to us is passed to each of them, and once it has
-    come no stage starts."""
+    """The running stages' processes (or anything with send_signal): a stop request to us is passed to
+    each of them once, and once it has come no stage starts."""
 
     def __init__(self):
         self._lock = threading.RLock()  # re-entrant: a signal handler may interrupt the main thread holding it
         self._procs = set()
+        self._repeats = signals.Repeats()
         self.stopped = None  # the signal that stopped us
 
     def start(self, cmd, **popen):
+        return self.add(lambda: subprocess.Popen(cmd, start_new_session=True, **popen))
+
+    def add(self, begin):
+        """`begin()`'s process, kept to be signalled; None (nothing begun) once a stop has come."""
         with self._lock:
             if self.stopped is not None:
                 return None
-            proc = subprocess.Popen(cmd, **popen)
+            proc = begin()
             self._procs.add(proc)
             return proc
 
@@ -87,12 +97,17 @@ class Children:
         with self._lock:
             self._procs.discard(proc)
 
-    def stop(self, signum, forward):
+    def stop(self, signum):
+        """Pass a stop request on (SIGUSR1 as SIGTERM: torchrun and the scripts all save on SIGTERM); the
+        number of stages it reached, or None for the same signal again within a moment (the same request)."""
         with self._lock:
-            self.stopped = signum
-            if forward:
-                for proc in self._procs:
-                    proc.send_signal(signum)
+            if self.stopped is None:
+                self.stopped = signal.SIGTERM if signum == signals.FORWARDED_STOP else signum
+            if self._repeats.repeat(signum):
+                return None
+            for proc in self._procs:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM if signum == signals.FORWARDED_STOP else signum)
             return len(self._procs)
 
 
@@ -128,10 +143,12 @@ def _clock(seconds):
     return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
-def run_stages(stages, slots, launcher, stage_log, on_finish):
+def run_stages(stages, slots, launcher, stage_log, on_finish, run=None):
     """Run the unfinished `stages` (in dependency order, listed so), up to len(slots) at a time.
     `stage_log(stage)`: its log file; `on_finish(stage, finished)`: called after each stage that ends
-    well, with the set of finished stages. Returns (exit status, the closing message)."""
+    well, with the set of finished stages; `run(stage, cmd, env, log, echo, children)`: runs one stage
+    and returns its exit status (default: `execute` the command here). Returns (exit status, the
+    closing message)."""
     n = len(stages)
     number = {stage: i for i, stage in enumerate(stages, 1)}
     needs = dependencies(stages)
@@ -152,7 +169,8 @@ def run_stages(stages, slots, launcher, stage_log, on_finish):
 
     def work(stage, slot, cmd):
         try:
-            result = execute(cmd, {**env, **slot.env}, stage_log(stage), echo, children)
+            args = (cmd, {**env, **slot.env}, stage_log(stage), echo, children)
+            result = execute(*args) if run is None else run(stage, *args)
         except BaseException as e:  # re-raised by the main thread
             result = e
         events.put((stage, slot, result))
@@ -167,12 +185,14 @@ def run_stages(stages, slots, launcher, stage_log, on_finish):
         threading.Thread(target=work, args=(stage, slot, cmd), daemon=True).start()
 
     def stop(signum, frame):
-        count = children.stop(signum, forward=signum != signal.SIGINT)  # Ctrl-C reaches our children itself
+        count = children.stop(signum)
+        if count is None:
+            return
         # os.write: a print here could interrupt a print of the main thread (a reentrant buffered write fails)
         os.write(1, f"[reproduce] {signal.Signals(signum).name}: {count} running stage(s) save and stop; no "
                     f"other starts\n".encode())
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, stop) for s in signals.STOP_SIGNALS}
     try:
         while True:
             for stage in [s for s in pending if children.stopped is None]:
@@ -197,8 +217,9 @@ def run_stages(stages, slots, launcher, stage_log, on_finish):
             else:
                 why = (f'exited normally but {stage.output()} is not finished' if result == 0 else
                        f'ended with exit status {result}')
-                failed[stage] = result or 1
-                print(f"{label} {'stopped' if children.stopped else 'failed'} at +{now:.1f} s: {why}; "
+                failed[stage] = result  # 0: exited normally without its output, reported so (a failure all the same)
+                word = 'stopped' if children.stopped and signals.saved_by_stop(result) else 'failed'
+                print(f"{label} {word} at +{now:.1f} s: {why}; "
                       f"log {stage_log(stage)}", flush=True)
                 for other in list(pending):  # listed in dependency order: a dependant comes after what it needs
                     if any(d in failed or d in blocked for d in needs[other]):
@@ -216,15 +237,25 @@ def run_stages(stages, slots, launcher, stage_log, on_finish):
 
 
 def _outcome(failed, blocked, stopped, number, n, stage_log):
-    if not failed:
-        return (128 + stopped, f"[reproduce] stopped by {signal.Signals(stopped).name}; run the same command "
-                               f"again to continue") if stopped else (0, '')
-    code = next(iter(failed.values()))
+    def named(items):
+        return '; '.join(f"stage {number[s]}/{n} ({' '.join(s.spec.words)}, "
+                         f"{'exit status 0 but its output unfinished' if c == 0 else f'exit status {c}'}): "
+                         f"log {stage_log(s)}" for s, c in items)
+
     if stopped:
-        return code, (f"[reproduce] stopped by {signal.Signals(stopped).name}: {len(failed)} stage(s) saved; run "
-                      f"the same command again to resume them (finished stages are skipped)")
-    names = '; '.join(f"stage {number[s]}/{n} ({' '.join(s.spec.words)}, exit status {c}): log {stage_log(s)}"
-                      for s, c in failed.items())
+        saved = [s for s, c in failed.items() if signals.saved_by_stop(c)]
+        lost = [(s, c) for s, c in failed.items() if not signals.saved_by_stop(c)]
+        line = f"[reproduce] stopped by {signal.Signals(stopped).name}"
+        if saved:
+            line += f": {len(saved)} stage(s) saved"
+        if lost:
+            line += f"{';' if saved else ':'} {len(lost)} did not save ({named(lost)})"
+        again = ('run the same command again to resume them (finished stages are skipped)' if failed else
+                 'run the same command again to continue')
+        return (lost[0][1] or 1 if lost else 128 + stopped), f"{line}; {again}"
+    if not failed:
+        return 0, ''
+    code = next(iter(failed.values())) or 1  # a stage that exited 0 without its output fails the run too
     waiting = f", so {len(blocked)} stage(s) that need it did not start" if blocked else ''
-    return code, (f"[reproduce] failed: {names}{waiting}; the others finished. Run the same command again "
-                  f"to retry (finished stages are skipped, a stage stopped half-way resumes)")
+    return code, (f"[reproduce] failed: {named(failed.items())}{waiting}; the others finished. Run the same command "
+                  f"again to retry (finished stages are skipped, a stage stopped half-way resumes)")

@@ -14,6 +14,14 @@ from repro.results import labeled_counts, read_decoupled_results, read_trainer_l
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The GPUs of one node that the original's ImageNet-LT / iNaturalist 2018 recipes train on: MoCo v2 one
+# process per GPU (shuffle-BN over them), the decoupled stages DataParallel over them (each BatchNorm
+# normalising one of 8 pieces of the batch). A stage of these trains that recipe however it is launched.
+RECIPE_GPUS = 8
+# torchrun's wait between the SIGTERM it forwards and a SIGKILL (its default, 30 s, is shorter than a
+# ResNet-50 rank reaching its next print point and writing its checkpoint to network storage)
+SHUTDOWN_TIMEOUT_S = 300
+
 @dataclass(frozen=True)
 class Progress:
     done: bool
@@ -31,6 +39,8 @@ class Script:
     progress: Callable            # Stage -> Progress
     result: Optional[Callable] = None   # Stage -> metrics dict of a finished result stage
     check: Optional[Callable] = None    # (Stage, processes) -> None; UserError where the stage could not finish
+    gpus: Callable = lambda stage: 1    # Stage -> the GPUs its recipe trains on (a SLURM job's, one process each)
+    alone: tuple = ()                   # flags it gets when it runs as one process: the recipe's layout
 
 
 def _position(path):
@@ -131,7 +141,20 @@ def _decoupled_result(stage):
 
 
 def _decoupled_check(stage, processes):
-    _call('imagenet_inat.main.preflight', stage.args(), processes)
+    _call('imagenet_inat.main.preflight', stage.args(alone=processes == 1), processes)
+
+
+def _moco_gpus(stage):
+    return RECIPE_GPUS if stage.flag('--dataset') in ('imagenet', 'inat') else 1
+
+
+def with_shutdown_timeout(launcher):
+    """torchrun's words with --shutdown_timeout SHUTDOWN_TIMEOUT_S where they set none."""
+    words = list(launcher)
+    is_torchrun = words and (os.path.basename(words[0]) == 'torchrun' or 'torch.distributed.run' in words[:3])
+    if is_torchrun and not any(w.split('=')[0] in ('--shutdown_timeout', '--shutdown-timeout') for w in words):
+        words += ['--shutdown_timeout', str(SHUTDOWN_TIMEOUT_S)]
+    return words
 
 
 def launcher_processes(launcher):
@@ -145,7 +168,13 @@ def launcher_processes(launcher):
     return counts['--nproc_per_node'] * counts['--nproc-per-node'] * counts['--nnodes']
 
 
+def _ssl_result(stage):
+    a = stage.args()
+    return _call('repro.published_ltssl.read_ssl_result', a, os.path.join(a.root_log, a.store_name))
+
+
 _TRAIN = _run_folder('train.supervised_store_name')
+_SSL = _run_folder('train_ssl.ssl_store_name')
 SCRIPTS = {
     'train.py': Script(('train.py',), 'train', 'build_parser', True, *_TRAIN),
     'pretrain_rot.py': Script(('pretrain_rot.py',), 'pretrain_rot', 'build_rot_parser', True,
@@ -158,9 +187,13 @@ SCRIPTS = {
     'gen_pseudolabels.py': Script(('gen_pseudolabels.py',), 'gen_pseudolabels', 'build_parser', False,
                                   _pseudo_label_output, _file_progress),
     'pretrain_moco.py': Script(('pretrain_moco.py',), 'pretrain_moco', 'build_parser', True,
-                               _moco_output, _moco_progress),
+                               _moco_output, _moco_progress, gpus=_moco_gpus),
+    # one process: --bn_pieces cuts each batch as DataParallel over the recipe's GPUs did (on that many
+    # visible GPUs, DataParallel itself; under torchrun, the processes are the pieces)
     'imagenet_inat': Script(('-m', 'imagenet_inat.main'), 'imagenet_inat.main', 'build_parser', True,
-                            _decoupled_output, _decoupled_progress, _decoupled_result, _decoupled_check),
+                            _decoupled_output, _decoupled_progress, _decoupled_result, _decoupled_check,
+                            gpus=lambda stage: RECIPE_GPUS, alone=('--bn_pieces', str(RECIPE_GPUS))),
+    'train_ssl.py': Script(('train_ssl.py',), 'train_ssl', 'build_parser', True, _SSL[0], _SSL[1], _ssl_result),
 }
 
 
@@ -181,12 +214,13 @@ class Stage:
                             f"this table needs it") from None
         return getattr(module, self.spec.parser)()
 
-    def args(self):
-        """The stage's flags as its own script parses them; a rejected flag is the user's --stage-args."""
+    def args(self, alone=False):
+        """The stage's flags as its own script parses them (`alone`: as it runs as one process); a
+        rejected flag is the user's --stage-args."""
         err = io.StringIO()
         try:
             with contextlib.redirect_stderr(err):
-                return self.parser().parse_args(list(self.argv))
+                return self.parser().parse_args([*(self.spec.alone if alone else ()), *self.argv])
         except SystemExit:
             reason = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else 'rejected'
             raise UserError(f"{' '.join(self.spec.words)} rejects the flags reproduce.py made for it "
@@ -214,8 +248,14 @@ class Stage:
     def result(self):
         return self.spec.result(self)
 
+    def gpus(self):
+        return self.spec.gpus(self)
+
     def command(self, launcher=(), resume=()):
+        """The command line: `launcher` (torchrun's words) or the interpreter, the script, the flags
+        (after the one-process layout flags, so that --stage-args can change them) and `resume`."""
         words = [os.path.relpath(os.path.join(REPO, w)) if w.endswith('.py') else w for w in self.spec.words]
-        head = list(launcher) if launcher and self.spec.distributed else [sys.executable]
-        return head + words + list(self.argv) + list(resume)
+        if launcher and self.spec.distributed:
+            return with_shutdown_timeout(launcher) + words + list(self.argv) + list(resume)
+        return [sys.executable] + words + list(self.spec.alone) + list(self.argv) + list(resume)
 

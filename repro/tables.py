@@ -101,6 +101,7 @@ class Table:
     note: str = ''
     # what the numbers are: train.py-style logs (default) or imagenet_inat's final evaluation
     reference: str = 'paper'  # the column of the cells' `paper` numbers: this paper's, or 'published' ones
+    extra: tuple = ()         # (key, header, what): more columns, from the results' 'extra' dicts, listed per seed too
     measured: str = ('*best* is the best epoch\'s (the paper\'s number, the logs\' `Best Prec@1`), *last* the last '
                      'epoch\'s. Many / medium / few: last-epoch top-1 accuracy (%) of the classes with > 100, '
                      '20–100 and < 20 images in the labeled long-tailed training set (pseudo-labeled images not '
@@ -148,13 +149,17 @@ def _decoupled(moco_dataset, config_dir, papers):
     """MoCo -> stage 1 (instance- or class-balanced sampling) -> cRT / tau-norm / LWS (imagenet_inat)."""
     def build(o, seed):
         moco_flags = ('--epochs', o.epochs) if o.epochs else ()
+        # ResNet-50 at 224 px: cuDNN's benchmark search, whatever --seed (bit-exact resume across GPU runs
+        # is not claimed for these stages; docs/gpu.md).
         moco = o.stage('pretrain_moco.py', '--dataset', moco_dataset, '--data', o.data_path, '--seed', seed,
-                       '--root_path', o.path(f'moco_s{seed}' + (f'e{o.epochs}' if o.epochs else '')), *moco_flags)
+                       '--root_path', o.path(f'moco_s{seed}' + (f'e{o.epochs}' if o.epochs else '')), *moco_flags,
+                       '--cudnn-benchmark')
 
         def stage(config, source):
             cfg = os.path.relpath(os.path.join(REPO, 'imagenet_inat', 'config', config_dir, f'{config}.yaml'))
             return o.stage('imagenet_inat', '--cfg', cfg, '--model_dir', source.output(), '--data_root', o.data_path,
-                           '--log_dir', o.path('imagenet_inat', f's{seed}', config), '--seed', seed)
+                           '--log_dir', o.path('imagenet_inat', f's{seed}', config), '--seed', seed,
+                           '--cudnn-benchmark')
 
         uniform, balanced = stage('feat_uniform', moco), stage('feat_balance', moco)
         return [Cell('Uniform+SSP', 'CE (Uniform) + SSP', (moco, uniform), papers[0]),
@@ -228,29 +233,55 @@ def _folder_mini(o, seed):
 # Rows of the baseline tables: (key, label, train.py flags). The key is repro.published's method name.
 ONE_STAGE = (
     ('CE', 'CE', ('--loss_type', 'CE', '--train_rule', 'None')),
-    ('Focal', 'Focal (gamma = 1)', ('--loss_type', 'Focal', '--train_rule', 'None')),
+    ('Focal', 'Focal (softmax, gamma = 1)', ('--loss_type', 'Focal', '--train_rule', 'None')),
     ('CB', 'CB (class-balanced re-weighting, beta = 0.9999)', ('--loss_type', 'CE', '--train_rule', 'Reweight')),
     ('LDAM-DRW', 'LDAM-DRW', ('--loss_type', 'LDAM', '--train_rule', 'DRW')),
     ('BalancedSoftmax', 'Balanced Softmax', ('--loss_type', 'BalancedSoftmax', '--train_rule', 'None')),
     ('LogitAdjusted', 'logit-adjusted loss (tau = 1)', ('--loss_type', 'LogitAdjusted', '--train_rule', 'None')),
+    ('LogitAdjustedAdaptive', 'logit-adjusted loss + adaptive margin (tau = 1)',
+     ('--loss_type', 'LogitAdjustedAdaptive', '--train_rule', 'None')),
     # the CE run again (same seed, so the same training), every evaluation post-hoc adjusted
     ('CE+posthocLA', 'CE + post-hoc logit adjustment (tau = 1)',
      ('--loss_type', 'CE', '--train_rule', 'None', '--posthoc_la', '1')),
 )
 # train_stage2.py --stage on the CE model: (key, label, stage)
-DECOUPLED_STAGES = (('cRT', 'cRT (on CE)', 'cRT'), ('tau-norm', 'tau-norm (on CE, tau chosen on a split carved '
-                                                                'from the training set)', 'tau_norm'),
-                    ('LWS', 'LWS (on CE)', 'LWS'))
-WB_WEIGHT_DECAY = '5e-3'  # Alshammari et al.'s tuned stage-1 weight decay for CIFAR-LT (train_stage2.py docs)
+DECOUPLED_STAGES = (('cRT', 'cRT (on CE)', 'cRT'), ('tau-norm', 'tau-norm (on CE, tau = 1)', 'tau_norm'),
+                    ('NCM', 'nearest class mean (on CE)', 'NCM'), ('LWS', 'LWS (on CE)', 'LWS'))
+# BALMS's decoupled stage behind the published cRT / LWS numbers (its config/CIFAR*_LT/decouple_*.yaml:
+# 2,000 iterations at batch 512, lr 0.1, cosine, wd 5e-4); the tables with published numbers run it
+BALMS_ITERATIONS, BALMS_BATCH, BALMS_LR = 2000, 512, '0.1'
+TRAINED_STAGES = ('cRT', 'LWS')
+# Weight balancing's stage 1 as Alshammari et al. ran it (LTR-weight-balancing demo1_first-stage-training.py;
+# the paper's 200 epochs, the table's): batch 64, lr 0.01, cosine without warm-up, weight decay 5e-3 (their
+# CIFAR-100-LT rho 100 value); `wb_arch` adds their CIFAR ResNet-34
+WB_STAGE1 = ('-b', '64', '--lr', '0.01', '--lr_schedule', 'cosine_nowarmup', '--wd', '5e-3')
 # SSP on the two strongest one-stage losses: LDAM-DRW (the paper's own SSP row) and Balanced Softmax
 SSP_ON = ('LDAM-DRW', 'BalancedSoftmax')
+CIFAR_SIZES = {'cifar10': (5000, 10), 'cifar100': (500, 100)}  # (images of the largest class, classes)
 
 
-def _baselines(dataset, rhos, epochs, flags=(), stage2_flags=(), published=None):
+def balms_epochs(dataset, rho):
+    """Epochs of floor(N / 512) class-balanced steps (train_stage2.py's epoch) that make BALMS's 2,000 iterations
+    on the long-tailed training set of `dataset` at imbalance `rho`, rounded up."""
+    from dataset.imbalance_cifar import img_num_per_cls
+    n_max, classes = CIFAR_SIZES[dataset]
+    steps = max(1, sum(img_num_per_cls(n_max, classes, 'exp', 1 / rho)) // BALMS_BATCH)
+    return -(-BALMS_ITERATIONS // steps)
+
+
+def unpublished_note(published):
+    """The lines under a table: why some rows have no published number for data set `published`."""
+    from repro.published import PUBLISHED, RHOS, UNPUBLISHED
+    missing = [m for m in UNPUBLISHED if any((published, rho, m) not in PUBLISHED for rho in RHOS)]
+    return 'Empty published cells: ' + '; '.join(f'{m}: {UNPUBLISHED[m]}' for m in missing) + '.'
+
+
+def _baselines(dataset, rhos, epochs, flags=(), stage2_flags=(), published=None, wb_arch=None):
     """Every method under this project's (the paper's) recipe, per rho: one-stage losses, the decoupled
     stages and weight balancing on a CE model, rotation SSP under the strongest two. `flags` go to the
     train.py / pretrain_rot.py stages, `stage2_flags` to train_stage2.py's; `published`: the data set's key
-    in repro.published (None: no published numbers)."""
+    in repro.published (None: no published numbers; with them, cRT and LWS run BALMS's 2,000 iterations);
+    `wb_arch`: weight balancing's stage-1 network (None: the table's)."""
     from repro.published import PUBLISHED
 
     def cell(key, label, stages, rho):
@@ -266,15 +297,21 @@ def _baselines(dataset, rhos, epochs, flags=(), stage2_flags=(), published=None)
                     for key, _, method in ONE_STAGE}
             cells += [cell(key, label, (runs[key],), rho) for key, label, _ in ONE_STAGE]
 
-            def stage2(name, stage1):
-                return o.stage2(seed, '--dataset', dataset, '--imb_factor', f'{1 / rho:g}', *stage2_flags,
-                                '--stage', name, '--stage1', stage1.output())
+            def stage2(name, stage1, *extra):
+                return o.stage2(seed, '--dataset', dataset, '--imb_factor', f'{1 / rho:g}', *stage2_flags, *extra,
+                                '--stage', name, '--stage1', stage1)
 
-            cells += [cell(key, label, (runs['CE'], stage2(name, runs['CE'])), rho)
-                      for key, label, name in DECOUPLED_STAGES]
+            for key, label, name in DECOUPLED_STAGES:
+                balms = published and name in TRAINED_STAGES
+                extra = ('--epochs', balms_epochs(dataset, rho), '-b', BALMS_BATCH, '--lr', BALMS_LR) if balms else ()
+                label += ', BALMS\'s 2K iterations at lr 0.1' if balms else ''
+                cells.append(cell(key, label, (runs['CE'], stage2(name, runs['CE'].output(), *extra)), rho))
             wb1 = o.trainer('train.py', seed, 'WB1', epochs, *data, '--loss_type', 'CE', '--train_rule', 'None',
-                            '--wd', WB_WEIGHT_DECAY)
-            cells.append(cell('WB', f'weight balancing (stage 1: --wd {WB_WEIGHT_DECAY})', (wb1, stage2('WB', wb1)),
+                            *WB_STAGE1, *(('-a', wb_arch) if wb_arch else ()))
+            # their stage 2 starts from the best stage-1 epoch (demo2 loads with_WD_model_best.paramOnly)
+            best = os.path.join(os.path.dirname(wb1.output()), 'ckpt.best.pth.tar')
+            network = wb_arch or 'this table\'s network'
+            cells.append(cell('WB', f'weight balancing (stage 1: their recipe, {network})', (wb1, stage2('WB', best)),
                               rho))
             rot = o.trainer('pretrain_rot.py', seed, 'rot', epochs, *data)
             weights = os.path.join(os.path.dirname(rot.output()), 'ckpt.best.pth.tar')
@@ -287,12 +324,14 @@ def _baselines(dataset, rhos, epochs, flags=(), stage2_flags=(), published=None)
 
 _DATA = 'see README "Data preparation"'
 BASELINES = ('Every row runs under one recipe, this table\'s (train.py\'s defaults but for the epochs, '
-             'architecture and batch the table sets); stage 2 (cRT, tau-norm, LWS, weight balancing) with its '
-             'authors\' settings (train_stage2.py\'s defaults).')
+             'architecture and batch the table sets), but for weight balancing\'s stage 1 (the authors\' recipe) and, '
+             'where the table prints published numbers, cRT and LWS (BALMS\'s 2K iterations); stage 2 (cRT, tau-norm, '
+             'NCM, LWS, weight balancing) otherwise with its authors\' settings (train_stage2.py\'s defaults; '
+             'docs/baselines.md).')
 PAPER_RECIPE = ('The recipe is the paper\'s: ResNet-32, 200 epochs, batch 128, SGD lr 0.1 with 5 warm-up epochs '
-                'and x0.01 / x0.0001 steps, wd 2e-4, crop + flip. The published numbers used other recipes, '
-                'named under the table: compare rows with each other, and a row with its published number only '
-                'as far as the recipes agree.')
+                'and x0.01 / x0.0001 steps, wd 2e-4, crop + flip. A published number stands beside a row only where '
+                'it was made with the row\'s loss; the recipe behind it is named under the table: compare a row '
+                'with its published number only as far as the recipes agree.')
 DECOUPLED = ('*best*: the weights of the best validation epoch, evaluated after training (ImageNet-LT: test split, '
              'iNaturalist 2018: val), as the paper reports; no last-epoch test number exists. Many / medium / few: '
              'top-1 accuracy (%) of the classes with > 100, 20–100 and < 20 training images, same weights.')
@@ -332,12 +371,14 @@ TABLES = {
                   + _split_files('iNaturalist18', ('train', 'val')), measured=DECOUPLED),
     'cifar10-lt-baselines': Table('CIFAR-10-LT (rho = 100, 50, 10): long-tailed baselines under one recipe (the '
                                   'paper\'s), ResNet-32', _baselines('cifar10', (100, 50, 10), 200,
-                                                                      published='cifar10'),
-                                  200, (CIFAR10,), note=f'{BASELINES} {PAPER_RECIPE}', reference='published'),
+                                                                      published='cifar10', wb_arch='resnet34_cifar'),
+                                  200, (CIFAR10,), note=f'{BASELINES} {PAPER_RECIPE} {unpublished_note("cifar10")}',
+                                  reference='published'),
     'cifar100-lt-baselines': Table('CIFAR-100-LT (rho = 100, 50, 10): long-tailed baselines under one recipe (the '
                                    'paper\'s), ResNet-32', _baselines('cifar100', (100, 50, 10), 200,
-                                                                       published='cifar100'),
-                                   200, (CIFAR100,), note=f'{BASELINES} {PAPER_RECIPE}', reference='published'),
+                                                                       published='cifar100', wb_arch='resnet34_cifar'),
+                                   200, (CIFAR100,), note=f'{BASELINES} {PAPER_RECIPE} {unpublished_note("cifar100")}',
+                                   reference='published'),
     'digits-baselines-mini': Table('Miniature: long-tailed digits (rho = 100), the baselines, ResNet-20, CPU',
                                    _baselines('digits', (100,), DIGITS_EPOCHS, ('-a', 'resnet20', *DIGITS_LOADER),
                                               DIGITS_LOADER),
@@ -357,3 +398,64 @@ TABLES = {
                               'CE (Balanced).'),
 }
 
+
+
+# ---------------------------------------------------------------- long-tailed semi-supervised learning (train_ssl.py)
+
+LTSSL_ROWS = (('supervised', 'supervised (labeled data only)', ('--ssl_alg', 'supervised')),
+              ('fixmatch', 'FixMatch', ()),
+              ('fixmatch+darp', 'FixMatch + DARP', ('--imb_alg', 'darp')),
+              ('fixmatch+abc', 'FixMatch + ABC', ('--imb_alg', 'abc')))
+LTSSL_EXTRA = (('tail', 'tail recall', 'mean last-evaluation accuracy (%) of the 30 % classes with the fewest labeled '
+                                       'images (CIFAR-10, digits: 7, 8, 9).'),
+               ('kl', 'KL to truth', "KL(histogram of the pseudo-labels the last evaluation period trained with || "
+                                     "the true unlabeled class distribution), nats, from log_pseudo.csv (DARP: its "
+                                     "refined labels); none for the labeled-only row."))
+LTSSL_MEASURED = ("*best* is the best evaluation's (the weight average's) top-1 error, USB's metric; *last* the last "
+                  "evaluation's. Many / medium / few: last-evaluation accuracy (%) of the classes with > 100, 20–100 "
+                  "and < 20 labeled images.")
+# the digits miniature (docs/ltssl.md): one recipe for every row
+LTSSL_DIGITS = ('-a', 'resnet20', '--epochs', '10', '--eval_step', '50', '-b', '8', '--mu', '2',
+                '--ema_decay', '0.99', '--lr_schedule', 'constant', '--wd_bn_bias', 'true', '--darp_warmup', '0.4', '-j', '0')
+
+
+def _ltssl(dataset, settings, flags=(), protocol='usb'):
+    """Per (N1, M1, gamma), gamma_u = gamma_l: supervised, FixMatch, + DARP, + ABC, one train_ssl.py stage each; the
+    published column from the same protocol (repro.published_ltssl)."""
+    from repro.published_ltssl import PUBLISHED
+
+    def build(o, seed):
+        cells = []
+        for n, m, gamma in settings:
+            group = f'N1 = {n}, M1 = {m}, gamma = {gamma}'
+            data = ('--dataset', dataset, '--protocol', protocol, '--num_max', n, '--num_max_u', m,
+                    '--imb_factor', repr(1 / gamma), '--imb_factor_unlabel', repr(1 / gamma), *flags)
+            epochs = ('--epochs', o.epochs) if o.epochs else ()
+            for key, label, method in LTSSL_ROWS:
+                tag = f'ssl_s{seed}r{o.rand(seed)}' + (f'e{o.epochs}' if o.epochs else '')
+                stage = o._run('train_ssl.py', seed, (*data, *method), *epochs, '--exp_str', tag)
+                ref = PUBLISHED.get((protocol, dataset, n, m, gamma, gamma, key))
+                cells.append(Cell(f'{key}_N{n}_M{m}_g{gamma}', f'{group}: {label}', (stage,), ref and ref.error, group,
+                                  ref and f'{ref.source}; ± {ref.std}' or ''))
+        return cells
+    return build
+
+
+TABLES.update({
+    'ltssl-cifar10-usb': Table('CIFAR-10-LT semi-supervised, USB protocol (classic_cv_imb): supervised, FixMatch, '
+                               '+ DARP, + ABC; WRN-28-2',
+                               _ltssl('cifar10', ((1500, 3000, 100), (1500, 3000, 150), (500, 4000, 100),
+                                                  (500, 4000, 150))),
+                               None, (CIFAR10,), reference='published', measured=LTSSL_MEASURED, extra=LTSSL_EXTRA,
+                               note="USB's recipe per row, as its CSV ran them (train_ssl.py --protocol usb: FixMatch "
+                                    "and supervised with the cosine schedule and no decay on BatchNorm and biases, "
+                                    "the add-ons with a constant lr and decay on every parameter); its strong "
+                                    "augmentation is RandAugment(3, 5), ours FixMatch's (docs/ltssl.md). 256 x 1024 "
+                                    "steps per cell: a GPU table (--gpus)."),
+    'ltssl-digits-mini': Table('Miniature: long-tailed digits semi-supervised (N1 = 40, M1 = 100, gamma = 10), '
+                               'ResNet-20, CPU', _ltssl('digits', ((40, 100, 10),), LTSSL_DIGITS), None,
+                               reference='published', measured=LTSSL_MEASURED, extra=LTSSL_EXTRA,
+                               note='No published numbers: no paper has digits. One recipe for every row (constant lr '
+                                    '0.03, decay on every parameter, 10 x 50 steps, B 8, mu 2, EMA 0.99, DARP from '
+                                    '40 %); the criteria it is judged by, set before it ran: docs/ltssl.md.'),
+})

@@ -175,7 +175,7 @@ def test_evaluate_with_posthoc_la_is_the_adjusted_float32_top1(balanced_softmax_
     ckpt = root / 'ckpt' / _folder('BalancedSoftmax') / 'ckpt.pth.tar'
     capsys.readouterr()
     assert train.main(_readme_args(root, '--loss_type', 'BalancedSoftmax', '--resume', str(ckpt), '-e',
-                                   '--posthoc_la', '1.0')) == 0
+                                   '--posthoc_la', '1.0', '--confusion')) == 0
     out = capsys.readouterr().out
     assert '=> post-hoc logit adjustment on: every evaluation scores logits - 1 * log(prior)' in out
     top1, cm, logits = _adjusted_predictions(ckpt, 1.0)

@@ -88,13 +88,15 @@ def test_corrupt_and_missing_and_malicious_checkpoints(tmp_path):
         load_checkpoint(str(tmp_path / 'none.pth.tar'))
     bad = tmp_path / 'bad.pth.tar'
     bad.write_bytes(b'not a checkpoint at all')
-    with pytest.raises(UserError, match='corrupt'):
+    with pytest.raises(UserError, match=r'is not a PyTorch checkpoint \(it holds text\)'):
         load_checkpoint(str(bad))
     good = tmp_path / 'good.pth.tar'
     save_checkpoint({'state_dict': build_model('resnet20', 10).state_dict()}, str(good))
     cut = tmp_path / 'cut.pth.tar'
     cut.write_bytes(good.read_bytes()[:1000])
-    with pytest.raises(UserError, match='corrupt'):
+    # PyTorch's 300-character miniz paragraph cut to its first sentence
+    with pytest.raises(UserError, match=r'cut.pth.tar is corrupt or truncated \(PytorchStreamReader failed reading zip '
+                                        r'archive: failed finding central directory\)$'):
         load_checkpoint(str(cut))
 
     marker = tmp_path / 'pwned'
@@ -108,3 +110,22 @@ def test_corrupt_and_missing_and_malicious_checkpoints(tmp_path):
     with pytest.raises(UserError, match='refusing'):
         load_checkpoint(str(evil))
     assert not marker.exists()
+
+
+def test_files_that_are_no_checkpoint_say_what_they_are(tmp_path):
+    """The trial's --resume README.md or per_class_acc.png read 'possibly code; refusing to load it', an alarm
+    for a plain wrong file; a run folder read 'file not found'."""
+    (tmp_path / 'README.md').write_text('# a project\n')
+    (tmp_path / 'plot.png').write_bytes(b'\x89PNG\r\n\x1a\n' + bytes(range(256)))
+    (tmp_path / 'empty.pth.tar').write_bytes(b'')
+    for name, what in (('README.md', 'text'), ('plot.png', 'a PNG image'), ('empty.pth.tar', 'is empty')):
+        with pytest.raises(UserError) as e:
+            load_checkpoint(str(tmp_path / name))
+        assert 'is not a PyTorch checkpoint' in str(e.value) and what in str(e.value) and 'code' not in str(e.value)
+    run = tmp_path / 'checkpoint' / 'cifar10_resnet32_CE_None_exp_0.01_ss_pretrained'
+    run.mkdir(parents=True)
+    with pytest.raises(UserError, match=r'is a folder, not a checkpoint file'):
+        load_checkpoint(str(run))
+    save_checkpoint({'state_dict': build_model('resnet20', 10).state_dict()}, str(run / 'ckpt.pth.tar'))
+    with pytest.raises(UserError, match=f"--resume {run} is a folder; did you mean {run / 'ckpt.pth.tar'}\\?"):
+        load_checkpoint(str(run))

@@ -8,28 +8,35 @@ CIFAR/SVHN/TinyImages fixtures in ./data, a 40-per-class digits subset). Placeho
 Not run here: commands that need ImageNet / iNaturalist images or several GPUs (imagenet_inat,
 MoCo on imagenet/inat, torchrun with 8 processes: tests/test_imagenet_inat.py, test_moco.py and
 test_distributed.py run them on small image folders and 2 processes), reproduce.py's tables
-(tests/test_reproduce.py), tools/tsne.py (tests/test_tsne.py), installation and benchmarks.
+(tests/test_reproduce.py), tools/tsne.py (tests/test_tsne.py), installation and benchmarks. Of
+docs/reproduce.md's SLURM section: the worked example's commands, against a fake sbatch
+(tests/test_reproduce_slurm.py), and the multi-node torchrun line, read by torchrun's own parser.
 """
 import os
 import re
 import shlex
+import subprocess
 import sys
 
 import pytest
 import torch
 
 import fixtures
+import reproduce
 import gen_pseudolabels
 import pretrain_moco
 import pretrain_rot
 import train
 import train_semi
+import train_ssl
 import train_stage2
 from fixtures import REPO
 from models import build_model
+from test_reproduce_slurm import fake_slurm  # noqa: F401 (a fixture: sbatch, srun, squeue on PATH)
 
 SCRIPTS = {'train.py': train, 'gen_pseudolabels.py': gen_pseudolabels, 'train_semi.py': train_semi,
-           'pretrain_rot.py': pretrain_rot, 'pretrain_moco.py': pretrain_moco, 'train_stage2.py': train_stage2}
+           'pretrain_rot.py': pretrain_rot, 'pretrain_moco.py': pretrain_moco, 'train_stage2.py': train_stage2,
+           'train_ssl.py': train_ssl}
 SHORT = ['--epochs', '1']
 
 
@@ -80,6 +87,39 @@ def test_make_demo(cwd, monkeypatch):
         assert (cwd / 'checkpoint' / name / 'ckpt.pth.tar').is_file(), name
 
 
+SET_UP = [['python3', '-m', 'venv', '.venv', '&&', '.venv/bin/pip', 'install', '-r', 'requirements.txt'],
+          ['source', '.venv/bin/activate']]
+
+
+def test_readme_quick_start_runs_in_a_shell_after_the_two_set_up_commands(tmp_path):
+    """The Quick start's commands as written, in bash, after only its two set-up commands: the trial's shell had
+    a `python` without torch, so `python pretrain_rot.py ...` ended in a ModuleNotFoundError traceback. Here
+    `python` on the PATH is not the project's either; the first set-up command's result (.venv) is the
+    project's environment, linked, and the second runs as written. --epochs 1 and the 40-per-class digits (a
+    sitecustomize on PYTHONPATH) keep it short."""
+    with open(os.path.join(REPO, 'README.md')) as f:
+        quick = f.read().split('## Quick start', 1)[1].split('\n## ', 1)[0]
+    blocks = [[shlex.split(line, comments=True) for line in body.replace('\\\n', ' ').splitlines()]
+              for body in re.findall(r'```bash\n(.*?)```', quick, flags=re.S)]
+    assert [w for w in blocks[0] if w] == SET_UP
+    commands = [w for block in blocks[1:] for w in block if w and w[0] == 'python']
+    assert [w[1] for w in commands] == ['pretrain_rot.py', 'train.py']
+    for name in os.listdir(REPO):
+        if name not in ('.git', 'log', 'checkpoint', 'data', 'hooks'):
+            os.symlink(os.path.join(REPO, name), tmp_path / name)
+    script = '\n'.join(['set -e', shlex.join(SET_UP[1])] + [shlex.join(w + ['--epochs', '1']) for w in commands])
+    hooks = tmp_path / 'hooks'
+    hooks.mkdir()
+    (hooks / 'sitecustomize.py').write_text(f"import sys; sys.path[:0] = [{REPO!r}, {os.path.join(REPO, 'tests')!r}]; "
+                                            f"import fixtures; fixtures.shrink_digits(setattr)\n")
+    env = {**fixtures.script_env(), 'PATH': '/usr/bin:/bin', 'PYTHONPATH': str(hooks)}
+    env.pop('VIRTUAL_ENV', None)
+    proc = subprocess.run(['bash', '-c', script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert 'loaded 186 backbone tensors from rotation/supervised checkpoint' in proc.stdout
+    assert 'cls num list (labels unused): [30, ' in proc.stdout  # the small digits
+
+
 def test_readme_offline_ssp(cwd, small_digits, capsys):
     """README quick start: rotation SSP on digits, then train.py from the checkpoint path it names."""
     (rot,) = script_commands('README.md', 'pretrain_rot.py', ['digits'])
@@ -101,6 +141,17 @@ def test_semi_md_offline_digits(cwd, small_digits):
     assert (cwd / 'data' / 'pseudo_labeled_digits.pickle').is_file() and (cwd / 'data' / 'prediction.log').is_file()
     run('train_semi.py', semi)
     assert (cwd / 'checkpoint' / 'digits_resnet32_CE_None_exp_0.01_0.01_semi' / 'ckpt.pth.tar').is_file()
+
+
+def test_ltssl_md_offline_digits(cwd, small_digits, one_thread):
+    """docs/ltssl.md's digits miniature command, then -e on its checkpoint; a smaller split for the small digits
+    (30 pool images per digit) and 2 steps."""
+    (mini,) = script_commands('docs/ltssl.md', 'train_ssl.py', ['digits'])
+    run('train_ssl.py', mini, extra=('--epochs', '1', '--eval_step', '2', '--num_max', '12', '--num_max_u', '16'))
+    ckpt = cwd / 'checkpoint' / 'digits_resnet20_fixmatch_abc_N12_M16_0.1_0.1_usb_ssl' / 'ckpt.pth.tar'
+    assert ckpt.is_file()
+    run('train_ssl.py', mini, extra=('--epochs', '1', '--num_max', '12', '--num_max_u', '16', '--resume', str(ckpt),
+                                     '-e'))
 
 
 def test_moco_md_offline_digits(cwd, small_digits):
@@ -197,9 +248,10 @@ def test_readme_flags_of_train_py(cwd, small_digits, capsys):
                        '--wd', '1e-3']) == 0
     out = capsys.readouterr().out
     assert 'cls num list: [30, 30, 30, 30, 30, 3, 3, 3, 3, 3]' in out
-    # 165 images in batches of 64: three steps, each printed, all in epoch 1
+    # 165 images in batches of 64: three steps, each printed, all in the second of two epochs (the console
+    # counts from 1; log_train.csv keeps the original's 0-based [1])
     steps = [line.split('\t')[0] for line in out.splitlines() if line.startswith('Epoch: ')]
-    assert steps == [f'Epoch: [1][{s}/3], lr: 0.02000' for s in (1, 2, 3)]
+    assert steps == [f'Epoch: [2/2][{s}/3], lr: 0.02000' for s in (1, 2, 3)]
     ckpt = torch.load('checkpoint/digits_resnet32_CE_None_step_0.1_ss_pretrained/ckpt.pth.tar', map_location='cpu',
                       weights_only=True)
     assert ckpt['epoch'] == 2
@@ -207,28 +259,30 @@ def test_readme_flags_of_train_py(cwd, small_digits, capsys):
     assert (group['lr'], group['momentum'], group['weight_decay']) == (0.02, 0.5, 1e-3)
 
 
-def test_readme_own_data_worked_example(cwd, monkeypatch, capsys):
-    """README "Your own data": digits written as a folder, then train.py, -e, gen_pseudolabels.py, train_semi.py,
-    pretrain_rot.py and the SSP fine-tuning, pretrain_moco.py and its fine-tuning, cRT, each as written. 100 digits per class (10 of them val) keep
-    60 labeled training images per class after --unlabeled 30."""
+def test_own_data_worked_example(cwd, monkeypatch, capsys):
+    """docs/own_data.md's worked example: digits written as a folder, then train.py, -e, gen_pseudolabels.py,
+    train_semi.py, pretrain_rot.py and the SSP fine-tuning, pretrain_moco.py and its fine-tuning, cRT, each as
+    written. 141 digits per class (10 of them val, 30 moved to unlabeled/) keep 101 labeled training images
+    per class, so that --imb_factor 0.01 leaves the last class one."""
     sys.path.insert(0, os.path.join(REPO, 'tools'))
     import digits_folder
-    fixtures.shrink_digits(monkeypatch.setattr, per_class=100, test_per_class=10)
-    tool = [w[2:] for w in documented('README.md') if w[:2] == ['python', 'tools/digits_folder.py']]
+    fixtures.shrink_digits(monkeypatch.setattr, per_class=141, test_per_class=10)
+    tool = [w[2:] for w in documented('docs/own_data.md') if w[:2] == ['python', 'tools/digits_folder.py']]
     assert len(tool) == 1 and digits_folder.main(tool[0]) == 0
-    commands = [(w[1], w[2:]) for w in documented('README.md') if w[0] == 'python' and '--dataset' in w
+    commands = [(w[1], w[2:]) for w in documented('docs/own_data.md') if w[0] == 'python' and '--dataset' in w
                 and w[w.index('--dataset') + 1] == 'folder']
     assert [script for script, _ in commands] == ['train.py', 'train.py', 'gen_pseudolabels.py', 'train_semi.py',
                                                   'pretrain_rot.py', 'train.py', 'pretrain_moco.py', 'train.py',
                                                   'train_stage2.py']
-    moco = {'data/folder/checkpoint/moco_ckpt_0030.pth.tar': 'data/folder/checkpoint/moco_ckpt_0001.pth.tar'}  # SHORT
+    moco = {'data/folder-digits-folder/checkpoint/moco_ckpt_0030.pth.tar':
+            'data/folder-digits-folder/checkpoint/moco_ckpt_0001.pth.tar'}  # SHORT
     for script, argv in commands:
         run(script, argv, extra=() if script == 'gen_pseudolabels.py' or '-e' in argv else SHORT, **moco)
     out = capsys.readouterr().out
-    assert '10 classes, 600 training and 100 val images of 32x32 px' in out
+    assert '10 classes, 1010 training and 100 val images of 32x32 px' in out
     assert 'wrote 300 pseudo-labels' in out and 'backbone tensors from rotation/supervised checkpoint' in out
     assert 'backbone tensors from MoCo checkpoint' in out and '=> cRT: features frozen' in out
-    assert (cwd / 'checkpoint' / 'folder_resnet32_CE_None_exp_0.01_0.01_semi' / 'ckpt.pth.tar').is_file()
+    assert (cwd / 'checkpoint' / 'folder-digits-folder_resnet32_CE_None_exp_0.01_0.01_semi' / 'ckpt.pth.tar').is_file()
 
 
 def _store_names(paths, pretrained):
@@ -242,10 +296,69 @@ def _store_names(paths, pretrained):
 
 @pytest.mark.parametrize('doc', [
     'README.md',
-    'docs/moco.md'])
+    'docs/moco.md',
+    'docs/own_data.md'])
 def test_fine_tuning_from_ssp_gets_its_own_run_folder(doc):
     """A documented SSP fine-tuning run must not write into the folder of a documented plain run (the
     second would replace the first's checkpoints and add to its logs), here or in README.md."""
-    plain = _store_names(['README.md', 'docs/semi.md'], pretrained=False)
+    plain = _store_names(['README.md', 'docs/semi.md', 'docs/baselines.md', 'docs/own_data.md'], pretrained=False)
     clashes = {name: argv for name, argv in _store_names([doc], pretrained=True).items() if name in plain}
     assert not clashes
+
+
+def _slurm_section():
+    """docs/reproduce.md's `python reproduce.py` commands of its SLURM section, and its other commands."""
+    with open(os.path.join(REPO, 'docs', 'reproduce.md')) as f:
+        text = f.read()
+    section = text[text.index('### SLURM: `--launcher slurm`'):text.index('### The miniature')]
+    commands = []
+    for body in re.findall(r'```bash\n(.*?)```', section, flags=re.S):
+        for line in body.replace('\\\n', ' ').splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                commands.append(words)
+    return commands
+
+
+def test_reproduce_md_slurm_worked_example(cifar_data, fake_slurm, capsys):
+    """docs/reproduce.md "SLURM", as written (one seed, --seeds 0 appended, for time): the dry run prints
+    every job, the submission queues one job per stage and the results job, --status prints each stage."""
+    slurm = [w[2:] for w in _slurm_section() if w[:2] == ['python', 'reproduce.py'] and 'slurm' in w]
+    assert [('--dry-run' in a, '--status' in a) for a in slurm] == [(True, False), (False, False), (False, True)]
+    dry, submit, status = ([*a, '--seeds', '0'] for a in slurm)
+    assert reproduce.main(dry) == 0
+    out = capsys.readouterr().out
+    assert out.count('# stage ') == 15 and out.count('; job: 1 GPU, time 1440 min, partition gpu, cpus-per-task 8, '
+                                                      'mem 32G') == 15
+    assert reproduce.main(submit) == 0
+    assert '15 job(s) submitted, 0 already queued' in capsys.readouterr().out
+    assert sorted(os.listdir(fake_slurm)) == sorted(['calls', 'next', *(f'job{n}.sh' for n in range(100, 116))])
+    assert reproduce.main(status) == 0
+    assert capsys.readouterr().out.rstrip().endswith('15 stages: 15 to submit; the same command without --status '
+                                                     'runs what is neither done nor queued')  # no squeue lists them
+
+
+def test_reproduce_md_multi_node_torchrun_parses():
+    """The multi-node job script's torchrun line: its flags as torchrun reads them, the script's as it does."""
+    from torch.distributed.run import get_args_parser
+    (srun,) = [w for w in _slurm_section() if w[:2] == ['srun', 'torchrun']]
+    args = get_args_parser().parse_args(shlex.split(' '.join(srun[2:]).replace('<ImageNet root>', 'IN')))
+    assert (args.nnodes, args.nproc_per_node, args.rdzv_backend, args.shutdown_timeout) == ('2', '8', 'c10d', 300)
+    assert args.rdzv_endpoint == '$head:29500' and args.training_script == 'pretrain_moco.py'
+    moco = pretrain_moco.build_parser().parse_args(args.training_script_args)
+    assert (moco.dataset, moco.batch_size) == ('imagenet', 128)  # a node's batch: 16 per GPU, as the recipe's
+
+
+def test_every_reproduce_md_command_parses():
+    """Each `python reproduce.py` command of docs/reproduce.md, its placeholders filled: reproduce.py's
+    parser takes it, with a known table and launcher."""
+    from repro import command
+    from repro.tables import TABLES
+    with open(os.path.join(REPO, 'docs', 'reproduce.md')) as f:
+        found = [shlex.split(re.sub(r'<[^>]*>', 'PLACE', line), comments=True)[2:] for line in f
+                 if line.startswith('python reproduce.py')]
+    assert len(found) >= 20
+    for argv in found:
+        args = command.build_parser().parse_args(argv)
+        assert args.table in TABLES and command.parse_launcher(args.launcher)[0] in ('local', 'slurm',
+                                                                                  'submitit-local')

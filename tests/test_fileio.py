@@ -74,3 +74,15 @@ def test_run_lock_refuses_live_owner_and_takes_over_stale(tmp_path):
     lock = RunLock(str(tmp_path)).acquire()
     assert lock.held
     lock.release()
+
+
+# ------------------------------------------------------------------ file modes (was in test_pinned.py)
+
+def test_atomic_writes_get_the_mode_of_any_new_file(tmp_path):
+    from fileio import atomic_write_bytes
+    umask = os.umask(0)
+    os.umask(umask)
+    atomic_write_bytes(str(tmp_path / 'ckpt.pth.tar'), b'x')
+    with open(tmp_path / 'plain', 'wb') as f:  # what the original's torch.save(state, filename) gets
+        f.write(b'x')
+    assert os.stat(tmp_path / 'ckpt.pth.tar').st_mode == os.stat(tmp_path / 'plain').st_mode

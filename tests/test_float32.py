@@ -109,6 +109,13 @@ def test_pseudo_labels_are_float32_by_default(bf16_run, monkeypatch):
     assert dtypes and set(dtypes) == {torch.bfloat16}
 
 
+def _precisions():
+    """cuDNN convolutions', cuDNN RNNs' and matmuls' float32 precision, and the legacy cuDNN flag, which
+    raises where convolutions and RNNs disagree (so that code reading it would crash)."""
+    b = torch.backends
+    return b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision, b.cuda.matmul.fp32_precision, b.cudnn.allow_tf32
+
+
 class _Probe(nn.Module):
     """Records the float32 precision that convolutions and matmuls are set to while it runs."""
 
@@ -118,20 +125,34 @@ class _Probe(nn.Module):
         self.seen = []
 
     def forward(self, x):
-        self.seen.append((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
+        self.seen.append(_precisions())
         return self.fc(x)
 
 
+def test_exact_float32_from_a_state_another_library_mixed_up():
+    cudnn = torch.backends.cudnn
+    try:
+        cudnn.conv.fp32_precision = 'ieee'  # the new API on convolutions alone: the legacy getter raises
+        with pytest.raises(RuntimeError, match='mix of the legacy and new APIs'):
+            _precisions()
+        with engine.exact_float32():
+            assert _precisions() == ('ieee', 'ieee', 'ieee', False)
+        assert (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision) == ('ieee', 'tf32')
+    finally:
+        cudnn.allow_tf32 = True  # torch's defaults: 'tf32' for both, the legacy flag on
+    assert _precisions()[:2] == ('tf32', 'tf32') and cudnn.allow_tf32
+
+
 def test_tf32_is_off_inside_evaluation_and_prediction_only():
-    before = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    before = _precisions()
     probe = _Probe()
     data = list(DataLoader(torch.utils.data.TensorDataset(torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])),
                            batch_size=3))
     cpu = torch.device('cpu')
     engine.evaluate(probe, nn.CrossEntropyLoss(), data, cpu, 3)
     outputs, targets = engine.predict(probe, data, cpu)
-    assert probe.seen == [('ieee', 'ieee')] * 4
-    assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before
+    assert probe.seen == [('ieee', 'ieee', 'ieee', False)] * 4
+    assert _precisions() == before
     assert outputs.dtype == torch.float32 and outputs.shape == (6, 3) and targets.tolist() == [0, 1, 2, 0, 1, 2]
     with torch.no_grad():
         torch.testing.assert_close(outputs, probe.fc(torch.cat([x for x, _ in data])))

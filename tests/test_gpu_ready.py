@@ -27,7 +27,10 @@ import contextlib
 import functools
 import inspect
 import os
+import sys
+import threading
 import traceback
+import types
 import unittest.mock
 
 import numpy as np
@@ -47,9 +50,10 @@ import pretrain_rot
 import train
 import train_semi
 import trainer
-from dataset import digits
+from dataset import DATASETS, digits
 from errors import UserError
 from fixtures import REPO
+from imagenet_inat import layout
 from losses import build_criterion
 from models import build_model
 from moco.builder import MoCo
@@ -133,6 +137,79 @@ def test_gpu_without_kernels_and_gpu_beyond_the_count_stop_train_before_writing(
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err == ("error: --gpu 3 does not exist: this machine shows 1 GPU(s), --gpu 0 to 0 "
                                          "(CUDA_VISIBLE_DEVICES renumbers them from 0)")
+    assert not (tmp_path / 'log').exists() and not (tmp_path / 'ckpt').exists()
+
+
+R535 = 'NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.154.05  Thu Dec 28 15:37:48 UTC 2023\nGCC version:  gcc\n'
+R580_OPEN = 'NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build  (dvs-builder@U16)\n'
+
+
+def no_usable_gpu(monkeypatch, tmp_path, version_text=None, cuda='13.0', control_device=True):
+    """A machine with an NVIDIA driver (its /proc version file, its control device) whose GPUs torch cannot use."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.version, 'cuda', cuda)
+    version = tmp_path / 'nvidia_version'
+    if version_text is not None:
+        version.write_text(version_text)
+    control = tmp_path / 'nvidiactl'
+    if control_device:
+        control.write_text('')
+    monkeypatch.setattr(dist, 'NVIDIA_VERSION_FILE', str(version))
+    monkeypatch.setattr(dist, 'NVIDIA_CONTROL_DEVICE', str(control))
+
+
+@pytest.mark.parametrize('text,cuda,visible,expected', [
+    # the pinned cu130 wheel on a CUDA 12 driver: torch.cuda.is_available() is False, with a warning at most
+    (R535, '13.0', None, 'the NVIDIA driver 535.154.05 is older than this PyTorch (2.14.1+cu130) needs for its CUDA '
+                         '13.0 (driver 580 or later), so torch cannot use the GPU: install a cu12x wheel of PyTorch '
+                         '(docs/gpu.md) or a newer driver, or set CUDA_VISIBLE_DEVICES= to train on the CPU on purpose'),
+    (R535.replace('535.154.05', '440.33.01'), '13.0', None, 'install a newer driver, or set CUDA_VISIBLE_DEVICES='),
+    (R535, None, None, 'driver 535.154.05 but this PyTorch (2.14.1+cu130) is a CPU-only build: install a CUDA build'),
+    # a new enough driver (the open modules' line): no GPU granted to the job, or the index does not exist
+    (R580_OPEN, '13.0', None, 'driver 580.65.06 but torch (2.14.1+cu130, CUDA 13.0) sees no usable GPU (none granted'),
+    (R580_OPEN, '13.0', '3', 'sees no usable GPU with CUDA_VISIBLE_DEVICES=3 (none granted'),
+    (None, '13.0', None, 'NVIDIA driver (version unknown) but torch'),  # /dev/nvidiactl only (a container)
+    (R535, '13.0', '', None),   # hidden on purpose: the CPU
+    (R535, '13.0', '-1', None),
+])
+def test_gpu_that_torch_cannot_use_is_refused_unless_hidden_on_purpose(monkeypatch, tmp_path, text, cuda, visible,
+                                                                        expected):
+    no_usable_gpu(monkeypatch, tmp_path, text, cuda)
+    monkeypatch.setattr(torch, '__version__', '2.14.1+cu130')
+    if visible is None:
+        monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
+    else:
+        monkeypatch.setenv('CUDA_VISIBLE_DEVICES', visible)
+    if expected is None:
+        assert dist.setup().device == torch.device('cpu')
+        return
+    with pytest.raises(UserError) as e:
+        dist.setup()
+    assert expected in str(e.value) and '\n' not in str(e.value)
+
+
+def test_no_nvidia_driver_is_a_cpu_machine(monkeypatch, tmp_path):
+    no_usable_gpu(monkeypatch, tmp_path, None, control_device=False)
+    monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
+    assert dist.setup().device == torch.device('cpu') and dist.visible_gpus() == 0
+
+
+@pytest.mark.parametrize('script', ['train', 'pretrain_moco'])
+def test_old_driver_stops_a_run_in_one_line_before_writing(tmp_path, monkeypatch, capsys, script):
+    fixtures.shrink_digits(monkeypatch.setattr)
+    no_usable_gpu(monkeypatch, tmp_path, R535)
+    monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
+    import cli
+    if script == 'train':
+        main, argv = train.main, ['--dataset', 'digits', '--data_path', str(tmp_path / 'data'), '--root_log',
+                                  str(tmp_path / 'log'), '--root_model', str(tmp_path / 'ckpt'), '--epochs', '1', '-j', '0']
+    else:  # refused before the launch layout is chosen (one CPU process otherwise)
+        main, argv = pretrain_moco.main, ['--dataset', 'digits', '--root_path', str(tmp_path / 'log'), '--epochs', '1',
+                                          '--moco-k', '64', '-b', '16', '-j', '0']
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and 'driver 535.154.05 is older than' in err[0], err
     assert not (tmp_path / 'log').exists() and not (tmp_path / 'ckpt').exists()
 
 
@@ -395,7 +472,59 @@ def test_classic_loaders_pin_host_batches_on_cuda_only(semi_digits, monkeypatch)
         assert train_loader.pin_memory is pinned and val_loader.pin_memory is pinned
 
 
-# ---------------------------------------------------------------- policies: SyncBatchNorm, cuDNN
+@pytest.mark.parametrize('world,batch,extra,per_rank', [(4, 128, (), 32), (3, 128, (), None), (2, 1, (), None),
+                                                         (3, 128, ('-e',), 42)])  # -e trains nothing
+def test_batch_that_does_not_divide_over_the_ranks_is_refused(semi_digits, monkeypatch, world, batch, extra, per_rank):
+    """-b is the batch of all processes: 128 on 3 GPUs would train 3 x 42 = 126, another lr / batch ratio."""
+    args, exp = _captured_experiment(monkeypatch, train, _digits_argv(semi_digits, '--loader', 'torchvision', '-j', '0',
+                                                                       '-b', str(batch), *extra))
+    if per_rank is None:
+        with pytest.raises(UserError, match=rf'^-b {batch} is the batch of all {world} processes and must divide '
+                                            rf'evenly over them .*e.g. -b {batch - batch % world or world}$'):
+            trainer._loaders(args, exp, 0, 0, world, torch.device('cpu'))
+    else:
+        assert trainer._loaders(args, exp, 0, 0, world, torch.device('cpu'))[0].batch_size == per_rank
+
+
+@pytest.mark.parametrize('local,batch,ok', [('2', 128, True), ('3', 128, False), ('3', 129, True)])
+def test_moco_batch_under_torchrun_must_divide_over_the_nodes_processes(monkeypatch, local, batch, ok):
+    monkeypatch.setenv('RANK', '0')
+    monkeypatch.setenv('WORLD_SIZE', local)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', local)
+    args = pretrain_moco.resolve_args(pretrain_moco.build_parser().parse_args(
+        ['--dataset', 'digits', '-b', str(batch), '--moco-k', str(batch * 8)]))
+    layout = pretrain_moco.launch_layout(1, (int(local), int(local)), True, 1, batch)
+    if ok:
+        pretrain_moco.check_layout(args, layout)
+    else:
+        with pytest.raises(UserError, match=f'-b {batch} is the batch of one node and must divide evenly over its '
+                                            f'{local} processes'):
+            pretrain_moco.check_layout(args, layout)
+
+
+# ---------------------------------------------------------------- policies: loader workers, SyncBatchNorm, cuDNN
+
+STREAMED = types.SimpleNamespace(transform=lambda train: None)  # a folder above 64 px: images read from their files
+
+
+@pytest.mark.parametrize('cores,local,info,flag,train_workers,moco_workers', [
+    (2, '1', None, (), 4, 32),         # this 2-core machine: the scripts' own defaults
+    (2, '8', STREAMED, (), 1, 4),      # 4 and 32 per node over 8 processes
+    (64, '8', None, (), 7, 7),         # 8 H100s, 64 cores: 7 workers each (~300 JPEGs/s per worker)
+    (96, '1', STREAMED, (), 95, 95),   # one process (DataParallel's, or --gpu)
+    (96, '8', 'digits', (), 4, 11),    # images held in memory: train.py keeps the original's 4
+    (96, '8', None, ('-j', '16'), 16, 2),  # an explicit -j: per process (train.py), per node (MoCo, as the original)
+])
+def test_jpeg_loader_workers_default_from_the_cores_each_process_may_use(monkeypatch, cores, local, info, flag,
+                                                                           train_workers, moco_workers):
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', local)
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(cores)))
+    args = train.build_parser().parse_args(['--dataset', 'digits', *flag])
+    assert trainer.loader_workers(args, DATASETS['digits'] if info == 'digits' else info) == train_workers
+    margs = pretrain_moco.build_parser().parse_args(['--dataset', 'digits', *flag])
+    assert pretrain_moco.loader_workers(margs) == moco_workers
+
+
 
 @pytest.mark.parametrize('device,world,flag,synced', [
     (CUDA, 2, (), True),                    # torchrun on GPUs: BatchNorm sees the batch of all processes
@@ -417,12 +546,153 @@ def test_sync_batchnorm_under_torchrun_on_gpus_by_default(device, world, flag, s
     assert set(placed.state_dict()) == keys
 
 
-@pytest.mark.parametrize('seed,deterministic,benchmark', [(None, False, True), (0, True, False)])
-def test_cudnn_benchmark_without_seed_deterministic_with_it(monkeypatch, seed, deterministic, benchmark):
+class _RecordingDDP(torch.nn.Module):
+    """DistributedDataParallel's place in the run, without a process group: records what it wraps."""
+    wrapped = []
+
+    def __init__(self, module, device_ids=None):
+        super().__init__()
+        self.module = module
+        _RecordingDDP.wrapped.append(type(module).__name__)
+
+    def forward(self, *inputs, **kwargs):
+        return self.module(*inputs, **kwargs)
+
+
+def test_compile_wraps_the_ddp_model_not_the_other_way_round(tmp_path, monkeypatch):
+    """PyTorch's DDP + torch.compile notes: compile the DDP-wrapped model (DDPOptimizer splits its graph at
+    the gradient buckets); a model compiled first, then wrapped, hides its parameters' hooks from DDP."""
+    fixtures.shrink_digits(monkeypatch.setattr)
+    monkeypatch.setattr(dist, 'setup', lambda gpu=None: dist.ProcessContext(0, 2, 0, torch.device('cpu')))
+    monkeypatch.setattr(torch.nn.parallel, 'DistributedDataParallel', _RecordingDDP)
+    monkeypatch.setattr(_RecordingDDP, 'wrapped', [])
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, 'compile', lambda self, *a, **k: compiled.append(type(self).__name__))
+    assert train.main(_digits_argv(tmp_path, '--epochs', '1', '-j', '0', '--compile', '--root_log',
+                                   str(tmp_path / 'log'), '--root_model', str(tmp_path / 'ckpt'))) == 0
+    assert _RecordingDDP.wrapped == ['ResNetCifar'] and compiled == ['_RecordingDDP']
+
+
+@pytest.mark.parametrize('sync_bn', [True, False])
+def test_compile_is_skipped_with_a_notice_where_syncbatchnorm_would_break_every_graph(monkeypatch, capsys, sync_bn):
+    model = build_model('resnet32', 10)
+    if sync_bn:  # what place_model makes under torchrun on GPUs
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, 'compile', lambda self, *a, **k: compiled.append(self))
+    assert trainer.compile_in_place(model) is not sync_bn
+    assert compiled == ([] if sync_bn else [model])
+    out = capsys.readouterr().out
+    assert ('=> --compile skipped: torch.compile would break the graph at the 31 SyncBatchNorm layers'
+            in out) is sync_bn and ('--no-sync-bn compiles' in out) is sync_bn
+
+
+@pytest.mark.parametrize('argv,deterministic,benchmark', [
+    ([], False, True), (['--seed', '0'], True, False),
+    (['--seed', '0', '--cudnn-benchmark'], False, True), (['--no-cudnn-benchmark'], True, False)])
+def test_cudnn_benchmark_without_seed_deterministic_with_it(monkeypatch, argv, deterministic, benchmark):
     monkeypatch.setattr(torch.backends.cudnn, 'deterministic', not deterministic)
     monkeypatch.setattr(torch.backends.cudnn, 'benchmark', not benchmark)
-    trainer.seed(train.build_parser().parse_args([] if seed is None else ['--seed', str(seed)]))
+    trainer.seed(train.build_parser().parse_args(argv))
     assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (deterministic, benchmark)
+
+
+@pytest.mark.parametrize('table,benchmarked', [('imagenet-lt', {'pretrain_moco': 2, 'imagenet_inat.main': 10}),
+                                               ('inat', {'pretrain_moco': 2, 'imagenet_inat.main': 10}),
+                                               ('cifar10-ssp', {})])
+def test_reproduce_benchmarks_cudnn_in_its_resnet50_stages_only(monkeypatch, capsys, tmp_path, table, benchmarked):
+    """reproduce.py always passes --seed, which alone keeps cuDNN deterministic and unsearched: for the ResNet-50
+    stages (MoCo, imagenet_inat, where GPU bit-exactness is not claimed) it asks for the benchmark search."""
+    import importlib
+    import shlex
+    import reproduce
+    from repro import scripts
+    for flag in ('deterministic', 'benchmark'):
+        monkeypatch.setattr(torch.backends.cudnn, flag, torch.backends.cudnn.benchmark)  # restored afterwards
+    assert reproduce.main(['--table', table, '--seeds', '0', '1', '--out', str(tmp_path), '--dry-run']) == 0
+    seen = collections.Counter()
+    for line in capsys.readouterr().out.splitlines():
+        if not line or line.startswith('#'):
+            continue
+        cmd = shlex.split(line)
+        start = cmd.index('-m') + 1 if '-m' in cmd else next(i for i, w in enumerate(cmd) if w.endswith('.py'))
+        module, argv = os.path.basename(cmd[start]).removesuffix('.py'), cmd[start + 1:]
+        spec = scripts.SCRIPTS['imagenet_inat' if module == 'imagenet_inat.main' else module + '.py']
+        args = getattr(importlib.import_module(spec.module), spec.parser)().parse_args(argv)
+        if not hasattr(args, 'cudnn_benchmark'):
+            continue  # gen_pseudolabels.py: no training, no cuDNN policy
+        assert args.seed in (0, 1)
+        trainer.seed(args)
+        if torch.backends.cudnn.benchmark:
+            seen[module] += 1
+        assert torch.backends.cudnn.deterministic is not torch.backends.cudnn.benchmark
+    assert dict(seen) == benchmarked
+
+
+# ---------------------------------------------------------------- DataParallel (imagenet_inat's plain multi-GPU run)
+
+def _data_parallel(monkeypatch, module, gpus=2):
+    """imagenet_inat's DataParallel over `gpus` fake GPUs, and torch.accelerator described so that torch's own
+    parallel_apply runs here: a thread per replica, entering autocast as it does on CUDA."""
+    fake_gpu(monkeypatch, count=gpus)
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, 'get_device_properties',
+                        lambda device=None: types.SimpleNamespace(total_memory=80 << 30, multi_processor_count=132))
+    for attr, value in {'is_available': lambda: True, 'current_accelerator': lambda *a: torch.device('cuda'),
+                        'current_stream': lambda *a: contextlib.nullcontext(),
+                        'device_index': lambda *a: contextlib.nullcontext()}.items():
+        monkeypatch.setattr(torch.accelerator, attr, value)
+    return layout.DataParallel(module, device_ids=list(range(gpus)))
+
+
+class _AutocastProbe(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append((threading.current_thread() is not threading.main_thread(),
+                          torch.is_autocast_enabled('cuda'), torch.get_autocast_dtype('cuda')))
+        return x
+
+
+@pytest.mark.parametrize('amp', [True, False])
+def test_dataparallel_replicas_run_under_the_callers_bf16_autocast(monkeypatch, amp):
+    """torch's parallel_apply enters autocast in each replica's thread without a dtype: float16 on CUDA,
+    without a loss scaler. The replicas must compute in the training step's bf16 (or float32 without --amp)."""
+    probe = _AutocastProbe()
+    dp = _data_parallel(monkeypatch, probe)
+    with torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
+        dp.parallel_apply([probe, probe], [(torch.ones(2),), (torch.ones(2),)], [{}, {}])
+    assert probe.seen == [(True, amp, torch.bfloat16)] * 2
+
+
+def _nchw_broadcast(tensors, devices, detach=False):
+    """What replicate's coalesced broadcast gives on GPUs (torch/csrc/cuda/comm.cpp): the tensors themselves
+    for the first device, and for the others views of one flat copy, contiguous (NCHW), still differentiable."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+    if not tensors:
+        return []
+    copies = [list(tensors)] + [list(_unflatten_dense_tensors(_flatten_dense_tensors(tensors), tensors))
+                                for _ in devices[1:]]
+    return [[t.detach() for t in c] for c in copies] if detach else copies
+
+
+def test_dataparallel_replicas_keep_channels_last_weights(monkeypatch):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 2)).to(memory_format=torch.channels_last)
+    monkeypatch.setattr(sys.modules['torch.nn.parallel.replicate'], '_broadcast_coalesced_reshape', _nchw_broadcast)
+    dp = _data_parallel(monkeypatch, model)
+    plain = torch.nn.DataParallel.replicate(dp, model, [0, 1])
+    assert not plain[1][0].weight.is_contiguous(memory_format=torch.channels_last)  # the stand-in shows the defect
+    replicas = dp.replicate(model, [0, 1])
+    for replica in replicas:
+        assert replica[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert replica[3].weight.shape == (2, 144)  # 2-D weights as they were
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(replicas[1](x), model(x))
+    replicas[1](x).sum().backward()  # the replica's gradient reaches the module's weights
+    assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
 
 
 class _Fixed(torch.nn.Module):

@@ -409,7 +409,7 @@ def test_torchrun_two_processes_match_a_single_process_evaluation(world, tmp_pat
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # 9 global steps of 16 = 2 ranks x 8, printed by rank 0 only
-    assert proc.stdout.count(f'Epoch: [0][{STEPS}/{STEPS}]') == 1
+    assert proc.stdout.count(f'Epoch: [1/1][{STEPS}/{STEPS}]') == 1  # the console's epochs count from 1
     sharded = json.loads((tmp_path / 'ddp' / 'results_test.json').read_text())
     assert ii_main.main(argv(world, cfg, '--test', '--model_dir', str(tmp_path / 'ddp'),
                              '--log_dir', str(tmp_path / 'single'))) == 0
@@ -430,10 +430,15 @@ def test_torchrun_two_processes_match_a_single_process_evaluation(world, tmp_pat
     np.testing.assert_allclose(two['feats'], one['feats'], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('local, flag, workers', [('1', (), 12), ('8', (), 2), ('5', (), 3), ('8', ('-j', '7'), 7)])
-def test_config_workers_are_shared_by_a_nodes_processes(world, monkeypatch, local, flag, workers):
-    """The shipped configs' 12 workers fed the original's one process; 8 torchrun processes get 2 each."""
+@pytest.mark.parametrize('cores, local, flag, workers', [
+    (2, '1', (), 12), (2, '8', (), 2), (2, '5', (), 3), (2, '8', ('-j', '7'), 7),
+    # a GPU node: every core decodes (~300 JPEGs/s each; docs/gpu.md), one left to each process
+    (64, '8', (), 7), (64, '1', (), 63), (96, '8', (), 11), (96, '8', ('-j', '3'), 3), (16, '8', (), 2)])
+def test_config_workers_are_shared_by_a_nodes_processes(world, monkeypatch, cores, local, flag, workers):
+    """The shipped configs' 12 workers fed the original's one process; 8 torchrun processes get 2 each, or
+    their share of the node's cores less one where that is more."""
     monkeypatch.setenv('LOCAL_WORLD_SIZE', local)
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(cores)))
     args = ii_main.build_parser().parse_args(['--cfg', 'imagenet_inat/config/ImageNet_LT/cls_crt.yaml',
                                               '--data_root', world['images'], *flag])
     assert ii_main.load_stage(args).num_workers == workers
@@ -697,12 +702,47 @@ def test_class_aware_cycles_continue_across_epochs_and_resume_at_any_epoch(world
 
 def test_val_as_train_trains_on_the_val_split(world, tmp_path):
     cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', sampler=False, batch=6))
-    assert ii_main.main(argv(world, cfg, '--model_dir', world['moco'], '--val_as_train')) == 0
+    assert ii_main.main(argv(world, cfg, '--model_dir', world['moco'], '--val_as_train', '--overwrite')) == 0
     assert '=> 18 training images, batch 6: 3 steps per epoch' in log_text(tmp_path / 'run')
     results = json.loads((tmp_path / 'run' / 'results_test.json').read_text())
     # the original's shot groups count the training phase's images: 6 per class, all few-shot
     assert results['train_class_counts'] == [6, 6, 6]
     assert results['many_shot'] is None and results['medium_shot'] is None and results['few_shot'] is not None
+
+
+def test_the_same_command_again_resumes_a_stopped_stage_and_keeps_a_finished_one(world, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """rerun.py for imagenet_inat: after a stop, the same command resumes the stage (and ends as the
+    uninterrupted stage 1); once the stage is finished it is refused, and --overwrite runs it anew."""
+    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', sampler=False, epochs=2, batch=BATCH))
+    command = argv(world, cfg, '--model_dir', world['moco'])
+    import engine
+    real, calls = engine.classify, []
+
+    def classify_then_sigint(model, images, targets):
+        calls.append(1)
+        if len(calls) == STEPS + 4:  # step 4 of epoch 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(model, images, targets)
+    with monkeypatch.context() as m:
+        m.setattr(engine.train_one_epoch, '__kwdefaults__',
+                  {**engine.train_one_epoch.__kwdefaults__, 'forward': classify_then_sigint})
+        assert ii_main.main(command) == 128 + signal.SIGINT
+    capsys.readouterr()
+    assert ii_main.main(command) == 0
+    assert (f"=> {tmp_path / 'run'} holds an unfinished run of these flags (stopped in epoch 2 of 2 after step 4): "
+            f"resuming it") in capsys.readouterr().out
+    resumed = load(tmp_path / 'run' / 'final_model_checkpoint.pth')['state_dict_best']
+    whole = load(world['stage1'] / 'final_model_checkpoint.pth')['state_dict_best']
+    for net in ('feat_model', 'classifier'):
+        for k, v in whole[net].items():
+            assert torch.equal(resumed[net][k], v), (net, k)
+    before = {p: p.read_bytes() for p in (tmp_path / 'run').iterdir() if p.is_file()}
+    with pytest.raises(UserError, match=r'run holds a finished stage \(final_model_checkpoint.pth\); pass --overwrite'):
+        ii_main.main(command)
+    assert {p: p.read_bytes() for p in (tmp_path / 'run').iterdir() if p.is_file()} == before
+    assert ii_main.main(command + ['--overwrite']) == 0
+    assert log_text(tmp_path / 'run').count('Best validation accuracy') == 1
 
 
 def test_resume_cuts_log_txt_back_to_the_checkpoint(world, tmp_path):
@@ -842,5 +882,77 @@ def test_reproduce_checks_every_stage_of_the_inat_table_before_the_first_starts(
     assert started == []  # refused before MoCo's 200 epochs
     # on 8: seven pieces of 13 and one of 9, as DataParallel split it: the table starts with MoCo
     assert table(8) == 1
-    assert len(started) == 1 and 'pretrain_moco.py' in started[0][2] and started[0][:2] == ['torchrun',
-                                                                                              '--nproc_per_node=8']
+    assert len(started) == 1 and 'pretrain_moco.py' in started[0][4] and started[0][:4] == [
+        'torchrun', '--nproc_per_node=8', '--shutdown_timeout', '300']  # reproduce.py's torchrun grace (B3)
+
+
+# ---------------------------------------------------------------- per-data-set transforms, as the original's
+
+def _steps(transform):
+    """Each step of a Compose as (name, its parameters), lists made tuples."""
+    def params(t):
+        keys = {'RandomResizedCrop': ('size', 'scale', 'ratio', 'interpolation'), 'RandomHorizontalFlip': ('p',),
+                'ColorJitter': ('brightness', 'contrast', 'saturation', 'hue'), 'Resize': ('size', 'interpolation'),
+                'CenterCrop': ('size',), 'ToTensor': (), 'Normalize': ('mean', 'std')}[type(t).__name__]
+        return tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in (getattr(t, k) for k in keys))
+    return [(type(t).__name__, params(t)) for t in transform.transforms]
+
+
+def _original_transform(phase, mean, std, jitter):
+    """The original's imagenet_inat/data/dataloader.py get_data_transform, its values written out:
+    train RandomResizedCrop(224), RandomHorizontalFlip(), ColorJitter(brightness=0.4, contrast=0.4,
+    saturation=0.4, hue=0) except for iNaturalist18; val / test Resize(256), CenterCrop(224); then
+    ToTensor() and Normalize(mean, std)."""
+    from torchvision import transforms as T
+    head = ([T.RandomResizedCrop(224), T.RandomHorizontalFlip()] +
+            ([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0)] if jitter else [])
+            if phase == 'train' else [T.Resize(256), T.CenterCrop(224)])
+    return T.Compose(head + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+# The original's RGB_statistics: iNaturalist18's own, ImageNet's ('default') for ImageNet_LT.
+ORIGINAL_STATS = {'iNaturalist18': ([0.466, 0.471, 0.380], [0.195, 0.194, 0.192]),
+                  'ImageNet_LT': ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}
+
+
+@pytest.mark.parametrize('dataset', ['ImageNet_LT', 'iNaturalist18'])
+def test_each_data_set_s_phases_get_the_original_s_transforms(dataset, tmp_path):
+    """The shipped stage-1 config of each data set, its phases loaded as a stage loads them (load_phase):
+    ImageNet-LT trains with colour jitter, iNaturalist 2018 without; each normalises with its own
+    statistics; train_plain (features) and val / test use the evaluation transform."""
+    from PIL import Image
+    from imagenet_inat.data import load_phase
+    Image.new('RGB', (8, 8)).save(tmp_path / 'a.jpg')
+    for split in ('train', 'val', 'test'):
+        (tmp_path / f'{dataset}_{split}.txt').write_text('a.jpg 0\n')
+    cfg = load_config(os.path.join(CONFIGS, dataset, 'feat_uniform.yaml'))
+    assert cfg.dataset == dataset and (cfg.crop_size, cfg.resize_size) == (224, 256)
+    mean, std = ORIGINAL_STATS[dataset]
+    for phase in ('train', 'train_plain', 'val', 'test'):
+        got = load_phase(cfg, phase, str(tmp_path), str(tmp_path)).transform
+        expected = _original_transform('train' if phase == 'train' else 'test', mean, std,
+                                       jitter=dataset != 'iNaturalist18')
+        assert _steps(got) == _steps(expected), phase
+
+
+def test_of_equal_best_val_top1s_the_first_epoch_is_kept(world, tmp_path, monkeypatch):
+    """The original's run_networks.py: `if self.eval_acc_mic_top1 > best_acc`: val top-1 50, 80, 80, 70 keeps
+    epoch 2's weights (best_epoch 2), not epoch 3's (4 epochs: the cosine's last, at lr 0, would not move them)."""
+    from imagenet_inat import stages
+    scores, classifiers = [50.0, 80.0, 80.0, 70.0], []
+
+    def fake_evaluate(run, module, phase):
+        top1 = scores[len(classifiers)] if phase == 'val' else 42.0
+        if phase == 'val':
+            classifiers.append(module.classifier.fc.weight.detach().clone())
+        return {'top1': top1, 'top5': 100.0, 'loss': 1.0, 'count': 18, 'per_class': np.full(3, top1 / 100)}
+    monkeypatch.setattr(stages, 'evaluate_phase', fake_evaluate)
+    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', sampler=False, epochs=4,
+                                                                batch=BATCH))
+    assert ii_main.main(argv(world, cfg, '--model_dir', world['moco'])) == 0
+    final = load(tmp_path / 'run' / 'final_model_checkpoint.pth')
+    results = json.loads((tmp_path / 'run' / 'results_test.json').read_text())
+    assert final['best_epoch'] == results['best_epoch'] == 2 and final['best_acc'] == 0.8
+    assert torch.equal(final['state_dict_best']['classifier']['module.fc.weight'], classifiers[1])
+    assert not torch.equal(classifiers[1], classifiers[2])
+    assert 'Best validation accuracy is 80.000 at epoch 2' in log_text(tmp_path / 'run')

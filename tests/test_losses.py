@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from errors import UserError
 from losses import (
-    LOSSES, BalancedSoftmaxLoss, FocalLoss, LDAMLoss, LogitAdjustedLoss, build_criterion, effective_num_weights,
-    uses_norm,
+    LOSSES, AdaptiveLogitAdjustedLoss, BalancedSoftmaxLoss, FocalLoss, LDAMLoss, LogitAdjustedLoss, build_criterion,
+    effective_num_weights, uses_norm,
 )
 
 
@@ -277,11 +277,43 @@ def test_effective_num_weights_rejects_bad_beta():
         effective_num_weights([10, 1], beta=1.0)
 
 
+# ---------------------------------------------------------------- logit adjustment + adaptive margin
+
+@pytest.mark.parametrize('tau', [1.0, 0.5])
+def test_adaptive_logit_adjusted_is_menons_pairwise_margin_loss(tau):
+    """Menon et al. (ICLR 2021) Sec. 6.2: the pairwise margin loss log(1 + sum_{y' != y} exp(Delta_yy' + f_y' - f_y))
+    with Delta_yy' = tau log(pi_y' / pi_y) + pi_y^(-1/4), written out per image."""
+    counts = [60, 25, 10, 4, 1]
+    prior = np.array(counts, dtype=np.float64) / 100
+    logits, target = batch(c=5, seed=3)
+    expected = []
+    for f, y in zip(logits.double().numpy(), target.numpy()):
+        delta = tau * np.log(prior / prior[y]) + prior[y] ** -0.25
+        others = [c for c in range(5) if c != y]
+        expected.append(np.log1p(np.sum(np.exp(delta[others] + f[others] - f[y]))))
+    loss = AdaptiveLogitAdjustedLoss(counts, tau=tau)(logits, target)
+    assert loss.item() == pytest.approx(np.mean(expected), rel=1e-5)
+    # the margins: prior^(-1/4), not rescaled (LDAM's would be 0.5 at most)
+    np.testing.assert_allclose(AdaptiveLogitAdjustedLoss(counts).margin.numpy(), prior ** -0.25, rtol=1e-6)
+    assert AdaptiveLogitAdjustedLoss(counts).margin[-1].item() == pytest.approx(100 ** 0.25, rel=1e-6)
+
+
+def test_adaptive_logit_adjusted_with_class_weights_is_the_weighted_mean():
+    counts, w = [8, 4, 2], torch.tensor([0.5, 1.0, 2.0])
+    logits, target = batch(c=3, seed=4)
+    per_image = F.cross_entropy(logits + torch.log(torch.tensor(counts) / 14.0)
+                                - F.one_hot(target, 3) * (torch.tensor(counts) / 14.0).pow(-0.25)[target][:, None],
+                                target, reduction='none')
+    expected = (w[target] * per_image).sum() / w[target].sum()
+    torch.testing.assert_close(AdaptiveLogitAdjustedLoss(counts, weight=w)(logits, target), expected)
+
+
 # ---------------------------------------------------------------- registry
 
 @pytest.mark.parametrize('name,cls', [('CE', nn.CrossEntropyLoss), ('Focal', FocalLoss),
                                       ('LDAM', LDAMLoss), ('BalancedSoftmax', BalancedSoftmaxLoss),
-                                      ('LogitAdjusted', LogitAdjustedLoss)])
+                                      ('LogitAdjusted', LogitAdjustedLoss),
+                                      ('LogitAdjustedAdaptive', AdaptiveLogitAdjustedLoss)])
 def test_build_criterion(name, cls):
     counts = [100, 10, 1]
     weight = effective_num_weights(counts)
@@ -300,6 +332,7 @@ def test_build_criterion_settings_match_paper():
     assert build_criterion('BalancedSoftmax', [10, 1]).tau == 1.0
     assert build_criterion('LogitAdjusted', [10, 1]).tau == 1.0  # --la_tau's default
     assert build_criterion('LogitAdjusted', [10, 1], la_tau=2.5).tau == 2.5
+    assert build_criterion('LogitAdjustedAdaptive', [10, 1], la_tau=2.5).tau == 2.5
 
 
 def test_only_ldam_uses_normed_head():

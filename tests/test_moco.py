@@ -161,6 +161,46 @@ def test_shuffle_bn_and_queue_across_two_processes(tmp_path):
     assert results[0][3] == results[1][3] == [[0.] * 3 + [1.] * 3] * 4
 
 
+def _ddp_buffers_worker(rank, init_file, results):
+    dist.setup(None, rank, 2, f'file://{init_file}', datetime.timedelta(seconds=30))
+    broadcasts, real = [], torch.distributed._broadcast_coalesced
+    torch.distributed._broadcast_coalesced = lambda *a, **k: broadcasts.append(1) or real(*a, **k)
+    try:
+        for name, wrap in (('every step', nn.parallel.DistributedDataParallel),  # the original's DDP
+                           ('at the start', lambda m: pretrain_moco.wrap_ddp(m, torch.device('cpu')))):
+            torch.manual_seed(rank)  # other weights and queue per rank: DDP's start-up broadcast makes them rank 0's
+            model = wrap(tiny_moco(K=48))  # half of it written in 4 steps: the rest is the queue drawn
+            del broadcasts[:]
+            optimizer = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9)
+            images = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
+            for _ in range(4):
+                logits, labels = pretrain_moco.moco_forward(model, [torch.randn(3, 3, 6, 6, generator=images)
+                                                                    for _ in range(2)], None)
+                F.cross_entropy(logits, labels).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            results[name, rank] = len(broadcasts), {k: v.clone() for k, v in model.module.state_dict().items()}
+    finally:
+        torch.distributed._broadcast_coalesced = real
+        dist.cleanup()
+
+
+@pytest.mark.slow
+def test_moco_ddp_broadcasts_no_buffers_per_step_and_rank_0_saves_the_same_state(tmp_path):
+    """The original's DDP broadcast the queue and every BatchNorm buffer from rank 0 before each step; without
+    it rank 0's state (the one saved) is the same to the bit and the queue the same on every rank."""
+    results = mp.Manager().dict()
+    # spawn: autograd refuses to run in a child forked from a process that ran a backward pass already
+    mp.start_processes(_ddp_buffers_worker, nprocs=2, args=(str(tmp_path / 'init'), results), start_method='spawn')
+    (every, original), (none, ours) = results['every step', 0], results['at the start', 0]
+    assert every == 4 and none == 0
+    fixtures.assert_same_tensors(ours, original)
+    other = results['at the start', 1][1]
+    for key in ('queue', 'queue_ptr', 'encoder_q.conv.weight', 'encoder_k.conv.weight'):
+        assert torch.equal(other[key], ours[key]), key
+    assert not torch.equal(other['encoder_q.bn.running_mean'], ours['encoder_q.bn.running_mean'])  # never read
+
+
 # ---------------------------------------------------------------- data
 
 @pytest.fixture
@@ -219,7 +259,7 @@ def check_moco_checkpoint(path, epoch):
     # the original's keys, plus what an exact resume needs
     # (and, from several processes, every rank's RNG state)
     assert set(ckpt) - {'rng_ranks'} == {'epoch', 'arch', 'state_dict', 'optimizer', 'step', 'seed', 'rng',
-                                         'world_size', 'script', 'task'}
+                                         'world_size', 'script', 'task', 'flags'}
     assert ('rng_ranks' in ckpt) == (ckpt['world_size'] > 1)
     assert ckpt['epoch'] == epoch and ckpt['arch'] == 'resnet32'
     keys = list(ckpt['state_dict'])
@@ -234,7 +274,7 @@ def test_one_process_epoch_writes_the_documented_checkpoint(jpeg_split, tmp_path
     assert pretrain_moco.main(moco_args(jpeg_split, tmp_path / 'out')) == 0
     ckpt = check_moco_checkpoint(ckpt_path(tmp_path / 'out', 1), 1)
     assert int(ckpt['state_dict']['module.queue_ptr']) == 0  # 4 steps x 4 keys, K = 16
-    assert 'Epoch: [0][4/4]' in capsys.readouterr().out
+    assert 'Epoch: [1/1][4/4]' in capsys.readouterr().out  # the console counts epochs from 1, of --epochs
 
 
 @pytest.mark.slow
@@ -243,7 +283,7 @@ def test_two_process_torchrun_epoch_then_resume(jpeg_split, tmp_path, capsys):
     cmd = fixtures.torchrun_cmd('pretrain_moco.py', *moco_args(jpeg_split, out, '--dist-timeout', '60'))
     proc = subprocess.run(cmd, cwd=REPO, env=fixtures.script_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert 'Epoch: [0][4/4]' in proc.stdout  # 16 images / 2 ranks / 2 per rank, printed by rank 0 only
+    assert 'Epoch: [1/1][4/4]' in proc.stdout  # 16 images / 2 ranks / 2 per rank, printed by rank 0 only
     assert proc.stdout.count('=> saved') == 1
     check_moco_checkpoint(ckpt_path(out, 1), 1)
 
@@ -251,7 +291,7 @@ def test_two_process_torchrun_epoch_then_resume(jpeg_split, tmp_path, capsys):
     argv = moco_args(jpeg_split, out, '--epochs', '2', '--resume', str(ckpt_path(out, 1)))
     assert pretrain_moco.main(argv) == 0
     printed = capsys.readouterr().out
-    assert '(epoch 1, step 0)' in printed and 'Epoch: [0]' not in printed and 'Epoch: [1][4/4]' in printed
+    assert '(1 of 2 epochs done)' in printed and 'Epoch: [1/2]' not in printed and 'Epoch: [2/2][4/4]' in printed
     check_moco_checkpoint(ckpt_path(out, 2), 2)
 
 
@@ -417,6 +457,7 @@ def test_multiprocessing_distributed_flag_spellings(value, expected):
 
 def test_cpu_run_prints_its_layout_and_trains_in_one_process(jpeg_split, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')  # on a GPU machine: hidden on purpose (dist.visible_gpus)
     assert pretrain_moco.main(moco_args(jpeg_split, tmp_path, '--multiprocessing-distributed')) == 0
     out = capsys.readouterr().out
     assert '=> one process; 4 images per process and step, 4 in all' in out
@@ -468,7 +509,7 @@ def _spawned_children(pid):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('target', ['group', 'parent', 'children'])
+@pytest.mark.parametrize('target', ['group', 'parent', 'children', 'parent-usr1'])
 def test_per_gpu_launcher_leaves_a_resumable_checkpoint_whoever_gets_sigterm(tmp_path, target):
     import signal
     argv = ['--dataset', 'digits', '-a', 'resnet20', '--moco-k', '64', '-b', '32', '-j', '0', '--seed', '0',
@@ -482,7 +523,7 @@ def test_per_gpu_launcher_leaves_a_resumable_checkpoint_whoever_gets_sigterm(tmp
     try:
         for line in proc.stdout:  # until the first step is done, in 2 processes
             head.append(line)
-            if line.startswith('Epoch: [0][1/'):
+            if line.startswith('Epoch: [1/3][1/'):
                 break
         assert proc.poll() is None, ''.join(head)[-3000:]
         children = _spawned_children(proc.pid)
@@ -491,6 +532,8 @@ def test_per_gpu_launcher_leaves_a_resumable_checkpoint_whoever_gets_sigterm(tmp
             os.killpg(proc.pid, signal.SIGTERM)
         elif target == 'parent':
             os.kill(proc.pid, signal.SIGTERM)
+        elif target == 'parent-usr1':  # SLURM's --signal=USR1@...: asks the launcher as SIGTERM does
+            os.kill(proc.pid, signal.SIGUSR1)
         else:
             for child in children:
                 os.kill(child, signal.SIGTERM)
@@ -513,6 +556,56 @@ def test_per_gpu_launcher_leaves_a_resumable_checkpoint_whoever_gets_sigterm(tmp
         assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
         assert torch.load(folder / f'moco_ckpt_{done:04d}.pth.tar', map_location='cpu',
                           weights_only=True)['epoch'] == done
+
+
+def test_per_gpu_launcher_caches_a_folder_before_it_spawns(tmp_path, monkeypatch):
+    """The launcher's process decodes and caches a folder before it starts the workers (which then read the
+    cache, as the slow test below runs them)."""
+    sys.path.insert(0, os.path.join(REPO, 'tools'))
+    from digits_folder import write_digits_folder
+    data = tmp_path / 'cells'
+    write_digits_folder(str(data), per_class=4, val_per_class=1)
+    at_spawn = []
+
+    class Started:
+        def join(self):
+            return True
+
+        def pids(self):
+            return []
+
+    def spawn(fn, nprocs, args, join):
+        at_spawn.append(sorted(n.split('-')[0] for n in os.listdir(data / '.folder_cache')))
+        return Started()
+    monkeypatch.setattr(pretrain_moco.mp, 'spawn', spawn)
+    args = pretrain_moco.resolve_args(pretrain_moco.build_parser().parse_args(['--dataset', 'folder', '--data',
+                                                                               str(data)]))
+    assert pretrain_moco.spawn_per_gpu(args, pretrain_moco.Layout(2, 2, 64, 'two fake GPUs')) == 0
+    assert at_spawn == [['train', 'val']]
+
+
+@pytest.mark.slow
+def test_per_gpu_launcher_decodes_a_folder_once_before_starting_its_workers(tmp_path):
+    """gpu review A2 and D5: each of the launcher's workers decoded the folder itself, and the ones that met a
+    stale cache raced to delete it. Now the launcher's process decodes and caches it before spawning; the
+    workers read that cache (memory-mapped). Here with a stale cache of the folder's earlier version."""
+    sys.path.insert(0, os.path.join(REPO, 'tools'))
+    from digits_folder import write_digits_folder
+    data = tmp_path / 'cells'
+    write_digits_folder(str(data), per_class=8, val_per_class=2)
+    os.makedirs(data / '.folder_cache')
+    stale = data / '.folder_cache' / 'train-native-0123456789abcdef.npy'
+    np.save(stale, np.zeros((1, 8, 8, 3), dtype=np.uint8))
+    argv = ['--dataset', 'folder', '--data', str(data), '-a', 'resnet20', '--moco-k', '32', '-b', '16', '-j', '0',
+            '--crop-size', '8', '--seed', '0', '--epochs', '1', '--root_path', str(tmp_path / 'out'),
+            '--dist-url', f'tcp://127.0.0.1:{_free_port()}', '--dist-timeout', '60']
+    proc = subprocess.run([sys.executable, '-c', TWO_GPU_PARENT.format(repo=REPO), *argv], cwd=REPO,
+                          env=fixtures.script_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert '=> one process per GPU: 2 on each of 1 node(s)' in proc.stdout
+    assert proc.stdout.count('decoding the') == 2, proc.stdout  # train/ and val/, once, by the launcher
+    assert not stale.exists() and len(os.listdir(data / '.folder_cache')) == 2
+    assert (tmp_path / 'out' / 'folder-cells' / 'checkpoint' / 'moco_ckpt_0001.pth.tar').is_file()
 
 
 def test_forwarded_stop_request_and_the_group_signal_after_it_count_once():

@@ -209,3 +209,77 @@ def test_in_place_forward_equals_the_out_of_place_one_in_training_and_evaluation
     (logits_a, grads_a, eval_a), (logits_b, grads_b, eval_b) = grads
     assert torch.equal(logits_a, logits_b) and torch.equal(eval_a, eval_b)
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
+# ---------------------------------------------------------------- Wide ResNets (train_ssl.py)
+
+def fixmatch_wrn_keys(width_groups=4):
+    """state_dict keys of FixMatch's WideResNet (kekmodel/FixMatch-pytorch models/wideresnet.py), in order."""
+    keys = ['conv1.weight']
+    for group in (1, 2, 3):
+        for i in range(width_groups):
+            prefix = f'block{group}.layer.{i}'
+            keys += [f'{prefix}.bn1.{k}' for k in BN_KEYS] + [f'{prefix}.conv1.weight']
+            keys += [f'{prefix}.bn2.{k}' for k in BN_KEYS] + [f'{prefix}.conv2.weight']
+            if i == 0:
+                keys.append(f'{prefix}.convShortcut.weight')
+    return keys + [f'bn1.{k}' for k in BN_KEYS] + ['fc.weight', 'fc.bias']
+
+
+@pytest.mark.parametrize('arch,classes,count', [('wrn28_2', 10, 1_467_610), ('wrn28_2', 100, 1_479_220)])
+def test_wrn_parameter_counts_and_keys_are_fixmatch_codes(arch, classes, count):
+    """Counted by hand for the kekmodel layout (conv1 without bias): 1,467,610 with 10 classes, 1,479,220 with
+    100 (design §3.8)."""
+    model = build_model(arch, classes, return_features=True)
+    assert n_params(model) == count
+    assert list(model.state_dict()) == fixmatch_wrn_keys()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert {m.momentum for m in bns} == {0.001}
+    with torch.no_grad():
+        logits, features = model.eval()(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, classes) and features.shape == (2, 128)
+    assert build_model('wrn28_8', 10).fc.in_features == 512
+
+
+def test_wrn_leaky_slope_and_unused_bn_are_frozen():
+    """The slope is 0.1 (a negative pre-activation passes at a tenth); the one BatchNorm whose output
+    FixMatch's code discards gets no gradient and is frozen, every other parameter trains."""
+    model = build_model('wrn28_2', 10).train()
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {f'block{g}.layer.0.bn1.{k}' for g in (2, 3) for k in ('weight', 'bias')}
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    from models.wrn import WideBasic
+    block = WideBasic(4, 4, 1).eval()  # BatchNorm in eval mode at its initial statistics: x / sqrt(1 + eps)
+    x = torch.randn(2, 4, 6, 6)
+
+    def lrelu(t):
+        return torch.where(t > 0, t, 0.1 * t)
+
+    scale = (1 + 1e-5) ** -0.5
+    with torch.no_grad():
+        expected = x + block.conv2(lrelu(block.conv1(lrelu(x * scale)) * scale))
+        torch.testing.assert_close(block(x), expected)
+    with pytest.raises(UserError, match='no cosine'):
+        build_model('wrn28_2', 10, use_norm=True)
+
+
+def test_resnet34_cifar_is_weight_balancings_network():
+    """LTR-weight-balancing utils/network_arch_resnet.py ResnetEncoder(34, embDimension=100, poolSize=4): torchvision's
+    resnet34 (its parameter names, their `encoder.` prefix dropped), conv1 3x3 stride 1, no max-pool, 512-d features
+    pooled from 4x4 at 32 px; 21,328,292 parameters with 100 classes (theirs, counted beside this one)."""
+    model = build_model('resnet34_cifar', 100, return_features=True).eval()
+    assert n_params(model) == 21_328_292
+    assert list(model.state_dict()) == list(torchvision.models.resnet34(num_classes=100).state_dict())
+    conv1 = model.conv1
+    assert (conv1.kernel_size, conv1.stride, conv1.padding, conv1.bias) == ((3, 3), (1, 1), (1, 1), None)
+    sizes = []
+    model.layer4.register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape)))
+    logits, features = model(torch.randn(2, 3, 32, 32))
+    assert sizes == [(2, 512, 4, 4)] and logits.shape == (2, 100) and features.shape == (2, 512)
+    # without the max-pool: layer1 sees 32 x 32
+    seen = []
+    model.layer1.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[2:])))
+    model(torch.randn(1, 3, 32, 32))
+    assert seen == [(32, 32)]
+    assert isinstance(build_model('resnet34_cifar', 10, use_norm=True).fc, NormedLinear)

@@ -2,6 +2,7 @@
 --lr_schedule step|cosine. With none of them every transform, learning rate and run folder name is
 what it was; each one computes what its authors' code does."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -235,3 +236,116 @@ def test_bad_recipe_input_is_one_line():
         assert e.value.code == 2
     with pytest.raises(UserError, match='rotation pre-training keeps the paper'):
         pretrain_rot.main(['--dataset', 'digits', '--mixup', '0.2'])
+
+
+# ------------------------------------------------------------------------------------ the flags where they take effect
+
+def _record_training_batches(monkeypatch):
+    """What trainer.run hands the engine, step by step: the loader's batches (before mixup) and, with
+    --mixup, each step's (lam, permutation) as the engine drew them; and the Mixup objects passed."""
+    seen = {'batches': [], 'draws': [], 'mixup': []}
+    real = trainer.train_one_epoch
+
+    class Recorded:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __len__(self):
+            return len(self.loader)
+
+        def __iter__(self):
+            for images, targets in self.loader:
+                seen['batches'].append((images.clone(), targets.clone()))
+                yield images, targets
+
+    class RecordedMixup:
+        def __init__(self, mixup):
+            self.mixup = mixup
+
+        def __call__(self, images, targets, epoch, step):
+            mixed, targets_b, lam = self.mixup(images, targets, epoch, step)
+            seen['draws'].append((epoch, step, lam))
+            return mixed, targets_b, lam
+
+    def spy(model, criterion, loader, *args, mixup=None, **kwargs):
+        seen['mixup'].append(mixup)
+        return real(model, criterion, Recorded(loader), *args, mixup=mixup and RecordedMixup(mixup), **kwargs)
+
+    monkeypatch.setattr(trainer, 'train_one_epoch', spy)
+    return seen
+
+
+def _authors_square(centre, length, size):
+    """DeVries & Taylor's util/cutout.py mask for even `length`: 0 on rows y - length/2 .. y + length/2
+    (exclusive), columns likewise, each clipped to the image; True where zeroed."""
+    y, x = centre
+    mask = np.zeros((size, size), bool)
+    mask[np.clip(y - length // 2, 0, size):np.clip(y + length // 2, 0, size),
+         np.clip(x - length // 2, 0, size):np.clip(x + length // 2, 0, size)] = True
+    return mask
+
+
+def test_cutout_and_mixup_flags_reach_the_default_loader_s_batches(cifar10_root, tmp_path, monkeypatch, one_thread):
+    """`train.py --cutout 16 --mixup 0.4` on the default (device) loader: the run folder is named
+    `_cutout16_mixup0.4`, and every training image the model got is zero exactly on a 16 x 16 square
+    (clipped) around the centre drawn for it: row and column uniform over the 32 x 32 pixels, drawn
+    after the step's crop offsets (0..8) and flips in the step's stream (seed, epoch, step, rank), as
+    DeviceLoader documents; each step's mixup lam is drawn from Beta(0.4, 0.4), the flag's alpha."""
+    from utils import derive_seed
+    seen = _record_training_batches(monkeypatch)
+    argv = ['--dataset', 'cifar10', '--data_path', cifar10_root, '--imb_factor', '0.1', '-a', 'resnet20', '-b', '32',
+            '--epochs', '1', '-j', '0', '--seed', '0', '--root_log', str(tmp_path / 'log'),
+            '--root_model', str(tmp_path / 'ckpt'), '--cutout', '16', '--mixup', '0.4']
+    assert train.main(argv) == 0
+    name = 'cifar10_resnet20_CE_None_exp_0.1_ss_pretrained_cutout16_mixup0.4'
+    assert load_checkpoint(str(tmp_path / 'ckpt' / name / 'ckpt.pth.tar'))['epoch'] == 1
+    # int(20 * 0.1 ** (i / 9)) = 20, 15, 11, 9, 7, 5, 4, 3, 2, 2 images: 78, three steps of 32, 32, 14
+    assert [len(t) for _, t in seen['batches']] == [32, 32, 14]
+    squares = 0
+    for step, (images, _) in enumerate(seen['batches']):
+        n = len(images)
+        generator = torch.Generator().manual_seed(derive_seed(0, 0, step, 0))
+        torch.randint(0, 9, (n, 2), generator=generator)  # crop offsets
+        torch.rand(n, generator=generator)                # flips (CIFAR flips)
+        centres = torch.randint(0, 32, (n, 2), generator=generator).tolist()
+        for image, centre in zip(images, centres):
+            expected = _authors_square(centre, 16, 32)
+            assert np.array_equal((image == 0).numpy(), np.broadcast_to(expected, (3, 32, 32))), (step, centre)
+            squares += expected.sum() == 256
+    assert squares > 10  # many squares lie wholly inside the image
+    # mixup: one Mixup with the flag's alpha; its lam at each step is the Beta(0.4, 0.4) draw of that step
+    (mixup,) = seen['mixup']
+    assert mixup.alpha == 0.4
+    reference = Mixup(0.4, 0, 0, torch.device('cpu'))
+    assert [(e, s) for e, s, _ in seen['draws']] == [(0, 0), (0, 1), (0, 2)]
+    images, targets = seen['batches'][0]
+    assert [lam for _, _, lam in seen['draws']] == [reference(images, targets, 0, s)[2] for s in range(3)]
+
+
+@pytest.mark.parametrize('alpha', [0.2, 1.0])
+def test_mixup_lam_follows_beta_alpha_alpha(alpha):
+    """Zhang et al.: lam ~ Beta(alpha, alpha), one draw per batch. 3,000 steps' draws against scipy's
+    Beta(alpha, alpha) (Kolmogorov-Smirnov) and the Beta's variance 1 / (4 (2 alpha + 1)): 0.1786 for
+    alpha 0.2, 0.0833 (the uniform's) for alpha 1."""
+    from scipy import stats
+    mixup = Mixup(alpha, seed=5, rank=0, device=torch.device('cpu'))
+    images, targets = torch.zeros(2, 1), torch.arange(2)
+    lams = np.array([mixup(images, targets, step // 100, step % 100)[2] for step in range(3000)])
+    assert stats.kstest(lams, stats.beta(alpha, alpha).cdf).pvalue > 1e-3
+    other = 1.0 if alpha != 1.0 else 0.2
+    assert stats.kstest(lams, stats.beta(other, other).cdf).pvalue < 1e-6
+    assert lams.var() == pytest.approx({0.2: 0.1786, 1.0: 0.0833}[alpha], abs=0.012)
+
+
+def test_lr_schedule_cosine_sets_the_lr_each_epoch_trains_at(cifar10_root, tmp_path, one_thread):
+    """`--lr_schedule cosine --lr 0.1 --epochs 7`, epochs 6 and 7 run (--start-epoch 5): after the 5 warm-up
+    epochs BALMS's cosine, 0.1 * (1 + cos(pi * (e - 5) / 2)) / 2 for 1-based e: 0.05, then 0 in the last epoch
+    (the step schedule would train both at 0.1); every logged step of an epoch shows its lr."""
+    argv = ['--dataset', 'cifar10', '--data_path', cifar10_root, '--imb_factor', '0.1', '-a', 'resnet20', '-b', '32',
+            '-j', '0', '--seed', '0', '-p', '1', '--root_log', str(tmp_path / 'log'),
+            '--root_model', str(tmp_path / 'ckpt'), '--lr_schedule', 'cosine', '--lr', '0.1', '--epochs', '7',
+            '--start-epoch', '5']
+    assert train.main(argv) == 0
+    log = (tmp_path / 'log' / 'cifar10_resnet20_CE_None_exp_0.1_ss_pretrained_cosine' / 'log_train.csv').read_text()
+    lrs = re.findall(r'^Epoch: \[(\d+)\]\[\d+/3\], lr: (\S+)\t', log, re.M)
+    assert lrs == [('5', '0.05000')] * 3 + [('6', '0.00000')] * 3

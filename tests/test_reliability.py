@@ -22,6 +22,7 @@ import torch
 
 import fixtures
 import pretrain_rot
+import signals
 import train
 import train_semi
 import trainer
@@ -192,13 +193,37 @@ def test_second_signal_stops_at_once(tmp_path):
     proc = _pause_at(tmp_path, 2, HOLD=1, SIGNAL_MARKER=tmp_path / 'signalled')
     proc.send_signal(signal.SIGTERM)
     _wait_for(tmp_path / 'signalled', proc)  # the first one is taken: the run would finish the step
+    proc.send_signal(signal.SIGTERM)  # at once: a copy of the same request (a group's and a launcher's), ignored
+    time.sleep(signals.REPEAT_WINDOW_S + 0.5)
+    assert proc.poll() is None
     start = time.time()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # later: a second request
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGTERM, out  # ended by the signal itself, not by an exit()
     assert time.time() - start < 20  # not the 120 s the held step would take
     assert 'received SIGTERM' in out and 'stopped by' not in out
     assert not _ckpt(tmp_path).exists()
+
+
+def test_the_same_signal_again_within_a_moment_is_the_same_request(monkeypatch):
+    """A group signal and a launcher's forwarded copy of it (reproduce.py, a shell's trap, torchrun) arrive
+    together: one request, the run saves. The same signal after the moment, or another one, stops at once."""
+    now, killed = [0.0], []
+    monkeypatch.setattr(os, 'kill', lambda pid, signum: killed.append(signum))
+    monkeypatch.setattr(signal, 'signal', lambda signum, handler: None)
+    stop = trainer.GracefulStop(lambda line: None)
+    stop._repeats = signals.Repeats(clock=lambda: now[0])
+    stop._handle(signal.SIGTERM, None)
+    now[0] = signals.REPEAT_WINDOW_S - 0.1
+    stop._handle(signal.SIGTERM, None)
+    assert stop.signum == signal.SIGTERM and killed == []
+    now[0] = 2 * signals.REPEAT_WINDOW_S
+    stop._handle(signal.SIGTERM, None)
+    assert killed == [signal.SIGTERM]
+    other = trainer.GracefulStop(lambda line: None)
+    other._handle(signal.SIGTERM, None)
+    other._handle(signal.SIGINT, None)  # Ctrl-C after a SIGTERM: a second request
+    assert killed == [signal.SIGTERM, signal.SIGINT]
 
 
 def test_second_run_on_same_folder_is_refused(tmp_path, capsys):

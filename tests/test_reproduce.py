@@ -7,6 +7,7 @@ through the real subprocess path.
 """
 import csv
 import importlib
+import math
 import os
 import re
 import shlex
@@ -20,7 +21,10 @@ from torchvision.datasets import CIFAR10
 
 import cli
 import fixtures
+import gen_pseudolabels
 import reproduce
+import train
+import train_semi
 import trainer
 from repro import results, scheduler, scripts, tables
 from checkpoint import load_checkpoint
@@ -104,8 +108,15 @@ def test_launcher_prefixes_multi_process_stages_only(tmp_path, capsys):
     commands = _commands(capsys, ['--table', 'cifar10-semi', '--seeds', '0', '--out', str(tmp_path),
                                   '--launcher', 'torchrun --nproc_per_node=8'])
     heads = {_script(c)[0]: c[:c.index(next(w for w in c if w.endswith('.py')))] for c in commands}
-    assert heads['train.py'] == heads['train_semi.py'] == ['torchrun', '--nproc_per_node=8']
+    # torchrun waits 300 s (not its 30 s) between the SIGTERM it passes on and a SIGKILL (gpu review B3)
+    assert heads['train.py'] == heads['train_semi.py'] == ['torchrun', '--nproc_per_node=8',
+                                                           '--shutdown_timeout', '300']
     assert heads['gen_pseudolabels.py'] == [sys.executable]
+    commands = _commands(capsys, ['--table', 'cifar10-semi', '--seeds', '0', '--out', str(tmp_path), '--launcher',
+                                  'python -m torch.distributed.run --shutdown-timeout=60 --nproc_per_node=2'])
+    heads = {_script(c)[0]: c[:c.index(next(w for w in c if w.endswith('.py')))] for c in commands}
+    assert heads['train.py'] == ['python', '-m', 'torch.distributed.run', '--shutdown-timeout=60',
+                                 '--nproc_per_node=2']  # the user's own kept
 
 
 def _in_process(monkeypatch, stop_first=None):
@@ -435,9 +446,14 @@ BASELINE_METHODS = {
     'CE': ('CE', 'None', None), 'Focal': ('Focal', 'None', None), 'CB': ('CE', 'Reweight', None),
     'LDAM-DRW': ('LDAM', 'DRW', None), 'BalancedSoftmax': ('BalancedSoftmax', 'None', None),
     'LogitAdjusted': ('LogitAdjusted', 'None', None), 'CE+posthocLA': ('CE', 'None', 1.0),
+    'LogitAdjustedAdaptive': ('LogitAdjustedAdaptive', 'None', None),
     'LDAM-DRW+SSP': ('LDAM', 'DRW', None), 'BalancedSoftmax+SSP': ('BalancedSoftmax', 'None', None),
 }
-STAGE2 = {'cRT': 'cRT', 'tau-norm': 'tau_norm', 'LWS': 'LWS', 'WB': 'WB'}
+STAGE2 = {'cRT': 'cRT', 'tau-norm': 'tau_norm', 'NCM': 'NCM', 'LWS': 'LWS', 'WB': 'WB'}
+# BALMS's decoupled stage behind the published cRT / LWS numbers: 2,000 iterations at batch 512, as epochs of
+# floor(N / 512) steps: CIFAR-10-LT rho 100 (N = 12,406): 24 steps, 84 epochs; rho 50 (13,996): 27, 75; rho 10
+# (20,431): 39, 52
+BALMS_EPOCHS = {'0.01': '84', '0.02': '75', '0.1': '52'}
 # A few published top-1 errors (%) as their papers print them: Cao et al. 2019 Table 2 (LDAM-DRW), Cui et al.
 # 2019 Table 2 (softmax CE); None where no source reports one. Only cells the test below runs.
 PUBLISHED_SPOTS = {
@@ -446,27 +462,33 @@ PUBLISHED_SPOTS = {
 }
 
 
-BASELINE_KEYS = ['CE', 'Focal', 'CB', 'LDAM-DRW', 'BalancedSoftmax', 'LogitAdjusted', 'CE+posthocLA', 'cRT',
-                 'tau-norm', 'LWS', 'WB', 'LDAM-DRW+SSP', 'BalancedSoftmax+SSP']
+BASELINE_KEYS = ['CE', 'Focal', 'CB', 'LDAM-DRW', 'BalancedSoftmax', 'LogitAdjusted', 'LogitAdjustedAdaptive',
+                 'CE+posthocLA', 'cRT', 'tau-norm', 'NCM', 'LWS', 'WB', 'LDAM-DRW+SSP', 'BalancedSoftmax+SSP']
 
 
 def test_baseline_table_plans_every_rho_alike(tmp_path, capsys):
     """`python reproduce.py --table cifar10-lt-baselines --data_path ./data` (README "Reproducing the paper")
-    plans 15 stages for each of rho = 100, 50, 10: for rho 50 and 10, rho 100's commands with the
-    imbalance factor (1/50 = 0.02, 1/10 = 0.1) in its flag and in the run folders' names; so a run of
-    the rho-100 cells (below) stands for the others."""
+    plans 17 stages for each of rho = 100, 50, 10: for rho 50 and 10, rho 100's commands with the
+    imbalance factor (1/50 = 0.02, 1/10 = 0.1) in its flag and in the run folders' names, and cRT's and LWS's
+    epochs of BALMS's 2,000 iterations at that rho (before --epochs, which wins); so a run of the rho-100
+    cells (below) stands for the others."""
     commands = _commands(capsys, ['--table', 'cifar10-lt-baselines', '--data_path', str(tmp_path), '--seeds', '0',
                                   '--epochs', '1', '--out', str(tmp_path / 'out')])
-    assert len(commands) == 45
+    assert len(commands) == 51
     by_factor = {}
     for cmd in commands:
         by_factor.setdefault(_flag(_script(cmd)[1], '--imb_factor'), []).append(cmd)
-    assert sorted(by_factor) == ['0.01', '0.02', '0.1'] and all(len(c) == 15 for c in by_factor.values())
+    assert sorted(by_factor) == ['0.01', '0.02', '0.1'] and all(len(c) == 17 for c in by_factor.values())
+    balms = [_script(c)[1] for c in by_factor['0.01'] if '--stage' in c and _flag(c, '--stage') in ('cRT', 'LWS')]
+    assert len(balms) == 2 and all(argv[argv.index('--epochs') + 1] == '84' for argv in balms)
     for factor in ('0.02', '0.1'):
-        expected = [[factor if w == '0.01' else w.replace('_exp_0.01_', f'_exp_{factor}_') for w in cmd]
-                    for cmd in by_factor['0.01']]
+        expected = [[factor if prev == '--imb_factor' else w.replace('_exp_0.01_', f'_exp_{factor}_')
+                     for prev, w in zip([''] + cmd, cmd)] for cmd in by_factor['0.01']]
+        for cmd in expected:
+            if '--stage' in cmd and cmd[cmd.index('--stage') + 1] in ('cRT', 'LWS'):
+                cmd[cmd.index('--epochs') + 1] = BALMS_EPOCHS[factor]  # the first: the table's, before --epochs 1
         assert by_factor[factor] == expected
-    assert len({shlex.join(c) for c in commands}) == 45
+    assert len({shlex.join(c) for c in commands}) == 51
 
 
 @pytest.mark.parametrize('table, rho, per_class', [('cifar10-lt-baselines', 100, 100),
@@ -499,7 +521,7 @@ def test_baseline_table_runs_with_its_readme_command(table, rho, per_class, tmp_
                 'pretrain_rot.py': lambda: module.rot_store_name(args),
                 'train_stage2.py': lambda: module.stage2_store_name(args)}[script]()
         runs[name] = (script, args)
-    assert len(runs) == len(ran) == 15  # every stage ran once
+    assert len(runs) == len(ran) == 17  # every stage ran once
     for key, row in rows.items():
         method = key.rsplit('_rho', 1)[0]
         assert (row['n'], row['status']) == ('1', 'done'), key
@@ -517,7 +539,17 @@ def test_baseline_table_runs_with_its_readme_command(table, rho, per_class, tmp_
             stage1 = os.path.basename(os.path.dirname(args.stage1))
             s1_script, s1 = runs[stage1]
             assert s1_script == 'train.py' and (s1.loss_type, s1.train_rule, s1.posthoc_la) == ('CE', 'None', None)
-            assert s1.weight_decay == (5e-3 if method == 'WB' else 2e-4) and s1.imb_factor == args.imb_factor
+            assert s1.imb_factor == args.imb_factor
+            if method == 'WB':  # Alshammari et al.'s stage 1, and their stage 2 from its best epoch
+                assert (s1.arch, s1.batch_size, s1.lr, s1.lr_schedule, s1.weight_decay) == (
+                    'resnet34_cifar', 64, 0.01, 'cosine_nowarmup', 5e-3)
+                assert os.path.basename(args.stage1) == 'ckpt.best.pth.tar'
+            else:
+                assert (s1.arch, s1.weight_decay) == ('resnet32', 2e-4)
+                assert os.path.basename(args.stage1) == 'ckpt.pth.tar'
+            # cRT and LWS: BALMS's decoupled batch and lr (their epochs: the test above)
+            assert (args.batch_size, args.lr) == ((512, 0.1) if method in ('cRT', 'LWS') else
+                                                  {'WB': (64, 0.01)}.get(method, (128, 0.1)))
         elif method.endswith('+SSP'):
             rot = os.path.basename(os.path.dirname(args.pretrained_model))
             assert runs[rot][0] == 'pretrain_rot.py' and runs[rot][1].imb_factor == args.imb_factor
@@ -533,3 +565,288 @@ def test_baseline_table_runs_with_its_readme_command(table, rho, per_class, tmp_
     with open(os.path.join(out, f'{table}.md')) as f:
         text = f.read()
     assert '| published | best − published |' in text and 'Where each published number comes from' in text
+
+
+# ------------------------------------------------------------------ plans and seeds, pinned (were in test_pinned.py)
+# Expected values written out from the README and the original: CE (Balanced) = --train_rule Resample,
+# cRT / tau-norm / LWS on the uniform stage 1, the mean and sample std (ddof = 1) over seeds, and the
+# documented flags reproduce.py --rand_number and --stage-args "SCRIPT: FLAGS".
+
+def _dry_run(capsys, *argv):
+    """[(script, flags)] of the commands `reproduce.py ... --dry-run` prints, in order."""
+    capsys.readouterr()
+    assert reproduce.main([*argv, '--dry-run']) == 0
+    commands = []
+    for line in capsys.readouterr().out.splitlines():
+        if not line or line.startswith('#'):
+            continue
+        cmd = shlex.split(line)
+        assert cmd[0] == sys.executable
+        if cmd[1:3] == ['-m', 'imagenet_inat.main']:
+            commands.append(('imagenet_inat', cmd[3:]))
+        else:
+            commands.append((os.path.basename(cmd[1]), cmd[2:]))
+    return commands
+
+
+@pytest.mark.parametrize('table', ['cifar10-ssp', 'cifar100-ssp'])
+def test_ce_balanced_is_resample(table, tmp_path, capsys):
+    """README: CE (Balanced) is class-balanced sampling (--train_rule Resample); Uniform is plain CE."""
+    for rho in (10, 50, 100):
+        for key, rule in (('Uniform', 'None'), ('Balanced', 'Resample')):
+            (script, argv), = _dry_run(capsys, '--table', table, '--seeds', '0', '--out', str(tmp_path),
+                                       '--cells', f'{key}_rho{rho}')
+            args = train.build_parser().parse_args(argv)
+            assert (script, args.train_rule, args.loss_type, args.imb_factor) == ('train.py', rule, 'CE', 1 / rho)
+            assert not args.pretrained_model
+            (rot, _), (script, argv) = _dry_run(capsys, '--table', table, '--seeds', '0', '--out', str(tmp_path),
+                                                '--cells', f'{key}+SSP_rho{rho}')
+            args = train.build_parser().parse_args(argv)
+            assert (rot, script, args.train_rule) == ('pretrain_rot.py', 'train.py', rule) and args.pretrained_model
+
+
+def test_digits_mini_balanced_is_resample(tmp_path, capsys):
+    for key, rule in (('CE', 'None'), ('CE+SSP', 'None'), ('Balanced', 'Resample'), ('Balanced+SSP', 'Resample')):
+        script, argv = _dry_run(capsys, '--table', 'digits-mini', '--seeds', '0', '--out', str(tmp_path),
+                                '--cells', key)[-1]
+        assert script == 'train.py' and train.build_parser().parse_args(argv).train_rule == rule
+
+
+@pytest.mark.parametrize('table, config_dir', [('imagenet-lt', 'ImageNet_LT'), ('inat', 'iNaturalist18')])
+def test_decoupled_stage_2_starts_from_the_uniform_stage_1(table, config_dir, tmp_path, capsys):
+    """cRT, tau-norm and LWS re-balance the classifier of the instance-balanced (feat_uniform) stage 1,
+    which runs once per seed for all three; CE (Balanced) is the feat_balance stage 1."""
+    def cfg(argv):
+        path = _flag(argv, '--cfg')
+        assert os.path.dirname(os.path.abspath(path)) == os.path.join(fixtures.REPO, 'imagenet_inat', 'config',
+                                                                       config_dir)
+        return os.path.basename(path)
+
+    moco, *stages = _dry_run(capsys, '--table', table, '--seeds', '0', '--out', str(tmp_path))
+    assert moco[0] == 'pretrain_moco.py' and all(s == 'imagenet_inat' for s, _ in stages)
+    by_cfg = {cfg(argv): argv for _, argv in stages}
+    assert sorted(by_cfg) == sorted(['feat_uniform.yaml', 'feat_balance.yaml', 'cls_crt.yaml',
+                                     'cls_tau_norm.yaml', 'cls_lws.yaml']) and len(stages) == 5
+    uniform_dir = os.path.abspath(_flag(by_cfg['feat_uniform.yaml'], '--log_dir'))
+    balance_dir = os.path.abspath(_flag(by_cfg['feat_balance.yaml'], '--log_dir'))
+    assert uniform_dir != balance_dir
+    for stage2 in ('cls_crt.yaml', 'cls_tau_norm.yaml', 'cls_lws.yaml'):
+        source = os.path.abspath(_flag(by_cfg[stage2], '--model_dir'))
+        assert source in (uniform_dir, os.path.join(uniform_dir, 'final_model_checkpoint.pth')), (stage2, source)
+    # and the stage 1 of each cell, alone
+    for key, first in (('cRT+SSP', 'feat_uniform.yaml'), ('tau-norm+SSP', 'feat_uniform.yaml'),
+                       ('LWS+SSP', 'feat_uniform.yaml'), ('Uniform+SSP', 'feat_uniform.yaml'),
+                       ('Balanced+SSP', 'feat_balance.yaml')):
+        cell = _dry_run(capsys, '--table', table, '--seeds', '0', '--out', str(tmp_path), '--cells', key)
+        assert cfg(cell[1][1]) == first
+
+
+def _write_finished_run(stage_argv, best, top1, per_class):
+    """A finished train.py run folder as the trainer writes it: ckpt.pth.tar with all its epochs and a
+    log_test.csv of one evaluation (report_lines) plus its Best Prec@1."""
+    args = train.build_parser().parse_args(stage_argv)
+    name = train.supervised_store_name(args)
+    os.makedirs(os.path.join(args.root_model, name))
+    torch.save({'epoch': args.epochs, 'step': 0}, os.path.join(args.root_model, name, 'ckpt.pth.tar'))
+    os.makedirs(os.path.join(args.root_log, name))
+    counts = DATASETS[args.dataset].build_train(args.data_path, args.imb_type, args.imb_factor,
+                                                args.rand_number, None).get_cls_num_list()
+    metrics = {'top1': top1, 'top5': 100.0, 'loss': 1.0, 'per_class': np.asarray(per_class)}
+    lines = trainer.report_lines(metrics, counts) + [f'Best Prec@1: {best:.3f}']
+    with open(os.path.join(args.root_log, name, 'log_test.csv'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+
+
+def test_std_over_seeds_is_the_sample_std(tmp_path, capsys):
+    """Three seeds with best top-1 80, 82, 87 (errors 20, 18, 13): mean 17, sample std sqrt(13) = 3.606
+    (the population std would be 2.944); last top-1 70, 75, 77 (errors 30, 25, 23): mean 26, std sqrt(13)."""
+    out = str(tmp_path / 'out')
+    argv = ['--table', 'digits-mini', '--seeds', '0', '1', '2', '--out', out, '--cells', 'CE']
+    commands = _dry_run(capsys, *argv)
+    assert [s for s, _ in commands] == ['train.py'] * 3
+    # class 0 is digits-LT's only many-shot class (148 images): its accuracy is the many column
+    for (_, stage_argv), best, top1, many in zip(commands, (80, 82, 87), (70, 75, 77), (0.9, 0.6, 0.3)):
+        _write_finished_run(stage_argv, best, top1, [many] + [0.5] * 9)
+    assert reproduce.main([*argv, '--collect']) == 0
+    with open(os.path.join(out, 'digits-mini.csv')) as f:
+        row, = csv.DictReader(f)
+    assert (row['n'], row['status']) == ('3', 'done')
+    assert float(row['best_err']) == pytest.approx(17, abs=1e-4)
+    assert float(row['best_err_std']) == pytest.approx(math.sqrt(13), abs=1e-4)
+    assert float(row['last_err']) == pytest.approx(26, abs=1e-4)
+    assert float(row['last_err_std']) == pytest.approx(math.sqrt(13), abs=1e-4)
+    assert float(row['many']) == pytest.approx(60, abs=1e-3) and float(row['many_std']) == pytest.approx(30, abs=1e-3)
+    with open(os.path.join(out, 'digits-mini.md')) as f:
+        assert '| CE (Uniform) | 3 | 17.00 ± 3.61 | 26.00 ± 3.61 |' in f.read()
+
+
+# ------------------------------------------------------------------ documented flags
+
+def test_rand_number_fixes_the_subset_of_every_seed(tmp_path, capsys):
+    """README: each seed draws its own subset (--rand_number = seed); --rand_number N fixes one for all,
+    in every stage that draws one (train.py, gen_pseudolabels.py, train_semi.py)."""
+    base = ['--table', 'cifar10-semi', '--seeds', '0', '1', '--out', str(tmp_path)]
+    own = _dry_run(capsys, *base)
+    fixed = _dry_run(capsys, *base, '--rand_number', '7')
+    assert len(own) == len(fixed) == 12
+    # seed 0's six stages, then seed 1's
+    assert [_flag(a, '--rand_number') for _, a in own] == ['0'] * 6 + ['1'] * 6
+    assert [_flag(b, '--rand_number') for _, b in fixed] == ['7'] * 12
+    # the runs with the fixed subset go to other folders than seed 1's own-subset runs
+    assert {_flag(a, '--exp_str') for s, a in fixed if '--exp_str' in a}.isdisjoint(
+        {_flag(a, '--exp_str') for s, a in own if '--exp_str' in a and _flag(a, '--seed') == '1'})
+    semi = [train_semi.build_parser().parse_args(a) for s, a in fixed if s == 'train_semi.py']
+    assert {(x.seed, x.rand_number) for x in semi} == {(0, 7), (1, 7)}
+
+
+@pytest.mark.parametrize('words', [
+    ['--stage-args', 'gen_pseudolabels.py: -b 1000 --overwrite'],    # as reproduce.py --help writes it
+    ['--stage-args=gen_pseudolabels.py: -b 1000 --overwrite'],
+])
+def test_stage_args_for_one_script(words, tmp_path, capsys):
+    """README: --stage-args "FLAGS" goes to every stage, --stage-args "SCRIPT: FLAGS" to that script's."""
+    commands = _dry_run(capsys, '--table', 'cifar10-semi', '--seeds', '0', '--out', str(tmp_path),
+                        '--stage-args', '-j 0', *words)
+    assert [s for s, _ in commands] == ['train.py', 'gen_pseudolabels.py'] + ['train_semi.py'] * 4
+    for script, argv in commands:
+        module = {'train.py': train, 'gen_pseudolabels.py': gen_pseudolabels, 'train_semi.py': train_semi}[script]
+        args = module.build_parser().parse_args(argv)
+        assert args.workers == 0
+        if script == 'gen_pseudolabels.py':
+            assert (args.batch_size, args.overwrite) == (1000, True) and argv[-3:] == ['-b', '1000', '--overwrite']
+        else:
+            assert '--overwrite' not in argv and args.batch_size == {'train.py': 128, 'train_semi.py': 256}[script]
+
+
+# ------------------------------------------------------------------ partial results
+
+def test_a_cell_whose_seeds_partly_finished_shows_the_finished_ones(tmp_path, capsys):
+    """README "Results": mean ± std over the finished seeds and their number n; unfinished cells are marked
+    partial. Seeds 0 and 2 finished (best top-1 80 and 86, last 70 and 76: errors 20 and 14, 30 and 24: mean 17
+    and 27, sample std sqrt(18) = 4.243 each); seed 1 stopped after epoch 1 of 2 with a log whose Best Prec@1
+    (99) must not count. CE (Balanced): only seed 2 finished, n = 1 and no std."""
+    out = str(tmp_path / 'out')
+    argv = ['--table', 'digits-mini', '--seeds', '0', '1', '2', '--epochs', '2', '--out', out,
+            '--cells', 'CE', 'Balanced']
+    commands = _dry_run(capsys, *argv)
+    assert [s for s, _ in commands] == ['train.py'] * 6
+    plain = [a for _, a in commands if _flag(a, '--train_rule') == 'None']
+    balanced = [a for _, a in commands if _flag(a, '--train_rule') == 'Resample']
+    _write_finished_run(plain[0], 80, 70, [0.5] * 10)
+    _write_finished_run(plain[1], 99, 99, [0.99] * 10)
+    args = train.build_parser().parse_args(plain[1])
+    torch.save({'epoch': 1, 'step': 0}, os.path.join(args.root_model, train.supervised_store_name(args),
+                                                     'ckpt.pth.tar'))  # stopped after epoch 1 of 2
+    _write_finished_run(plain[2], 86, 76, [0.5] * 10)
+    _write_finished_run(balanced[2], 60, 55, [0.5] * 10)
+    assert reproduce.main([*argv, '--collect']) == 0
+    rows = _rows(out, 'digits-mini')
+    ce, bal = rows['CE'], rows['Balanced']
+    assert (ce['n'], ce['seeds'], ce['status']) == ('2', '0 2', 'partial (2 of 3 seeds)')
+    assert float(ce['best_err']) == pytest.approx(17, abs=1e-4) and float(ce['last_err']) == pytest.approx(27, abs=1e-4)
+    assert float(ce['best_err_std']) == pytest.approx(math.sqrt(18), abs=1e-4)
+    assert float(ce['last_err_std']) == pytest.approx(math.sqrt(18), abs=1e-4)
+    assert (bal['n'], bal['seeds'], bal['status'], bal['best_err_std'], bal['last_err_std']) == \
+        ('1', '2', 'partial (1 of 3 seeds)', '', '')
+    assert float(bal['best_err']) == pytest.approx(40, abs=1e-4) and float(bal['last_err']) == pytest.approx(45, abs=1e-4)
+    with open(os.path.join(out, 'digits-mini.md')) as f:
+        md = f.read()
+    assert '| CE (Uniform) | 2 | 17.00 ± 4.24 | 27.00 ± 4.24 |' in md
+    assert '| CE (Balanced) | 1 | 40.00 | 45.00 |' in md
+    assert 'mean ± std over n seeds (of 0 1 2)' in md
+
+
+def test_a_stage_that_exits_0_without_its_output_fails_and_blocks_what_needs_it(tmp_path, monkeypatch, capsys):
+    """A stage whose process exits 0 but leaves no finished artefact (here pretrain_rot.py writes nothing) has
+    failed: the SSP run that needs it never starts, reproduce.py exits non-zero and names the stage and its
+    log; the independent base model finishes and its row is filled. The same command again retries it."""
+    ran, rot_writes = [], []
+
+    def execute(cmd, env, log_path, *echo_children):
+        script, argv = _script(cmd)
+        ran.append((script, argv))
+        if script == 'train.py':
+            _write_finished_run(argv, 80, 70, [0.5] * 10)
+        elif rot_writes:  # pretrain_rot.py, the second time: it finishes
+            path = scripts.Stage(script, tuple(argv)).output()
+            os.makedirs(os.path.dirname(path))
+            torch.save({'epoch': 2, 'step': 0}, path)
+        return 0
+
+    monkeypatch.setattr(scheduler, 'execute', execute)
+    out = str(tmp_path / 'out')
+    argv = ['--table', 'digits-mini', '--seeds', '0', '--epochs', '2', '--cells', 'CE', 'CE+SSP', '--out', out]
+    capsys.readouterr()
+    assert reproduce.main(argv) == 1
+    assert [s for s, _ in ran] == ['train.py', 'pretrain_rot.py']  # the SSP fine-tuning never started
+    rot = scripts.Stage('pretrain_rot.py', tuple(ran[1][1]))
+    console = capsys.readouterr().out
+    log = os.path.join(out, 'runs', 'digits-mini', 'stage_logs',
+                       'pretrain_rot-checkpoint-digits_resnet20_CE_None_exp_0.01_rot_s0r0e2_current.log')
+    assert re.search(rf'^\[reproduce\] stage 2/3 failed at \+[\d.]+ s: exited normally but '
+                     rf'{re.escape(rot.output())} is not finished; log {re.escape(log)}$', console, re.M)
+    last = console.rstrip().splitlines()[-1]
+    assert last.startswith('[reproduce] failed: stage 2/3 (pretrain_rot.py, ')
+    assert ', exit status 0 but its output unfinished): log ' in last  # not a made-up 'exit status 1'
+    assert f'log {log}, so 1 stage(s) that need it did not start; the others finished.' in last
+    rows = _rows(out, 'digits-mini')
+    assert [(k, r['n'], r['status']) for k, r in rows.items()] == [('CE', '1', 'done'), ('CE+SSP', '0', 'missing')]
+    assert float(rows['CE']['best_err']) == pytest.approx(20, abs=1e-4)
+    # again: the base model is skipped, the rotation stage retried, then the SSP run starts
+    rot_writes.append(True)
+    assert reproduce.main(argv) == 0
+    assert [s for s, _ in ran[2:]] == ['pretrain_rot.py', 'train.py'] and '--resume' not in ran[2][1]
+    assert _flag(ran[3][1], '--pretrained_model') == os.path.join(os.path.dirname(rot.output()), 'ckpt.best.pth.tar')
+    assert [(k, r['n'], r['status']) for k, r in _rows(out, 'digits-mini').items()] == \
+        [('CE', '1', 'done'), ('CE+SSP', '1', 'done')]
+
+
+def _decoupled_stages(tmp_path, epochs=None):
+    """imagenet-lt's stages of seed 0: MoCo, then imagenet_inat's feat_uniform, feat_balance, cRT, tau-norm, LWS."""
+    opts = tables.Options('imagenet-lt', str(tmp_path / 'data'), str(tmp_path / 'out'), epochs, 'current', None, {})
+    from repro.command import plan
+    return plan(tables.TABLES['imagenet-lt'], opts, [0])[1]
+
+
+def test_a_moco_stage_resumes_from_its_furthest_checkpoint(tmp_path):
+    """README "Runs and resuming": MoCo is finished by moco_ckpt_<epochs>.pth.tar; before, it resumes from the
+    furthest of its numbered checkpoints (moco_ckpt_0020: 20 epochs done) and the interrupted one, whose
+    (epoch, step) it records: (15, 3) is behind 0020, (20, 7) beyond it."""
+    moco = _decoupled_stages(tmp_path, epochs=30)[0]
+    assert moco.script == 'pretrain_moco.py'
+    final = moco.output()
+    folder = os.path.dirname(final)
+    assert os.path.basename(final) == 'moco_ckpt_0030.pth.tar'
+    assert moco.progress() == scripts.Progress(False)
+    os.makedirs(folder)
+    for epoch in (10, 20):
+        torch.save({'epoch': epoch}, os.path.join(folder, f'moco_ckpt_{epoch:04d}.pth.tar'))
+    interrupted = os.path.join(folder, 'moco_ckpt_interrupted.pth.tar')
+    torch.save({'epoch': 15, 'step': 3}, interrupted)
+    p = moco.progress()
+    assert not p.done and p.resume == ('--resume', os.path.join(folder, 'moco_ckpt_0020.pth.tar'))
+    assert p.note == 'stopped at epoch 20 step 0: resuming'
+    torch.save({'epoch': 20, 'step': 7}, interrupted)
+    p = moco.progress()
+    assert (p.done, p.resume, p.note) == (False, ('--resume', interrupted), 'stopped at epoch 20 step 7: resuming')
+    torch.save({'epoch': 30}, final)
+    assert moco.progress().done
+
+
+def test_a_decoupled_stage_is_finished_by_its_results_file_too(tmp_path):
+    """An imagenet_inat stage is finished when final_model_checkpoint.pth and its results_<split>.json exist
+    (the JSON is written after the checkpoint: a run that ended between them has no result); with only
+    latest_model_checkpoint.pth it resumes from its log folder."""
+    crt = next(s for s in _decoupled_stages(tmp_path) if s.script == 'imagenet_inat' and
+               os.path.basename(s.flag('--cfg')) == 'cls_crt.yaml')
+    log_dir = crt.flag('--log_dir')
+    assert crt.output() == os.path.join(log_dir, 'final_model_checkpoint.pth')
+    assert crt.progress() == scripts.Progress(False)
+    os.makedirs(log_dir)
+    torch.save({'epoch': 3}, os.path.join(log_dir, 'latest_model_checkpoint.pth'))
+    assert crt.progress() == scripts.Progress(False, ('--resume', log_dir), 'stopped half-way: resuming')
+    torch.save({'epoch': 10}, crt.output())
+    assert not crt.progress().done  # the final checkpoint without its results file
+    with open(os.path.join(log_dir, 'results_test.json'), 'w') as f:
+        f.write('{}')
+    assert crt.progress().done

@@ -21,6 +21,7 @@ import torch
 import cli
 import fixtures
 import reproduce
+import signals
 from fixtures import REPO
 from repro import scheduler
 from repro.command import plan
@@ -151,12 +152,12 @@ def test_bad_input_starts_nothing(tmp_path, capsys, monkeypatch):
 
 
 def test_readme_side_by_side_commands_parse(tmp_path, capsys, monkeypatch):
-    """The README's --gpus and --jobs commands, on a machine with 8 GPUs (a dry run: nothing starts)."""
+    """docs/reproduce.md's --gpus and --jobs commands, on a machine with 8 GPUs (a dry run: nothing starts)."""
     _fake_gpus(monkeypatch, 8)
-    with open(os.path.join(REPO, 'README.md')) as f:
+    with open(os.path.join(REPO, 'docs', 'reproduce.md')) as f:
         commands = [shlex.split(line, comments=True)[2:] for line in f
                     if line.startswith('python reproduce.py') and ('--gpus' in line or '--jobs' in line)]
-    assert len(commands) == 2
+    assert len(commands) == 3  # --gpus, --jobs, and submitit-local's --jobs
     for argv in commands:
         assert reproduce.main([*argv, '--out', str(tmp_path), '--dry-run']) == 0
     assert not tmp_path.joinpath('runs').exists()
@@ -176,6 +177,101 @@ def test_each_stage_sees_only_its_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(scheduler, 'execute', execute)
     assert reproduce.main([*DIGITS, '--out', str(tmp_path), '--cells', 'CE', 'Balanced', '--gpus', '1,0']) == 1
     assert seen == {'None': ('1', '3', False), 'Resample': ('0', '3', False)}
+
+
+class _Proc:
+    def __init__(self):
+        self.got = []
+
+    def send_signal(self, signum):
+        self.got.append(signum)
+
+
+def test_a_stop_request_reaches_each_running_stage_once():
+    """SIGTERM, SIGINT and SIGUSR1 all ask the stages to save and stop (SIGUSR1 passed on as SIGTERM,
+    which torchrun also handles); the same signal again within a moment is the same request (a group
+    signal and a forwarded copy), a later one a second request (the stages then stop at once)."""
+    now = [0.0]
+    children = scheduler.Children()
+    children._repeats = signals.Repeats(clock=lambda: now[0])
+    a, b = children.add(_Proc), children.add(_Proc)
+    assert children.stop(signal.SIGINT) == 2 and children.stopped == signal.SIGINT
+    now[0] = 1.5
+    assert children.stop(signal.SIGINT) is None
+    now[0] = 2.5
+    assert children.stop(signal.SIGINT) == 2
+    assert a.got == b.got == [signal.SIGINT, signal.SIGINT]
+    assert children.add(_Proc) is None  # none starts after a stop
+    other = scheduler.Children()
+    proc = other.add(_Proc)
+    other.stop(signal.SIGUSR1)
+    assert proc.got == [signal.SIGTERM] and other.stopped == signal.SIGTERM
+
+
+def test_the_closing_line_says_saved_only_for_stages_that_saved():
+    stages = _plan('digits-mini')[:3]
+    number = {s: i for i, s in enumerate(stages, 1)}
+    log = lambda stage: f'{number[stage]}.log'  # noqa: E731
+    code, line = scheduler._outcome({stages[0]: 143, stages[1]: 143}, set(), signal.SIGTERM, number, 3, log)
+    assert (code, line) == (143, '[reproduce] stopped by SIGTERM: 2 stage(s) saved; run the same command again '
+                                 'to resume them (finished stages are skipped)')
+    # killed by the signal (-15) or stopped at once: not saved, and said so, with its log
+    code, line = scheduler._outcome({stages[0]: 130, stages[1]: -15}, set(), signal.SIGINT, number, 3, log)
+    assert code == -15 and line == ('[reproduce] stopped by SIGINT: 1 stage(s) saved; 1 did not save (stage 2/3 '
+                                    '(pretrain_rot.py, exit status -15): log 2.log); run the same command again '
+                                    'to resume them (finished stages are skipped)')
+    assert scheduler._outcome({}, set(), signal.SIGTERM, number, 3, log) == (
+        143, '[reproduce] stopped by SIGTERM; run the same command again to continue')
+
+
+def test_imagenet_stages_train_the_papers_batchnorm_pieces_however_launched(tmp_path, capsys, monkeypatch):
+    """The decoupled stages' BatchNorm batches are the original's on 8 GPUs (DataParallel's pieces) with
+    and without --gpus (one GPU each: --bn_pieces 8) and under torchrun on 8 processes (8 pieces, no
+    flag); --stage-args can still change it (issue 29 item 6, review C2)."""
+    _fake_gpus(monkeypatch, 8)
+
+    def imagenet_inat_commands(*extra):
+        assert reproduce.main(['--table', 'imagenet-lt', '--seeds', '0', '--out', str(tmp_path), '--dry-run',
+                               *extra]) == 0
+        cmds = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if not line.startswith('#')]
+        return [c[c.index('imagenet_inat.main') + 1:] for c in cmds if 'imagenet_inat.main' in c]
+
+    plain, gpus = imagenet_inat_commands(), imagenet_inat_commands('--gpus', '0,1,2,3')
+    assert len(plain) == 5 and plain == gpus
+    assert all(c[:2] == ['--bn_pieces', '8'] and c.count('--bn_pieces') == 1 for c in plain)
+    torchrun = imagenet_inat_commands('--launcher', 'torchrun --nproc_per_node=8')
+    assert all('--bn_pieces' not in c for c in torchrun)
+    mine = imagenet_inat_commands('--stage-args=imagenet_inat: --bn_pieces 2')
+    assert all(c[-2:] == ['--bn_pieces', '2'] for c in mine)  # argparse takes the last: the user's
+
+
+def test_moco_stages_are_refused_on_one_gpu_of_gpus(tmp_path, monkeypatch, capsys):
+    """--gpus runs each stage as one process on one GPU: a MoCo stage would train without shuffle-BN, so it
+    is refused before anything starts; once the MoCo stage is finished, --gpus runs the rest. A torchrun
+    launcher of another process count than the recipe's 8 is said in one line."""
+    _fake_gpus(monkeypatch, 8)
+    monkeypatch.chdir(tmp_path)
+    splits = tmp_path / 'imagenet_inat' / 'data' / 'ImageNet_LT'
+    splits.mkdir(parents=True)
+    for split in ('train', 'val', 'test'):
+        (splits / f'ImageNet_LT_{split}.txt').write_text('a.jpg 0\n')
+    (tmp_path / 'images').mkdir()
+    started = []
+    monkeypatch.setattr(scheduler, 'execute', lambda cmd, *env_log_echo_children: started.append(cmd) or 1)
+    argv = ['--table', 'imagenet-lt', '--seeds', '0', '--data_path', str(tmp_path / 'images'), '--out', 'out']
+    msg = _error(capsys, [*argv, '--gpus', '0,1'])
+    assert 'MoCo\'s recipe trains on 8' in msg and started == []
+    moco = plan(TABLES['imagenet-lt'], Options('imagenet-lt', str(tmp_path / 'images'), 'out', None, 'current',
+                                               None, {}), [0])[1][0]
+    os.makedirs(os.path.dirname(moco.output()))
+    open(moco.output(), 'wb').close()  # MoCo finished: the decoupled stages may run one per GPU
+    assert reproduce.main([*argv, '--gpus', '0,1']) == 1
+    assert len(started) == 2 and all('--bn_pieces' in c for c in started)
+    os.remove(moco.output())
+    capsys.readouterr()
+    assert reproduce.main([*argv, '--launcher', 'torchrun --nproc_per_node=4']) == 1
+    assert ('note: --launcher starts 4 process(es) per stage, but the ImageNet-LT / iNat recipe trains on 8 GPUs'
+            in capsys.readouterr().out)
 
 
 # ---------------------------------------------------------------- real runs, side by side
@@ -291,25 +387,37 @@ def _wait_for_markers(folder, count, proc, timeout=180):
 
 
 @pytest.mark.slow
-def test_sigterm_during_two_stages_leaves_both_resumable(tmp_path):
+@pytest.mark.parametrize('target, signum', [('group', signal.SIGTERM), ('group', signal.SIGINT),
+                                            ('alone', signal.SIGUSR1)])
+def test_a_stop_request_during_two_stages_leaves_both_resumable(tmp_path, target, signum):
+    """A stop request while two stages run: both save once and the console says so. 'group': the signal
+    to reproduce.py's whole process group (SLURM's scancel or time limit, `kill -- -PGID`; SIGINT: Ctrl-C
+    in a terminal), which reaches reproduce.py alone, the stages running in their own sessions, so that
+    each gets the request once, from reproduce.py (issue 29 item 2). 'alone': SIGUSR1 (SLURM's
+    `--signal=USR1@...`) to reproduce.py, passed on as SIGTERM."""
     hook, paused = tmp_path / 'hook', tmp_path / 'paused'
     hook.mkdir()
     paused.mkdir()
     (hook / 'sitecustomize.py').write_text(HOOK)
     out = tmp_path / 'out'
     cells = ['--cells', 'CE', 'Balanced']  # two base models: independent stages
-    proc = _reproduce(out, *cells, '--jobs', '2',
+    proc = _reproduce(out, *cells, '--jobs', '2', start_new_session=True,
                       env=fixtures.script_env(PYTHONPATH=str(hook), PAUSE_DIR=str(paused)))
     _wait_for_markers(paused, 2, proc)  # both stages inside their first epoch
-    proc.send_signal(signal.SIGTERM)
+    if target == 'group':
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
     code, console = _finish(proc)
-    assert code == 128 + signal.SIGTERM, console[-3000:]
-    assert 'SIGTERM: 2 running stage(s) save and stop' in console
-    assert console.rstrip().endswith('stopped by SIGTERM: 2 stage(s) saved; run the same command again to resume '
+    name = 'SIGINT' if signum == signal.SIGINT else 'SIGTERM'
+    assert code == 128 + (signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM), console[-3000:]
+    assert f'{signal.Signals(signum).name}: 2 running stage(s) save and stop' in console
+    assert console.rstrip().endswith(f'stopped by {name}: 2 stage(s) saved; run the same command again to resume '
                                      'them (finished stages are skipped)')
     for log in set(_logs(console)):
         with open(log) as f:
-            assert 'received SIGTERM' in f.read()
+            text = f.read()
+        assert text.count(f'received {name}') == 1 and f'stopped by {name}' in text, text[-2000:]
     stages = [Stage('train.py', tuple(line.split(': ', 1)[1].split()[2:]))
               for line in console.splitlines() if ' started at ' in line]
     assert len(stages) == 2
@@ -318,12 +426,85 @@ def test_sigterm_during_two_stages_leaves_both_resumable(tmp_path):
         assert not progress.done and progress.resume == ('--resume', stage.output())
         assert 'stopped at epoch 0 step 1 of 1' in progress.note
     assert [r['status'] for r in _csv(out)] == ['missing', 'missing']
-
+    if (target, signum) != ('group', signal.SIGTERM):
+        return
     code, console = _finish(_reproduce(out, *cells, '--jobs', '2'))
     assert code == 0, console[-3000:]
     assert console.count('stopped at epoch 0 step 1 of 1: resuming') == 2
     assert all(stage.progress().done for stage in stages)
     assert [(r['cell'], r['n'], r['status']) for r in _csv(out)] == [('CE', '1', 'done'), ('Balanced', '1', 'done')]
+
+
+# MoCo's per-GPU launcher believing it has two GPUs (tests/test_moco.py's TWO_GPU_PARENT), as the words that
+# start a stage: argv[1] is the script's path, which reproduce.py puts after them. Under the __main__ guard:
+# the spawned workers import this file again and must not start a launcher of their own.
+FAKE_TWO_GPU_LAUNCHER = """
+if __name__ == '__main__':
+    import sys, torch
+    torch.cuda.is_available = lambda: True
+    torch.cuda.device_count = lambda: 2
+    import cli, pretrain_moco
+    cli.run_main(pretrain_moco.main, sys.argv[2:])
+"""
+# reproduce.py's scheduler with one MoCo stage, started by the launcher above: DRIVER LAUNCHER LOG FLAGS...
+# (two slots: the stage's output goes to its log alone, not through a pipe nobody reads until the end)
+DRIVER = """
+import sys
+sys.path.insert(0, {repo!r})
+from repro import scheduler
+from repro.scripts import Stage
+launcher, log, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+code, message = scheduler.run_stages([Stage('pretrain_moco.py', tuple(argv))], scheduler.cpu_slots(2),
+                                     [sys.executable, launcher], lambda stage: log, lambda *args: None)
+print(message, flush=True)
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_moco_launcher_as_a_stage_saves_once_when_the_request_reaches_it_twice(tmp_path):
+    """MoCo's per-GPU launcher (two gloo workers) as a stage of reproduce.py's scheduler, on SLURM: the
+    group signal of the job step reaches the launcher and its workers, and reproduce.py, in its own
+    group, passes its own on a moment later. The launcher takes the second as the same request (not
+    as 'stop at once', which SIGKILLed its workers), its workers save the interrupted checkpoint, and
+    the scheduler says the stage saved; the stage then resumes from it (issue 29 item 2, review B2)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    (tmp_path / 'launcher.py').write_text(FAKE_TWO_GPU_LAUNCHER)
+    log = tmp_path / 'moco.log'
+    argv = ['--dataset', 'digits', '-a', 'resnet20', '--moco-k', '64', '-b', '32', '-j', '0', '--seed', '0',
+            '--root_path', str(tmp_path / 'moco'), '--dist-url', f'tcp://127.0.0.1:{port}', '--dist-timeout', '60',
+            '--epochs', '3', '--save-freq', '1', '-p', '1']
+    proc = subprocess.Popen([sys.executable, '-c', DRIVER.format(repo=REPO), str(tmp_path / 'launcher.py'),
+                             str(log), *argv], cwd=REPO, env=fixtures.script_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (log.exists() and 'Epoch: [1/3][1/' in log.read_text()):  # both workers past their first step
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.05)
+        tasks = os.listdir(f'/proc/{proc.pid}/task')  # the stage is the child of a worker thread
+        (stage,) = [int(p) for t in tasks for p in open(f'/proc/{proc.pid}/task/{t}/children').read().split()]
+        assert os.getpgid(stage) == stage != os.getpgid(proc.pid)  # the stage in its own session
+        os.killpg(stage, signal.SIGTERM)   # the job step's signal: launcher and workers
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGTERM)  # reproduce.py's: passed on to the launcher, a second SIGTERM
+        console, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, console[-3000:]
+    assert console.rstrip().endswith('stopped by SIGTERM: 1 stage(s) saved; run the same command again to resume '
+                                     'them (finished stages are skipped)'), console[-3000:]
+    text = log.read_text()
+    assert 'stopped by SIGTERM' in text and 'Traceback' not in text, text[-3000:]
+    progress = Stage('pretrain_moco.py', tuple(argv)).progress()
+    folder = tmp_path / 'moco' / 'digits' / 'checkpoint'
+    assert progress.resume == ('--resume', str(folder / 'moco_ckpt_interrupted.pth.tar')), progress
+    ckpt = torch.load(folder / 'moco_ckpt_interrupted.pth.tar', map_location='cpu', weights_only=True)
+    assert ckpt['world_size'] == 2 and len(ckpt['rng_ranks']) == 2
 
 
 @pytest.mark.slow

@@ -124,3 +124,48 @@ def test_sampler_drives_a_dataloader():
     sampler.skip(8)
     batches = [b[0].tolist() for b in DataLoader(data, batch_size=4, sampler=sampler)]
     assert sum(batches, []) == epoch(ShuffleSampler(20, seed=9), 1)[8:]
+
+
+# ------------------------------------------------------------------ Resample: beta = 0.9999 (was in test_pinned.py)
+# Expected values from Cui et al. 2019 and the original's utils.py: class c is drawn with probability
+# n_c * w_c / sum_j n_j * w_j, w_c = (1 - beta) / (1 - beta^n_c), beta = 0.9999.
+
+# CIFAR-10-LT, rho = 100: int(5000 * 0.01^(i/9)) (README "Data preparation").
+CIFAR10_LT_100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+
+
+class Labels:
+    """A data set as the sampler sees it: a length and `.targets`."""
+
+    def __init__(self, targets):
+        self.targets = targets
+
+    def __len__(self):
+        return len(self.targets)
+
+
+def _class_probabilities(counts, beta):
+    """Cui et al. 2019: per-sample weight (1 - beta) / (1 - beta^n_c), so class c is drawn with
+    probability proportional to n_c times it."""
+    mass = [n * (1 - beta) / (1 - beta ** n) for n in counts]
+    return np.array(mass) / sum(mass)
+
+
+def test_resample_draws_classes_by_inverse_effective_numbers():
+    labels = np.repeat(np.arange(10), CIFAR10_LT_100)
+    sampler = ImbalancedDatasetSampler(Labels(labels.tolist()), seed=0)
+    expected = _class_probabilities(CIFAR10_LT_100, 0.9999)
+    # the issue's numbers: the head class about 12 % with beta = 0.9999, 27 % with 0.999
+    assert expected[0] == pytest.approx(0.1193, abs=1e-4)
+    assert _class_probabilities(CIFAR10_LT_100, 0.999)[0] == pytest.approx(0.2679, abs=1e-4)
+    weights = sampler.weights.double()
+    exact = np.array([weights[labels == c].sum().item() for c in range(10)]) / weights.sum().item()
+    np.testing.assert_allclose(exact, expected, rtol=1e-6)  # the weights are float32 (losses.effective_num_weights)
+    # and what it really draws: two epochs (24,812 draws); the binomial sd of the head share is 0.2 points
+    drawn = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        drawn += list(sampler)
+    share = np.bincount(labels[drawn], minlength=10) / len(drawn)
+    np.testing.assert_allclose(share, expected, atol=0.01)
+    assert len(drawn) == 2 * sum(CIFAR10_LT_100)

@@ -194,8 +194,13 @@ def test_train_semi_cifar10_one_epoch(semi_root, tmp_path, captured, capsys):
     ckpt = load_checkpoint(str(ckpt_path))
     assert ckpt['epoch'] == 1 and ckpt['script'] == 'train_semi'
     capsys.readouterr()
-    assert train_semi.main(_train_args(root, tmp_path, '--imb_factor', '0.1', '--resume', str(ckpt_path), '-e')) == 0
+    # -e with the run's flags: the shot groups come from the training set they describe
+    assert train_semi.main(_train_args(root, tmp_path, '--imb_factor', '0.1', '--imb_factor_unlabel', '0.1',
+                                       '--unlabel_size_factor', '1', '--resume', str(ckpt_path), '-e')) == 0
     assert 'Results: Prec@1' in capsys.readouterr().out
+    with pytest.raises(UserError, match=r'was trained with --imb_factor_unlabel 0\.1, this command says 0\.01: pass '
+                                        r'--imb_factor_unlabel 0\.1'):
+        train_semi.main(_train_args(root, tmp_path, '--imb_factor', '0.1', '--resume', str(ckpt_path), '-e'))
 
 
 def test_train_semi_svhn_one_epoch(small_svhn_root, tmp_path, captured):
@@ -274,3 +279,108 @@ def test_digits_pipeline_end_to_end(tmp_path, monkeypatch, captured):
     # Labels made for another long-tailed draw would land on other images: refused.
     with pytest.raises(UserError, match='another unlabeled pool.*--rand_number 0'):
         train_semi.main(_train_args(data, tmp_path, *lt, '--rand_number', '1'))
+
+
+# ------------------------------------------------------------------ D_U's per-class sizes (were in test_pinned.py)
+# Expected values from the original's get_img_num_per_cls_unlabeled (total = 5 x the labeled total, class i
+# first gets int(total // C * rho_U^(-i / (C - 1))), then all are rescaled by total / their sum and truncated);
+# train_semi.py refuses a pseudo-label outside 0..C-1 and --pseudo_threshold T keeps confidence == T;
+# gen_pseudolabels.py --data_filename (docs/semi.md).
+
+def _fixture_semi_cifar(root, per_class, pool_per_class):
+    fixtures.write_cifar10(root, per_class=per_class, test_per_class=1)
+    sourcing = fixtures.write_tinyimages(os.path.join(root, 'ti_80M_selected.pickle'), n_per_class=pool_per_class)
+    return sourcing
+
+
+@pytest.mark.parametrize('n_max, rho_u, expected', [
+    # the original's get_img_num_per_cls_unlabeled for the labeled CIFAR-10-LT, rho = 50 (13,996 images)
+    (5000, 1, [6998] * 10),
+    (5000, 25, [21651, 15138, 10587, 7403, 5176, 3619, 2530, 1769, 1237, 863]),
+    (5000, 50, [24999, 16186, 10477, 6784, 4390, 2843, 1839, 1189, 771, 496]),
+    (5000, 100, [28208, 16909, 10133, 6074, 3639, 2180, 1306, 781, 467, 278]),
+    # SVHN-LT, rho = 50: at most 1000 per class, so 2,795 labeled images
+    (1000, 25, [4327, 3023, 2115, 1477, 1034, 721, 504, 353, 244, 170]),
+    (1000, 50, [4998, 3234, 2093, 1355, 876, 565, 364, 236, 153, 96]),
+    (1000, 100, [5639, 3378, 2026, 1211, 726, 435, 258, 153, 92, 52]),
+])
+def test_unlabeled_sizes_decay_by_rho_u(n_max, rho_u, expected):
+    from dataset.imbalance_cifar import img_num_per_cls, img_num_per_cls_unlabeled
+    labeled = img_num_per_cls(n_max, 10, 'exp', 0.02)
+    assert sum(labeled) == {5000: 13996, 1000: 2795}[n_max]
+    assert img_num_per_cls_unlabeled(labeled, 1 / rho_u, 5) == expected
+
+
+def test_train_semi_draws_those_sizes(tmp_path, no_checksum):
+    """End to end, as train_semi.py builds it: CIFAR-10 fixture with 100 images per class (labeled,
+    rho = 50: [100, 64, 41, 27, 17, 11, 7, 4, 3, 2], 276 images), a pool of 500 per class, rho_U = 50.
+    Pseudo-labels = the pool's sourcing labels, so the appended labels count what was drawn per class."""
+    root = str(tmp_path)
+    sourcing = _fixture_semi_cifar(root, 100, 500)
+    fixtures.write_pseudo_labels(os.path.join(root, 'pseudo_labeled_cifar.pickle'), sourcing)
+    args = train_semi.build_parser().parse_args(['--data_path', root, '--imb_factor', '0.02',
+                                                 '--imb_factor_unlabel', '0.02'])
+    _, train_set, _ = train_semi.load_data(args)
+    assert train_set.num_labeled == 276
+    drawn = np.bincount(train_set.targets[train_set.num_labeled:], minlength=10).tolist()
+    assert drawn == [498, 321, 205, 133, 86, 54, 36, 21, 14, 7]  # 5 x 276 = 1,380 asked, 1,375 after truncation
+
+
+# ------------------------------------------------------------------ pseudo-labels: range and threshold
+
+def _semi_cli(root, tmp_path, *extra):
+    return ['--data_path', root, '--imb_factor', '0.1', '--root_log', str(tmp_path / 'log'),
+            '--root_model', str(tmp_path / 'ckpt'), '--epochs', '1', '-a', 'resnet20', '-j', '0', *extra]
+
+
+def test_pseudo_label_equal_to_the_class_count_is_refused(cifar10_semi_root, tmp_path, capsys):
+    labels = np.zeros(1000, dtype=np.int64)  # the fixture's pool: 100 images per class
+    labels[-1] = 10  # CIFAR-10 has classes 0..9
+    path = os.path.join(cifar10_semi_root, 'pseudo_labeled_cifar.pickle')
+    fixtures.write_pseudo_labels(path, labels)
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(train_semi.main, _semi_cli(cifar10_semi_root, tmp_path))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith('error: ') and path in err[0] and '0..9' in err[0]
+    assert not (tmp_path / 'log').exists() and not (tmp_path / 'ckpt').exists()
+
+
+def test_pseudo_threshold_keeps_confidence_equal_to_it(cifar10_root, tmp_path):
+    root = cifar10_root
+    sourcing = fixtures.write_tinyimages(os.path.join(root, 'ti_80M_selected.pickle'), n_per_class=100)
+    # 0.75 and 0.5 are exact in float32: even source classes sit exactly on the threshold
+    fixtures.write_pseudo_labels(os.path.join(root, 'pseudo_labeled_cifar.pickle'), sourcing,
+                                 confidence=np.where(sourcing % 2 == 0, 0.75, 0.5))
+
+    def unlabeled(*extra):
+        args = train_semi.build_parser().parse_args(_semi_cli(root, tmp_path, *extra))
+        train_set = train_semi.load_data(args)[1]
+        return list(train_set.targets[train_set.num_labeled:])
+
+    everything = unlabeled()
+    kept = unlabeled('--pseudo_threshold', '0.75')
+    assert kept == [c for c in everything if c % 2 == 0] and len(kept) > 0
+    assert unlabeled('--pseudo_threshold', '0.7500001') == []
+
+
+# ------------------------------------------------------------------ gen_pseudolabels.py --data_filename
+
+def test_gen_pseudolabels_reads_the_pool_named_by_data_filename(tmp_path):
+    """docs/semi.md: the TinyImages file may be passed to gen_pseudolabels.py by --data_filename (in
+    --data_dir); no ti_80M_selected.pickle exists, and the labels are those of that file's images."""
+    data = tmp_path / 'data'
+    data.mkdir()
+    fixtures.write_tinyimages(str(data / 'my_selection.pickle'), n_per_class=7)
+    model = build_model('resnet20', 10)
+    torch.save({'epoch': 1, 'arch': 'resnet20', 'state_dict': model.state_dict()}, tmp_path / 'base.pth.tar')
+    common = ['--resume', str(tmp_path / 'base.pth.tar'), '-a', 'resnet20', '-j', '0', '--data_dir', str(data)]
+    assert gen_pseudolabels.main([*common, '--data_filename', 'my_selection.pickle',
+                                  '--output_dir', str(tmp_path / 'a')]) == 0
+    got = _load(tmp_path / 'a' / 'pseudo_labeled_cifar.pickle')['extrapolated_targets']
+    assert len(got) == 70
+    # the same images under the default name give the same labels
+    os.rename(data / 'my_selection.pickle', data / 'ti_80M_selected.pickle')
+    assert gen_pseudolabels.main([*common, '--output_dir', str(tmp_path / 'b')]) == 0
+    same = _load(tmp_path / 'b' / 'pseudo_labeled_cifar.pickle')['extrapolated_targets']
+    np.testing.assert_array_equal(got, same)

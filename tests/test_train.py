@@ -1,6 +1,7 @@
 """train.py end to end on tiny CIFAR-10-LT / digits fixtures (in-process, one or two epochs)."""
 import collections
 import os
+import re
 
 import pytest
 import torch
@@ -67,20 +68,26 @@ def test_resume_continues_and_evaluate(cifar10_root, tmp_path, capsys):
     capsys.readouterr()
     train.main(_args(cifar10_root, tmp_path, '--resume', ckpt_path, '-e'))
     out = capsys.readouterr().out
-    assert 'val Results: Prec@1' in out and 'Class Accuracy' in out and 'Confusion matrix' in out
-    assert 'Shot Accuracy' in out
+    assert 'val Results: Prec@1' in out and 'Class Accuracy' in out and 'Shot Accuracy' in out
+    assert 'Confusion matrix' not in out  # only when asked
+    train.main(_args(cifar10_root, tmp_path, '--resume', ckpt_path, '-e', '--confusion'))
+    matrix = capsys.readouterr().out.split('Confusion matrix (rows: true class, columns: prediction):\n')[1]
+    assert len(matrix.splitlines()) == 10 and sum(int(n) for n in re.findall(r'\d+', matrix)) == 100
 
 
 def test_a_fresh_run_starts_its_logs_anew(cifar10_root, tmp_path, capsys):
-    """As the original's open(..., 'w'): a second run without --resume in the same folder does not add to
-    the first run's logs (a reader would see two runs' epochs and a best top-1 starting again)."""
+    """As the original's open(..., 'w'): a new run in a folder whose earlier run left no checkpoint (killed before
+    its first save) does not add to that run's logs (a reader would see two runs' epochs)."""
     assert train.main(_args(cifar10_root, tmp_path)) == 0
+    log_dir, model_dir = _run_dir(tmp_path)
+    for name in ('ckpt.pth.tar', 'ckpt.best.pth.tar'):
+        (model_dir / name).unlink()
+    capsys.readouterr()
     assert train.main(_args(cifar10_root, tmp_path)) == 0
-    log_dir, _ = _run_dir(tmp_path)
     text = (log_dir / 'log_test.csv').read_text()
     assert text.count('val Results: Prec@1') == 1 and text.count('Best Prec@1') == 1
     assert (log_dir / 'args.txt').read_text().count('Namespace(') == 1
-    assert "held an earlier run's log: starting it anew" in capsys.readouterr().out
+    assert f"=> starting {log_dir / 'log_train.csv'} anew (it held an earlier run's log)" in capsys.readouterr().out
 
 
 def test_evaluate_original_format_checkpoint(cifar10_root, tmp_path, capsys):
@@ -169,7 +176,7 @@ def test_resume_training_from_original_format_checkpoint(cifar10_root, tmp_path,
     _, model_dir = _run_dir(tmp_path)
     ckpt = load_checkpoint(str(model_dir / 'ckpt.pth.tar'))
     assert ckpt['epoch'] == 2 and ckpt['best_acc1'] >= 12.5
-    assert "(epoch 1)" in capsys.readouterr().out
+    assert "orig.pth.tar' (1 of 2 epochs done)" in capsys.readouterr().out
 
 
 def test_checkpoint_best_acc1_is_a_tensor_the_original_can_move(cifar10_root, tmp_path):
@@ -197,3 +204,80 @@ def test_per_class_plot_is_drawn_for_any_class_count(num_classes, size):
     accuracy, counts = np.linspace(0, 1, num_classes), np.arange(num_classes, 0, -1)
     png = trainer.per_class_plot(accuracy, counts, 'epoch 1: top-1 50.00%')
     assert Image.open(io.BytesIO(png)).size == size
+
+
+def test_best_checkpoint_is_the_first_epoch_of_the_best_top1(cifar10_root, tmp_path, monkeypatch, one_thread):
+    """The original's `is_best = acc1 > best_acc1`: of equal best top-1s the first epoch's weights stay in
+    ckpt.best.pth.tar. Top-1 0, 80, 80 over three epochs (the evaluations' top-1 replaced): the best file
+    holds epoch 1 after epoch 1 (written even at 0 %, unlike the original, which then wrote none), epoch 2
+    after epochs 2 and 3; the logs' Best Prec@1 reads 0, 80, 80."""
+    import trainer
+    scores, best_epochs = [0.0, 80.0, 80.0], []
+    real = trainer.evaluate
+    name = 'cifar10_resnet20_CE_None_exp_0.1_ss_pretrained'
+    log_dir, model_dir = tmp_path / 'log' / name, tmp_path / 'ckpt' / name
+    best = model_dir / 'ckpt.best.pth.tar'
+
+    def evaluate(*args, **kwargs):
+        best_epochs.append(load_checkpoint(str(best))['epoch'] if best.exists() else None)
+        return {**real(*args, **kwargs), 'top1': scores[len(best_epochs) - 1]}
+
+    monkeypatch.setattr(trainer, 'evaluate', evaluate)
+    assert train.main(_args(cifar10_root, tmp_path, '-a', 'resnet20', '--epochs', '3')) == 0
+    assert best_epochs == [None, 1, 2]
+    saved = load_checkpoint(str(best))
+    assert saved['epoch'] == 2 and float(saved['best_acc1']) == 80.0
+    assert load_checkpoint(str(model_dir / 'ckpt.pth.tar'))['epoch'] == 3
+    logged = [line for line in (log_dir / 'log_test.csv').read_text().splitlines() if line.startswith('Best Prec@1')]
+    assert logged == ['Best Prec@1: 0.000', 'Best Prec@1: 80.000', 'Best Prec@1: 80.000']
+
+
+# ---------------------------------------------------------------- -e checks the checkpoint against the flags
+
+def _shots(text):
+    return re.findall(r'val Shot Accuracy: (.*)', text)
+
+
+def test_evaluate_refuses_flags_that_change_its_numbers(cifar10_root, tmp_path, capsys):
+    """The trial's `-e` with another --imb_factor printed Few 0.000 (the shot groups of another training set)
+    and exit 0: refused, naming both values; with the run's flags it prints the run's own last numbers."""
+    assert train.main(_args(cifar10_root, tmp_path)) == 0
+    log_dir, model_dir = _run_dir(tmp_path)
+    ckpt = str(model_dir / 'ckpt.pth.tar')
+    capsys.readouterr()
+    assert train.main(_args(cifar10_root, tmp_path, '--resume', ckpt, '-e')) == 0
+    assert _shots(capsys.readouterr().out) == _shots((log_dir / 'log_test.csv').read_text())
+    with pytest.raises(UserError, match=r'was trained with --imb_factor 0\.1, this command says 0\.01: pass '
+                                        r'--imb_factor 0\.1 \(the shot groups'):
+        train.main(_args(cifar10_root, tmp_path, '--resume', ckpt, '-e', '--imb_factor', '0.01'))
+    with pytest.raises(UserError, match=r'was trained with --rand_number 0, this command says 3'):
+        train.main(_args(cifar10_root, tmp_path, '--resume', ckpt, '-e', '--rand_number', '3'))
+    # a checkpoint of an earlier version (no `flags`): its run folder's name says the data set and imbalance
+    older = load_checkpoint(ckpt)
+    del older['flags']
+    torch.save(older, tmp_path / 'older.pth.tar')
+    with pytest.raises(UserError, match=r'was trained with --imb_factor 0\.1, this command says 0\.01'):
+        train.main(_args(cifar10_root, tmp_path, '--resume', str(tmp_path / 'older.pth.tar'), '-e',
+                         '--imb_factor', '0.01'))
+    with pytest.raises(UserError, match=r'was trained with --dataset cifar10, this command says digits'):
+        train.main(['--dataset', 'digits', '--resume', str(tmp_path / 'older.pth.tar'), '-e', '-j', '0'])
+
+
+def test_evaluating_an_ldam_checkpoint_without_its_loss_says_so(cifar10_root, tmp_path):
+    """LDAM's cosine head (weight D x C, no bias) met by a CE model: 'pass --loss_type LDAM', not 'another
+    number of classes'; from the recorded flags and, for files that record none, from the head itself."""
+    assert train.main(_args(cifar10_root, tmp_path, '--loss_type', 'LDAM', '--train_rule', 'DRW')) == 0
+    ckpt = str(_run_dir(tmp_path, 'LDAM', 'DRW')[1] / 'ckpt.pth.tar')
+    with pytest.raises(UserError, match=r'was trained with --loss_type LDAM, this command says CE: pass --loss_type '
+                                        r'LDAM'):
+        train.main(_args(cifar10_root, tmp_path, '--resume', ckpt, '-e'))
+    bare = {'state_dict': load_checkpoint(ckpt)['state_dict']}  # as the original's files: nothing recorded
+    torch.save(bare, tmp_path / 'ldam.pth.tar')
+    with pytest.raises(UserError, match=r'ldam.pth.tar has a cosine \(LDAM\) classifier head: pass --loss_type LDAM'):
+        train.main(_args(cifar10_root, tmp_path, '--resume', str(tmp_path / 'ldam.pth.tar'), '-e'))
+    assert train.main(_args(cifar10_root, tmp_path, '--resume', str(tmp_path / 'ldam.pth.tar'), '-e',
+                            '--loss_type', 'LDAM')) == 0
+    ce = {'state_dict': build_model('resnet32', 10).state_dict()}
+    torch.save(ce, tmp_path / 'ce.pth.tar')
+    with pytest.raises(UserError, match=r'has a linear classifier head, and --loss_type LDAM builds a cosine one'):
+        train.main(_args(cifar10_root, tmp_path, '--resume', str(tmp_path / 'ce.pth.tar'), '-e', '--loss_type', 'LDAM'))

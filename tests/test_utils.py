@@ -38,6 +38,17 @@ def test_shot_accuracy_hand_made():
     assert math.isnan(shot_accuracy([0.5, 0.5], [500, 300])['few'])
 
 
+def test_shot_accuracy_leaves_out_a_class_absent_from_the_evaluated_split():
+    """A folder's val/ without any image of one class: that class's accuracy is 0/0 (NaN); its group is the mean
+    of the classes that were evaluated, not NaN (and the NaN never counts as 0)."""
+    counts = [500, 300, 50, 30, 10, 5]
+    per_class = [0.9, float('nan'), 0.6, 0.4, float('nan'), float('nan')]
+    shots = shot_accuracy(np.array(per_class), counts)
+    assert shots['many'] == pytest.approx(0.9)
+    assert shots['medium'] == pytest.approx(0.5)
+    assert math.isnan(shots['few'])  # no few-shot class was evaluated
+
+
 @pytest.mark.parametrize('epoch1,expected', [(1, 0.02), (5, 0.1), (6, 0.1), (160, 0.1), (161, 1e-3),
                                              (180, 1e-3), (181, 1e-5), (200, 1e-5)])
 def test_lr_schedule(epoch1, expected):

@@ -8,7 +8,6 @@ ROOT/val/<digit>/<n>.png: its fixed balanced test set (30 per class), 32 x 32 gr
 very pixels `--dataset digits` trains on. With --unlabeled N, the last N training images of each
 digit go to ROOT/unlabeled/<n>.png instead, without their labels.
 """
-import argparse
 import os
 import sys
 
@@ -45,7 +44,7 @@ def write_digits_folder(root, per_class=None, val_per_class=None, unlabeled=0):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument('root', help='folder to write (train/, val/ and with --unlabeled unlabeled/)')
     parser.add_argument('--unlabeled', default=0, type=cli.nonneg_int, metavar='N',
                         help='training images per digit moved to ROOT/unlabeled/ without labels (default: 0)')

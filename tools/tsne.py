@@ -13,7 +13,6 @@ Head classes are the half of the classes with the most training images (of the l
 split given by --imb_type/--imb_factor/--rand_number, or the split file); they are drawn as dots,
 tail classes as crosses. At most --max-points images, drawn per class in proportion, seeded.
 """
-import argparse
 import os
 import sys
 
@@ -140,12 +139,14 @@ def plot(points, labels, counts, title):
 def build_parser():
     from dataset import DATASETS
     from models import MODELS
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument('--resume', required=True, metavar='CKPT', help='the checkpoint whose features to embed')
     parser.add_argument('--dataset', default=None, choices=list(DATASETS), help='train.py / train_semi.py checkpoints')
     parser.add_argument('--data_path', default='./data')
     parser.add_argument('--imb_type', default='exp')
-    parser.add_argument('--imb_factor', default=0.01, type=cli.imb_factor, help='of the checkpoint\'s run (head/tail)')
+    parser.add_argument('--imb_factor', default=None, type=cli.imb_factor,
+                        help='of the checkpoint\'s run (head/tail) (default: 0.01; --dataset folder: 1)')
+    parser.finish(cli.default_imb_factor)
     parser.add_argument('--rand_number', default=0, type=int)
     parser.add_argument('-a', '--arch', default=None, choices=list(MODELS), help='default: the checkpoint\'s `arch`')
     parser.add_argument('--cfg', default=None, help='imagenet_inat results: the stage config')
