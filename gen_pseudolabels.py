@@ -28,14 +28,13 @@ from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import cli
 import dist
 from checkpoint import load_weights, read_weights
-from dataset import build_transform, load_unlabeled_pool, resolve_dataset
+from dataset import PoolImages, build_transform, load_unlabeled_pool, resolve_dataset
 from dataset.device_loader import HostBatches
 from engine import predict
 from errors import UserError
@@ -111,19 +110,6 @@ def load_classifier(args):
     model = build_model(args.arch, info.num_classes, use_norm=uses_norm(args.loss_type))
     load_weights(model, sd, f"--resume {args.resume}")
     return model, ckpt, info
-
-
-class PoolImages(Dataset):
-    """N x 32 x 32 x 3 uint8 images, transformed as at test time; no labels."""
-
-    def __init__(self, images, transform):
-        self.images, self.transform = images, transform
-
-    def __getitem__(self, index):
-        return self.transform(Image.fromarray(self.images[index]))
-
-    def __len__(self):
-        return len(self.images)
 
 
 def pseudo_label(logits, scale=1.0):

@@ -39,13 +39,14 @@ from checkpoint import (load_checkpoint, load_optimizer, load_weights, save_chec
                         strip_prefix, unwrap)
 from dataset import resolve_dataset
 from dataset.folder import MAX_SIDE, check_model
+from dataset.moco_augment import AUGMENTATIONS, TwoCropsTransform
 from dataset.samplers import ShuffleSampler
+from dataset.splitfile import SplitFileDataset
+from dataset.statistics import IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD
 from engine import step_hooks, train_one_epoch
 from errors import UserError
 from models import MODELS, build_model
 from moco.builder import MoCo
-from moco.loader import (AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD, SplitFileDataset,
-                         TwoCropsTransform)
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,15 @@
 
 Every builder returns a torch Dataset of 32x32 RGB images (a folder's: S x S) whose labels are in
 `.targets` (CIFAR, digits, folder) or `.labels` (SVHN); `dataset.samplers.get_targets` reads either.
+dataset/ holds all the project's data: ImageNet-LT / iNaturalist split files and their transforms are in
+splitfile.py, every normalisation statistic in statistics.py, MoCo's views in moco_augment.py.
 """
 import os
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
+from PIL import Image
+from torch.utils.data import Dataset
 from torchvision import transforms
 
 from dataset import folder
@@ -15,10 +19,8 @@ from dataset.digits import ImbalanceDigits, SemiSupervisedImbalanceDigits
 from dataset.imbalance_cifar import (ImbalanceCIFAR10, ImbalanceCIFAR100, SemiSupervisedImbalanceCIFAR10,
                                      load_tinyimages)
 from dataset.imbalance_svhn import ImbalanceSVHN, SemiSupervisedImbalanceSVHN, load_svhn_extra
+from dataset.statistics import CIFAR_MEAN, CIFAR_STD, HALF
 from errors import UserError
-
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
-HALF = (0.5, 0.5, 0.5)
 
 
 @dataclass(frozen=True)
@@ -161,3 +163,17 @@ def load_unlabeled_pool(name, root, path=None, download=False, info=None, **digi
         raise UserError(f"{name} has no unlabeled pool in the paper; choose one of "
                         f"{', '.join(n for n, i in DATASETS.items() if i.load_pool)}")
     return info.load_pool(root, path, download, **digits_kwargs)
+
+
+class PoolImages(Dataset):
+    """An unlabeled pool's images (N x 32 x 32 x 3 uint8, as load_unlabeled_pool returns them), transformed as
+    at test time, without labels: what gen_pseudolabels.py predicts."""
+
+    def __init__(self, images, transform):
+        self.images, self.transform = images, transform
+
+    def __getitem__(self, index):
+        return self.transform(Image.fromarray(self.images[index]))
+
+    def __len__(self):
+        return len(self.images)

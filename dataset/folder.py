@@ -2,8 +2,8 @@
 
 ROOT holds `train/<class>/...` and `val/<class>/...` (torchvision's ImageFolder layout; a class
 folder may nest sub-folders; names may hold spaces), or the split files `train.txt` and `val.txt`
-of `<path relative to ROOT> <integer label>` lines as imagenet_inat reads them. Classes are the
-sorted training folder names (split files: labels 0..max). The unlabeled pool of train_semi.py
+of `<path relative to ROOT> <integer label>` lines as ImageNet-LT's (dataset/splitfile.py). Classes are
+the sorted training folder names (split files: labels 0..max). The unlabeled pool of train_semi.py
 and gen_pseudolabels.py is a folder of images, any nesting (default ROOT/unlabeled).
 
 Images are decoded once into an N x S x S x 3 uint8 array (grayscale and palette images converted
@@ -14,9 +14,9 @@ lists and stats every file once and decodes only on a cache miss; under torchrun
 the other ranks wait, then they read its cache (MoCo's per-GPU launcher decodes before it starts its
 workers). The normalisation mean/std are the training folder's pixel statistics; they, the class names
 and S go into every checkpoint, so -e and gen_pseudolabels.py need nothing else. Larger images
-(--image_size S > 64) are not cached: they stream from their files through imagenet_inat's ResNet-50
-transforms at S px (train.py, pretrain_rot.py, tools/tsne.py; pretrain_moco.py with MoCo's ImageNet
-augmentation).
+(--image_size S > 64) are not cached: they stream from their files through ImageNet-LT's ResNet-50
+transforms (dataset/splitfile.py) at S px (train.py, pretrain_rot.py, tools/tsne.py; pretrain_moco.py with
+MoCo's ImageNet augmentation).
 
 The training set is the training folder as it is unless --imb_factor is given: then it is made
 long-tailed with CIFAR's rule and seed (`--imb_type`, `--imb_factor`, `--rand_number`). Fewer than
@@ -34,9 +34,10 @@ from PIL import Image, UnidentifiedImageError
 
 import dist
 from dataset.imbalance_cifar import add_pseudo_labeled, check_fraction, img_num_per_cls, select_per_class
+from dataset.splitfile import SplitFileDataset, build_transform
+from dataset.statistics import IMAGENET_MEAN, IMAGENET_STD
 from errors import UserError
 from fileio import atomic_path, safe_pickle_load
-from moco.loader import SplitFileDataset
 
 MAX_SIDE = 64  # up to this, one cached array served as CIFAR; above, files streamed as ImageNet's
 IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.pgm', '.png', '.ppm', '.tif', '.tiff', '.webp')
@@ -102,7 +103,7 @@ def list_class_folders(split_dir, classes=None):
 
 
 def list_split_file(root, split_file, num_classes=None):
-    """The images a `<path> <label>` split file lists (imagenet_inat's reader checks lines and files)."""
+    """The images a `<path> <label>` split file lists (SplitFileDataset checks lines and files)."""
     listed = SplitFileDataset(root, split_file, num_classes=num_classes, flags=('--data_path', '--data_path'))
     stamps = [_stamp(p, root, os.stat(p)) for p in listed.img_path]
     labels = np.asarray(listed.targets, dtype=np.int64)
@@ -424,11 +425,9 @@ def checked_against_checkpoint(info, ckpt, source):
 
 def streamed(info, root, image_size):
     """`info` for images above 64 px: listed once, never cached, each read from its file at every step with
-    imagenet_inat's ResNet-50 transforms (RandomResizedCrop(S) + flip + colour jitter; Resize(S*256/224) +
+    ImageNet-LT's ResNet-50 transforms (RandomResizedCrop(S) + flip + colour jitter; Resize(S*256/224) +
     CenterCrop(S)) and ImageNet's statistics, for train.py, pretrain_rot.py (and pretrain_moco.py, which brings its own
     augmentation) with an ImageNet ResNet."""
-    from imagenet_inat.data import build_transform
-    from moco.loader import IMAGENET_MEAN, IMAGENET_STD
     train, val = list_splits(root)
     classes = tuple(train.classes)
     print(f"folder {root}: {len(classes)} classes, {len(train.paths)} training and {len(val.paths)} val images, "

@@ -1,22 +1,19 @@
-"""Split files, transforms and loaders of the decoupled ImageNet-LT / iNaturalist 2018 stages.
+"""The data sets and loaders of the decoupled ImageNet-LT / iNaturalist 2018 stages, per phase.
 
 Phases (as the original's dataloader.load_data):
     train        <dataset>_train.txt (or _val.txt with --val_as_train), training transform
     train_plain  <dataset>_train.txt, evaluation transform (features for --save_feat)
     val, test    <dataset>_val.txt, <dataset>_test.txt, evaluation transform
-Transforms: RandomResizedCrop(224) + flip (+ ColorJitter(0.4, 0.4, 0.4, 0) except for
-iNaturalist18) for training; Resize(256) + CenterCrop(224) for evaluation.
+The split files' reader and the transforms are the data's (dataset/splitfile.py).
 """
 import itertools
-import os
 
 import torch
 from torch.utils.data import DataLoader, Sampler, Subset
-from torchvision import transforms
 
 from dataset.samplers import ShuffleSampler
+from dataset.splitfile import SplitFileDataset, build_transform, split_file
 from imagenet_inat.networks import SAMPLERS
-from moco.loader import IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD, SplitFileDataset
 from utils import derive_seed
 
 # Where the best weights are evaluated after training, and what --test evaluates by default:
@@ -26,25 +23,6 @@ FINAL_SPLIT = {'iNaturalist18': 'val', 'ImageNet': 'val'}
 
 def final_split(dataset):
     return FINAL_SPLIT.get(dataset, 'test')
-
-
-def statistics(dataset):
-    return (INAT_MEAN, INAT_STD) if dataset == 'iNaturalist18' else (IMAGENET_MEAN, IMAGENET_STD)
-
-
-def build_transform(dataset, train, crop_size=224, resize_size=256):
-    mean, std = statistics(dataset)
-    if train:
-        jitter = [] if dataset == 'iNaturalist18' else [
-            transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0)]
-        head = [transforms.RandomResizedCrop(crop_size), transforms.RandomHorizontalFlip(), *jitter]
-    else:
-        head = [transforms.Resize(resize_size), transforms.CenterCrop(crop_size)]
-    return transforms.Compose(head + [transforms.ToTensor(), transforms.Normalize(mean, std)])
-
-
-def split_file(split_dir, dataset, split):
-    return os.path.join(split_dir, f'{dataset}_{split}.txt')
 
 
 def load_phase(cfg, phase, data_root, split_dir, val_as_train=False):

@@ -20,10 +20,11 @@ import os
 import cli
 import dist
 import trainer
+from dataset.splitfile import split_file
 from errors import UserError
 from imagenet_inat import layout
 from imagenet_inat.config import load_config
-from imagenet_inat.data import final_split, split_file
+from imagenet_inat.data import final_split
 from imagenet_inat.stages import FEATURE_FILES, run_stage
 
 

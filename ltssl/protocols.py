@@ -17,14 +17,14 @@ daso -- DASO's (ytaek-oh/daso, lib/config/defaults.py, configs/cifar10/fixmatch*
         the refined probabilities. Reported: the median of the last 20 evaluations.
 Both: WRN-28-2, FixMatch's RandAugment (USB's own RandAugment(3, 5) is not built yet: docs/ltssl.md).
 """
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-KEKMODEL_C10 = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
+from dataset.statistics import DASO_CIFAR100, IMAGENET_MEAN, IMAGENET_STD, KEKMODEL_CIFAR10, USB_CIFAR100
+
 # (mean, std) per (protocol, data set); a data set not listed keeps its own (digits: 0.5, 0.5)
 NORMALISATION = {
-    ('usb', 'cifar10'): IMAGENET,
-    ('usb', 'cifar100'): (tuple(x / 255 for x in (129.3, 124.1, 112.4)), tuple(x / 255 for x in (68.2, 65.4, 70.4))),
-    ('daso', 'cifar10'): KEKMODEL_C10,
-    ('daso', 'cifar100'): ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    ('usb', 'cifar10'): (IMAGENET_MEAN, IMAGENET_STD),
+    ('usb', 'cifar100'): USB_CIFAR100,
+    ('daso', 'cifar10'): KEKMODEL_CIFAR10,
+    ('daso', 'cifar100'): DASO_CIFAR100,
 }
 SPLIT_NUM_VALID = {('daso', 'cifar10'): 5000, ('daso', 'cifar100'): 5000}
 

@@ -20,11 +20,12 @@ import dist
 import fixtures
 import pretrain_moco
 from checkpoint import load_pretrained
+from dataset.moco_augment import TwoCropsTransform, cifar_augmentation
+from dataset.splitfile import SplitFileDataset
 from errors import UserError
 from fixtures import REPO
 from models import build_model
 from moco.builder import MoCo
-from moco.loader import SplitFileDataset, TwoCropsTransform, cifar_augmentation
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # see conftest.py; the subprocesses get OMP_NUM_THREADS=1
 
