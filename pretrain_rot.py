@@ -10,7 +10,7 @@ a user's image folder (--dataset folder), ImageNet-LT and iNaturalist 2018.
 
 The network gets a 4-way head and learns which of 0/90/180/270 degrees each image was rotated by;
 class labels are never used. Accuracies it reports are *rotation* accuracies: every test image scored
-once, at a rotation fixed for it (`eval_rotations`), as cheap as the original's single random
+once, at a rotation fixed for it (`dataset.rotation.eval_rotations`), as cheap as the original's single random
 rotation per test image and the same in every epoch and run.
 """
 import argparse
@@ -21,6 +21,7 @@ import torch
 
 import cli
 import trainer
+from dataset.rotation import NUM_ROTATIONS, RotationTargets, rotation_labels
 from errors import UserError
 from imagenet_inat.data import build_transform as split_file_transform, split_file
 from losses import uses_norm
@@ -28,17 +29,10 @@ from models import build_model
 from moco.loader import SplitFileDataset
 from train import build_parser, exit_code, load_data, supervised_store_name
 
-NUM_ROTATIONS = 4
 # --dataset imagenet / inat: the train and val split files of imagenet_inat/ (long-tailed already, so
 # the --imb_* flags do not apply), with its 224 px transforms, as the original's dataset/imagenet.py
 # and dataset/inat.py.
 SPLIT_FILE_DATASETS = {'imagenet': 'ImageNet_LT', 'inat': 'iNaturalist18'}
-
-
-def rotation_labels(batch_size, generator=None):
-    """[0, 1, 2, 3] repeated to `batch_size`, randomly permuted: balanced over the 4 rotations."""
-    labels = torch.arange(NUM_ROTATIONS).repeat(-(-batch_size // NUM_ROTATIONS))[:batch_size]
-    return labels[torch.randperm(batch_size, generator=generator)]
 
 
 def rotate(images, labels):
@@ -69,36 +63,6 @@ def random_rotation_batch(images, targets):
         labels = labels.pin_memory()
     labels = labels.to(images.device, non_blocking=True)
     return rotate(images, labels), labels
-
-
-# Not the run's --seed: every run and every epoch scores a test image at the same rotation.
-EVAL_ROTATION_SEED = 0
-
-
-def eval_rotations(n):
-    """The rotation each of `n` test images is scored at: rotation_labels over the whole set from a fixed
-    seed, so a quarter of the images (+-1) at each angle, whatever the batch size, loader or ranks."""
-    return rotation_labels(n, torch.Generator().manual_seed(EVAL_ROTATION_SEED))
-
-
-class RotationTargets(torch.utils.data.Dataset):
-    """`dataset` (its images, `.data` if it has them, for the device loader) with its class labels
-    replaced by each image's evaluation rotation (`eval_rotations`): any loader delivers them as the
-    targets, which `rotated_as_labelled` applies."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-        self.targets = eval_rotations(len(dataset)).numpy()
-
-    @property
-    def data(self):
-        return self.dataset.data
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        return self.dataset[index][0], int(self.targets[index])
 
 
 def rotated_as_labelled(images, labels):

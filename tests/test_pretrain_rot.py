@@ -6,8 +6,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dataset.device_loader import DeviceLoader
 from engine import evaluate
-from pretrain_rot import (RotationTargets, eval_rotations, random_rotation_batch, rotate, rotated_as_labelled,
-                          rotation_labels)
+from dataset.rotation import RotationTargets, eval_rotations, rotation_labels
+from pretrain_rot import random_rotation_batch, rotate, rotated_as_labelled
 
 
 def test_labels_are_balanced_over_the_four_rotations():
