@@ -1,13 +1,19 @@
-"""engine.evaluate on a CPU runs each evaluation batch through the network in pieces (engine.pieced_forward, a
-speed lever of issue 35): every number it reports must be the one a single pass over the whole batch gives, bit
-for bit, for the heads the scripts use (10 and 100 classes, the 4-way rotation head), both memory formats and the
-thread counts runs use."""
+"""Speed levers of issue 35 that must change no number and no behaviour (bench/README.md measures them).
+
+engine.evaluate on a CPU runs each evaluation batch through the network in pieces (engine.pieced_forward): every
+number it reports must be the one a single pass over the whole batch gives, bit for bit, for the heads the scripts
+use (10 and 100 classes, the 4-way rotation head), both memory formats and the thread counts runs use. The
+entry scripts freeze their imports out of the garbage collector (cli.run_main), only when run as scripts.
+"""
 import contextlib
+import gc
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+import cli
 import engine
 from models import build_model
 
@@ -76,3 +82,23 @@ def test_pieces_are_near_equal_and_never_a_lone_image(monkeypatch):
         out = engine.pieced_forward(model, torch.zeros(n, 3, 4, 4), device)
         assert out.shape == (n, 2)
         assert seen == {1: [1], 64: [64], 65: [33, 32], 129: [43, 43, 43], 250: [63, 63, 62, 62]}[n]
+
+
+def test_run_main_freezes_the_imports_only_when_run_as_a_script(monkeypatch):
+    seen = []
+
+    def main(argv):
+        seen.append((argv, gc.get_freeze_count()))
+        return 0
+
+    gc.unfreeze()
+    try:
+        with pytest.raises(SystemExit) as stop:
+            cli.run_main(main, ['--epochs', '1'])  # in-process, as the tests call it: nothing frozen
+        assert stop.value.code == 0 and seen == [(['--epochs', '1'], 0)]
+        monkeypatch.setattr(sys, 'argv', ['train.py'])
+        with pytest.raises(SystemExit):
+            cli.run_main(main)  # as `python train.py` does: argv None, main reads sys.argv
+        assert seen[1][0] is None and seen[1][1] > 10000  # torch's objects among them
+    finally:
+        gc.unfreeze()
