@@ -83,6 +83,10 @@ def test_pieces_are_near_equal_and_never_a_lone_image(monkeypatch):
         out = engine.pieced_forward(model, torch.zeros(n, 3, 4, 4), device)
         assert out.shape == (n, 2)
         assert seen == {1: [1], 64: [64], 65: [33, 32], 129: [43, 43, 43], 250: [63, 63, 62, 62]}[n]
+    seen.clear()
+    engine.pieced_forward(model, torch.zeros(250, 3, 65, 65), device)  # above 64 px: one pass (not measured)
+    engine.pieced_forward(model, torch.zeros(250, 3, 64, 64), device)
+    assert seen == [250, 63, 63, 62, 62]
 
 
 def test_run_main_freezes_the_imports_only_when_run_as_a_script(monkeypatch):
