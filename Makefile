@@ -24,7 +24,7 @@ demo: venv
 # The whole suite, as tests/shards.py runs it: one pytest process per CPU core (at most 4), each taking
 # the next test no other has taken, one OpenMP thread each; `SHARDS=1 make test` runs it in one process.
 # `pytest -m "not slow"` leaves out the multi-process tests (torchrun, MoCo's per-GPU launcher,
-# reproduce.py --jobs). Timings: README "Tests".
+# reproduce.py --jobs). Timings: docs/tests.md.
 test: venv
 	$(BIN)/python tests/shards.py -q tests
 

@@ -1,14 +1,21 @@
 """The commands of README.md, docs/*.md and `make demo`, read from those files and run as written
 (issue 17, item 5), in a fresh working directory: relative paths such as checkpoint/<run>/ and
 ./data/ chain the steps exactly as a user's shell would. Added to keep them to seconds: `--epochs 1`
-(argparse takes the last value; `-j 0` for MoCo on CIFAR) and tiny data in the real formats (the
+(argparse takes the last value; `-j 0 -b 64` for MoCo on CIFAR) and tiny data in the real formats (the
 CIFAR/SVHN/TinyImages fixtures in ./data, a 40-per-class digits subset). Placeholders such as
 <ckpt> are filled in with the file the previous step wrote.
+
+The README is a landing page (issue 31): its Quick start's commands are run from it; every other command of it
+is, word for word, a command of a docs/ page (test_readme_commands_are_the_pages_commands), run from that page
+here where it is run at all: train.py's from docs/train.md, the semi-supervised ones from docs/semi.md, and so on.
+Every `python <script>` command of every page, run or not, is at least taken by its script's parser
+(test_every_pages_script_command_parses; reproduce.py's: test_every_reproduce_md_command_parses).
 
 Not run here: commands that need ImageNet / iNaturalist images or several GPUs (imagenet_inat,
 MoCo on imagenet/inat, torchrun with 8 processes: tests/test_imagenet_inat.py, test_moco.py and
 test_distributed.py run them on small image folders and 2 processes), reproduce.py's tables
-(tests/test_reproduce.py), tools/tsne.py (tests/test_tsne.py), installation and benchmarks. Of
+(tests/test_reproduce.py), train_ssl.py's CIFAR commands (its digits one is run here), tools/tsne.py
+(tests/test_tsne.py), installation and benchmarks. Of
 docs/reproduce.md's SLURM section: the worked example's commands, against a fake sbatch
 (tests/test_reproduce_slurm.py), and the multi-node torchrun line, read by torchrun's own parser.
 """
@@ -30,6 +37,7 @@ import train
 import train_semi
 import train_ssl
 import train_stage2
+from imagenet_inat import main as imagenet_main
 from fixtures import REPO
 from models import build_model
 from test_reproduce_slurm import fake_slurm  # noqa: F401 (a fixture: sbatch, srun, squeue on PATH)
@@ -38,12 +46,18 @@ SCRIPTS = {'train.py': train, 'gen_pseudolabels.py': gen_pseudolabels, 'train_se
            'pretrain_rot.py': pretrain_rot, 'pretrain_moco.py': pretrain_moco, 'train_stage2.py': train_stage2,
            'train_ssl.py': train_ssl}
 SHORT = ['--epochs', '1']
+PAGES = ['README.md', *sorted(os.path.join('docs', name) for name in os.listdir(os.path.join(REPO, 'docs'))
+                              if name.endswith('.md'))]
 
 
-def documented(path, block='bash'):
-    """Every command of the ```bash blocks of a file: continuation lines joined, comments cut off."""
+def documented(path, block='bash', fill=False):
+    """Every command of the ```bash blocks of a file: continuation lines joined, comments cut off; with fill, each
+    <placeholder> (spaces and all) becomes one word: its first number where it starts with one (<0 or 1>), else
+    PLACE."""
     with open(os.path.join(REPO, path)) as f:
         text = f.read()
+    if fill:
+        text = re.sub(r'<(\d*)[^<>\n]*>', lambda m: m[1] or 'PLACE', text)
     commands = []
     for body in re.findall(rf'```{block}\n(.*?)```', text, flags=re.S):
         for line in body.replace('\\\n', ' ').splitlines():
@@ -172,16 +186,19 @@ def cifar_data(cwd, no_checksum):
     return cwd
 
 
-def test_readme_train_commands(cifar_data, capsys):
-    """README "train.py": the CE baseline, LDAM-DRW, Focal/Reweight, Balanced Softmax and logit-adjusted
+def test_train_md_commands(cifar_data, capsys):
+    """docs/train.md "Commands": the CE baseline, LDAM-DRW, Focal/Reweight, Balanced Softmax and logit-adjusted
     runs, then -e (plain and --posthoc_la) and --resume of the baseline's checkpoint (the
-    --pretrained_model ones: test_readme_rotation_ssp). LDAM and the log prior need an image of every
-    class: 100 per class before the long-tailed draw, 1 of the last class after it."""
+    --pretrained_model ones: test_readme_rotation_ssp); the README's train.py commands of "What to run" are
+    among them. LDAM and the log prior need an image of every class: 100 per class before the long-tailed
+    draw, 1 of the last class after it."""
     fixtures.write_cifar10(cifar_data / 'data', per_class=100, test_per_class=2)
-    commands = [c for c in script_commands('README.md', 'train.py', ['--dataset'])
-                if '--pretrained_model' not in c and 'digits' not in c and '0.02' not in c and 'wd5e-3' not in c
-                and 'folder' not in c]
+    commands = [c for c in script_commands('docs/train.md', 'train.py', ['--dataset'])
+                if '--pretrained_model' not in c and 'digits' not in c]
     assert len(commands) == 8
+    readme = [c for c in script_commands('README.md', 'train.py', ['cifar10', '0.01']) if '--pretrained_model' not in c]
+    readme += script_commands('README.md', 'train.py', ['-e'])
+    assert len(readme) == 4 and all(c in commands for c in readme)
     ckpt = 'checkpoint/cifar10_resnet32_CE_None_exp_0.01_ss_pretrained/ckpt.pth.tar'
     for argv in commands:
         if '--resume' not in argv:
@@ -203,23 +220,43 @@ def test_readme_train_commands(cifar_data, capsys):
 
 
 def test_readme_rotation_ssp(cifar_data, capsys):
-    """README "pretrain_rot.py": pre-train, then train.py --pretrained_model with the path it names."""
+    """README "Self-supervised pre-training" (and docs/train.md "pretrain_rot.py", the same two commands):
+    pre-train, then train.py --pretrained_model with the path it names."""
     (rot,) = script_commands('README.md', 'pretrain_rot.py', ['cifar10'])
     (fine,) = script_commands('README.md', 'train.py', ['--pretrained_model',
                               'checkpoint/cifar10_resnet32_CE_None_exp_0.01_pretrain_rot/ckpt.best.pth.tar'])
+    assert script_commands('docs/train.md', 'pretrain_rot.py', ['cifar10']) == [rot]
+    assert script_commands('docs/train.md', 'train.py', ['--pretrained_model', fine[-1]]) == [fine]
     run('pretrain_rot.py', rot)
     capsys.readouterr()
     run('train.py', fine)
     assert 'backbone tensors from rotation/supervised checkpoint' in capsys.readouterr().out
 
 
+def test_readme_moco_ssp(cifar_data, capsys):
+    """README "Self-supervised pre-training" (docs/moco.md's same two commands): MoCo v2 on CIFAR-10-LT, then
+    train.py from the checkpoint path it names (epoch 1 for the 200 of the default). 100 images per class before
+    the long-tailed draw (242 after it) and -b 64 give MoCo three steps of a batch its 4096 keys divide by."""
+    fixtures.write_cifar10(cifar_data / 'data', per_class=100, test_per_class=2)
+    (moco,) = script_commands('README.md', 'pretrain_moco.py', ['cifar10'])
+    (fine,) = script_commands('README.md', 'train.py', ['ssp_moco'])
+    assert script_commands('docs/moco.md', 'pretrain_moco.py', ['cifar10']) == [moco]
+    assert script_commands('docs/moco.md', 'train.py', ['cifar10']) == [fine]
+    run('pretrain_moco.py', moco, extra=['--epochs', '1', '-j', '0', '-b', '64'])
+    assert (cifar_data / 'data' / 'cifar10' / 'checkpoint' / 'moco_ckpt_0001.pth.tar').is_file()
+    capsys.readouterr()
+    run('train.py', fine, **{'data/cifar10/checkpoint/moco_ckpt_0200.pth.tar':
+                             'data/cifar10/checkpoint/moco_ckpt_0001.pth.tar'})
+    assert 'backbone tensors from MoCo checkpoint' in capsys.readouterr().out
+
+
 def test_semi_supervised_cifar10(cifar_data):
     """docs/semi.md: base model, pseudo-labels of the TinyImages selection, semi training, -e. The
-    README's commands are the same ones (its base model leaves out the default flags)."""
+    README's commands are the same ones."""
     (base,) = script_commands('docs/semi.md', 'train.py', ['cifar10', '0.02'])
     (gen,) = script_commands('docs/semi.md', 'gen_pseudolabels.py', ['pseudo_labeled_cifar.pickle'])
     semi, evaluate = script_commands('docs/semi.md', 'train_semi.py', ['cifar10'])
-    assert script_commands('README.md', 'train.py', ['cifar10', '0.02']) == [base[:4]]
+    assert script_commands('README.md', 'train.py', ['cifar10', '0.02']) == [base]
     assert script_commands('README.md', 'gen_pseudolabels.py', ['pseudo_labeled_cifar.pickle']) == [gen]
     assert script_commands('README.md', 'train_semi.py', ['cifar10']) == [semi, evaluate]
     run('train.py', base)
@@ -239,7 +276,7 @@ def test_semi_md_svhn(cifar_data):
 
 
 def test_readme_flags_of_train_py(cwd, small_digits, capsys):
-    """README's flag list of train.py: `--imb_type step` halves the classes (the first half keeps n_max,
+    """docs/train.md's flag list of train.py: `--imb_type step` halves the classes (the first half keeps n_max,
     the rest n_max * imb_factor), `--start-epoch 1` starts the epoch loop at epoch 1 (warm-up: lr * 2 / 5),
     `-p 1` prints every step, `--lr`, `--momentum` and `--wd` reach SGD. The 40-per-class digits keep
     30 training images per class."""
@@ -288,22 +325,56 @@ def test_own_data_worked_example(cwd, monkeypatch, capsys):
 def _store_names(paths, pretrained):
     names = {}
     for path in paths:
-        for argv in script_commands(path, 'train.py', ['--dataset']):
+        for argv in [w[2:] for w in documented(path) if w[:2] == ['python', 'train.py'] and '--dataset' in w]:
             if ('--pretrained_model' in argv) == pretrained and '--resume' not in argv:
                 names.setdefault(train.supervised_store_name(train.build_parser().parse_args(argv)), []).append(argv)
     return names
 
 
-@pytest.mark.parametrize('doc', [
-    'README.md',
-    'docs/moco.md',
-    'docs/own_data.md'])
-def test_fine_tuning_from_ssp_gets_its_own_run_folder(doc):
+def test_fine_tuning_from_ssp_gets_its_own_run_folder():
     """A documented SSP fine-tuning run must not write into the folder of a documented plain run (the
-    second would replace the first's checkpoints and add to its logs), here or in README.md."""
-    plain = _store_names(['README.md', 'docs/semi.md', 'docs/baselines.md', 'docs/own_data.md'], pretrained=False)
-    clashes = {name: argv for name, argv in _store_names([doc], pretrained=True).items() if name in plain}
-    assert not clashes
+    second would replace the first's checkpoints and add to its logs), on any page."""
+    plain = _store_names(PAGES, pretrained=False)
+    ssp = _store_names(PAGES, pretrained=True)
+    assert len(ssp) >= 5 and len(plain) >= 10
+    assert {name: argv for name, argv in ssp.items() if name in plain} == {}
+
+
+PARSERS = {'train.py': train.build_parser, 'train_semi.py': train_semi.build_parser,
+           'gen_pseudolabels.py': gen_pseudolabels.build_parser, 'pretrain_rot.py': pretrain_rot.build_rot_parser,
+           'pretrain_moco.py': pretrain_moco.build_parser, 'train_stage2.py': train_stage2.build_parser,
+           'train_ssl.py': train_ssl.build_parser, '-m imagenet_inat.main': imagenet_main.build_parser}
+
+
+def test_every_pages_script_command_parses():
+    """Each `python <script>` command of every page (README.md, docs/*.md), its <placeholders> filled, is taken by
+    that script's parser: a flag renamed or a command that lost a word while moving between pages fails here, also
+    for the commands no other test runs (ImageNet-LT / iNaturalist, several GPUs, placeholders)."""
+    found = [(page, ['-m ' + w[2], *w[3:]] if w[1] == '-m' else w[1:]) for page in PAGES
+             for w in documented(page, fill=True) if w[0] == 'python']
+    found = [(page, words) for page, words in found if words[0] in PARSERS]
+    assert len(found) >= 60 and {words[0] for _, words in found} == set(PARSERS)
+    for page, words in found:
+        try:
+            PARSERS[words[0]]().parse_args(words[1:])
+        except SystemExit:
+            pytest.fail(f'{page}: python {words[0]} {shlex.join(words[1:])} does not parse')
+
+
+def test_readme_commands_are_the_pages_commands():
+    """Every `python` command of the README outside its Quick start is, word for word, a command of a docs/ page,
+    where the tests of this file find it (the README is the landing page; the pages hold the commands)."""
+    with open(os.path.join(REPO, 'README.md')) as f:
+        text = f.read()
+    quick = text.split('## Quick start', 1)[1].split('\n## ', 1)[0]
+    page_commands = [w for page in PAGES[1:] for w in documented(page)]
+    readme = [w for w in documented('README.md') if w[0] == 'python']
+    in_quick_start = [w for body in re.findall(r'```bash\n(.*?)```', quick, flags=re.S)
+                      for w in (shlex.split(line, comments=True) for line in body.replace('\\\n', ' ').splitlines())
+                      if w and w[0] == 'python']
+    others = [w for w in readme if w not in in_quick_start]
+    assert len(others) >= 20
+    assert [shlex.join(w) for w in others if w not in page_commands] == []
 
 
 def _slurm_section():
@@ -350,14 +421,16 @@ def test_reproduce_md_multi_node_torchrun_parses():
 
 
 def test_every_reproduce_md_command_parses():
-    """Each `python reproduce.py` command of docs/reproduce.md, its placeholders filled: reproduce.py's
-    parser takes it, with a known table and launcher."""
+    """Each `python reproduce.py` command of docs/reproduce.md and of every other page (README.md, docs/*.md),
+    its placeholders filled: reproduce.py's parser takes it, with a known table and launcher."""
     from repro import command
     from repro.tables import TABLES
-    with open(os.path.join(REPO, 'docs', 'reproduce.md')) as f:
-        found = [shlex.split(re.sub(r'<[^>]*>', 'PLACE', line), comments=True)[2:] for line in f
-                 if line.startswith('python reproduce.py')]
-    assert len(found) >= 20
+    found = []
+    for page in PAGES:
+        with open(os.path.join(REPO, page)) as f:
+            found += [shlex.split(re.sub(r'<[^>]*>', 'PLACE', line), comments=True)[2:] for line in f
+                      if line.startswith('python reproduce.py')]
+    assert len(found) >= 30
     for argv in found:
         args = command.build_parser().parse_args(argv)
         assert args.table in TABLES and command.parse_launcher(args.launcher)[0] in ('local', 'slurm',

@@ -213,10 +213,10 @@ def test_a_run_with_the_options_resumed_mid_epoch_matches_an_uninterrupted_one(t
 # ------------------------------------------------------------------------------------ real runs, bad input
 
 def test_readme_recipe_command_runs(tmp_path, monkeypatch, one_thread, capsys):
-    """The README's digits command with every recipe option, for 2 epochs."""
+    """docs/train.md's digits command with every recipe option, for 2 epochs."""
     fixtures.shrink_digits(monkeypatch.setattr)
     monkeypatch.chdir(tmp_path)
-    (argv,) = script_commands('README.md', 'train.py', ['digits', '--autoaugment'])
+    (argv,) = script_commands('docs/train.md', 'train.py', ['digits', '--autoaugment'])
     assert {'--cutout', '--mixup', '--lr_schedule'} <= set(argv)
     assert train.main([*argv, '--epochs', '2']) == 0
     out = capsys.readouterr().out

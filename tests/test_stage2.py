@@ -411,11 +411,11 @@ def test_evaluate_a_stage2_checkpoint_gives_its_top1(cwd, capsys):
 def test_readme_cifar10_commands(tmp_path, monkeypatch, no_checksum, one_thread, capsys):
     """The documented CIFAR-10-LT commands as written, on a 100-per-class CIFAR-10 fixture (one image of the last
     class after the long-tailed draw: NCM needs one of every class; one epoch, -b 16: the stage defaults' batch of
-    512 exceeds it): README's CE stage 1, weight balancing's stage 1 (their CIFAR ResNet-34, batch 64, lr 0.01,
-    cosine without warm-up, wd 5e-3), the five stages, then -e of cRT."""
+    512 exceeds it): docs/train.md's CE stage 1 (the README's CE baseline), weight balancing's stage 1 (their
+    CIFAR ResNet-34, batch 64, lr 0.01, cosine without warm-up, wd 5e-3), the five stages, then -e of cRT."""
     monkeypatch.chdir(tmp_path)
     fixtures.write_cifar10(tmp_path / 'data', per_class=100, test_per_class=2)
-    (ce,) = script_commands('README.md', 'train.py', ['cifar10', 'CE', 'None'])
+    (ce,) = script_commands('docs/train.md', 'train.py', ['cifar10', 'CE', 'None'])
     (wd,) = script_commands(DOC, 'train.py', ['cifar10', 'wd5e-3'])
     args = train.build_parser().parse_args(wd)
     assert (args.arch, args.batch_size, args.lr, args.lr_schedule, args.weight_decay, args.epochs) == (
