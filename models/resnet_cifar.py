@@ -75,9 +75,11 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Identity()
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
+        # In place on fresh intermediates: the same values without two new tensors per block to allocate
+        # and fill (BatchNorm's backward needs its input, never its output; ReLU's needs only its result).
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(out.add_(self.shortcut(x)), inplace=True)
 
 
 class ResNetCifar(nn.Module):
@@ -102,7 +104,7 @@ class ResNetCifar(nn.Module):
         return nn.Sequential(*blocks)
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.layer3(self.layer2(self.layer1(out)))
         features = F.adaptive_avg_pool2d(out, 1).flatten(1)  # (N, 64, 8, 8) -> (N, 64)
         logits = self.fc(features)

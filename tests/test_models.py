@@ -175,6 +175,42 @@ def test_unknown_arch_raises_user_error_listing_choices():
         assert name in str(info.value)
 
 
+def _out_of_place_resnet20(model, x):
+    """He et al.'s CIFAR ResNet forward written out with new tensors everywhere (no in-place op)."""
+    F = nn.functional
+    out = F.relu(model.bn1(model.conv1(x)))
+    for stage in (model.layer1, model.layer2, model.layer3):
+        for block in stage:
+            y = F.relu(block.bn1(block.conv1(out)))
+            out = F.relu(block.bn2(block.conv2(y)) + block.shortcut(out))
+    return model.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+@pytest.mark.parametrize('amp', [False, True])
+def test_in_place_forward_equals_the_out_of_place_one_in_training_and_evaluation(amp):
+    """The CIFAR ResNets' in-place ReLU and residual add: the same logits and gradients, bit for bit."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([0, 1, 2, 3, 4, 5])
+    model = build_model('resnet20', 10).to(memory_format=torch.channels_last)
+    grads = []
+    for forward in (model, lambda images: _out_of_place_resnet20(model, images)):
+        model.train()
+        model.zero_grad()
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+            logits = forward(x)
+        nn.functional.cross_entropy(logits.float(), y).backward()
+        grads.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+        model.load_state_dict(state)  # BatchNorm's running statistics as before
+        model.eval()
+        with torch.inference_mode():
+            grads[-1] += (forward(x),)
+    (logits_a, grads_a, eval_a), (logits_b, grads_b, eval_b) = grads
+    assert torch.equal(logits_a, logits_b) and torch.equal(eval_a, eval_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
 # ---------------------------------------------------------------- Wide ResNets (train_ssl.py)
 
 def fixmatch_wrn_keys(width_groups=4):
