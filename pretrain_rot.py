@@ -22,11 +22,10 @@ import torch
 import cli
 import trainer
 from dataset.rotation import NUM_ROTATIONS, RotationTargets, rotation_labels
+from dataset.splitfile import SplitFileDataset, build_transform as split_file_transform, split_file
 from errors import UserError
-from imagenet_inat.data import build_transform as split_file_transform, split_file
 from losses import uses_norm
 from models import build_model
-from moco.loader import SplitFileDataset
 from train import build_parser, exit_code, load_data, supervised_store_name
 
 # --dataset imagenet / inat: the train and val split files of imagenet_inat/ (long-tailed already, so

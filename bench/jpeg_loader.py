@@ -29,8 +29,9 @@ from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from imagenet_inat.data import build_transform, train_loader  # noqa: E402
-from moco.loader import IMAGENET_MEAN, IMAGENET_STD, SplitFileDataset  # noqa: E402
+from dataset.splitfile import SplitFileDataset, build_transform  # noqa: E402
+from dataset.statistics import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from imagenet_inat.data import train_loader  # noqa: E402
 from trainer import begin_epoch  # noqa: E402
 
 
