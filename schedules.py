@@ -59,14 +59,18 @@ LR_SCHEDULES = {
 
 @dataclasses.dataclass
 class TrainRule:
-    resample: bool
+    resample: Callable           # drw_epoch -> the first 0-based epoch drawn by class-balanced re-sampling, or None
     weights: Callable            # (epoch, cls_num_list, drw_epoch) -> per-class weights or None
 
 
 TRAIN_RULES = {
-    'None': TrainRule(False, lambda epoch, cls, drw: None),
-    'Resample': TrainRule(True, lambda epoch, cls, drw: None),
-    'Reweight': TrainRule(False, lambda epoch, cls, drw: effective_num_weights(cls, BETA)),
+    'None': TrainRule(lambda drw: None, lambda epoch, cls, drw: None),
+    'Resample': TrainRule(lambda drw: 0, lambda epoch, cls, drw: None),
+    'Reweight': TrainRule(lambda drw: None, lambda epoch, cls, drw: effective_num_weights(cls, BETA)),
     # Deferred re-weighting (Cao et al. 2019): plain (beta=0 -> all ones) until the first LR step.
-    'DRW': TrainRule(False, lambda epoch, cls, drw: effective_num_weights(cls, BETA if epoch >= drw else 0.0)),
+    'DRW': TrainRule(lambda drw: None,
+                     lambda epoch, cls, drw: effective_num_weights(cls, BETA if epoch >= drw else 0.0)),
+    # Deferred re-sampling (Cao et al. 2019, Sec. 3.3 and Table 2's DRS; their public code has no DRS rule):
+    # plain shuffled epochs until the first LR step, then Resample's sampler.
+    'DRS': TrainRule(lambda drw: drw, lambda epoch, cls, drw: None),
 }

@@ -96,6 +96,22 @@ class ImbalancedDatasetSampler(EpochSampler):
         return [self.indices[i] for i in drawn]
 
 
+class DeferredSampler(EpochSampler):
+    """`before`'s order for epochs before `switch_epoch`, `after`'s from then on (deferred re-sampling, DRS:
+    Cao et al. 2019). Both are EpochSamplers of the same data set and length; each epoch's order stays a pure
+    function of (seed, epoch), so resuming on either side of the switch draws what an uninterrupted run drew."""
+
+    def __init__(self, before, after, switch_epoch):
+        super().__init__(before.seed, before.num_replicas, before.rank)
+        if before.num_samples != after.num_samples:
+            raise ValueError(f"the samplers draw {before.num_samples} and {after.num_samples} samples an epoch")
+        self.before, self.after, self.switch_epoch = before, after, switch_epoch
+        self.num_samples = before.num_samples
+
+    def _order(self, generator):
+        return (self.before if self.epoch < self.switch_epoch else self.after)._order(generator)
+
+
 class ClassAwareSampler(EpochSampler):
     """Class-balanced sampling (Kang et al. 2020, "Decoupling representation and classifier"):
     pick a class from a cycle over the classes, then take `num_samples_cls` consecutive samples

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from dataset.samplers import ClassAwareSampler, ImbalancedDatasetSampler, ShuffleSampler, get_targets
+from dataset.samplers import (ClassAwareSampler, DeferredSampler, ImbalancedDatasetSampler, ShuffleSampler,
+                              get_targets)
 
 LONG_TAIL = [0] * 50 + [1] * 10 + [2] * 5  # class sizes 50, 10, 5
 
@@ -32,6 +33,8 @@ SAMPLERS = {
     'shuffle': lambda **kw: ShuffleSampler(20, **kw),
     'resample': lambda **kw: ImbalancedDatasetSampler(Labelled(LONG_TAIL), **kw),
     'class_aware': lambda **kw: ClassAwareSampler(Labelled(LONG_TAIL), **kw),
+    'deferred': lambda **kw: DeferredSampler(ShuffleSampler(65, **kw),
+                                             ImbalancedDatasetSampler(Labelled(LONG_TAIL), **kw), 2),
 }
 
 
@@ -169,3 +172,19 @@ def test_resample_draws_classes_by_inverse_effective_numbers():
     share = np.bincount(labels[drawn], minlength=10) / len(drawn)
     np.testing.assert_allclose(share, expected, atol=0.01)
     assert len(drawn) == 2 * sum(CIFAR10_LT_100)
+
+
+def test_deferred_sampler_is_the_plain_order_then_the_resampled_one():
+    """DRS: epochs 0-2 draw exactly ShuffleSampler's order, epochs 3 on exactly ImbalancedDatasetSampler's (same
+    seed and shard), and a skip (mid-epoch resume) applies on either side of the switch."""
+    for rank in (0, 1):
+        kw = dict(seed=5, num_replicas=2, rank=rank)
+        plain, balanced = ShuffleSampler(65, **kw), ImbalancedDatasetSampler(Labelled(LONG_TAIL), **kw)
+        deferred = DeferredSampler(ShuffleSampler(65, **kw), ImbalancedDatasetSampler(Labelled(LONG_TAIL), **kw), 3)
+        for e in range(5):
+            assert epoch(deferred, e) == epoch(plain if e < 3 else balanced, e), (rank, e)
+        deferred.set_epoch(3)
+        deferred.skip(4)
+        assert list(deferred) == epoch(balanced, 3)[4:]
+    assert sorted(epoch(DeferredSampler(ShuffleSampler(65), ImbalancedDatasetSampler(Labelled(LONG_TAIL)), 1), 0)) \
+        == list(range(65))  # before the switch: every image once

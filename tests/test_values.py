@@ -287,6 +287,22 @@ def test_resample_draws_tail_classes_more_often_than_their_share(tmp_path, spy):
     assert drawn[4:].sum() > 3 * share[4:].sum()  # the six few-shot classes: 12 % of the data
 
 
+
+def test_drs_shuffles_plainly_until_the_first_lr_step_then_resamples(tmp_path, spy):
+    """--train_rule DRS (deferred re-sampling, Cao et al. 2019): epochs before the first --lr_steps step see every
+    training image once (the data set's own counts), the epochs after draw as Resample does; no class weights."""
+    assert train.main(_args(tmp_path, '--train_rule', 'DRS', '--epochs', '3', '--lr_steps', '2', '3')) == 0
+    assert [c['epoch'] for c in spy] == [0, 1, 2] and all(c['criterion'].weight is None for c in spy)
+    seen = [np.bincount(torch.cat(c['targets']).numpy(), minlength=10) for c in spy]
+    assert seen[0].tolist() == CLS_NUM and seen[1].tolist() == CLS_NUM
+    drawn, share = seen[2] / seen[2].sum(), np.array(CLS_NUM) / sum(CLS_NUM)
+    assert seen[2].sum() == sum(CLS_NUM) and drawn[0] < share[0] / 2 and drawn[4:].sum() > 3 * share[4:].sum()
+    # the default switch is LDAM-DRW's epoch 160 (cifar_train.py: idx = epoch // 160), DRW's too
+    assert spy[0]['sampler'].switch_epoch == 2
+    default = train.build_parser().parse_args(['--train_rule', 'DRS'])
+    assert default.lr_steps[0] == 160
+
+
 # ---------------------------------------------------------------- gen_pseudolabels.py
 
 # The pool is what the long-tailed draw leaves out: 83 images at --imb_factor 0.9 (1132 at 0.01),

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Subset
 import dist
 from dataset import DATASETS
 from dataset.device_loader import DeviceLoader, eval_batch_size
-from dataset.samplers import ImbalancedDatasetSampler, ShuffleSampler
+from dataset.samplers import DeferredSampler, ImbalancedDatasetSampler, ShuffleSampler
 from errors import UserError
 from schedules import TRAIN_RULES
 from trainer.stop import console
@@ -68,10 +68,12 @@ def _loaders(args, exp, seed, rank, world, device):
     per_rank_batch = max(1, args.batch_size // world)
     if exp.sampler is not None:
         sampler = exp.sampler(seed, world, rank)
-    elif TRAIN_RULES[args.train_rule].resample:
-        sampler = ImbalancedDatasetSampler(exp.train_set, seed=seed, num_replicas=world, rank=rank)
     else:
         sampler = ShuffleSampler(len(exp.train_set), shuffle=True, seed=seed, num_replicas=world, rank=rank)
+        resample_from = TRAIN_RULES[args.train_rule].resample(args.lr_steps[0])
+        if resample_from is not None:
+            balanced = ImbalancedDatasetSampler(exp.train_set, seed=seed, num_replicas=world, rank=rank)
+            sampler = balanced if resample_from == 0 else DeferredSampler(sampler, balanced, resample_from)
     info = exp.info or DATASETS.get(args.dataset)
     if uses_device_loader(args, info):
         # Crops, flips and Cutout drawn per step from (seed, epoch, step, rank): exact resume needs no
