@@ -33,8 +33,10 @@ def project_files():
 
 def ground_files():
     files = [f'{name}.py' for name in GROUND_MODULES]
-    for package in GROUND_PACKAGES:
-        files += sorted(f'{package}/{f}' for f in os.listdir(os.path.join(REPO, package)) if f.endswith('.py'))
+    for package in GROUND_PACKAGES:  # sub-packages too: a dataset/<name>/ added later is ground as well
+        for folder, dirs, names in os.walk(os.path.join(REPO, package)):
+            dirs[:] = sorted(d for d in dirs if d != '__pycache__')
+            files += sorted(os.path.relpath(os.path.join(folder, n), REPO) for n in names if n.endswith('.py'))
     return files
 
 
