@@ -5,7 +5,7 @@ This file is the story of one run, top to bottom: device and model, optimizer, r
 weights, loaders, then per epoch train, evaluate, log and save, stopping cleanly on SIGTERM. What a step
 does differently (stage 2, LT-SSL) comes in as Experiment fields, not as branches here. The rooms it calls:
 
-    schedules.py          lr schedules and train rules (Resample / Reweight / DRW), part of the ground
+    schedules.py          lr schedules and train rules (Resample / Reweight / DRW / DRS), part of the ground
     trainer/loaders.py    samplers, loaders and the per-epoch data order
     trainer/resume.py     checkpoint entries for exact resume, loading --resume, which run to continue
     trainer/run_folder.py the run folder: lock, logs, tensorboard, checkpoints
