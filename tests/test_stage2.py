@@ -437,18 +437,20 @@ def test_readme_cifar10_commands(tmp_path, monkeypatch, no_checksum, one_thread,
     assert f"val Results: Prec@1 {trainer.reports.read_test_log(log)[-1]['top1']:.3f}" in capsys.readouterr().out
 
 
+def _sigterm_at_first_sync(self, sync=True):
+    """GracefulStop.__call__ as if SIGTERM arrived just before the run's first print point."""
+    if sync:
+        self.signum = signal.SIGTERM
+    return sync
+
+
 def test_resumed_stage2_equals_an_uninterrupted_one(cwd, monkeypatch):
     """A 3-epoch LWS run stopped by SIGTERM at the end of epoch 1 and resumed (--stage1 again, which names the
     run folder): the weights and logs of the uninterrupted run (class-aware sampler, cosine schedule)."""
     whole, log = run_stage('LWS', '--epochs', '3')
     logs = {n: open(f'{log}/{n}').read() for n in ('log_train.csv', 'log_test.csv')}
-
-    def sigterm_at_first_sync(self, sync=True):
-        if sync:
-            self.signum = signal.SIGTERM
-        return sync
     with monkeypatch.context() as m:
-        m.setattr(trainer.GracefulStop, '__call__', sigterm_at_first_sync)
+        m.setattr(trainer.GracefulStop, '__call__', _sigterm_at_first_sync)
         assert train_stage2.main(readme_stage2('LWS') + ['--epochs', '3', '--overwrite']) == 128 + signal.SIGTERM
     name = 'digits_resnet32_CE_None_exp_0.01_ss_pretrained_LWS'
     assert load_checkpoint(f'checkpoint/{name}/ckpt.pth.tar')['epoch'] == 1
@@ -465,13 +467,8 @@ def test_wb_resumed_mid_epoch_equals_an_uninterrupted_one(cwd, monkeypatch):
     argv = ['--stage1', STAGE1, '--epochs', '3', '-p', '2']
     whole, log = run_stage('WB', *argv)
     logs = {n: open(f'{log}/{n}').read() for n in ('log_test.csv',)}
-
-    def sigterm_at_first_sync(self, sync=True):
-        if sync:
-            self.signum = signal.SIGTERM
-        return sync
     with monkeypatch.context() as m:
-        m.setattr(trainer.GracefulStop, '__call__', sigterm_at_first_sync)
+        m.setattr(trainer.GracefulStop, '__call__', _sigterm_at_first_sync)
         assert train_stage2.main(readme_stage2('WB') + argv + ['--overwrite']) == 128 + signal.SIGTERM
     name = 'digits_resnet32_CE_None_exp_0.01_ss_pretrained_WB'
     stopped = load_checkpoint(f'checkpoint/{name}/ckpt.pth.tar')
