@@ -204,12 +204,14 @@ def add_training_args(parser, batch_size=128):
     g.add_argument('--posthoc_la', default=None, type=nonneg_float, metavar='TAU',
                    help='post-hoc logit adjustment: the evaluations (after every epoch, and -e) score '
                         'logits - TAU * log(training class prior); training is unchanged (default: off)')
-    g.add_argument('--train_rule', default='None', type=str, choices=list(TRAIN_RULES))
+    g.add_argument('--train_rule', default='None', type=str, choices=list(TRAIN_RULES),
+                   help='Resample: class-balanced sampling; Reweight / DRW: class weights (DRW from --lr_steps E1); '
+                        'DRS: class-balanced sampling from --lr_steps E1')
     g.add_argument('--pretrained_model', type=str, default='', metavar='PATH',
                    help='self-supervised weights to start from')
     group(parser, SCHEDULE).add_argument(
         '--lr_steps', default=[160, 180], type=positive_int, nargs=2, metavar=('E1', 'E2'),
-        help='lr x0.01 after epoch E1, x0.0001 after E2; DRW switches on at E1 (default: 160 180)')
+        help='lr x0.01 after epoch E1, x0.0001 after E2; DRW and DRS switch on at E1 (default: 160 180)')
     add_run_args(parser, batch_size)
     _add_recipe_args(parser, LR_SCHEDULES)
 
@@ -275,7 +277,7 @@ def _add_recipe_args(parser, schedules):
     g.add_argument('--lr_schedule', default='step', choices=list(schedules),
                    help='step: 5 warm-up epochs, then x0.01 after --lr_steps E1, x0.0001 after E2 (default); '
                         'cosine: the same warm-up, then lr * (1 + cos(pi * (e - 5) / (epochs - 5))) / 2 for '
-                        '1-based epoch e (--lr_steps then only says when DRW switches on); cosine_nowarmup: '
+                        '1-based epoch e (--lr_steps E1 then only says when DRW / DRS switch on); cosine_nowarmup: '
                         'lr * (1 + cos(pi * e / epochs)) / 2 from the first epoch (weight balancing\'s stage 1)')
 
 
