@@ -591,9 +591,10 @@ def test_command_line_exits_with_status_2_and_one_line(world, tmp_path, capsys):
 
 # ---------------------------------------------------------------- the original's choices, pinned down
 
-def test_the_best_epoch_is_chosen_on_val_never_on_test(world, tmp_path, monkeypatch):
+def _run_scored(world, tmp_path, monkeypatch, scores, epochs):
+    """A cRT stage whose evaluations return `scores[phase]` in turn (top-1 %): (final checkpoint, results_test.json,
+    the classifier weights at each val evaluation, evaluations per phase)."""
     from imagenet_inat import stages
-    scores = {'val': [50.0, 80.0, 60.0], 'test': [90.0, 10.0, 95.0, 42.0]}  # test would pick epoch 3
     seen, classifiers = {'val': 0, 'test': 0}, []
 
     def fake_evaluate(run, module, phase):
@@ -603,11 +604,16 @@ def test_the_best_epoch_is_chosen_on_val_never_on_test(world, tmp_path, monkeypa
             classifiers.append(module.classifier.fc.weight.detach().clone())
         return {'top1': top1, 'top5': 100.0, 'loss': 1.0, 'count': 18, 'per_class': np.full(3, top1 / 100)}
     monkeypatch.setattr(stages, 'evaluate_phase', fake_evaluate)
-    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', sampler=False, epochs=3,
+    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', sampler=False, epochs=epochs,
                                                                 batch=BATCH))
     assert ii_main.main(argv(world, cfg, '--model_dir', world['moco'])) == 0
     final = load(tmp_path / 'run' / 'final_model_checkpoint.pth')
-    results = json.loads((tmp_path / 'run' / 'results_test.json').read_text())
+    return final, json.loads((tmp_path / 'run' / 'results_test.json').read_text()), classifiers, seen
+
+
+def test_the_best_epoch_is_chosen_on_val_never_on_test(world, tmp_path, monkeypatch):
+    scores = {'val': [50.0, 80.0, 60.0], 'test': [90.0, 10.0, 95.0, 42.0]}  # test would pick epoch 3
+    final, results, classifiers, seen = _run_scored(world, tmp_path, monkeypatch, scores, epochs=3)
     assert final['best_epoch'] == results['best_epoch'] == 2 and final['best_acc'] == 0.8
     assert seen == {'val': 3, 'test': 1}  # test is evaluated once, after training, with the best weights
     assert results['top1'] == 90.0 and results['best_val_top1'] == 80.0
@@ -938,20 +944,8 @@ def test_each_data_set_s_phases_get_the_original_s_transforms(dataset, tmp_path)
 def test_of_equal_best_val_top1s_the_first_epoch_is_kept(world, tmp_path, monkeypatch):
     """The original's run_networks.py: `if self.eval_acc_mic_top1 > best_acc`: val top-1 50, 80, 80, 70 keeps
     epoch 2's weights (best_epoch 2), not epoch 3's (4 epochs: the cosine's last, at lr 0, would not move them)."""
-    from imagenet_inat import stages
-    scores, classifiers = [50.0, 80.0, 80.0, 70.0], []
-
-    def fake_evaluate(run, module, phase):
-        top1 = scores[len(classifiers)] if phase == 'val' else 42.0
-        if phase == 'val':
-            classifiers.append(module.classifier.fc.weight.detach().clone())
-        return {'top1': top1, 'top5': 100.0, 'loss': 1.0, 'count': 18, 'per_class': np.full(3, top1 / 100)}
-    monkeypatch.setattr(stages, 'evaluate_phase', fake_evaluate)
-    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', sampler=False, epochs=4,
-                                                                batch=BATCH))
-    assert ii_main.main(argv(world, cfg, '--model_dir', world['moco'])) == 0
-    final = load(tmp_path / 'run' / 'final_model_checkpoint.pth')
-    results = json.loads((tmp_path / 'run' / 'results_test.json').read_text())
+    final, results, classifiers, _ = _run_scored(world, tmp_path, monkeypatch,
+                                                 {'val': [50.0, 80.0, 80.0, 70.0], 'test': [42.0]}, epochs=4)
     assert final['best_epoch'] == results['best_epoch'] == 2 and final['best_acc'] == 0.8
     assert torch.equal(final['state_dict_best']['classifier']['module.fc.weight'], classifiers[1])
     assert not torch.equal(classifiers[1], classifiers[2])
