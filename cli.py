@@ -329,8 +329,8 @@ def _add_layout_and_amp(g, training):
     if training:
         g.add_argument('--amp', default=None, action=argparse.BooleanOptionalAction,
                        help='bf16 autocast in the training steps (default: on with a GPU of compute '
-                            'capability 8.0 or later, and on a CPU with native bf16 instructions, '
-                            'AVX512-BF16 or AMX)')
+                            'capability 8.0 or later, and on a CPU where bf16 trains faster: AMX, or '
+                            'AVX512-BF16 on a CPU not made by Intel)')
         g.add_argument('--cudnn-benchmark', default=None, action=argparse.BooleanOptionalAction,
                        help="cuDNN's search for the fastest convolution algorithms (default: on without "
                             '--seed; off with it, for deterministic algorithms, so that a resumed GPU run is '

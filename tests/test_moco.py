@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import dist
+import engine
 import fixtures
 import pretrain_moco
 from checkpoint import load_pretrained
@@ -379,13 +380,14 @@ def test_defaults_follow_the_original_script():
 
 
 @pytest.mark.parametrize('flags,native_bf16,amp,nhwc', [
-    ((), True, True, True),        # README: --amp on by default on a CPU with native bf16, as train.py
+    ((), True, True, True),        # README: --amp on by default on an AMD CPU with AVX512-BF16, as train.py
     ((), False, False, True),      # ... off where bf16 would be emulated; --channels-last on by default
     (('--no-amp', '--no-channels-last'), True, False, False),
     (('--amp',), False, True, True),
 ])
 def test_speed_flags_reach_the_training_step(jpeg_split, tmp_path, monkeypatch, flags, native_bf16, amp, nhwc):
     monkeypatch.setattr(torch.cpu, 'get_capabilities', lambda: {'avx512_bf16': native_bf16, 'amx_bf16': False})
+    monkeypatch.setattr(engine, 'cpu_vendor', lambda: 'AuthenticAMD')  # where AVX512-BF16 trains faster
     seen = []
     real_forward = pretrain_moco.moco_forward
 
