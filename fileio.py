@@ -9,7 +9,6 @@ Three promises (see docs/reliability.md):
 """
 import contextlib
 import errno
-import io
 import os
 import pickle
 import shutil
@@ -186,10 +185,6 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def safe_pickle_loads(data, encoding='ASCII'):
-    return _RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
-
-
 def safe_pickle_load(path, what='pickle file', hint=''):
     """Load a pickle that may only hold numpy arrays and plain containers.
 
@@ -199,21 +194,23 @@ def safe_pickle_load(path, what='pickle file', hint=''):
     hint = f" ({hint})" if hint else ''
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}{hint}")
+    # Unpickled straight from the file: reading it into memory first made the 1.5 GB TinyImages selection take
+    # 5-8 s instead of 0.9 s (and twice its size in memory).
     with open(path, 'rb') as f:
-        data = f.read()
-    try:
         try:
-            return safe_pickle_loads(data)
-        except UnicodeDecodeError:
-            # Python 2 pickles (CIFAR batches, old TinyImages selections) hold byte strings.
-            return safe_pickle_loads(data, encoding='latin1')
-    except pickle.UnpicklingError as e:
-        if 'refusing to load' in str(e):
-            raise UserError(f"{what} {path} contains code or objects other than arrays "
-                            f"({str(e).replace('refusing to load ', '')}); refusing to load it") from None
-        raise UserError(f"{what} {path} is corrupt or not a pickle: {e}") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
-        raise UserError(f"{what} {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+            try:
+                return _RestrictedUnpickler(f, encoding='ASCII').load()
+            except UnicodeDecodeError:
+                # Python 2 pickles (CIFAR batches, old TinyImages selections) hold byte strings.
+                f.seek(0)
+                return _RestrictedUnpickler(f, encoding='latin1').load()
+        except pickle.UnpicklingError as e:
+            if 'refusing to load' in str(e):
+                raise UserError(f"{what} {path} contains code or objects other than arrays "
+                                f"({str(e).replace('refusing to load ', '')}); refusing to load it") from None
+            raise UserError(f"{what} {path} is corrupt or not a pickle: {e}") from None
+        except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+            raise UserError(f"{what} {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
 
 
 class RunLock:
