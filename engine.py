@@ -173,6 +173,16 @@ class _StepMeters:
         self.sums += self.last * n / self.per_sample
         self.count += n
 
+    def state(self):
+        """The sums and count, for a mid-epoch checkpoint (a host synchronisation: at a stop only)."""
+        return {'sums': self.sums.tolist(), 'count': self.count}
+
+    def load(self, state):
+        """Go on from `state()` of the steps a resumed epoch already did: its running averages then equal the
+        uninterrupted epoch's (float64 sums, saved exactly)."""
+        self.sums = torch.tensor(state['sums'], dtype=torch.float64, device=self.sums.device)
+        self.count = int(state['count'])
+
     def averages(self):
         loss, hits1, hits5 = (self.sums / max(self.count, 1)).tolist()
         return loss, 100.0 * hits1, 100.0 * hits5
@@ -220,12 +230,15 @@ class Mixup:
 
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, epochs=None, batch_fn=None,
                     forward=classify, print_freq=10, log=_print, should_stop=None, start_step=0, num_steps=None,
-                    amp=False, channels_last=False, mixup=None, after_step=None, step_fn=None, before_step=None):
-    """Train for one pass over `loader`. Returns {'loss', 'top1', 'top5', 'lr', 'steps', 'stopped'}.
+                    amp=False, channels_last=False, mixup=None, after_step=None, step_fn=None, before_step=None,
+                    start_meters=None):
+    """Train for one pass over `loader`. Returns {'loss', 'top1', 'top5', 'lr', 'steps', 'stopped', 'meters'}.
 
     `forward(model, images, targets) -> (logits, targets)` is one step's prediction: the default
     classifies; MoCo returns its (1+K)-way contrastive logits with the positive key as target.
-    `start_step` is where a mid-epoch resume picks up (the loader already skips those batches).
+    `start_step` is where a mid-epoch resume picks up (the loader already skips those batches), and
+    `start_meters` the returned 'meters' of the steps before it, so that the printed running averages and the
+    epoch's loss and top-1 are the uninterrupted epoch's.
     Print points (every `print_freq` steps and the last step) are the only places that wait for the
     device or talk to other ranks: there the loss is checked for NaN/inf (DivergenceError) and the
     stop request polled; `should_stop(sync)` is also asked after every other step with sync=False
@@ -246,6 +259,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, epoch
     batch_fn = batch_fn or _identity
     num_steps = num_steps if num_steps is not None else start_step + len(loader)
     meters = _StepMeters(device)
+    if start_meters is not None:
+        meters.load(start_meters)
     # First step (1-based) whose loss was not finite, on the device: testing it every step would be
     # a host synchronisation per step.
     first_bad = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=device)
@@ -300,7 +315,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, *, epoch
             stopped = step < num_steps
             break
     loss_avg, top1, top5 = meters.averages()
-    return {'loss': loss_avg, 'top1': top1, 'top5': top5, 'lr': lr, 'steps': step, 'stopped': stopped}
+    return {'loss': loss_avg, 'top1': top1, 'top5': top5, 'lr': lr, 'steps': step, 'stopped': stopped,
+            'meters': meters.state()}
 
 
 # Above this many classes evaluate() keeps no confusion matrix: iNaturalist's 8,142 would make it 530 MB

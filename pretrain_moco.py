@@ -453,14 +453,16 @@ def _train(args, train_set, ctx, per_process_batch, log):
 
     flags = run_flags(args)
 
-    def save(path, epoch, step):
-        """Collective (the RNG states of all ranks are gathered): every rank calls it, rank 0 writes."""
+    def save(path, epoch, step, meters=None):
+        """Collective (the RNG states of all ranks are gathered): every rank calls it, rank 0 writes. `meters`:
+        a mid-epoch checkpoint's step meters (train_one_epoch's), so the resumed epoch's running averages go on."""
         state = {
             'epoch': epoch, 'arch': args.arch,
             # `module.` as in the DDP-saved files of the original, whatever the world size
             'state_dict': {'module.' + k: v for k, v in unwrap(model).state_dict().items()},
             'optimizer': optimizer.state_dict(),
-            'step': step, 'seed': seed, **trainer.resume_entries(world_size), 'script': 'pretrain_moco',
+            'step': step, 'seed': seed, **({'step_meters': meters} if step else {}),
+            **trainer.resume_entries(world_size), 'script': 'pretrain_moco',
             'task': 'moco', 'flags': flags,
         }
         dist.on_rank0(save_checkpoint, state, path)
@@ -478,11 +480,12 @@ def _train(args, train_set, ctx, per_process_batch, log):
             stats = train_one_epoch(model, criterion, loader, optimizer, device, epoch, epochs=args.epochs,
                                     forward=moco_forward,
                                     print_freq=args.print_freq, log=log, should_stop=stop, start_step=step0,
-                                    num_steps=step0 + len(loader), **hooks)
+                                    num_steps=step0 + len(loader),
+                                    start_meters=ckpt.get('step_meters') if step0 else None, **hooks)
             done = epoch + 1
             if stats['stopped']:
                 path = os.path.join(os.path.dirname(checkpoint_path(args, 0)), INTERRUPTED)
-                save(path, epoch, stats['steps'])
+                save(path, epoch, stats['steps'], stats['meters'])
                 log(trainer.stop_notice(stop, epoch, path, stats['steps'], args.epochs))
                 return 128 + stop.signum
             # stop() is collective: every rank asks it once per epoch end, before deciding to save.
@@ -496,15 +499,16 @@ def _train(args, train_set, ctx, per_process_batch, log):
 
 
 def wrap_ddp(model, device):
-    """DDP with rank 0's buffers broadcast once, here, instead of before every forward (the original's default:
-    the 64k-key queue, 32 MB for ResNet-50's 128-d keys, and every BatchNorm statistic, each step). Rank 0's
-    state, the one saved, is the same to the bit: the broadcast only copies rank 0's buffers to the others; the
-    queue and its pointer then stay equal on every rank (the same all-gathered keys go in); and the other
-    ranks' running statistics, which drift, are never read (both encoders normalise by batch statistics in
-    training, and only rank 0's are saved). Collective. tests/test_moco.py checks all three."""
-    dist.broadcast_buffers(model)  # the queue drawn by each rank (without --seed, another one per rank)
+    """DDP with rank 0's buffers broadcast once, when it wraps the model, instead of before every forward (the
+    original's default: the 64k-key queue, 32 MB for ResNet-50's 128-d keys, and every BatchNorm statistic, each
+    step). Rank 0's state, the one saved, is the same to the bit: the broadcast only copies rank 0's buffers to the
+    others (the queue each rank drew: without --seed, another one per rank); the queue and its pointer then stay
+    equal on every rank (the same all-gathered keys go in); and the other ranks' running statistics, which drift,
+    are never read (both encoders normalise by batch statistics in training, and only rank 0's are saved).
+    Collective. tests/test_moco.py checks all three. `forward_sync_buffers=False` (torch 2.13 and later) keeps
+    DDP's start-up broadcast of the buffers, which the deprecated `broadcast_buffers=False` also turned off."""
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
-                                               broadcast_buffers=False)
+                                               forward_sync_buffers=False)
 
 
 def loader_workers(args):

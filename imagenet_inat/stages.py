@@ -320,11 +320,12 @@ def train(run, folder, log):
     scorer = trained if isinstance(trained, nn.DataParallel) else model
     trainer.restore_rng(ckpt, seed, ctx.rank, ctx.world_size)
 
-    def latest(epoch, step):
+    def latest(epoch, step, meters=None):
         state = {'epoch': epoch, 'state_dict': {n.key: weights_mod.original_layout(getattr(model, n.key))
                                                  for n in nets},
                  'best_epoch': best_epoch, 'best_acc': best_acc, 'state_dict_best': best,
                  'optimizer': optimizer.state_dict(), 'step': step, 'seed': seed,
+                 **({'step_meters': meters} if step else {}),  # the stopped epoch's, for its running averages
                  **trainer.resume_entries(ctx.world_size),  # collective: every rank builds it
                  'script': weights_mod.SCRIPT, 'config': cfg.path, 'flags': rerun.run_flags(run.args),
                  'log_size': folder.log_sizes().get(LOG, 0)}  # 0 on the ranks that write no log
@@ -338,12 +339,13 @@ def train(run, folder, log):
             trainer.begin_epoch(sampler, loader, seed, epoch, ctx.rank, step0)
             stats = train_one_epoch(trained, criterion, _progress(loader, run, f'epoch {epoch + 1}', len(loader)),
                                     optimizer, ctx.device, epoch, epochs=cfg.num_epochs, print_freq=cfg.display_step,
-                                    log=log, should_stop=stop, start_step=step0, num_steps=steps, **hooks)
+                                    log=log, should_stop=stop, start_step=step0, num_steps=steps,
+                                    start_meters=ckpt.get('step_meters') if step0 else None, **hooks)
             for group, net in zip(optimizer.param_groups, nets):
                 folder.scalar(f'lr/{net.key}', group['lr'], epoch + 1)
             folder.scalar('loss/train', stats['loss'], epoch + 1)
             if stats['stopped']:
-                latest(epoch, stats['steps'])
+                latest(epoch, stats['steps'], stats['meters'])
                 log(trainer.stop_notice(stop, epoch, cfg.log_dir, stats['steps'], cfg.num_epochs))
                 return 128 + stop.signum
             dist.broadcast_buffers(model)  # collective: every rank evaluates rank 0's BatchNorm statistics

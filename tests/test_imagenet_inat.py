@@ -502,6 +502,9 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_run_is_exact(world, tmp_path, m
     for net in ('feat_model', 'classifier'):
         for k, v in whole[net].items():
             assert torch.equal(resumed[net][k], v), (net, k)
+    # the stopped epoch's training top-1 is over all its steps, the 4 before the stop included
+    line = [ln for ln in log_text(world['stage1']).splitlines() if ln.startswith('Epoch [2/2] training top-1')]
+    assert len(line) == 1 and line[0] in log_text(tmp_path / 'run').splitlines()
 
 
 def test_pretrain_rot_on_imagenet_split_files_feeds_stage_1(world, tmp_path):
@@ -743,6 +746,9 @@ def test_the_same_command_again_resumes_a_stopped_stage_and_keeps_a_finished_one
     for net in ('feat_model', 'classifier'):
         for k, v in whole[net].items():
             assert torch.equal(resumed[net][k], v), (net, k)
+    # the stopped epoch's training top-1 is over all its steps, the 4 before the stop included
+    line = [ln for ln in log_text(world['stage1']).splitlines() if ln.startswith('Epoch [2/2] training top-1')]
+    assert len(line) == 1 and line[0] in log_text(tmp_path / 'run').splitlines()
     before = {p: p.read_bytes() for p in (tmp_path / 'run').iterdir() if p.is_file()}
     with pytest.raises(UserError, match=r'run holds a finished stage \(final_model_checkpoint.pth\); pass --overwrite'):
         ii_main.main(command)

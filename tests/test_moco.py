@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -171,7 +172,9 @@ def _ddp_buffers_worker(rank, init_file, results):
         for name, wrap in (('every step', nn.parallel.DistributedDataParallel),  # the original's DDP
                            ('at the start', lambda m: pretrain_moco.wrap_ddp(m, torch.device('cpu')))):
             torch.manual_seed(rank)  # other weights and queue per rank: DDP's start-up broadcast makes them rank 0's
-            model = wrap(tiny_moco(K=48))  # half of it written in 4 steps: the rest is the queue drawn
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter('always')
+                model = wrap(tiny_moco(K=48))  # half of it written in 4 steps: the rest is the queue drawn
             del broadcasts[:]
             optimizer = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9)
             images = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
@@ -182,6 +185,7 @@ def _ddp_buffers_worker(rank, init_file, results):
                 optimizer.step()
                 optimizer.zero_grad()
             results[name, rank] = len(broadcasts), {k: v.clone() for k, v in model.module.state_dict().items()}
+            results[name, rank, 'warnings'] = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
     finally:
         torch.distributed._broadcast_coalesced = real
         dist.cleanup()
@@ -196,6 +200,7 @@ def test_moco_ddp_broadcasts_no_buffers_per_step_and_rank_0_saves_the_same_state
     mp.start_processes(_ddp_buffers_worker, nprocs=2, args=(str(tmp_path / 'init'), results), start_method='spawn')
     (every, original), (none, ours) = results['every step', 0], results['at the start', 0]
     assert every == 4 and none == 0
+    assert results['at the start', 0, 'warnings'] == results['at the start', 1, 'warnings'] == []  # no deprecated flag
     fixtures.assert_same_tensors(ours, original)
     other = results['at the start', 1][1]
     for key in ('queue', 'queue_ptr', 'encoder_q.conv.weight', 'encoder_k.conv.weight'):
@@ -314,6 +319,16 @@ def test_resume_at_an_epoch_boundary_is_exact(jpeg_split, tmp_path):
 def test_sigterm_saves_a_mid_epoch_checkpoint_that_resumes_exactly(jpeg_split, tmp_path, monkeypatch, capsys):
     import signal
     whole, stopped = tmp_path / 'whole', tmp_path / 'stopped'
+    epochs = []  # (epoch, loss, top-1, top-5) of every finished epoch: the averages of its steps
+    real_epoch = pretrain_moco.train_one_epoch
+
+    def recorded(*args, **kwargs):
+        stats = real_epoch(*args, **kwargs)
+        if not stats['stopped']:
+            epochs.append((args[5], stats['loss'], stats['top1'], stats['top5']))
+        return stats
+
+    monkeypatch.setattr(pretrain_moco, 'train_one_epoch', recorded)
     assert pretrain_moco.main(moco_args(jpeg_split, whole, '--epochs', '2')) == 0
     calls = []
     real_forward = pretrain_moco.moco_forward
@@ -329,10 +344,14 @@ def test_sigterm_saves_a_mid_epoch_checkpoint_that_resumes_exactly(jpeg_split, t
     interrupted = stopped / 'imagenet' / 'checkpoint' / 'moco_ckpt_interrupted.pth.tar'
     ckpt = torch.load(interrupted, map_location='cpu', weights_only=True)
     assert (ckpt['epoch'], ckpt['step']) == (1, 2)
+    assert ckpt['step_meters']['count'] == 2 * 4  # two steps of -b 4 done in epoch 2
     assert 'stopped by SIGTERM during epoch 2 after step 2' in capsys.readouterr().out
     monkeypatch.setattr(pretrain_moco, 'moco_forward', real_forward)
     assert pretrain_moco.main(moco_args(jpeg_split, stopped, '--epochs', '2', '--resume', str(interrupted))) == 0
     _assert_same_weights(ckpt_path(whole, 2), ckpt_path(stopped, 2))
+    # the resumed epoch's loss and accuracies average all its steps, the 2 before the stop included
+    whole_1, whole_2, stopped_1, resumed_2 = epochs
+    assert stopped_1 == whole_1 and resumed_2 == whole_2 and resumed_2[0] == 1
 
 
 def test_digits_checkpoint_initialises_the_classifier_backbone(tmp_path):

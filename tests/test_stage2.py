@@ -462,11 +462,11 @@ def test_resumed_stage2_equals_an_uninterrupted_one(cwd, monkeypatch):
 
 def test_wb_resumed_mid_epoch_equals_an_uninterrupted_one(cwd, monkeypatch):
     """Weight balancing stopped by SIGTERM after step 2 of epoch 1 (-p 2: a print point there) and resumed: the
-    rest of the epoch, then its MaxNorm, then the others: the weights and test log of the uninterrupted run (the
-    training log's running averages restart with the process)."""
+    rest of the epoch, then its MaxNorm, then the others: the weights and logs of the uninterrupted run (the running
+    averages of the stopped epoch's progress lines included)."""
     argv = ['--stage1', STAGE1, '--epochs', '3', '-p', '2']
     whole, log = run_stage('WB', *argv)
-    logs = {n: open(f'{log}/{n}').read() for n in ('log_test.csv',)}
+    logs = {n: open(f'{log}/{n}').read() for n in ('log_train.csv', 'log_test.csv')}
     with monkeypatch.context() as m:
         m.setattr(trainer.GracefulStop, '__call__', _sigterm_at_first_sync)
         assert train_stage2.main(readme_stage2('WB') + argv + ['--overwrite']) == 128 + signal.SIGTERM

@@ -218,19 +218,20 @@ def _run(args, exp, ctx):
     restore_rng(ckpt, seed, rank, world)
     mixup = Mixup(args.mixup, seed, rank, device) if args.mixup else None
 
-    def snapshot(epoch, step):
-        return _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, world, best_epoch)
+    def snapshot(epoch, step, meters=None):
+        return _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, world, best_epoch, meters)
 
     metrics = {}
     try:
         with GracefulStop(console) as stop:
             for epoch in range(start_epoch, args.epochs):
                 if exp.trains:
+                    resumed = epoch == start_epoch and start_step > 0
                     stats = _train_epoch(args, exp, model, optimizer, train_loader, sampler, seed, epoch,
-                                         start_step if epoch == start_epoch else 0, rank, device, folder, log,
-                                         stop, hooks, mixup)
+                                         start_step if resumed else 0, rank, device, folder, log, stop, hooks, mixup,
+                                         ckpt.get('step_meters') if resumed else None)
                     if stats['stopped']:
-                        folder.save(snapshot(epoch, stats['steps']), is_best=False)
+                        folder.save(snapshot(epoch, stats['steps'], stats['meters']), is_best=False)
                         log(stop_notice(stop, epoch, folder.ckpt_path, stats['steps'], args.epochs))
                         return {'stopped_by': stop.signum, **stats}
                     if exp.after_epoch is not None:
@@ -274,8 +275,9 @@ def closing_summary(metrics, best_acc1, best_epoch, epochs, folder, task):
 
 
 def _train_epoch(args, exp, model, optimizer, train_loader, sampler, seed, epoch, step0, rank, device, folder, log,
-                 stop, hooks, mixup):
-    """One training epoch of `run` from step `step0`: its lr and loss, the data order, the steps."""
+                 stop, hooks, mixup, start_meters=None):
+    """One training epoch of `run` from step `step0` (`start_meters`: the meters of the steps before it): its lr
+    and loss, the data order, the steps."""
     begin_epoch(sampler, train_loader, seed, epoch, rank, step0)
     num_steps = step0 + len(train_loader)
     set_lr = per_step_lr(exp, optimizer, epoch * num_steps)
@@ -295,7 +297,8 @@ def _train_epoch(args, exp, model, optimizer, train_loader, sampler, seed, epoch
     stats = train_one_epoch(model, criterion and criterion.to(device), train_loader, optimizer, device, epoch,
                             epochs=args.epochs, batch_fn=exp.batch_fn, print_freq=args.print_freq, log=log,
                             should_stop=stop, start_step=step0, num_steps=num_steps, mixup=mixup,
-                            after_step=exp.after_step, step_fn=exp.step_fn, before_step=set_lr, **hooks)
+                            after_step=exp.after_step, step_fn=exp.step_fn, before_step=set_lr,
+                            start_meters=start_meters, **hooks)
     folder.scalar('loss/train', stats['loss'], epoch)
     folder.scalar('acc/train_top1', stats['top1'], epoch)
     folder.scalar('lr', lr, epoch)
@@ -329,14 +332,16 @@ def scored_model(model, args, exp, device):
                       f"log(prior), prior = training images per class / {sum(exp.cls_num_list)} (--posthoc_la)")
 
 
-def _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, world, best_epoch=None):
+def _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, world, best_epoch=None, meters=None):
     """The checkpoint: the original's keys first (best_acc1 as a 0-d tensor, which the original's
-    `best_acc1.to(gpu)` needs), then what exact resume needs, the run's flags (rerun.py) and the 1-based epoch
-    of the best top-1. Every rank must call it (RNG gather)."""
+    `best_acc1.to(gpu)` needs), then what exact resume needs (a mid-epoch one also the step meters of the
+    epoch so far, `meters`: rank 0's, whose lines the log holds), the run's flags (rerun.py) and the 1-based
+    epoch of the best top-1. Every rank must call it (RNG gather)."""
     return {
         'epoch': epoch, 'arch': args.arch, 'state_dict': unwrap(model).state_dict(),
         'best_acc1': torch.tensor(best_acc1), 'optimizer': optimizer.state_dict(),
-        'step': step, 'seed': seed, **resume_entries(world), 'script': exp.script, 'task': exp.task,
+        'step': step, 'seed': seed, **({'step_meters': meters} if step else {}), **resume_entries(world),
+        'script': exp.script, 'task': exp.task,
         'num_classes': exp.num_classes, 'store_name': args.store_name, 'log_sizes': folder.log_sizes(),
         'flags': run_flags(args), 'best_epoch': best_epoch, **checkpoint_entries(exp.info),
         **(exp.state.state_dict() if exp.state is not None else {}),
