@@ -461,7 +461,7 @@ def _train(args, train_set, ctx, per_process_batch, log):
             # `module.` as in the DDP-saved files of the original, whatever the world size
             'state_dict': {'module.' + k: v for k, v in unwrap(model).state_dict().items()},
             'optimizer': optimizer.state_dict(),
-            'step': step, 'seed': seed, **({'step_meters': meters} if step else {}),
+            'step': step, 'seed': seed, **trainer.step_meters_entry(step, meters),
             **trainer.resume_entries(world_size), 'script': 'pretrain_moco',
             'task': 'moco', 'flags': flags,
         }
@@ -481,7 +481,7 @@ def _train(args, train_set, ctx, per_process_batch, log):
                                     forward=moco_forward,
                                     print_freq=args.print_freq, log=log, should_stop=stop, start_step=step0,
                                     num_steps=step0 + len(loader),
-                                    start_meters=ckpt.get('step_meters') if step0 else None, **hooks)
+                                    start_meters=trainer.resumed_meters(ckpt, step0), **hooks)
             done = epoch + 1
             if stats['stopped']:
                 path = os.path.join(os.path.dirname(checkpoint_path(args, 0)), INTERRUPTED)

@@ -325,7 +325,7 @@ def train(run, folder, log):
                                                  for n in nets},
                  'best_epoch': best_epoch, 'best_acc': best_acc, 'state_dict_best': best,
                  'optimizer': optimizer.state_dict(), 'step': step, 'seed': seed,
-                 **({'step_meters': meters} if step else {}),  # the stopped epoch's, for its running averages
+                 **trainer.step_meters_entry(step, meters),
                  **trainer.resume_entries(ctx.world_size),  # collective: every rank builds it
                  'script': weights_mod.SCRIPT, 'config': cfg.path, 'flags': rerun.run_flags(run.args),
                  'log_size': folder.log_sizes().get(LOG, 0)}  # 0 on the ranks that write no log
@@ -340,7 +340,7 @@ def train(run, folder, log):
             stats = train_one_epoch(trained, criterion, _progress(loader, run, f'epoch {epoch + 1}', len(loader)),
                                     optimizer, ctx.device, epoch, epochs=cfg.num_epochs, print_freq=cfg.display_step,
                                     log=log, should_stop=stop, start_step=step0, num_steps=steps,
-                                    start_meters=ckpt.get('step_meters') if step0 else None, **hooks)
+                                    start_meters=trainer.resumed_meters(ckpt, step0), **hooks)
             for group, net in zip(optimizer.param_groups, nets):
                 folder.scalar(f'lr/{net.key}', group['lr'], epoch + 1)
             folder.scalar('loss/train', stats['loss'], epoch + 1)

@@ -36,7 +36,7 @@ from schedules import LR_SCHEDULES, TRAIN_RULES
 from trainer.loaders import _loaders, begin_epoch
 from trainer.reports import _log_eval, report_lines
 from trainer.resume import (_resume, check_resume_layout, check_resume_target, previous_run, restore_rng,
-                            resume_entries, run_flags)
+                            resume_entries, resumed_meters, run_flags, step_meters_entry)
 from trainer.run_folder import RunFolder
 from trainer.stop import GracefulStop, console, stop_notice
 from utils import seed_everything
@@ -226,10 +226,9 @@ def _run(args, exp, ctx):
         with GracefulStop(console) as stop:
             for epoch in range(start_epoch, args.epochs):
                 if exp.trains:
-                    resumed = epoch == start_epoch and start_step > 0
-                    stats = _train_epoch(args, exp, model, optimizer, train_loader, sampler, seed, epoch,
-                                         start_step if resumed else 0, rank, device, folder, log, stop, hooks, mixup,
-                                         ckpt.get('step_meters') if resumed else None)
+                    step0 = start_step if epoch == start_epoch else 0
+                    stats = _train_epoch(args, exp, model, optimizer, train_loader, sampler, seed, epoch, step0,
+                                         rank, device, folder, log, stop, hooks, mixup, resumed_meters(ckpt, step0))
                     if stats['stopped']:
                         folder.save(snapshot(epoch, stats['steps'], stats['meters']), is_best=False)
                         log(stop_notice(stop, epoch, folder.ckpt_path, stats['steps'], args.epochs))
@@ -340,7 +339,7 @@ def _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, wo
     return {
         'epoch': epoch, 'arch': args.arch, 'state_dict': unwrap(model).state_dict(),
         'best_acc1': torch.tensor(best_acc1), 'optimizer': optimizer.state_dict(),
-        'step': step, 'seed': seed, **({'step_meters': meters} if step else {}), **resume_entries(world),
+        'step': step, 'seed': seed, **step_meters_entry(step, meters), **resume_entries(world),
         'script': exp.script, 'task': exp.task,
         'num_classes': exp.num_classes, 'store_name': args.store_name, 'log_sizes': folder.log_sizes(),
         'flags': run_flags(args), 'best_epoch': best_epoch, **checkpoint_entries(exp.info),

@@ -50,6 +50,19 @@ def resume_entries(world):
     return entries
 
 
+def step_meters_entry(step, meters):
+    """The checkpoint entry of a stop after `step` steps of an epoch: that epoch's step meters so far
+    (engine.train_one_epoch's 'meters'), from which the resumed epoch's running averages go on; none at an
+    epoch's end."""
+    return {'step_meters': meters} if step else {}
+
+
+def resumed_meters(ckpt, step):
+    """train_one_epoch's `start_meters` for a resume at `step` of its epoch: the checkpoint's step meters
+    (None from step 0, or from a checkpoint written before they were kept)."""
+    return ckpt.get('step_meters') if step else None
+
+
 def _resume(args, exp, model, optimizer, log):
     """Load --resume into model (and optimizer unless evaluating). Returns the checkpoint dict."""
     ckpt, sd = read_weights(args.resume, exp.task, 'use --pretrained_model to start from it')
