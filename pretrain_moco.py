@@ -42,8 +42,9 @@ from dataset.folder import MAX_SIDE, check_model
 from dataset.moco_augment import AUGMENTATIONS, TwoCropsTransform
 from dataset.samplers import ShuffleSampler
 from dataset.splitfile import SplitFileDataset
+from dataset.step_seeds import StepNumbered, StepSeeded
 from dataset.statistics import IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD
-from engine import step_hooks, train_one_epoch
+from engine import train_one_epoch
 from errors import UserError
 from models import MODELS, build_model
 from moco.builder import MoCo
@@ -429,7 +430,6 @@ def _train(args, train_set, ctx, per_process_batch, log):
                                            else torch.preserve_format)
     criterion = nn.CrossEntropyLoss().to(device)
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    hooks = step_hooks(args, device)
 
     ckpt, start_epoch, start_step = None, args.start_epoch, 0
     if args.resume:
@@ -437,14 +437,17 @@ def _train(args, train_set, ctx, per_process_batch, log):
         start_epoch, start_step = int(ckpt.get('epoch', 0)), int(ckpt.get('step', 0))
         trainer.check_resume_layout(ckpt, args.resume, world_size)
         log(f"=> loaded checkpoint '{args.resume}' ({rerun.progress(start_epoch, start_step, args.epochs)})")
+    hooks = trainer.training_hooks(args, device, ckpt, log)
     if world_size > 1:
         model = wrap_ddp(model, device)
 
-    # As in trainer/: the data order is a function of (seed, epoch) and the loader draws its worker
-    # seeds from its own generator, so a run resumed from a checkpoint replays what it would have done.
+    # As in trainer/: the data order is a function of (seed, epoch), the loader draws its worker seeds
+    # from its own generator and the workers re-seed per step (dataset.step_seeds), so a run resumed
+    # from a checkpoint, even mid-epoch, replays what it would have done.
     seed = trainer.run_seed(args, ckpt)
     sampler = ShuffleSampler(len(train_set), shuffle=True, seed=seed, num_replicas=world_size, rank=rank)
-    loader = DataLoader(train_set, batch_size=per_process_batch, sampler=sampler, num_workers=loader_workers(args),
+    loader = DataLoader(StepSeeded(train_set), batch_size=per_process_batch,
+                        sampler=StepNumbered(sampler, per_process_batch), num_workers=loader_workers(args),
                         pin_memory=device.type == 'cuda', drop_last=True, generator=torch.Generator())
     if len(loader) == 0:
         raise UserError(f"the training set has {len(train_set)} images, fewer than one step's "
@@ -462,7 +465,7 @@ def _train(args, train_set, ctx, per_process_batch, log):
             'state_dict': {'module.' + k: v for k, v in unwrap(model).state_dict().items()},
             'optimizer': optimizer.state_dict(),
             'step': step, 'seed': seed, **trainer.step_meters_entry(step, meters),
-            **trainer.resume_entries(world_size), 'script': 'pretrain_moco',
+            **trainer.resume_entries(world_size, hooks['amp']), 'script': 'pretrain_moco',
             'task': 'moco', 'flags': flags,
         }
         dist.on_rank0(save_checkpoint, state, path)

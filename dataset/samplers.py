@@ -44,6 +44,11 @@ class EpochSampler(Sampler):
             raise ValueError(f"cannot skip {n} samples")
         self._skip = n
 
+    @property
+    def skipped(self):
+        """How many of this rank's indices the current epoch leaves out (dataset.step_seeds numbers the rest)."""
+        return self._skip
+
     def _order(self, generator):
         raise NotImplementedError
 

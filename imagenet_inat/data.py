@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 
 from dataset.samplers import ShuffleSampler
 from dataset.splitfile import SplitFileDataset, build_transform, split_file
+from dataset.step_seeds import StepNumberedBatches, StepSeeded
 from imagenet_inat.networks import SAMPLERS
 from utils import derive_seed
 
@@ -58,6 +59,11 @@ class RankBatches(Sampler):
         """Leave out the first `steps` batches of the current epoch (to resume)."""
         self._skip = steps
 
+    @property
+    def skipped(self):
+        """How many of the current epoch's batches are left out (dataset.step_seeds numbers the rest)."""
+        return self._skip
+
     def __iter__(self):
         total = self.steps * self.batch_size
         order = torch.tensor(list(itertools.islice(iter(self.sampler), total)), dtype=torch.int64)
@@ -83,8 +89,9 @@ def train_loader(cfg, train_set, seed, rank, world, workers):
                                       num_samples=steps * cfg.batch_size)
     batches = RankBatches(order, cfg.batch_size, steps, cfg.shuffle, seed, rank, world)
     # Own generator, re-seeded every epoch by the driver: loader worker seeds then depend on
-    # (seed, epoch, rank) only, not on the global RNG, so a resumed run sees the same augmentations.
-    loader = DataLoader(train_set, batch_sampler=batches, num_workers=workers,
+    # (seed, epoch, rank) only, not on the global RNG, and each step's augmentations on the step too
+    # (dataset.step_seeds), so a run resumed mid-epoch sees the same augmentations.
+    loader = DataLoader(StepSeeded(train_set), batch_sampler=StepNumberedBatches(batches), num_workers=workers,
                         pin_memory=torch.cuda.is_available(), generator=torch.Generator())
     return loader, batches, steps
 

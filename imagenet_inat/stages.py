@@ -25,7 +25,7 @@ import dist
 import rerun
 import trainer
 from checkpoint import load_checkpoint, load_optimizer, save_checkpoint, strip_prefix
-from engine import evaluate, predict as predict_batches, step_hooks, train_one_epoch
+from engine import evaluate, predict as predict_batches, train_one_epoch
 from errors import UserError
 from fileio import atomic_path, atomic_write_text
 from imagenet_inat import data as data_mod
@@ -295,8 +295,8 @@ def train(run, folder, log):
     nets = list(cfg.networks.values())  # the config's order, as the original's param groups
     optimizer = torch.optim.SGD([{'params': getattr(model, n.key).parameters(), 'lr': n.lr,
                                   'momentum': n.momentum, 'weight_decay': n.weight_decay} for n in nets])
-    hooks = step_hooks(run.args, ctx.device)  # bf16 autocast (--amp) in the training steps only
     ckpt = run.ckpt
+    hooks = trainer.training_hooks(run.args, ctx.device, ckpt, log)  # bf16 autocast (--amp) in the training steps only
     start_epoch, start_step, best_epoch, best_acc = 0, 0, 0, 0.0
     best = {n.key: weights_mod.original_layout(getattr(model, n.key)) for n in nets}
     if ckpt is not None:
@@ -326,7 +326,7 @@ def train(run, folder, log):
                  'best_epoch': best_epoch, 'best_acc': best_acc, 'state_dict_best': best,
                  'optimizer': optimizer.state_dict(), 'step': step, 'seed': seed,
                  **trainer.step_meters_entry(step, meters),
-                 **trainer.resume_entries(ctx.world_size),  # collective: every rank builds it
+                 **trainer.resume_entries(ctx.world_size, hooks['amp']),  # collective: every rank builds it
                  'script': weights_mod.SCRIPT, 'config': cfg.path, 'flags': rerun.run_flags(run.args),
                  'log_size': folder.log_sizes().get(LOG, 0)}  # 0 on the ranks that write no log
         folder.save_checkpoint(state, os.path.join(cfg.log_dir, weights_mod.LATEST))

@@ -502,10 +502,74 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_run_is_exact(world, tmp_path, m
     for net in ('feat_model', 'classifier'):
         for k, v in whole[net].items():
             assert torch.equal(resumed[net][k], v), (net, k)
+    # epoch 2 trains at lr 0 and its best is epoch 1's: the last BatchNorm statistics tell the stopped epoch's data
+    last, whole_last = (load(folder / 'latest_model_checkpoint.pth')['state_dict']
+                        for folder in (tmp_path / 'run', world['stage1']))
+    for net in ('feat_model', 'classifier'):
+        fixtures.assert_same_tensors(last[net], whole_last[net])
     # the stopped epoch's training top-1 is over all its steps, the 4 before the stop included
     line = [ln for ln in log_text(world['stage1']).splitlines() if ln.startswith('Epoch [2/2] training top-1')]
     assert len(line) == 1 and line[0] in log_text(tmp_path / 'run').splitlines()
 
+
+
+def test_a_stage_stopped_mid_epoch_with_loader_workers_resumes_exactly(world, tmp_path, monkeypatch):
+    """Two loader workers: each step's crops, flips and jitter come from (seed, epoch, step, rank) (dataset.step_seeds),
+    so the rest of the stopped epoch and the epoch after it are the uninterrupted run's, weights, momentum,
+    BatchNorm statistics and log lines alike."""
+    import engine
+    config = {name: fx.write_config(tmp_path / f'{name}.yaml', fx.stage_config(tmp_path / name, sampler=False, epochs=3,
+                                                                             batch=BATCH))
+              for name in ('whole', 'stopped')}
+    assert ii_main.main(argv(world, config['whole'], '--model_dir', world['moco'], '-j', '2')) == 0
+    real, calls = engine.classify, []
+
+    def classify_then_sigterm(model, images, targets):
+        calls.append(1)
+        if len(calls) == STEPS + 4:  # step 4 of epoch 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, images, targets)
+    kwdefaults = engine.train_one_epoch.__kwdefaults__
+    monkeypatch.setattr(engine.train_one_epoch, '__kwdefaults__', {**kwdefaults, 'forward': classify_then_sigterm})
+    assert ii_main.main(argv(world, config['stopped'], '--model_dir', world['moco'], '-j', '2')) == 128 + signal.SIGTERM
+    assert load(tmp_path / 'stopped' / 'latest_model_checkpoint.pth')['step'] == 4
+    monkeypatch.setattr(engine.train_one_epoch, '__kwdefaults__', kwdefaults)
+    assert ii_main.main(argv(world, config['stopped'], '--resume', str(tmp_path / 'stopped'), '-j', '2')) == 0
+    whole, resumed = (load(tmp_path / name / 'latest_model_checkpoint.pth') for name in ('whole', 'stopped'))
+    assert whole['epoch'] == resumed['epoch'] == 3
+    for net in ('feat_model', 'classifier'):
+        fixtures.assert_same_tensors(resumed['state_dict'][net], whole['state_dict'][net])
+    for a, b in zip(whole['optimizer']['state'].values(), resumed['optimizer']['state'].values()):
+        assert torch.equal(a['momentum_buffer'], b['momentum_buffer'])
+    lines = {name: [ln for ln in log_text(tmp_path / name).splitlines() if ln.startswith('Epoch')]
+             for name in ('whole', 'stopped')}
+    assert lines['stopped'] == lines['whole'] and len(lines['whole']) == 3 * (3 + 1)  # 3 print points, the top-1
+
+def test_a_resumed_stage_keeps_the_precision_its_steps_ran_in(world, tmp_path, monkeypatch, capsys):
+    import engine
+    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', sampler=False, epochs=2, batch=BATCH))
+    monkeypatch.setattr(torch.cpu, 'get_capabilities', lambda: {'avx512_bf16': True, 'amx_bf16': False})
+    monkeypatch.setattr(engine, 'cpu_vendor', lambda: 'AuthenticAMD')  # --amp's default: bf16
+    real, calls = engine.classify, []
+
+    def classify_then_sigterm(model, images, targets):
+        calls.append(1)
+        if len(calls) == STEPS + 4:  # step 4 of epoch 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, images, targets)
+    kwdefaults = engine.train_one_epoch.__kwdefaults__
+    monkeypatch.setattr(engine.train_one_epoch, '__kwdefaults__', {**kwdefaults, 'forward': classify_then_sigterm})
+    assert ii_main.main(argv(world, cfg, '--model_dir', world['moco'])) == 128 + signal.SIGTERM
+    assert load(tmp_path / 'run' / 'latest_model_checkpoint.pth')['amp'] is True
+    monkeypatch.setattr(engine.train_one_epoch, '__kwdefaults__', kwdefaults)
+    monkeypatch.setattr(engine, 'cpu_vendor', lambda: 'GenuineIntel')  # resumed where the default is float32
+    features = _spy_on_features(monkeypatch)
+    capsys.readouterr()
+    assert ii_main.main(argv(world, cfg, '--resume', str(tmp_path / 'run'))) == 0
+    # the 5 steps left of epoch 2 in bf16, then val and test (2 batches each) in float32
+    assert [(c[0], c[4]) for c in features] == [(True, torch.bfloat16)] * (STEPS - 4) + [(False, torch.float32)] * 4
+    assert "=> the training steps go on in bf16, as the resumed run's did" in capsys.readouterr().out
+    assert load(tmp_path / 'run' / 'latest_model_checkpoint.pth')['amp'] is True
 
 def test_pretrain_rot_on_imagenet_split_files_feeds_stage_1(world, tmp_path):
     import pretrain_rot
@@ -746,6 +810,11 @@ def test_the_same_command_again_resumes_a_stopped_stage_and_keeps_a_finished_one
     for net in ('feat_model', 'classifier'):
         for k, v in whole[net].items():
             assert torch.equal(resumed[net][k], v), (net, k)
+    # epoch 2 trains at lr 0 and its best is epoch 1's: the last BatchNorm statistics tell the stopped epoch's data
+    last, whole_last = (load(folder / 'latest_model_checkpoint.pth')['state_dict']
+                        for folder in (tmp_path / 'run', world['stage1']))
+    for net in ('feat_model', 'classifier'):
+        fixtures.assert_same_tensors(last[net], whole_last[net])
     # the stopped epoch's training top-1 is over all its steps, the 4 before the stop included
     line = [ln for ln in log_text(world['stage1']).splitlines() if ln.startswith('Epoch [2/2] training top-1')]
     assert len(line) == 1 and line[0] in log_text(tmp_path / 'run').splitlines()

@@ -266,7 +266,7 @@ def check_moco_checkpoint(path, epoch):
     # the original's keys, plus what an exact resume needs
     # (and, from several processes, every rank's RNG state)
     assert set(ckpt) - {'rng_ranks'} == {'epoch', 'arch', 'state_dict', 'optimizer', 'step', 'seed', 'rng',
-                                         'world_size', 'script', 'task', 'flags'}
+                                         'world_size', 'amp', 'script', 'task', 'flags'}
     assert ('rng_ranks' in ckpt) == (ckpt['world_size'] > 1)
     assert ckpt['epoch'] == epoch and ckpt['arch'] == 'resnet32'
     keys = list(ckpt['state_dict'])
@@ -316,7 +316,8 @@ def test_resume_at_an_epoch_boundary_is_exact(jpeg_split, tmp_path):
     _assert_same_weights(ckpt_path(whole, 2), ckpt_path(split, 2))
 
 
-def test_sigterm_saves_a_mid_epoch_checkpoint_that_resumes_exactly(jpeg_split, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize('workers', ['0', '2'])  # with workers, each step's augmentations come from the step
+def test_sigterm_saves_a_mid_epoch_checkpoint_that_resumes_exactly(jpeg_split, tmp_path, monkeypatch, capsys, workers):
     import signal
     whole, stopped = tmp_path / 'whole', tmp_path / 'stopped'
     epochs = []  # (epoch, loss, top-1, top-5) of every finished epoch: the averages of its steps
@@ -329,7 +330,7 @@ def test_sigterm_saves_a_mid_epoch_checkpoint_that_resumes_exactly(jpeg_split, t
         return stats
 
     monkeypatch.setattr(pretrain_moco, 'train_one_epoch', recorded)
-    assert pretrain_moco.main(moco_args(jpeg_split, whole, '--epochs', '2')) == 0
+    assert pretrain_moco.main(moco_args(jpeg_split, whole, '--epochs', '2', '-j', workers)) == 0
     calls = []
     real_forward = pretrain_moco.moco_forward
 
@@ -340,14 +341,15 @@ def test_sigterm_saves_a_mid_epoch_checkpoint_that_resumes_exactly(jpeg_split, t
         return real_forward(model, views, labels)
 
     monkeypatch.setattr(pretrain_moco, 'moco_forward', forward_then_sigterm)
-    assert pretrain_moco.main(moco_args(jpeg_split, stopped, '--epochs', '2')) == 128 + signal.SIGTERM
+    assert pretrain_moco.main(moco_args(jpeg_split, stopped, '--epochs', '2', '-j', workers)) == 128 + signal.SIGTERM
     interrupted = stopped / 'imagenet' / 'checkpoint' / 'moco_ckpt_interrupted.pth.tar'
     ckpt = torch.load(interrupted, map_location='cpu', weights_only=True)
     assert (ckpt['epoch'], ckpt['step']) == (1, 2)
     assert ckpt['step_meters']['count'] == 2 * 4  # two steps of -b 4 done in epoch 2
     assert 'stopped by SIGTERM during epoch 2 after step 2' in capsys.readouterr().out
     monkeypatch.setattr(pretrain_moco, 'moco_forward', real_forward)
-    assert pretrain_moco.main(moco_args(jpeg_split, stopped, '--epochs', '2', '--resume', str(interrupted))) == 0
+    assert pretrain_moco.main(moco_args(jpeg_split, stopped, '--epochs', '2', '-j', workers,
+                                        '--resume', str(interrupted))) == 0
     _assert_same_weights(ckpt_path(whole, 2), ckpt_path(stopped, 2))
     # the resumed epoch's loss and accuracies average all its steps, the 2 before the stop included
     whole_1, whole_2, stopped_1, resumed_2 = epochs
@@ -426,6 +428,29 @@ def test_speed_flags_reach_the_training_step(jpeg_split, tmp_path, monkeypatch, 
     ckpt = check_moco_checkpoint(ckpt_path(tmp_path / 'out', 1), 1)
     assert ckpt['state_dict']['module.queue'].dtype == torch.float32
 
+
+
+def test_a_resumed_run_keeps_the_precision_its_steps_ran_in(jpeg_split, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cpu, 'get_capabilities', lambda: {'avx512_bf16': True, 'amx_bf16': False})
+    monkeypatch.setattr(engine, 'cpu_vendor', lambda: 'AuthenticAMD')  # --amp's default: bf16
+    out = tmp_path / 'out'
+    assert pretrain_moco.main(moco_args(jpeg_split, out)) == 0
+    assert check_moco_checkpoint(ckpt_path(out, 1), 1)['amp'] is True
+    monkeypatch.setattr(engine, 'cpu_vendor', lambda: 'GenuineIntel')  # resumed where the default is float32
+    seen = []
+    real_forward = pretrain_moco.moco_forward
+
+    def spy(model, views, labels):
+        logits, labels = real_forward(model, views, labels)
+        seen.append(logits.dtype)
+        return logits, labels
+
+    monkeypatch.setattr(pretrain_moco, 'moco_forward', spy)
+    capsys.readouterr()
+    assert pretrain_moco.main(moco_args(jpeg_split, out, '--epochs', '2', '--resume', str(ckpt_path(out, 1)))) == 0
+    assert seen == [torch.bfloat16] * 4
+    assert "=> the training steps go on in bf16, as the resumed run's did" in capsys.readouterr().out
+    assert check_moco_checkpoint(ckpt_path(out, 2), 2)['amp'] is True
 
 def test_speed_flags_offered_are_those_that_apply():
     helps = pretrain_moco.build_parser().format_help()

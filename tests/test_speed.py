@@ -4,7 +4,8 @@ engine.evaluate on a CPU runs each evaluation batch through the network in piece
 number it reports must be the one a single pass over the whole batch gives, bit for bit, for the heads the scripts
 use (10 and 100 classes, the 4-way rotation head), both memory formats and the thread counts runs use. The
 entry scripts freeze their imports out of the garbage collector (cli.run_main), only when run as scripts.
-`--amp`'s default on a CPU follows what bench/README.md measured: bf16 where it trains faster.
+`--amp`'s default on a CPU follows what bench/README.md measured: bf16 where it trains faster; a resumed run goes on in
+the precision its checkpoint's steps ran in.
 """
 import contextlib
 import gc
@@ -142,6 +143,52 @@ def test_amp_default_on_a_cpu_is_bf16_only_where_it_was_measured_faster(tmp_path
     # 365 images in batches of 128: 3 steps of resnet20's 19 convolutions, none evaluated in bf16
     assert seen == [torch.bfloat16 if bf16 else torch.float32] * (3 * 19)
 
+
+
+def _machine(monkeypatch, bf16):
+    """This CPU made one where --amp's default is bf16 (an AMD EPYC with AVX512-BF16) or float32 (an Intel Xeon
+    without AMX)."""
+    monkeypatch.setattr(torch.cpu, 'get_capabilities', lambda: {'avx512_bf16': True, 'amx_bf16': False})
+    monkeypatch.setattr(engine, 'cpu_vendor', lambda: 'AuthenticAMD' if bf16 else 'GenuineIntel')
+
+
+@pytest.mark.parametrize('flags,saved,bf16,notice', [
+    ((), True, True, True),             # the run's bf16 goes on, and the console says so
+    (('--no-amp',), True, False, False),  # the command says which
+    ((), None, False, False),           # a checkpoint from before the entry: this machine's default
+])
+def test_a_resumed_run_keeps_the_precision_its_steps_ran_in(tmp_path, monkeypatch, capsys, flags, saved, bf16,
+                                                             notice):
+    argv = ['--dataset', 'digits', '--imb_factor', '0.01', '-a', 'resnet20', '-b', '128', '-j', '0', '--seed', '0',
+            '--root_log', str(tmp_path / 'log'), '--root_model', str(tmp_path / 'ckpt')]
+    _machine(monkeypatch, bf16=True)
+    assert train.main(argv + ['--epochs', '1']) == 0  # started where bf16 is the default
+    path, = (tmp_path / 'ckpt').glob('*/ckpt.pth.tar')
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    assert ckpt['amp'] is True
+    if saved is None:
+        del ckpt['amp']
+        torch.save(ckpt, path)
+    capsys.readouterr()
+
+    _machine(monkeypatch, bf16=False)  # resumed where float32 is the default
+    seen = []
+    conv = torch.nn.Conv2d.forward
+
+    def spy(self, x):
+        out = conv(self, x)
+        if self.training:
+            seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv2d, 'forward', spy)
+    assert train.main(argv + ['--epochs', '2', '--resume', str(path), *flags]) == 0
+    # the second epoch: 3 steps of resnet20's 19 convolutions
+    assert seen == [torch.bfloat16 if bf16 else torch.float32] * (3 * 19)
+    printed = capsys.readouterr().out
+    assert ('=> the training steps go on in bf16, as the resumed run\'s did (this machine\'s default: float32; '
+            '--amp or --no-amp chooses)' in printed) == notice
+    assert torch.load(path, map_location='cpu', weights_only=True)['amp'] is bf16
 
 def test_cpu_vendor_reads_proc_cpuinfo_and_falls_back_to_the_platform(tmp_path, monkeypatch):
     amd = tmp_path / 'cpuinfo'

@@ -29,14 +29,14 @@ import dist
 from checkpoint import load_pretrained, unwrap
 from dataset import DatasetInfo
 from dataset.folder import checkpoint_entries
-from engine import Mixup, evaluate, step_hooks, train_one_epoch
+from engine import Mixup, evaluate, train_one_epoch
 from errors import UserError
 from losses import PosthocLogitAdjustment, build_criterion
 from schedules import LR_SCHEDULES, TRAIN_RULES
 from trainer.loaders import _loaders, begin_epoch
 from trainer.reports import _log_eval, report_lines
 from trainer.resume import (_resume, check_resume_layout, check_resume_target, previous_run, restore_rng,
-                            resume_entries, resumed_meters, run_flags, step_meters_entry)
+                            resume_entries, resumed_meters, run_flags, step_meters_entry, training_hooks)
 from trainer.run_folder import RunFolder
 from trainer.stop import GracefulStop, console, stop_notice
 from utils import seed_everything
@@ -151,9 +151,6 @@ def _run(args, exp, ctx):
             folder.write('log_train.csv', line)
 
     model = place_model(exp.model, args, device, world)
-    hooks = step_hooks(args, device)
-    # Evaluations are what users compare with the paper: float32 unless --amp-eval asks for bf16.
-    eval_hooks = {**hooks, 'amp': args.amp_eval}
     optimizer = (exp.optimizer(model) if exp.optimizer is not None else
                  torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay))
 
@@ -179,6 +176,9 @@ def _run(args, exp, ctx):
         load_pretrained(model, args.pretrained_model, log=log)
     elif args.evaluate:
         raise UserError("-e/--evaluate needs a checkpoint: pass --resume PATH")
+    hooks = training_hooks(args, device, None if args.evaluate else ckpt, log)
+    # Evaluations are what users compare with the paper: float32 unless --amp-eval asks for bf16.
+    eval_hooks = {**hooks, 'amp': args.amp_eval}
 
     seed = run_seed(args, ckpt)
     train_loader, sampler, val_loader = _loaders(args, exp, seed, rank, world, device)
@@ -219,7 +219,8 @@ def _run(args, exp, ctx):
     mixup = Mixup(args.mixup, seed, rank, device) if args.mixup else None
 
     def snapshot(epoch, step, meters=None):
-        return _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, world, best_epoch, meters)
+        return _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, world, hooks['amp'],
+                      best_epoch, meters)
 
     metrics = {}
     try:
@@ -331,15 +332,16 @@ def scored_model(model, args, exp, device):
                       f"log(prior), prior = training images per class / {sum(exp.cls_num_list)} (--posthoc_la)")
 
 
-def _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, world, best_epoch=None, meters=None):
+def _state(args, exp, model, optimizer, epoch, step, best_acc1, seed, folder, world, amp, best_epoch=None,
+           meters=None):
     """The checkpoint: the original's keys first (best_acc1 as a 0-d tensor, which the original's
-    `best_acc1.to(gpu)` needs), then what exact resume needs (a mid-epoch one also the step meters of the
-    epoch so far, `meters`: rank 0's, whose lines the log holds), the run's flags (rerun.py) and the 1-based
-    epoch of the best top-1. Every rank must call it (RNG gather)."""
+    `best_acc1.to(gpu)` needs), then what exact resume needs (`amp`: whether the steps ran in bf16; a
+    mid-epoch one also the step meters of the epoch so far, `meters`: rank 0's, whose lines the log holds),
+    the run's flags (rerun.py) and the 1-based epoch of the best top-1. Every rank must call it (RNG gather)."""
     return {
         'epoch': epoch, 'arch': args.arch, 'state_dict': unwrap(model).state_dict(),
         'best_acc1': torch.tensor(best_acc1), 'optimizer': optimizer.state_dict(),
-        'step': step, 'seed': seed, **step_meters_entry(step, meters), **resume_entries(world),
+        'step': step, 'seed': seed, **step_meters_entry(step, meters), **resume_entries(world, amp),
         'script': exp.script, 'task': exp.task,
         'num_classes': exp.num_classes, 'store_name': args.store_name, 'log_sizes': folder.log_sizes(),
         'flags': run_flags(args), 'best_epoch': best_epoch, **checkpoint_entries(exp.info),

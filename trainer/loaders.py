@@ -12,6 +12,7 @@ import dist
 from dataset import DATASETS
 from dataset.device_loader import DeviceLoader, eval_batch_size
 from dataset.samplers import DeferredSampler, ImbalancedDatasetSampler, ShuffleSampler
+from dataset.step_seeds import StepNumbered, StepSeeded
 from errors import UserError
 from schedules import TRAIN_RULES
 from trainer.stop import console
@@ -85,11 +86,12 @@ def _loaders(args, exp, seed, rank, world, device):
     pin = device.type == 'cuda'  # a copy from unpinned memory makes the host wait for it
     # Own generators: the loaders draw their worker seeds from these, not from the global RNG,
     # so the global stream (augmentations with -j 0, rotations) is the same whether or not a run
-    # was resumed mid-epoch. `run` re-seeds the training one per epoch.
+    # was resumed mid-epoch. `run` re-seeds the training one per epoch; the workers re-seed per step
+    # (dataset.step_seeds), so a resumed epoch's augmentations are the uninterrupted one's with -j N too.
     workers = loader_workers(args, info)
-    train_loader = DataLoader(exp.train_set, batch_size=per_rank_batch, sampler=sampler,
-                              num_workers=workers, pin_memory=pin, drop_last=False,
-                              generator=torch.Generator())
+    train_loader = DataLoader(StepSeeded(exp.train_set), batch_size=per_rank_batch,
+                              sampler=StepNumbered(sampler, per_rank_batch), num_workers=workers, pin_memory=pin,
+                              drop_last=False, generator=torch.Generator())
     return train_loader, sampler, _val_loader(args, exp, seed, rank, world, device, False)
 
 

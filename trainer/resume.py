@@ -10,6 +10,7 @@ import dist
 import rerun
 from checkpoint import load_checkpoint, load_optimizer, load_weights, read_weights
 from dataset.folder import checked_against_checkpoint
+from engine import step_hooks
 from errors import UserError
 from trainer.stop import console
 from utils import derive_seed, rng_state, seed_everything, set_rng_state
@@ -38,16 +39,33 @@ def check_resume_layout(ckpt, path, world):
                         f"it with {saved} (this run has {world}), or from a checkpoint saved at an epoch end")
 
 
-def resume_entries(world):
+def resume_entries(world, amp):
     """The checkpoint entries exact resume needs besides the step: rank 0's RNG state as `rng` (the
-    single-process and original layout), `world_size`, and with several ranks every rank's state as
-    `rng_ranks` (read back by restore_rng). Collective under DDP (the states are gathered), so every
-    rank must build the checkpoint state, even though only rank 0 writes it."""
+    single-process and original layout), `world_size`, `amp` (whether the training steps ran in bf16: --amp
+    as resolved, read back by training_hooks), and with several ranks every rank's state as `rng_ranks`
+    (read back by restore_rng). Collective under DDP (the states are gathered), so every rank must build
+    the checkpoint state, even though only rank 0 writes it."""
     states = dist.all_gather_object(rng_state())
-    entries = {'rng': states[0], 'world_size': world}
+    entries = {'rng': states[0], 'world_size': world, 'amp': bool(amp)}
     if world > 1:
         entries['rng_ranks'] = states
     return entries
+
+
+def training_hooks(args, device, ckpt, log):
+    """train_one_epoch's `amp` and `channels_last` (engine.step_hooks) for a run that starts from `ckpt` (None: a
+    new run). Without --amp / --no-amp a resumed run goes on in the precision its steps ran in (the checkpoint's
+    `amp`), saying so where this machine's default differs: the default depends on the machine (bf16 only where
+    it trains faster) and has changed between versions, and a run that switched precision half-way would not
+    be the run it continues. Checkpoints without the entry (older ones) take the default."""
+    hooks = step_hooks(args, device)
+    saved = (ckpt or {}).get('amp')
+    if args.amp is None and isinstance(saved, bool) and saved != hooks['amp']:
+        hooks['amp'] = saved
+        precision = {True: 'bf16', False: 'float32'}
+        log(f"=> the training steps go on in {precision[saved]}, as the resumed run's did (this machine's default: "
+            f"{precision[not saved]}; --amp or --no-amp chooses)")
+    return hooks
 
 
 def step_meters_entry(step, meters):
