@@ -4,6 +4,7 @@ schedule and epoch length, torchrun (gloo), kill-and-resume, and one-sentence ba
 All runs use a tiny long-tailed JPEG data set (tests/fixtures_jpeg.py: 110 / 30 / 5 training
 images, 48-64 px) with ResNet-10 features at 32 px crops, batch 16: 9 steps per epoch.
 """
+import contextlib
 import glob
 import json
 import math
@@ -479,61 +480,61 @@ def test_sigkill_then_resume_ends_with_bit_identical_weights(world, tmp_path):
             assert torch.equal(last[k], v), (net, k)
 
 
-def test_sigterm_saves_mid_epoch_and_the_resumed_run_is_exact(world, tmp_path, monkeypatch):
-    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', sampler=False, epochs=2, batch=BATCH))
+@contextlib.contextmanager
+def _signal_in_step(step, signum=signal.SIGTERM):
+    """The process signals itself in its `step`-th training step (counted over the stage's epochs), a real
+    signal taken by the stage's handler: the stop lands after exactly that step."""
     import engine
-    real = engine.classify
-    calls = []
+    real, calls = engine.classify, []
 
-    def classify_then_sigterm(model, images, targets):
+    def classify_then_signal(model, images, targets):
         calls.append(1)
-        if len(calls) == STEPS + 4:  # step 4 of epoch 2
-            os.kill(os.getpid(), signal.SIGTERM)
+        if len(calls) == step:
+            os.kill(os.getpid(), signum)
         return real(model, images, targets)
-    monkeypatch.setattr(engine.train_one_epoch, '__kwdefaults__',
-                        {**engine.train_one_epoch.__kwdefaults__, 'forward': classify_then_sigterm})
-    assert ii_main.main(argv(world, cfg, '--model_dir', world['moco'])) == 128 + signal.SIGTERM
+    kwdefaults = engine.train_one_epoch.__kwdefaults__
+    engine.train_one_epoch.__kwdefaults__ = {**kwdefaults, 'forward': classify_then_signal}
+    try:
+        yield
+    finally:
+        engine.train_one_epoch.__kwdefaults__ = kwdefaults
+
+
+def _assert_ends_as_stage1(world, run):
+    """The stage in folder `run`, stopped in epoch 2 and resumed, ended as the module's uninterrupted stage 1."""
+    for name, key in (('final_model_checkpoint.pth', 'state_dict_best'), ('latest_model_checkpoint.pth', 'state_dict')):
+        # epoch 2 trains at lr 0 and the best epoch is the first: the last BatchNorm statistics tell epoch 2's data
+        resumed, whole = (load(folder / name)[key] for folder in (run, world['stage1']))
+        for net in ('feat_model', 'classifier'):
+            fixtures.assert_same_tensors(resumed[net], whole[net])
+    # the stopped epoch's training top-1 is over all its steps, those before the stop included
+    line = [ln for ln in log_text(world['stage1']).splitlines() if ln.startswith('Epoch [2/2] training top-1')]
+    assert len(line) == 1 and line[0] in log_text(run).splitlines()
+
+
+def test_sigterm_saves_mid_epoch_and_the_resumed_run_is_exact(world, tmp_path):
+    cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', sampler=False, epochs=2, batch=BATCH))
+    with _signal_in_step(STEPS + 4):  # step 4 of epoch 2
+        assert ii_main.main(argv(world, cfg, '--model_dir', world['moco'])) == 128 + signal.SIGTERM
     stopped = load(tmp_path / 'run' / 'latest_model_checkpoint.pth')
     assert (stopped['epoch'], stopped['step']) == (1, 4)
-    monkeypatch.undo()
     assert ii_main.main(argv(world, cfg, '--resume', str(tmp_path / 'run'))) == 0
-    resumed = load(tmp_path / 'run' / 'final_model_checkpoint.pth')['state_dict_best']
-    whole = load(world['stage1'] / 'final_model_checkpoint.pth')['state_dict_best']
-    for net in ('feat_model', 'classifier'):
-        for k, v in whole[net].items():
-            assert torch.equal(resumed[net][k], v), (net, k)
-    # epoch 2 trains at lr 0 and its best is epoch 1's: the last BatchNorm statistics tell the stopped epoch's data
-    last, whole_last = (load(folder / 'latest_model_checkpoint.pth')['state_dict']
-                        for folder in (tmp_path / 'run', world['stage1']))
-    for net in ('feat_model', 'classifier'):
-        fixtures.assert_same_tensors(last[net], whole_last[net])
-    # the stopped epoch's training top-1 is over all its steps, the 4 before the stop included
-    line = [ln for ln in log_text(world['stage1']).splitlines() if ln.startswith('Epoch [2/2] training top-1')]
-    assert len(line) == 1 and line[0] in log_text(tmp_path / 'run').splitlines()
+    _assert_ends_as_stage1(world, tmp_path / 'run')
 
 
 
-def test_a_stage_stopped_mid_epoch_with_loader_workers_resumes_exactly(world, tmp_path, monkeypatch):
+def test_a_stage_stopped_mid_epoch_with_loader_workers_resumes_exactly(world, tmp_path):
     """Two loader workers: each step's crops, flips and jitter come from (seed, epoch, step, rank) (dataset.step_seeds),
     so the rest of the stopped epoch and the epoch after it are the uninterrupted run's, weights, momentum,
     BatchNorm statistics and log lines alike."""
-    import engine
     config = {name: fx.write_config(tmp_path / f'{name}.yaml', fx.stage_config(tmp_path / name, sampler=False, epochs=3,
                                                                              batch=BATCH))
               for name in ('whole', 'stopped')}
     assert ii_main.main(argv(world, config['whole'], '--model_dir', world['moco'], '-j', '2')) == 0
-    real, calls = engine.classify, []
-
-    def classify_then_sigterm(model, images, targets):
-        calls.append(1)
-        if len(calls) == STEPS + 4:  # step 4 of epoch 2
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(model, images, targets)
-    kwdefaults = engine.train_one_epoch.__kwdefaults__
-    monkeypatch.setattr(engine.train_one_epoch, '__kwdefaults__', {**kwdefaults, 'forward': classify_then_sigterm})
-    assert ii_main.main(argv(world, config['stopped'], '--model_dir', world['moco'], '-j', '2')) == 128 + signal.SIGTERM
+    stopped = argv(world, config['stopped'], '--model_dir', world['moco'], '-j', '2')
+    with _signal_in_step(STEPS + 4):  # step 4 of epoch 2
+        assert ii_main.main(stopped) == 128 + signal.SIGTERM
     assert load(tmp_path / 'stopped' / 'latest_model_checkpoint.pth')['step'] == 4
-    monkeypatch.setattr(engine.train_one_epoch, '__kwdefaults__', kwdefaults)
     assert ii_main.main(argv(world, config['stopped'], '--resume', str(tmp_path / 'stopped'), '-j', '2')) == 0
     whole, resumed = (load(tmp_path / name / 'latest_model_checkpoint.pth') for name in ('whole', 'stopped'))
     assert whole['epoch'] == resumed['epoch'] == 3
@@ -545,23 +546,15 @@ def test_a_stage_stopped_mid_epoch_with_loader_workers_resumes_exactly(world, tm
              for name in ('whole', 'stopped')}
     assert lines['stopped'] == lines['whole'] and len(lines['whole']) == 3 * (3 + 1)  # 3 print points, the top-1
 
+
 def test_a_resumed_stage_keeps_the_precision_its_steps_ran_in(world, tmp_path, monkeypatch, capsys):
     import engine
     cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', sampler=False, epochs=2, batch=BATCH))
     monkeypatch.setattr(torch.cpu, 'get_capabilities', lambda: {'avx512_bf16': True, 'amx_bf16': False})
     monkeypatch.setattr(engine, 'cpu_vendor', lambda: 'AuthenticAMD')  # --amp's default: bf16
-    real, calls = engine.classify, []
-
-    def classify_then_sigterm(model, images, targets):
-        calls.append(1)
-        if len(calls) == STEPS + 4:  # step 4 of epoch 2
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(model, images, targets)
-    kwdefaults = engine.train_one_epoch.__kwdefaults__
-    monkeypatch.setattr(engine.train_one_epoch, '__kwdefaults__', {**kwdefaults, 'forward': classify_then_sigterm})
-    assert ii_main.main(argv(world, cfg, '--model_dir', world['moco'])) == 128 + signal.SIGTERM
+    with _signal_in_step(STEPS + 4):  # step 4 of epoch 2
+        assert ii_main.main(argv(world, cfg, '--model_dir', world['moco'])) == 128 + signal.SIGTERM
     assert load(tmp_path / 'run' / 'latest_model_checkpoint.pth')['amp'] is True
-    monkeypatch.setattr(engine.train_one_epoch, '__kwdefaults__', kwdefaults)
     monkeypatch.setattr(engine, 'cpu_vendor', lambda: 'GenuineIntel')  # resumed where the default is float32
     features = _spy_on_features(monkeypatch)
     capsys.readouterr()
@@ -783,41 +776,18 @@ def test_val_as_train_trains_on_the_val_split(world, tmp_path):
     assert results['many_shot'] is None and results['medium_shot'] is None and results['few_shot'] is not None
 
 
-def test_the_same_command_again_resumes_a_stopped_stage_and_keeps_a_finished_one(world, tmp_path, monkeypatch,
-                                                                                   capsys):
+def test_the_same_command_again_resumes_a_stopped_stage_and_keeps_a_finished_one(world, tmp_path, capsys):
     """rerun.py for imagenet_inat: after a stop, the same command resumes the stage (and ends as the
     uninterrupted stage 1); once the stage is finished it is refused, and --overwrite runs it anew."""
     cfg = fx.write_config(tmp_path / 'c.yaml', fx.stage_config(tmp_path / 'run', sampler=False, epochs=2, batch=BATCH))
     command = argv(world, cfg, '--model_dir', world['moco'])
-    import engine
-    real, calls = engine.classify, []
-
-    def classify_then_sigint(model, images, targets):
-        calls.append(1)
-        if len(calls) == STEPS + 4:  # step 4 of epoch 2
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(model, images, targets)
-    with monkeypatch.context() as m:
-        m.setattr(engine.train_one_epoch, '__kwdefaults__',
-                  {**engine.train_one_epoch.__kwdefaults__, 'forward': classify_then_sigint})
+    with _signal_in_step(STEPS + 4, signal.SIGINT):  # step 4 of epoch 2
         assert ii_main.main(command) == 128 + signal.SIGINT
     capsys.readouterr()
     assert ii_main.main(command) == 0
     assert (f"=> {tmp_path / 'run'} holds an unfinished run of these flags (stopped in epoch 2 of 2 after step 4): "
             f"resuming it") in capsys.readouterr().out
-    resumed = load(tmp_path / 'run' / 'final_model_checkpoint.pth')['state_dict_best']
-    whole = load(world['stage1'] / 'final_model_checkpoint.pth')['state_dict_best']
-    for net in ('feat_model', 'classifier'):
-        for k, v in whole[net].items():
-            assert torch.equal(resumed[net][k], v), (net, k)
-    # epoch 2 trains at lr 0 and its best is epoch 1's: the last BatchNorm statistics tell the stopped epoch's data
-    last, whole_last = (load(folder / 'latest_model_checkpoint.pth')['state_dict']
-                        for folder in (tmp_path / 'run', world['stage1']))
-    for net in ('feat_model', 'classifier'):
-        fixtures.assert_same_tensors(last[net], whole_last[net])
-    # the stopped epoch's training top-1 is over all its steps, the 4 before the stop included
-    line = [ln for ln in log_text(world['stage1']).splitlines() if ln.startswith('Epoch [2/2] training top-1')]
-    assert len(line) == 1 and line[0] in log_text(tmp_path / 'run').splitlines()
+    _assert_ends_as_stage1(world, tmp_path / 'run')
     before = {p: p.read_bytes() for p in (tmp_path / 'run').iterdir() if p.is_file()}
     with pytest.raises(UserError, match=r'run holds a finished stage \(final_model_checkpoint.pth\); pass --overwrite'):
         ii_main.main(command)

@@ -112,6 +112,21 @@ def test_run_main_freezes_the_imports_only_when_run_as_a_script(monkeypatch):
         gc.unfreeze()
 
 
+def _training_conv_dtypes(monkeypatch):
+    """The dtype of every convolution's output in training mode, in call order, from now on."""
+    seen = []
+    conv = torch.nn.Conv2d.forward
+
+    def spy(self, x):
+        out = conv(self, x)
+        if self.training:
+            seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv2d, 'forward', spy)
+    return seen
+
+
 # (CPU features, vendor) -> whether train.py's steps run in bf16 without --amp / --no-amp. bench/README.md,
 # ResNet-32 training images/s, channels_last, bf16 against float32: AMD EPYC with AVX512-BF16 590.5 against
 # 368.0 (run 3 of issue 11), Intel Xeon with AVX512-BF16 and no AMX 286.0 against 367.8 (run 6).
@@ -127,16 +142,7 @@ def test_amp_default_on_a_cpu_is_bf16_only_where_it_was_measured_faster(tmp_path
                                                                          amx_bf16, vendor, bf16):
     monkeypatch.setattr(torch.cpu, 'get_capabilities', lambda: {'avx512_bf16': avx512_bf16, 'amx_bf16': amx_bf16})
     monkeypatch.setattr(engine, 'cpu_vendor', lambda: vendor)
-    seen = []
-    conv = torch.nn.Conv2d.forward
-
-    def spy(self, x):
-        out = conv(self, x)
-        if self.training:
-            seen.append(out.dtype)
-        return out
-
-    monkeypatch.setattr(torch.nn.Conv2d, 'forward', spy)
+    seen = _training_conv_dtypes(monkeypatch)
     argv = ['--dataset', 'digits', '--imb_factor', '0.01', '-a', 'resnet20', '--epochs', '1', '-b', '128', '-j', '0',
             '--seed', '0', '--root_log', str(tmp_path / 'log'), '--root_model', str(tmp_path / 'ckpt')]
     assert train.main(argv) == 0
@@ -172,16 +178,7 @@ def test_a_resumed_run_keeps_the_precision_its_steps_ran_in(tmp_path, monkeypatc
     capsys.readouterr()
 
     _machine(monkeypatch, bf16=False)  # resumed where float32 is the default
-    seen = []
-    conv = torch.nn.Conv2d.forward
-
-    def spy(self, x):
-        out = conv(self, x)
-        if self.training:
-            seen.append(out.dtype)
-        return out
-
-    monkeypatch.setattr(torch.nn.Conv2d, 'forward', spy)
+    seen = _training_conv_dtypes(monkeypatch)
     assert train.main(argv + ['--epochs', '2', '--resume', str(path), *flags]) == 0
     # the second epoch: 3 steps of resnet20's 19 convolutions
     assert seen == [torch.bfloat16 if bf16 else torch.float32] * (3 * 19)
