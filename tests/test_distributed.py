@@ -112,7 +112,8 @@ def _probed(tmp_path, script, *args, **probes):
     for f in folder.iterdir():
         f.unlink()
     proc = _torchrun(script, *args, env=_env(folder, **probes))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the first rank to fail prints first; the launcher's summary comes last
+    assert proc.returncode == 0, proc.stderr[:3000] + '\n...\n' + proc.stderr[-3000:]
     return folder, proc.stdout
 
 
