@@ -13,13 +13,9 @@ the checkpoint, already continue exactly.
 The loader's sampler yields (step, index) pairs (StepNumbered for a sampler of indices, StepNumberedBatches for a
 sampler of batches) and its dataset is wrapped in StepSeeded, which takes them apart.
 """
-import random
-
-import numpy as np
-import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
-from utils import derive_seed
+from utils import derive_seed, seed_everything
 
 
 class StepSeeded(Dataset):
@@ -39,10 +35,7 @@ class StepSeeded(Dataset):
         if worker is not None and step != self._step:
             self._step = step
             # worker.seed is the epoch's base seed plus the worker's id; the base seed alone is the workers' common part
-            seed = derive_seed(worker.seed - worker.id, step)
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2 ** 32)
+            seed_everything(derive_seed(worker.seed - worker.id, step) % 2 ** 32)
         return self.dataset[index]
 
 
