@@ -8,9 +8,9 @@ Nothing is downloaded: weights start from torchvision's random init.
 
 with D = 512 for resnet18/34 and D = 2048 for resnet50/101/152.
 """
-import torch
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet as _TorchvisionResNet
 
+from models.layout import global_avg_pool
 from models.resnet_cifar import NormedLinear
 
 
@@ -29,7 +29,7 @@ class ResNet(_TorchvisionResNet):
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        features = torch.flatten(self.avgpool(x), 1)
+        features = global_avg_pool(x)  # self.avgpool's, with a gradient in x's layout
         logits = self.fc(features)
         if self.return_features:
             return logits, features

@@ -11,10 +11,10 @@ convolution is 3x3 with stride 1, and whose forward pass skips the max-pool:
 The paper's text says ResNet-32; the code behind its CIFAR-100-LT numbers uses this network (the authors in
 LTR-weight-balancing issues #3 and #16). Parameter names are torchvision's (their `encoder.` prefix dropped).
 """
-import torch
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock
 
+from models.layout import global_avg_pool
 from models.resnet import ResNet
 
 
@@ -29,7 +29,7 @@ class ResNet34Cifar(ResNet):
     def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))  # no max-pool
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        features = torch.flatten(self.avgpool(x), 1)  # adaptive: their avg_pool2d(4) at 32 px
+        features = global_avg_pool(x)  # adaptive: their avg_pool2d(4) at 32 px
         logits = self.fc(features)
         if self.return_features:
             return logits, features

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.layout import global_avg_pool, memory_format_of
+
 
 def _weights_init(m):
     # The original code re-initialises convs *and* the linear head with He init (fan_in, ReLU gain).
@@ -44,6 +46,24 @@ class NormedLinear(nn.Module):
         return F.normalize(x, dim=1).mm(F.normalize(self.weight, dim=0))
 
 
+class _SubsamplePad(torch.autograd.Function):
+    """pad(x[:, :, ::2, ::2]) on the channel axis: (N, C, H, W) -> (N, C + 2 pad, H/2, W/2), with a gradient in
+    x's memory format (models/layout.py): autograd's own writes an NCHW one, 3 % of a channels_last bf16
+    ResNet-32 step on the 2-core EPYC (a ReLU backward of (128, 16, 32, 32) mixing layouts: 5.5 against 0.45 ms)."""
+
+    @staticmethod
+    def forward(ctx, x, pad):
+        ctx.pad, ctx.shape, ctx.memory_format = pad, x.shape, memory_format_of(x)
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, pad, pad))
+
+    @staticmethod
+    def backward(ctx, grad):
+        # The kept pixels' gradients, zeros elsewhere.
+        grad_x = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.memory_format)
+        grad_x.zero_()[:, :, ::2, ::2] = grad[:, ctx.pad:grad.size(1) - ctx.pad]
+        return grad_x, None
+
+
 class PadShortcut(nn.Module):
     """He et al.'s shortcut "option A": subsample by 2 and zero-pad the new channels.
 
@@ -57,7 +77,7 @@ class PadShortcut(nn.Module):
 
     def forward(self, x):
         # (N, planes/2, H, W) -> (N, planes, H/2, W/2)
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        return _SubsamplePad.apply(x, self.pad)
 
 
 class BasicBlock(nn.Module):
@@ -106,7 +126,7 @@ class ResNetCifar(nn.Module):
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.layer3(self.layer2(self.layer1(out)))
-        features = F.adaptive_avg_pool2d(out, 1).flatten(1)  # (N, 64, 8, 8) -> (N, 64)
+        features = global_avg_pool(out)  # (N, 64, 8, 8) -> (N, 64)
         logits = self.fc(features)
         if self.return_features:
             return logits, features

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from errors import UserError
+from models.layout import global_avg_pool
 
 BN_MOMENTUM = 0.001
 LEAKY_SLOPE = 0.1
@@ -113,7 +114,7 @@ class WideResNet(nn.Module):
         out = self.conv1(x)
         out = self.block3(self.block2(self.block1(out)))
         out = F.leaky_relu(self.bn1(out), LEAKY_SLOPE)
-        features = F.adaptive_avg_pool2d(out, 1).flatten(1)  # (N, 64k, 8, 8) -> (N, 64k)
+        features = global_avg_pool(out)  # (N, 64k, 8, 8) -> (N, 64k)
         logits = self.fc(features)
         if self.return_features:
             return logits, features

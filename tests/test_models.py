@@ -8,6 +8,7 @@ import torchvision
 
 from errors import UserError
 from models import MODELS, NormedLinear, build_model, resnet32, resnet50, resnet1202
+from models.layout import global_avg_pool
 
 BN_KEYS = ['weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked']
 
@@ -176,23 +177,33 @@ def test_unknown_arch_raises_user_error_listing_choices():
 
 
 def _out_of_place_resnet20(model, x):
-    """He et al.'s CIFAR ResNet forward written out with new tensors everywhere (no in-place op)."""
+    """He et al.'s CIFAR ResNet forward written out with new tensors everywhere (no in-place op) and autograd's
+    own backward: the shortcut as the original's lambda, the pooling as a plain global mean."""
     F = nn.functional
     out = F.relu(model.bn1(model.conv1(x)))
     for stage in (model.layer1, model.layer2, model.layer3):
         for block in stage:
             y = F.relu(block.bn1(block.conv1(out)))
-            out = F.relu(block.bn2(block.conv2(y)) + block.shortcut(out))
+            if isinstance(block.shortcut, nn.Identity):
+                shortcut = out
+            else:
+                planes = block.conv1.out_channels
+                shortcut = F.pad(out[:, :, ::2, ::2], (0, 0, 0, 0, planes // 4, planes // 4), "constant", 0)
+            out = F.relu(block.bn2(block.conv2(y)) + shortcut)
     return model.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-@pytest.mark.parametrize('amp', [False, True])
-def test_in_place_forward_equals_the_out_of_place_one_in_training_and_evaluation(amp):
-    """The CIFAR ResNets' in-place ReLU and residual add: the same logits and gradients, bit for bit."""
+@pytest.mark.parametrize('amp,channels_last,side', [(False, True, 32), (True, True, 32), (True, False, 32),
+                                                    (False, True, 28), (True, True, 28)])
+def test_in_place_forward_equals_the_out_of_place_one_in_training_and_evaluation(amp, channels_last, side):
+    """The CIFAR ResNets' in-place ReLU and residual add, and the shortcut's and pooling's own backward (which
+    keeps channels_last): the same logits and gradients, bit for bit; side 28 pools 7 x 7 pixels, whose mean's
+    gradient is not a division by a power of two."""
     torch.manual_seed(0)
-    x = torch.randn(6, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(6, 3, side, side).contiguous(memory_format=fmt)
     y = torch.tensor([0, 1, 2, 3, 4, 5])
-    model = build_model('resnet20', 10).to(memory_format=torch.channels_last)
+    model = build_model('resnet20', 10).to(memory_format=fmt)
     grads = []
     for forward in (model, lambda images: _out_of_place_resnet20(model, images)):
         model.train()
@@ -209,6 +220,54 @@ def test_in_place_forward_equals_the_out_of_place_one_in_training_and_evaluation
     (logits_a, grads_a, eval_a), (logits_b, grads_b, eval_b) = grads
     assert torch.equal(logits_a, logits_b) and torch.equal(eval_a, eval_b)
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
+@pytest.mark.parametrize('arch,side,amp', [('resnet32', 32, False), ('resnet32', 32, True), ('resnet34_cifar', 32, True),
+                                           ('resnet18', 64, True), ('wrn28_2', 32, True)])
+def test_a_channels_last_models_backward_keeps_one_layout(arch, side, amp):
+    """Every 4-D image-sized tensor the backward of a channels_last model computes with is channels_last: a
+    gradient that arrives NCHW (autograd's own backward of the CIFAR ResNets' strided-slice shortcut and of
+    every model's global mean) makes the next activation's backward mix layouts, 10-20 times slower than one
+    layout on a CPU (bench/README.md)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def nchw(t):
+        return isinstance(t, torch.Tensor) and t.dim() == 4 and min(t.shape[1:]) > 1 and t.is_contiguous()
+
+    class Layouts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(nchw(t) for t in (*args, *(out if isinstance(out, (tuple, list)) else (out,)))):
+                seen.append(str(func))
+            return out
+
+    torch.manual_seed(0)
+    model = build_model(arch, 10).to(memory_format=torch.channels_last).train()
+    x = torch.randn(4, 3, side, side).contiguous(memory_format=torch.channels_last)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+        loss = nn.functional.cross_entropy(model(x).float(), torch.arange(4))
+    seen = []
+    with Layouts():
+        loss.backward()
+    assert seen == []
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('shape', [(5, 64, 8, 8), (3, 32, 7, 7), (2, 16, 3, 5)])
+@pytest.mark.parametrize('memory_format', [torch.channels_last, torch.contiguous_format])
+def test_global_avg_pool_equals_the_adaptive_pool_forward_and_backward(dtype, shape, memory_format):
+    """models.layout.global_avg_pool: adaptive_avg_pool2d(x, 1).flatten(1)'s values and gradient, bit for bit
+    (7 x 7 and 3 x 5 pixels: divisions by 49 and 15), the gradient in x's layout."""
+    torch.manual_seed(0)
+    x = torch.randn(shape).to(dtype).contiguous(memory_format=memory_format).requires_grad_()
+    g = torch.randn(shape[:2]).to(dtype)
+    ours = global_avg_pool(x)
+    (grad,) = torch.autograd.grad(ours, x, g)
+    theirs = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
+    (expected,) = torch.autograd.grad(theirs, x, g)
+    assert torch.equal(ours, theirs) and torch.equal(grad, expected)
+    assert grad.is_contiguous(memory_format=memory_format)
 
 
 # ---------------------------------------------------------------- Wide ResNets (train_ssl.py)
